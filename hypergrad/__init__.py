@@ -1,0 +1,33 @@
+"""hypergrad: "Gradient Descent: The Ultimate Optimizer" (Chandra et al., NeurIPS 2022) for PyTorch.
+
+An optimizer's hyperparameters (step size, momentum, Adam's betas, RMSProp's smoothing) are learned online from
+hypergradients that autograd computes, and the optimizer of those hyperparameters can itself be hyperoptimized::
+
+    opt = hypergrad.tower("adam/sgd(1e-5)", model.parameters())
+    loss.backward(); opt.step(); opt.zero_grad()
+
+The contract of the functional core is in :mod:`hypergrad.rules` (one update rule) and :mod:`hypergrad.core`
+(the tower over explicit state).
+"""
+
+from hypergrad.errors import NonFiniteHyperparameterError
+from hypergrad.optim import SGD, AdaGrad, Adam, HyperOptimizer, RMSProp, tower
+from hypergrad.rules import Rule, register, rules
+from hypergrad.spec import Level, Tower, format_spec, parse_spec
+
+__all__ = [
+    "SGD",
+    "AdaGrad",
+    "Adam",
+    "HyperOptimizer",
+    "Level",
+    "NonFiniteHyperparameterError",
+    "RMSProp",
+    "Rule",
+    "Tower",
+    "format_spec",
+    "parse_spec",
+    "register",
+    "rules",
+    "tower",
+]

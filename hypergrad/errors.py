@@ -1,0 +1,16 @@
+"""Exceptions the harness and users can catch by type."""
+
+from __future__ import annotations
+
+__all__ = ["NonFiniteHyperparameterError"]
+
+
+class NonFiniteHyperparameterError(FloatingPointError):
+    """A learned hyperparameter became NaN or infinite; the step was not applied, so the weights are intact."""
+
+    def __init__(self, level: int, name: str, value: float, step: int) -> None:
+        self.level, self.name, self.value, self.step = level, name, value, step
+        super().__init__(
+            f"hyperparameter {name!r} of level {level} became {value} at step {step}; "
+            "the weights were left unchanged (lower the hyper-step size of the level above)"
+        )

@@ -1,0 +1,187 @@
+"""The functional contract: an update rule is a pair of pure functions over one tensor.
+
+    init(param, hp) -> state
+    update(grad, state, hp, step) -> (delta, new_state)        # the new parameter is param - delta
+
+``hp`` maps every hyperparameter name to its natural value: a tensor when the hyperparameter is learned (it carries
+the autograd graph back to the raw value, which is how hypergradients come for free), a Python float when fixed.
+``step`` counts from 1. Everything a rule remembers lives in its typed ``state``; nothing hides in closures.
+
+A user-defined hyperoptimizable optimizer is one more ``Rule``: write ``update`` in torch ops and every learnable
+hyperparameter gets its hypergradient from autograd. Example, SGD with a learned step size and a learned decay::
+
+    class DecayedSGD(Rule):
+        name = "dsgd"
+        defaults = {"lr": 0.01, "decay": 0.0}
+        transforms = {"lr": IDENTITY, "decay": IDENTITY}
+
+        def init(self, param, hp):
+            return EmptyState()
+
+        def update(self, grad, state, hp, step):
+            return grad * hp["lr"] / (1.0 + hp["decay"] * step), state
+
+    register(DecayedSGD())
+    opt = hypergrad.tower("dsgd(0.1, decay=0.01)/sgd(1e-4)", model.parameters())
+
+The rules below follow the paper's reference implementation (``gdtuo``) operation by operation, so that a tower
+reproduces it to float round-off; comments mark where that differs from ``torch.optim``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import Tensor
+
+from hypergrad.transforms import HALF_TANH, IDENTITY, SQUARE, Transform
+
+__all__ = [
+    "AdaGradRule",
+    "AdamRule",
+    "AdamState",
+    "EmptyState",
+    "RMSPropRule",
+    "Rule",
+    "SGDRule",
+    "SGDState",
+    "SumState",
+    "register",
+    "rules",
+]
+
+HP = Mapping[str, Any]  # natural values: Tensor (learned) or float (fixed)
+
+
+class EmptyState(NamedTuple):
+    pass
+
+
+class SGDState(NamedTuple):
+    momentum_buffer: Tensor | None
+
+
+class AdamState(NamedTuple):
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+
+
+class SumState(NamedTuple):
+    sum: Tensor
+
+
+class Rule:
+    """Base class of an update rule; subclasses set the class attributes and the two functions."""
+
+    name: ClassVar[str]
+    defaults: ClassVar[Mapping[str, float]]  # every hyperparameter with its default natural value
+    transforms: ClassVar[Mapping[str, Transform]]  # the learnable ones and how each is stored
+
+    def init(self, param: Tensor, hp: HP) -> NamedTuple:
+        raise NotImplementedError
+
+    def update(self, grad: Tensor, state: Any, hp: HP, step: int) -> tuple[Tensor, Any]:
+        raise NotImplementedError
+
+    def learnable(self, values: Mapping[str, float]) -> tuple[str, ...]:
+        """The hyperparameters a level above can learn, given the initial values (in canonical order)."""
+        return tuple(self.transforms)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class SGDRule(Rule):
+    """``p -= lr * buf`` with ``buf = momentum * buf + g``; the buffer starts at the first gradient, as in torch."""
+
+    name = "sgd"
+    defaults: ClassVar[Mapping[str, float]] = {"lr": 0.01, "momentum": 0.0}
+    transforms: ClassVar[Mapping[str, Transform]] = {"lr": IDENTITY, "momentum": IDENTITY}
+
+    def learnable(self, values: Mapping[str, float]) -> tuple[str, ...]:
+        # As in the reference, momentum exists only if it starts non-zero; otherwise it would learn nothing.
+        return ("lr", "momentum") if values["momentum"] != 0.0 else ("lr",)
+
+    def init(self, param: Tensor, hp: HP) -> SGDState:
+        return SGDState(None)
+
+    def update(self, grad: Tensor, state: SGDState, hp: HP, step: int) -> tuple[Tensor, SGDState]:
+        momentum = hp["momentum"]
+        if isinstance(momentum, float) and momentum == 0.0:
+            return grad * hp["lr"], state
+        buf = grad if state.momentum_buffer is None else state.momentum_buffer * momentum + grad
+        return buf * hp["lr"], SGDState(buf)
+
+
+class AdamRule(Rule):
+    """Adam with the reference's choices: the second moment starts at eps (sqrt is not differentiable at 0) and the
+    update is ``lr * m_hat / (sqrt(v_hat) + eps)`` with bias correction counted from the first step."""
+
+    name = "adam"
+    defaults: ClassVar[Mapping[str, float]] = {"lr": 0.001, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
+    transforms: ClassVar[Mapping[str, Transform]] = {"lr": IDENTITY, "beta1": HALF_TANH, "beta2": HALF_TANH}
+
+    def init(self, param: Tensor, hp: HP) -> AdamState:
+        return AdamState(torch.zeros_like(param), torch.zeros_like(param) + hp["eps"])
+
+    def update(self, grad: Tensor, state: AdamState, hp: HP, step: int) -> tuple[Tensor, AdamState]:
+        beta1, beta2 = hp["beta1"], hp["beta2"]
+        m = beta1 * state.exp_avg + (1.0 - beta1) * grad
+        v = beta2 * state.exp_avg_sq + (1.0 - beta2) * grad * grad
+        m_hat = m / (1.0 - beta1 ** float(step))
+        v_hat = v / (1.0 - beta2 ** float(step))
+        return hp["lr"] * (m_hat / (v_hat**0.5 + hp["eps"])), AdamState(m, v)
+
+
+class AdaGradRule(Rule):
+    """AdaGrad as in the reference: the accumulator starts at 0.1 and is not differentiated."""
+
+    name = "adagrad"
+    defaults: ClassVar[Mapping[str, float]] = {"lr": 0.01, "eps": 1e-10, "initial_accumulator_value": 0.1}
+    transforms: ClassVar[Mapping[str, Transform]] = {"lr": IDENTITY}
+
+    def init(self, param: Tensor, hp: HP) -> SumState:
+        return SumState(torch.zeros_like(param) + hp["initial_accumulator_value"])
+
+    def update(self, grad: Tensor, state: SumState, hp: HP, step: int) -> tuple[Tensor, SumState]:
+        g_sum = state.sum + torch.square(grad)
+        return hp["lr"] * grad / torch.sqrt(g_sum + hp["eps"]), SumState(g_sum)
+
+
+class RMSPropRule(Rule):
+    """RMSProp as in the reference: lr is stored as sqrt(lr), gamma as (tanh(x)+1)/2, and the running average
+    stays in the graph through gamma."""
+
+    name = "rmsprop"
+    defaults: ClassVar[Mapping[str, float]] = {"lr": 0.01, "gamma": 0.99, "eps": 1e-8}
+    transforms: ClassVar[Mapping[str, Transform]] = {"lr": SQUARE, "gamma": HALF_TANH}
+
+    def init(self, param: Tensor, hp: HP) -> SumState:
+        return SumState(torch.zeros_like(param))
+
+    def update(self, grad: Tensor, state: SumState, hp: HP, step: int) -> tuple[Tensor, SumState]:
+        gamma = hp["gamma"]
+        s = gamma * state.sum + (1.0 - gamma) * torch.square(grad)
+        return hp["lr"] * grad / torch.sqrt(s + hp["eps"]), SumState(s)
+
+
+_RULES: dict[str, Rule] = {}
+
+
+def register(rule: Rule) -> Rule:
+    """Make ``rule`` available by its name in tower specs."""
+    if not rule.name.isidentifier():
+        raise ValueError(f"rule name must be an identifier, but got {rule.name!r}")
+    _RULES[rule.name] = rule
+    return rule
+
+
+def rules() -> Mapping[str, Rule]:
+    """The registered rules by name."""
+    return dict(_RULES)
+
+
+for _rule in (SGDRule(), AdamRule(), AdaGradRule(), RMSPropRule()):
+    register(_rule)

@@ -1,0 +1,40 @@
+"""How a learned hyperparameter is stored: a raw, unconstrained tensor and its natural value.
+
+The hyperoptimizer above a level updates the *raw* tensor; the level's update rule sees the natural value. These
+are the reference implementation's choices (Chandra et al. 2022, ``gdtuo``), plus an opt-in log scale for step sizes
+that can never turn negative.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["EXP", "HALF_TANH", "IDENTITY", "SQUARE", "Transform"]
+
+
+class Transform(NamedTuple):
+    """A bijection between raw storage and natural value; ``forward`` must be differentiable."""
+
+    name: str
+    forward: Callable[[Tensor], Tensor]  # raw -> natural value
+    inverse: Callable[[Tensor], Tensor]  # natural value -> raw
+
+
+def _half_tanh(x: Tensor) -> Tensor:
+    return (x.tanh() + 1.0) / 2.0
+
+
+def _half_tanh_inverse(y: Tensor) -> Tensor:
+    # Written as in the reference so that initial raw values agree to the last bit.
+    z = y * 2.0 - 1.0
+    return ((1.0 + z) / (1.0 - z)).log() / 2.0
+
+
+IDENTITY = Transform("identity", lambda x: x, lambda y: y)
+SQUARE = Transform("square", torch.square, torch.sqrt)  # reference RMSProp stores sqrt(lr)
+HALF_TANH = Transform("half_tanh", _half_tanh, _half_tanh_inverse)  # reference betas and gamma live in (0, 1)
+EXP = Transform("exp", torch.exp, torch.log)  # opt-in: a step size stored as its log stays positive
