@@ -54,6 +54,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         self._live: core.TowerState | None = None
         self._deltas: list[Tensor | None] = []
         self._prev: tuple[core.TowerState, list[Tensor | None], list[list[Tensor]]] | None = None
+        self._grad_versions: list[int | None] = []
         super().__init__(params, dict(self.spec.levels[0].values))
         self._plan = self._make_plan()  # validates every group's values now, not at the first step
 
@@ -109,12 +110,20 @@ class HyperOptimizer(torch.optim.Optimizer):
                 loss = closure()
         before = self._ensure_state()
         params = self._params()
-        # Cloned: the gradient is an input of the next hypergradient, and zero_grad or DDP may reuse its storage.
-        grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
+        # Not copied: autograd's version counter catches a gradient zeroed in place before the next step uses it.
+        grads = [None if p.grad is None else p.grad.detach() for p in params]
         if self._live is None:
             hyper = core.zero_hypergradients(before)
         else:
-            hyper = core.hypergradients(self._plan, self._live, self._deltas, grads)
+            try:
+                hyper = core.hypergradients(self._plan, self._live, self._deltas, grads)
+            except RuntimeError as e:
+                if "modified by an inplace operation" not in str(e):
+                    raise
+                raise RuntimeError(
+                    "the previous step's gradients were modified in place (zero_grad(set_to_none=False)?); a "
+                    "HyperOptimizer needs them for the next hypergradient: use zero_grad() with set_to_none=True"
+                ) from None
         live, deltas = core.update(self._plan, before, grads, hyper)
         if self.check_finite:
             self._raise_if_not_finite(live)
@@ -124,6 +133,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         self._live, self._deltas = live, deltas
         self._tower = core.detach(live)
         self._prev = (before, grads, hyper)
+        self._grad_versions = [None if g is None else g._version for g in grads]
         return loss
 
     def _raise_if_not_finite(self, live: core.TowerState) -> None:
@@ -155,6 +165,13 @@ class HyperOptimizer(torch.optim.Optimizer):
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        if self._prev is not None and any(
+            g is not None and g._version != v for g, v in zip(self._prev[1], self._grad_versions, strict=True)
+        ):
+            raise RuntimeError(
+                "the last step's gradients were modified in place (zero_grad(set_to_none=False)?), so this state "
+                "cannot be continued exactly; use zero_grad() with set_to_none=True"
+            )
         sd = super().state_dict()
         sd["tower"] = {
             "spec": format_spec(self.spec),
@@ -192,6 +209,7 @@ class HyperOptimizer(torch.optim.Optimizer):
             # Replaying the last step rebuilds the graph that the next hypergradient differentiates.
             self._live, self._deltas = core.update(self._plan, before, grads, hyper)
             self._prev = (before, grads, hyper)
+            self._grad_versions = [None if g is None else g._version for g in grads]
 
 
 def _pack(state: core.TowerState) -> dict[str, Any]:

@@ -92,6 +92,12 @@ class Rule:
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
+    def __eq__(self, other: object) -> bool:  # rules are stateless: two instances of one class are the same rule
+        return type(self) is type(other)
+
+    def __hash__(self) -> int:
+        return hash(type(self))
+
 
 class SGDRule(Rule):
     """``p -= lr * buf`` with ``buf = momentum * buf + g``; the buffer starts at the first gradient, as in torch."""

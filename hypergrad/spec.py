@@ -24,7 +24,7 @@ _RANGES = {
     "beta1": (0.0, 1.0, False, False),
     "beta2": (0.0, 1.0, False, False),
     "gamma": (0.0, 1.0, False, False),
-    "eps": (0.0, math.inf, False, False),
+    "eps": (0.0, math.inf, True, False),
 }
 
 
@@ -68,13 +68,13 @@ class Level:
                         + (" (momentum is learnable only when it starts non-zero)" if name == "momentum" else "")
                     )
             ordered = tuple(n for n in learnable if n in self.learned)
-            object.__setattr__(self, "learned", ordered)
+            object.__setattr__(self, "learned", None if ordered == learnable else ordered)
 
     def learned_names(self) -> tuple[str, ...]:
         return self.rule.learnable(self.values) if self.learned is None else self.learned
 
     def __truediv__(self, other: Level | Tower) -> Tower:
-        return Tower((self,)) / other
+        return Tower((self, *((other,) if isinstance(other, Level) else other.levels)))
 
     def __str__(self) -> str:
         return format_spec(Tower((self,)))
@@ -119,7 +119,7 @@ def format_spec(tower: Tower) -> str:
         rule, values = level.rule, level.values
         text = rule.name
         is_top = i == len(tower.levels) - 1
-        if not is_top and level.learned is not None and level.learned != rule.learnable(values):
+        if not is_top and level.learned is not None:
             text += "[" + ",".join(level.learned) + "]"
         args = [_fmt(values["lr"])] if "lr" in values else []
         args += [f"{k}={_fmt(v)}" for k, v in values.items() if k != "lr" and v != rule.defaults[k]]
