@@ -1,0 +1,218 @@
+"""Read result directories (harness runs, tune studies, population members) into one table.
+
+Every run directory holds a `metrics.json` in the harness schema; a tune study directory also holds a
+`study_summary.json` naming its rerun directories, so its other run directories are its trials. A diverged
+run stays in the table as a miss (test error 1.0) and is counted, never dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+from tqdm.auto import tqdm
+
+__all__ = ["MISS_ERROR", "REQUIRED_KEYS", "ReportInputError", "Runs", "find_run_dirs", "load_runs"]
+
+# The keys of the harness's metrics.json that the report needs; the rest are optional.
+REQUIRED_KEYS = (
+    "test_error",
+    "diverged",
+    "epochs",
+    "wall_time_s",
+    "method",
+    "family",
+    "height",
+    "init",
+    "seed",
+    "dataset",
+    "model",
+)
+# A run that diverged (or has no finite test error) failed at its task: it counts as getting every
+# test example wrong, so averages over seeds show the failure instead of hiding it.
+MISS_ERROR = 1.0
+_SKIP_DIRS = {".hydra", "wandb", "__pycache__", ".git"}
+
+
+class ReportInputError(ValueError):
+    """Bad report input; the message is one line naming the directory and what is wrong."""
+
+
+@dataclass
+class Runs:
+    """Every run found below the inputs, plus the summaries of the tune studies among them."""
+
+    table: pd.DataFrame
+    studies: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def find_run_dirs(inputs: list[str | Path]) -> tuple[list[Path], list[Path]]:
+    """Run directories (holding metrics.json) and study directories (holding study_summary.json) below `inputs`."""
+    runs: dict[Path, None] = {}
+    studies: dict[Path, None] = {}
+    for raw in inputs:
+        root = Path(raw).expanduser()
+        if not root.is_dir():
+            raise ReportInputError(f"`input` must be an existing directory, but got {raw}")
+        found = 0
+        for dirpath, dirnames, filenames in os.walk(root):
+            # Sorted walk: the table's row order (and so the report) does not depend on the filesystem.
+            dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("."))
+            here = Path(dirpath).resolve()
+            if "metrics.json" in filenames:
+                runs[here] = None
+                found += 1
+            if "study_summary.json" in filenames:
+                studies[here] = None
+        if found == 0:
+            raise ReportInputError(
+                f"`input` must contain run directories (with metrics.json), but {raw} has none below it"
+            )
+    return list(runs), list(studies)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ReportInputError(f"`{path}` must be valid JSON, but got a parse error: {e}") from None
+    if not isinstance(data, dict):
+        raise ReportInputError(f"`{path}` must hold a JSON object, but got {type(data).__name__}")
+    return data
+
+
+def _hydra_info(run_dir: Path) -> dict[str, Any]:
+    """The sweep's W&B group, planned epochs and experiment preset, when the run was launched through Hydra."""
+    info: dict[str, Any] = {"group": None, "planned_epochs": None, "experiment": None}
+    cfg_path = run_dir / ".hydra" / "config.yaml"
+    if cfg_path.is_file():
+        cfg = yaml.safe_load(cfg_path.read_text()) or {}
+        logger = cfg.get("logger") or {}
+        trainer = cfg.get("trainer") or {}
+        if isinstance(logger, dict):
+            info["group"] = logger.get("group")
+        if isinstance(trainer, dict):
+            info["planned_epochs"] = trainer.get("epochs")
+    overrides_path = run_dir / ".hydra" / "overrides.yaml"
+    if overrides_path.is_file():
+        for item in yaml.safe_load(overrides_path.read_text()) or []:
+            key, _, value = str(item).partition("=")
+            if key.lstrip("+") == "experiment":
+                info["experiment"] = value
+    return info
+
+
+def _finite(x: Any) -> float:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return math.nan
+    return v if math.isfinite(v) else math.nan
+
+
+def _row(run_dir: Path | str, metrics: dict[str, Any], on_disk: bool = True) -> dict[str, Any]:
+    """One table row from a metrics.json; `on_disk=False` for runs that have no directory (read from W&B)."""
+    run_dir = Path(run_dir)
+    missing = [k for k in REQUIRED_KEYS if k not in metrics]
+    if missing:
+        raise ReportInputError(
+            f"`{run_dir / 'metrics.json'}` must have the harness's keys, but is missing: {', '.join(missing)}"
+        )
+    init = metrics["init"] if isinstance(metrics["init"], dict) else {}
+    raw_test = _finite(metrics["test_error"])
+    diverged = bool(metrics["diverged"]) or metrics.get("status") == "diverged"
+    # Counted as a miss both when the harness flagged divergence and when no finite error came out.
+    miss = diverged or math.isnan(raw_test)
+    raw_val = _finite(metrics.get("val_error"))
+    return {
+        "run_dir": str(run_dir),
+        "method": str(metrics["method"]),
+        "family": str(metrics["family"]),
+        "height": int(metrics["height"]),
+        "optimizer": str(metrics.get("optimizer", metrics["method"])),
+        "lr": _finite(init.get("lr")),
+        "momentum": _finite(init.get("momentum")),
+        "seed": metrics["seed"],
+        "test_error": MISS_ERROR if miss else raw_test,
+        "test_error_raw": raw_test,
+        "val_error": MISS_ERROR if diverged or math.isnan(raw_val) else raw_val,
+        "diverged": diverged,
+        "miss": miss,
+        "status": str(metrics.get("status", "diverged" if diverged else "completed")),
+        "epochs": _finite(metrics["epochs"]),
+        "steps": _finite(metrics.get("steps")),
+        "wall_time_s": _finite(metrics["wall_time_s"]),
+        "dataset": str(metrics["dataset"]),
+        "model": str(metrics["model"]),
+        "has_history": on_disk and (run_dir / "history.csv").is_file(),
+        **(_hydra_info(run_dir) if on_disk else {"group": None, "planned_epochs": None, "experiment": None}),
+    }
+
+
+def _check_compatible(table: pd.DataFrame) -> None:
+    """One report compares methods on one task: mixing datasets, models or run lengths is an input error."""
+    for key in ("dataset", "model", "planned_epochs"):
+        values = table[key].dropna().unique()
+        if len(values) > 1:
+            examples = ", ".join(f"{key}={v} in {table.loc[table[key] == v, 'run_dir'].iloc[0]}" for v in values[:3])
+            raise ReportInputError(
+                f"`input` must hold runs of one sweep (one {key}), but got {len(values)} values: {examples}; "
+                f"report them separately"
+            )
+
+
+def _study_roles(study_dir: Path, summary: dict[str, Any], run_dirs: list[Path]) -> dict[Path, str]:
+    """Tag each run below a study directory as one of its reruns or one of its trials."""
+    reruns = set()
+    for rerun in summary.get("reruns") or []:
+        path = rerun.get("run_dir") if isinstance(rerun, dict) else None
+        if path:
+            p = Path(path)
+            reruns.add((p if p.is_absolute() else study_dir / p).resolve())
+    roles = {}
+    for run_dir in run_dirs:
+        if run_dir == study_dir or study_dir not in run_dir.parents:
+            continue
+        in_reruns_dir = "reruns" in run_dir.relative_to(study_dir).parts
+        roles[run_dir] = "rerun" if run_dir in reruns or in_reruns_dir else "trial"
+    return roles
+
+
+def load_runs(inputs: list[str | Path], progress: bool = True) -> Runs:
+    """Read every run below `inputs` into a table, one row per run directory.
+
+    Columns: run_dir, method, family, height, optimizer, lr and momentum (initial values; NaN when the
+    method has none), seed, test_error (MISS_ERROR for a diverged run), test_error_raw, val_error, diverged,
+    miss, status, epochs, steps, wall_time_s, dataset, model, has_history, group, planned_epochs, experiment,
+    role ("run", "trial" or "rerun") and study (the study directory for trials and reruns).
+    """
+    if not inputs:
+        raise ReportInputError("`input` must name at least one directory, but got none")
+    run_dirs, study_dirs = find_run_dirs(inputs)
+    rows = [
+        _row(d, _read_json(d / "metrics.json"))
+        for d in tqdm(run_dirs, desc="reading runs", unit="run", disable=not progress or len(run_dirs) < 50)
+    ]
+    table = pd.DataFrame(rows)
+    table["role"] = "run"
+    table["study"] = None
+    studies: dict[str, dict[str, Any]] = {}
+    for study_dir in study_dirs:
+        summary = _read_json(study_dir / "study_summary.json")
+        for key in ("total_epochs", "total_wall_time_s", "n_trials"):
+            if key not in summary:
+                raise ReportInputError(f"`{study_dir / 'study_summary.json'}` must have `{key}`, but it is missing")
+        studies[str(study_dir)] = summary
+        for run_dir, role in _study_roles(study_dir, summary, run_dirs).items():
+            mask = table["run_dir"] == str(run_dir)
+            table.loc[mask, "role"] = role
+            table.loc[mask, "study"] = str(study_dir)
+    _check_compatible(table)
+    return Runs(table=table, studies=studies)

@@ -1,0 +1,174 @@
+"""`run(cfg)`: read the inputs, compute the tables, draw the figures, write everything at once.
+
+Everything that can fail on bad input (reading, validating, computing) happens before the first file is
+written, and each file is written atomically, so a failed report leaves no half-written output.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from bench.report import plots, tables, write
+from bench.report.load import ReportInputError, Runs, load_runs
+
+__all__ = ["CONF_DIR", "PAPER_NUMBERS", "compose_report_config", "run"]
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+PAPER_NUMBERS = Path(__file__).resolve().parent / "paper_numbers.yaml"
+_SOURCES = ("files", "wandb")
+_COSTS = ("wall_time_s", "epochs")
+
+
+def compose_report_config(overrides: list[str] | None = None) -> DictConfig:
+    """Compose conf/report.yaml with Hydra overrides, as `python -m bench.report` does (for tests and scripts)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="report", overrides=list(overrides or []))
+
+
+def _inputs(cfg: DictConfig) -> list[str]:
+    raw = cfg.get("input")
+    if OmegaConf.is_missing(cfg, "input") or raw is None:
+        raise ReportInputError("`input` must name a result directory (input=DIR), but got nothing")
+    items = list(raw) if isinstance(raw, (ListConfig, list, tuple)) else [raw]
+    return [str(i) for i in items]
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check the report's own options before reading anything."""
+    if cfg.source not in _SOURCES:
+        raise ReportInputError(f"`source` must be one of {', '.join(_SOURCES)}, but got {cfg.source}")
+    if not 0.0 < float(cfg.confidence) < 1.0:
+        raise ReportInputError(f"`confidence` must be in (0, 1), but got {cfg.confidence}")
+    if int(cfg.n_bootstrap) < 1:
+        raise ReportInputError(f"`n_bootstrap` must be >= 1, but got {cfg.n_bootstrap}")
+    if not float(cfg.robustness.tolerance) >= 0.0:
+        raise ReportInputError(f"`robustness.tolerance` must be >= 0, but got {cfg.robustness.tolerance}")
+    if cfg.tuning_cost not in _COSTS:
+        raise ReportInputError(f"`tuning_cost` must be one of {', '.join(_COSTS)}, but got {cfg.tuning_cost}")
+    if _logger_name(cfg) not in ("none", "wandb"):
+        raise ReportInputError(f"`logger` must be none or wandb, but got {_logger_name(cfg)}")
+
+
+def _logger_name(cfg: DictConfig) -> str:
+    logger = cfg.get("logger")
+    if logger is None or isinstance(logger, str):
+        return str(logger or "none")
+    return str(logger.get("name", "wandb" if logger.get("project") else "none"))
+
+
+def _experiment(cfg: DictConfig, runs: Runs, paper: dict[str, Any]) -> str | None:
+    """The paper preset the runs reproduce: `paper=NAME`, or found in the runs' Hydra overrides with `auto`."""
+    if cfg.paper in (None, "none"):
+        return None
+    if cfg.paper != "auto":
+        if cfg.paper not in paper["experiments"]:
+            known = ", ".join(sorted(paper["experiments"]))
+            raise ReportInputError(f"`paper` must be auto, none or one of {known}, but got {cfg.paper}")
+        return str(cfg.paper)
+    found = runs.table["experiment"].dropna().unique()
+    return str(found[0]) if len(found) == 1 else None
+
+
+def _read_history(run_dir: str) -> pd.DataFrame:
+    return pd.read_csv(Path(run_dir) / "history.csv")
+
+
+def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]:
+    """Write summary.csv, sensitivity.png/.svg, tuning_curve.png, trajectories.png and report.md.
+
+    `output_dir` (or `cfg.output_dir`) defaults to Hydra's run directory. Returns the paths written and the
+    summary table. Raises ReportInputError (one line, naming the directory) on bad input, before writing.
+    """
+    validate(cfg)
+    inputs = _inputs(cfg)
+    if cfg.source == "wandb":
+        from bench.report.wandb_source import load_wandb_runs
+
+        runs = load_wandb_runs(inputs)
+    else:
+        runs = load_runs(inputs, progress=bool(cfg.progress))
+    confidence, n_resamples = float(cfg.confidence), int(cfg.n_bootstrap)
+    tolerance = float(cfg.robustness.tolerance)
+
+    summary = tables.summarize(runs, confidence, n_resamples, int(cfg.seed))
+    curves = tables.tuning_curves(runs)
+    reference = tables.reference_error(summary)
+    robust = tables.robustness(summary, reference, tolerance)
+    paper = tables.load_paper_numbers(cfg.paper_numbers or PAPER_NUMBERS)
+    experiment = _experiment(cfg, runs, paper)
+    comparison = tables.paper_comparison(summary, paper, experiment) if experiment else None
+    paper_meta = None
+    if comparison is not None:
+        paper_meta = {"source": paper.get("source"), "note": paper["experiments"][experiment].get("note")}
+
+    colors = plots.method_colors(list(dict.fromkeys(summary["method"])))
+    figures = {
+        "sensitivity": plots.sensitivity_figure(summary, colors, reference, tolerance, confidence),
+        "tuning_curve": plots.tuning_curve_figure(summary, curves, colors, f"cost_{cfg.tuning_cost}"),
+        "trajectories": plots.trajectories_figure(
+            plots.select_trajectory_runs(runs.table, int(cfg.trajectories.per_method)), colors, _read_history
+        ),
+    }
+
+    out = Path(output_dir or cfg.output_dir or _hydra_output_dir())
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    for name, fig in figures.items():
+        if fig is None:
+            continue
+        for suffix in (".png", ".svg") if name == "sensitivity" else (".png",):
+            fig_path = out / f"{name}{suffix}"
+            plots.save_figure(fig, fig_path, close=suffix == ".png")
+            written[fig_path.name] = fig_path
+    write.write_summary_csv(summary, out / "summary.csv")
+    written["summary.csv"] = out / "summary.csv"
+    report = write.render_report(
+        inputs=inputs,
+        runs=runs.table,
+        summary=summary,
+        robustness=robust,
+        reference=reference,
+        tolerance=tolerance,
+        confidence=confidence,
+        n_resamples=n_resamples,
+        curves=curves,
+        studies=runs.studies,
+        figures=[n for n in written if n.endswith(".png")],
+        paper=comparison,
+        paper_meta=paper_meta,
+        experiment=experiment,
+    )
+    write.write_text(out / "report.md", report)
+    written["report.md"] = out / "report.md"
+
+    if _logger_name(cfg) == "wandb":
+        from bench.report.wandb_log import log_report
+
+        groups = runs.table["group"].dropna().unique()
+        group = cfg.logger.get("group") or (str(groups[0]) if len(groups) == 1 else None)
+        log_report(cfg.logger, out, group, {"summary": summary, "robustness": robust, "tuning_curves": curves}, written)
+    n_miss = int(runs.table["miss"].sum())
+    return {
+        "output_dir": out,
+        "files": written,
+        "summary": summary,
+        "robustness": robust,
+        "n_runs": len(runs.table),
+        "n_diverged": n_miss,
+        "reference": None if reference is None or math.isnan(reference.error) else reference,
+    }
+
+
+def _hydra_output_dir() -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        raise ReportInputError("`output_dir` must be set when the report runs outside a Hydra app, but got null")
+    return HydraConfig.get().runtime.output_dir

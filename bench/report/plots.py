@@ -1,0 +1,254 @@
+"""The report's figures: sensitivity to the initial hyperparameters, tuning cost, hyperparameter trajectories.
+
+matplotlib with the Agg backend, so figures render on machines without a display (clusters, CI).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+from bench.io import atomic_write
+from bench.report.tables import Reference
+
+__all__ = [
+    "method_colors",
+    "save_figure",
+    "select_trajectory_runs",
+    "sensitivity_figure",
+    "trajectories_figure",
+    "tuning_curve_figure",
+]
+
+_PERCENT = FuncFormatter(lambda y, _: f"{100 * y:.3g}%")
+_HISTORY_COLUMN = re.compile(r"^L(\d+)\.(.+)$")
+
+
+def method_colors(methods: list[str]) -> dict[str, tuple]:
+    """One fixed colour per method, so a method looks the same in every figure."""
+    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    return {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
+
+
+def _label(row_or_method, height: int | None = None) -> str:
+    """The legend name: the tower spec in the paper's notation, with its height."""
+    method = str(row_or_method)
+    return f"{method} (height {height})" if height is not None and height > 0 else method
+
+
+def _error_axis(ax, values: np.ndarray) -> None:
+    """Test error on a log axis when it spans a decade (a diverged 100% next to a 3% error), else linear."""
+    finite = values[np.isfinite(values) & (values > 0)]
+    if finite.size and finite.max() / finite.min() >= 10:
+        ax.set_yscale("log")
+        ax.set_ylabel("final test error (log scale)")
+        # Labels at 1-2-5 steps: a log axis over 3%..100% otherwise shows only "10%" and "100%".
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    else:
+        ax.set_ylabel("final test error")
+    ax.yaxis.set_major_formatter(_PERCENT)
+    ax.grid(True, which="major", alpha=0.3)
+
+
+def _reference_lines(ax, summary: pd.DataFrame, colors: dict[str, tuple]) -> None:
+    """Tuned and tuning-free baselines as horizontal lines: they have no initial step size to sweep."""
+    fixed = summary[summary["tuned"] | (summary["family"] == "tuning_free")]
+    for _, row in fixed.iterrows():
+        style = "--" if row["tuned"] else ":"
+        ax.axhline(row["test_error_mean"], color=colors[row["method"]], ls=style, lw=1.5, label=row["method"])
+        ax.axhspan(row["test_error_ci_low"], row["test_error_ci_high"], color=colors[row["method"]], alpha=0.08)
+
+
+def _curves(ax, data: pd.DataFrame, x: str, colors: dict[str, tuple]) -> None:
+    """One line per method over `x`, with its bootstrap CI band; settings with a diverged seed get an x."""
+    for method, group in data.groupby("method", sort=False):
+        group = group.sort_values(x)
+        color = colors[method]
+        ax.plot(group[x], group["test_error_mean"], "o-", color=color, lw=1.8, ms=4,
+                label=_label(method, int(group["height"].iloc[0])))  # fmt: skip
+        ax.fill_between(group[x], group["test_error_ci_low"], group["test_error_ci_high"], color=color, alpha=0.18)
+        bad = group[group["n_diverged"] > 0]
+        ax.plot(bad[x], bad["test_error_mean"], "x", color=color, ms=9, mew=2)
+
+
+def sensitivity_figure(
+    summary: pd.DataFrame, colors: dict[str, tuple], reference: Reference | None, tolerance: float, confidence: float
+) -> Figure | None:
+    """Final test error against initial step size (log axis), one curve per tower height, CI bands.
+
+    When the sweep also varies the initial momentum, one panel per momentum value, and a second row of
+    panels against momentum at each step size. None when no method was swept over its step size.
+    """
+    swept = summary[~summary["tuned"] & (summary["family"] != "tuning_free") & summary["lr"].notna()]
+    if swept.empty:
+        return None
+    momenta = sorted(swept["momentum"].dropna().unique())
+    vary_momentum = len(momenta) > 1
+    lr_panels = momenta if vary_momentum else [None]
+    lrs = sorted(swept["lr"].unique())
+    if vary_momentum and len(lrs) > 4:
+        lrs = [lrs[i] for i in np.linspace(0, len(lrs) - 1, 4).round().astype(int)]
+    ncols = max(len(lr_panels), len(lrs) if vary_momentum else 1)
+    nrows = 2 if vary_momentum else 1
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols + 1.5, 4.2 * nrows), squeeze=False, sharey=True)
+    all_errors = summary["test_error_mean"].to_numpy(dtype=float)
+
+    for i, momentum in enumerate(lr_panels):
+        ax = axes[0, i]
+        data = swept if momentum is None else swept[swept["momentum"] == momentum]
+        _curves(ax, data, "lr", colors)
+        _reference_lines(ax, summary, colors)
+        if reference is not None:
+            ax.axhline(reference.error + tolerance, color="0.4", lw=0.8, ls="-.",
+                       label=f"robustness threshold ({reference.label} + {100 * tolerance:g} pt)")  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel("initial step size α (log scale)")
+        title = "test error vs initial step size"
+        ax.set_title(title if momentum is None else f"{title}, initial momentum {momentum:g}")
+        _error_axis(ax, all_errors)
+    if vary_momentum:
+        for j, lr in enumerate(lrs):
+            ax = axes[1, j]
+            _curves(ax, swept[(swept["lr"] == lr) & swept["momentum"].notna()], "momentum", colors)
+            _reference_lines(ax, summary, colors)
+            # Momentum near 1 is where the behaviour changes: logit spacing separates 0.9 from 0.99.
+            ax.set_xscale("logit")
+            ax.set_xlabel("initial momentum μ (logit scale)")
+            ax.set_title(f"test error vs initial momentum, initial step size {lr:g}")
+            _error_axis(ax, all_errors)
+    for ax in axes.flat:
+        if not ax.has_data():
+            ax.set_visible(False)
+    handles, labels = _unique_legend(axes)
+    title = f"mean over seeds, {100 * confidence:g}% bootstrap CI\n× = a seed diverged (counted as 100%)"
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, title=title)
+    fig.tight_layout()
+    return fig
+
+
+def _unique_legend(axes) -> tuple[list, list[str]]:
+    seen: dict[str, object] = {}
+    for ax in np.ravel(axes):
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            seen.setdefault(label, handle)
+    return list(seen.values()), list(seen)
+
+
+def tuning_curve_figure(
+    summary: pd.DataFrame, curves: pd.DataFrame, colors: dict[str, tuple], cost: str = "cost_wall_time_s"
+) -> Figure:
+    """Expected best-of-n test error of each tuned baseline against its compute; single runs as points."""
+    fig, ax = plt.subplots(figsize=(8.5, 5.2))
+    unit = "wall-clock seconds" if cost == "cost_wall_time_s" else "epochs"
+    for _study, group in curves.groupby("study", sort=False):
+        label = f"{group['method'].iloc[0]} (tuned): expected best of n trials"
+        color = colors.get(f"{group['method'].iloc[0]} (tuned)", "0.2")
+        ax.plot(group[cost], group["expected_test_error"], ".-", color=color, lw=2, label=label)
+        for n in (1, len(group)):
+            row = group[group["n"] == n].iloc[0]
+            ax.annotate(f"n={n}", (row[cost], row["expected_test_error"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8, color=color)  # fmt: skip
+    for _, row in summary[summary["tuned"]].iterrows():
+        # The tuned baseline's final result (its reruns) at its full price: every trial plus one run.
+        mean = row["test_error_mean"]
+        yerr = [[mean - row["test_error_ci_low"]], [row["test_error_ci_high"] - mean]]
+        label = f"{row['method']}: best trial re-run, tuning included"
+        ax.errorbar(row[cost], mean, yerr=yerr, fmt="*", ms=12, capsize=3, color=colors[row["method"]], label=label)
+    single = summary[~summary["tuned"]]
+    per_run_cost = "wall_time_s_mean" if cost == "cost_wall_time_s" else "epochs_mean"
+    for method, group in single.groupby("method", sort=False):
+        mean = group["test_error_mean"]
+        yerr = np.clip(np.vstack([mean - group["test_error_ci_low"], group["test_error_ci_high"] - mean]), 0, None)
+        label = f"{_label(method, int(group['height'].iloc[0]))}: one run per setting"
+        ax.errorbar(group[per_run_cost], mean, yerr=yerr, fmt="o", color=colors[method], ms=5, capsize=2, label=label)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+    low, high = ax.get_xlim()
+    # Within about a decade every minor tick gets a label, otherwise the axis would show one or two numbers.
+    keep = "123456789" if high / low < 20 else "25"
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, _: f"{x:g}" if f"{x:.0e}"[0] in keep else ""))
+    ax.set_xlabel(f"compute per result ({unit}, log scale)")
+    ax.set_title("tuning cost: expected best-of-n tuned baseline vs single runs")
+    errors = [summary["test_error_mean"].to_numpy(float), curves["expected_test_error"].to_numpy(float)]
+    _error_axis(ax, np.concatenate(errors))
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def select_trajectory_runs(table: pd.DataFrame, max_per_method: int = 3) -> pd.DataFrame:
+    """For each method, its lowest seed at the smallest, middle and largest initial step size (with history)."""
+    pool = table[table["has_history"] & table["role"].isin(["run", "rerun"])]
+    # Reruns of a tune study are the tuned baseline: named as in the summary table.
+    pool = pool.assign(method=pool["method"].where(pool["role"] == "run", pool["method"] + " (tuned)"))
+    picked = []
+    for _, group in pool.groupby("method", sort=True):
+        group = group[group["seed"] == group["seed"].min()].sort_values("lr")
+        idx = np.unique(np.linspace(0, len(group) - 1, min(max_per_method, len(group))).round().astype(int))
+        picked.append(group.iloc[idx])
+    return pd.concat(picked) if picked else pool.iloc[0:0]
+
+
+def trajectories_figure(
+    selected: pd.DataFrame, colors: dict[str, tuple], read_history: Callable[[str], pd.DataFrame]
+) -> Figure | None:
+    """Each level's learned hyperparameters over training (history.csv columns L1.lr, L2.lr, ...)."""
+    histories = {r.run_dir: read_history(r.run_dir) for r in selected.itertuples()}
+    columns = sorted(
+        {c for h in histories.values() for c in h.columns if _HISTORY_COLUMN.match(c)},
+        key=lambda c: (int(_HISTORY_COLUMN.match(c).group(1)), c),
+    )
+    if not columns:
+        return None
+    ncols = min(3, len(columns))
+    nrows = math.ceil(len(columns) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols + 2.5, 3.6 * nrows), squeeze=False)
+    styles = ["-", "--", ":", "-."]
+    for ax, column in zip(axes.flat, columns, strict=False):  # spare panels hidden below
+        level, name = _HISTORY_COLUMN.match(column).groups()
+        for i, row in enumerate(selected.itertuples()):
+            history = histories[row.run_dir]
+            if column not in history.columns:
+                continue
+            lr = "" if math.isnan(row.lr) else f", α₀={row.lr:g}"
+            ax.plot(history["epoch"], history[column], styles[i % len(styles)], color=colors[row.method],
+                    marker="o", ms=3, label=f"{_label(row.method, row.height)}{lr}, seed {row.seed}")  # fmt: skip
+        values = pd.concat([h[column] for h in histories.values() if column in h.columns]).to_numpy(float)
+        positive = values[np.isfinite(values) & (values > 0)]
+        if positive.size and positive.size == np.isfinite(values).sum() and positive.max() / positive.min() >= 10:
+            ax.set_yscale("log")
+        level_name = "weights' optimizer" if level == "1" else f"hyper level {int(level) - 1}"
+        ax.set_title(f"L{level}.{name} ({level_name})")
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(f"{name}" + (" (log scale)" if ax.get_yscale() == "log" else ""))
+        ax.grid(True, alpha=0.3)
+    for ax in list(axes.flat)[len(columns) :]:
+        ax.set_visible(False)
+    handles, labels = _unique_legend(axes)
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=8)
+    fig.suptitle("learned hyperparameters over training (one line per selected run)")
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig: Figure, path: Path, close: bool = True) -> None:
+    """Save atomically (a reader never sees half an image); `close` releases the figure's memory after."""
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, dpi=130, bbox_inches="tight", format=path.suffix[1:]), binary=True)
+    finally:
+        if close:
+            plt.close(fig)

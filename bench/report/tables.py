@@ -1,0 +1,225 @@
+"""From the run table to the report's tables: per-setting summary, tuning curves, robustness, paper numbers."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from bench.report.load import Runs
+from bench.report.stats import bootstrap_ci, expected_best_of_n, robust_range_decades
+
+__all__ = [
+    "SUMMARY_COLUMNS",
+    "Reference",
+    "paper_comparison",
+    "reference_error",
+    "robustness",
+    "summarize",
+    "tuning_curves",
+]
+
+SUMMARY_COLUMNS = [
+    "method",
+    "family",
+    "height",
+    "tuned",
+    "lr",
+    "momentum",
+    "n_seeds",
+    "seeds",
+    "n_diverged",
+    "test_error_mean",
+    "test_error_ci_low",
+    "test_error_ci_high",
+    "epochs_mean",
+    "wall_time_s_mean",
+    "tuning_epochs",
+    "tuning_wall_time_s",
+    "cost_epochs",
+    "cost_wall_time_s",
+    "study",
+]
+
+
+def _seed_list(seeds: pd.Series) -> str:
+    return " ".join(str(s) for s in sorted(seeds.tolist(), key=lambda s: (str(type(s)), s)))
+
+
+def summarize(runs: Runs, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """One row per method and initial setting (lr, momentum): seeds, mean test error, bootstrap CI, compute.
+
+    Trials of a tune study are not rows: its reruns form one row, "<baseline> (tuned)", whose cost adds the
+    whole study's tuning compute (every trial, pruned and failed ones included) to one run's compute.
+    Diverged runs enter the mean as misses (test error 1.0) and are counted in `n_diverged`.
+    """
+    table = runs.table
+    finals = table[table["role"].isin(["run", "rerun"])].copy()
+    finals["tuned"] = finals["role"] == "rerun"
+    finals["study_key"] = finals["study"].fillna("")
+    rows = []
+    keys = ["method", "family", "height", "tuned", "study_key", "lr", "momentum"]
+    for key, group in finals.groupby(keys, dropna=False, sort=True):
+        method, family, height, tuned, study, lr, momentum = key
+        lo, hi = bootstrap_ci(group["test_error"].to_numpy(), confidence, n_resamples, seed)
+        tuning_epochs = tuning_wall = 0.0
+        if tuned:
+            summary = runs.studies[study]
+            # The study's totals count the reruns too; the tuning share is what the trials cost.
+            all_reruns = table[(table["study"] == study) & (table["role"] == "rerun")]
+            tuning_epochs = float(summary["total_epochs"]) - float(all_reruns["epochs"].sum())
+            tuning_wall = float(summary["total_wall_time_s"]) - float(all_reruns["wall_time_s"].sum())
+        epochs_mean = float(group["epochs"].mean())
+        wall_mean = float(group["wall_time_s"].mean())
+        rows.append(
+            {
+                "method": f"{method} (tuned)" if tuned else method,
+                "family": family,
+                "height": int(height),
+                "tuned": bool(tuned),
+                "lr": lr,
+                "momentum": momentum,
+                "n_seeds": len(group),
+                "seeds": _seed_list(group["seed"]),
+                "n_diverged": int(group["diverged"].sum()),
+                "test_error_mean": float(group["test_error"].mean()),
+                "test_error_ci_low": lo,
+                "test_error_ci_high": hi,
+                "epochs_mean": epochs_mean,
+                "wall_time_s_mean": wall_mean,
+                "tuning_epochs": tuning_epochs,
+                "tuning_wall_time_s": tuning_wall,
+                "cost_epochs": epochs_mean + tuning_epochs,
+                "cost_wall_time_s": wall_mean + tuning_wall,
+                "study": study or None,
+            }
+        )
+    summary = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+    # Towers by height, then baselines, tuned ones, tuning-free ones: the order a reader compares them in.
+    family_order = {"tower": 0, "baseline": 1, "tuning_free": 2}
+    summary["_family"] = summary["family"].map(family_order).fillna(3)
+    summary = summary.sort_values(["_family", "tuned", "height", "method", "momentum", "lr"], na_position="first")
+    return summary.drop(columns="_family").reset_index(drop=True)
+
+
+def tuning_curves(runs: Runs) -> pd.DataFrame:
+    """Expected best-of-n test error of every tune study, for n = 1 .. number of trials, against its compute.
+
+    The tuner picks the trial with the lowest validation error; a trial that diverged, was pruned before a
+    test evaluation or failed counts as a miss. Compute of n trials is n times the mean trial cost.
+    """
+    rows = []
+    trials = runs.table[runs.table["role"] == "trial"]
+    for study, group in trials.groupby("study", sort=True):
+        test = group["test_error"].to_numpy()
+        val = group["val_error"].to_numpy()
+        for n in range(1, len(group) + 1):
+            rows.append(
+                {
+                    "study": study,
+                    "method": str(group["method"].iloc[0]),
+                    "n": n,
+                    "expected_test_error": expected_best_of_n(test, n, rank_by=val),
+                    "cost_epochs": n * float(group["epochs"].mean()),
+                    "cost_wall_time_s": n * float(group["wall_time_s"].mean()),
+                }
+            )
+    columns = ["study", "method", "n", "expected_test_error", "cost_epochs", "cost_wall_time_s"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The error the robustness figure is measured against, and where it comes from."""
+
+    error: float
+    label: str
+
+
+def reference_error(summary: pd.DataFrame) -> Reference | None:
+    """The best tuned baseline's mean test error; without a tuned baseline, the best row of any method."""
+    tuned = summary[summary["tuned"]]
+    pool, what = (tuned, "best tuned baseline") if len(tuned) else (summary, "best setting of any method")
+    pool = pool.dropna(subset=["test_error_mean"])
+    if pool.empty:
+        return None
+    best = pool.loc[pool["test_error_mean"].idxmin()]
+    setting = "" if best["tuned"] or math.isnan(best["lr"]) else f" at lr={best['lr']:g}"
+    return Reference(float(best["test_error_mean"]), f"{what}: {best['method']}{setting}")
+
+
+def robustness(summary: pd.DataFrame, reference: Reference | None, tolerance: float) -> pd.DataFrame:
+    """Per untuned method (and initial momentum): the widest range of initial step sizes within tolerance.
+
+    A step size qualifies when its mean test error over seeds is at most reference + tolerance; the figure
+    is log10(largest/smallest) over the longest run of neighbouring qualifying grid points, in decades.
+    """
+    columns = ["method", "momentum", "decades", "n_within", "n_lr", "lr_low", "lr_high", "reference", "tolerance"]
+    rows = []
+    swept = summary[~summary["tuned"] & summary["lr"].notna()]
+    if reference is None:
+        return pd.DataFrame(rows, columns=columns)
+    for (method, momentum), group in swept.groupby(["method", "momentum"], dropna=False, sort=False):
+        group = group.sort_values("lr")
+        lrs = group["lr"].to_numpy()
+        errors = group["test_error_mean"].to_numpy()
+        decades, n_within = robust_range_decades(lrs, errors, reference.error, tolerance)
+        ok = errors <= reference.error + tolerance
+        rows.append(
+            {
+                "method": method,
+                "momentum": momentum,
+                "decades": decades,
+                "n_within": n_within,
+                "n_lr": len(group),
+                "lr_low": float(lrs[ok].min()) if ok.any() else math.nan,
+                "lr_high": float(lrs[ok].max()) if ok.any() else math.nan,
+                "reference": reference.error,
+                "tolerance": tolerance,
+            }
+        )
+    return pd.DataFrame(rows, columns=columns)
+
+
+def load_paper_numbers(path: str | Path) -> dict[str, Any]:
+    """The published numbers file: {source, experiments: {preset: {table, note, rows: [...]}}}."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data.get("experiments"), dict):
+        raise ValueError(f"`paper_numbers` must map `experiments` to presets, but {path} has none")
+    return data
+
+
+def paper_comparison(summary: pd.DataFrame, paper: dict[str, Any], experiment: str) -> pd.DataFrame | None:
+    """The paper's published test errors next to ours, matched by method and initial step size.
+
+    Returns None when `experiment` is not a paper preset. A published row with no run of ours shows NaN on
+    our side rather than being left out, so the reader sees what was not reproduced.
+    """
+    entry = paper["experiments"].get(experiment)
+    if entry is None:
+        return None
+    rows = []
+    for published in entry.get("rows") or []:
+        method = str(published["method"])
+        lr = published.get("lr")
+        ours = summary[(summary["method"] == method) & ~summary["tuned"]]
+        if lr is not None:
+            ours = ours[np.isclose(ours["lr"].astype(float), float(lr), rtol=1e-6)]
+        rows.append(
+            {
+                "method": method,
+                "lr": lr,
+                "paper_test_error": published.get("test_error"),
+                "paper_test_error_std": published.get("test_error_std"),
+                "ours_test_error_mean": float(ours["test_error_mean"].iloc[0]) if len(ours) == 1 else math.nan,
+                "ours_ci_low": float(ours["test_error_ci_low"].iloc[0]) if len(ours) == 1 else math.nan,
+                "ours_ci_high": float(ours["test_error_ci_high"].iloc[0]) if len(ours) == 1 else math.nan,
+                "ours_n_seeds": int(ours["n_seeds"].iloc[0]) if len(ours) == 1 else 0,
+            }
+        )
+    return pd.DataFrame(rows)

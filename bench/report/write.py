@@ -1,0 +1,181 @@
+"""Writing the report's files atomically: summary.csv, report.md, and a helper the figures use."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from bench.io import atomic_write
+from bench.report.tables import Reference
+
+__all__ = ["markdown_table", "render_report", "write_summary_csv", "write_text"]
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text))
+
+
+def write_summary_csv(summary: pd.DataFrame, path: Path) -> None:
+    atomic_write(path, lambda f: summary.to_csv(f, index=False))
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|")
+
+
+def markdown_table(df: pd.DataFrame, columns: Sequence[str] | None = None) -> str:
+    """A GitHub-flavoured markdown table (pandas' to_markdown needs tabulate, which is not a dependency)."""
+    columns = list(columns or df.columns)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for _, row in df.iterrows():
+        lines.append("| " + " | ".join(_cell(row[c]) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def _pct(x: float) -> str:
+    return "–" if x is None or math.isnan(x) else f"{100 * x:.2f}%"
+
+
+def _intervals(low: pd.Series, high: pd.Series) -> list[str]:
+    return [f"[{_pct(lo)}, {_pct(hi)}]" for lo, hi in zip(low, high, strict=True)]
+
+
+def _summary_view(summary: pd.DataFrame, confidence: float) -> pd.DataFrame:
+    view = pd.DataFrame(
+        {
+            "method": summary["method"],
+            "initial lr": summary["lr"],
+            "initial momentum": summary["momentum"],
+            "seeds": summary["n_seeds"],
+            "diverged": summary["n_diverged"],
+            "mean test error": summary["test_error_mean"].map(_pct),
+            f"{100 * confidence:g}% CI": _intervals(summary["test_error_ci_low"], summary["test_error_ci_high"]),
+            "epochs/run": summary["epochs_mean"],
+            "wall s/run": summary["wall_time_s_mean"],
+            "tuning epochs": summary["tuning_epochs"],
+            "wall s incl. tuning": summary["cost_wall_time_s"],
+        }
+    )
+    if view["initial momentum"].isna().all():
+        view = view.drop(columns="initial momentum")
+    return view
+
+
+def render_report(
+    *,
+    inputs: Sequence[str],
+    runs: pd.DataFrame,
+    summary: pd.DataFrame,
+    robustness: pd.DataFrame,
+    reference: Reference | None,
+    tolerance: float,
+    confidence: float,
+    n_resamples: int,
+    curves: pd.DataFrame,
+    studies: dict[str, dict[str, Any]],
+    figures: Sequence[str],
+    paper: pd.DataFrame | None,
+    paper_meta: dict[str, Any] | None,
+    experiment: str | None,
+) -> str:
+    """The report as markdown: what was read, the tables, the figures, and how to read them."""
+    finals = runs[runs["role"].isin(["run", "rerun"])]
+    out = [
+        "# Sensitivity and tuning-cost report",
+        "",
+        f"- Inputs: {', '.join(f'`{i}`' for i in inputs)}",
+        f"- Task: model `{runs['model'].iloc[0]}` on dataset `{runs['dataset'].iloc[0]}`"
+        + (f" (experiment preset `{experiment}`)" if experiment else ""),
+        f"- Runs read: {len(runs)} ({len(finals)} final runs, {int((runs['role'] == 'trial').sum())} tuning trials);"
+        f" diverged: {int(runs['diverged'].sum())}, counted as misses (test error 100%), never dropped.",
+        f"- Confidence intervals: {100 * confidence:g}% percentile bootstrap of the mean over seeds"
+        f" ({n_resamples} resamples, seeded). One seed gives a zero-width interval.",
+        "",
+        "## Summary",
+        "",
+        "One row per method and initial setting. Tuned baselines are the study's best configuration re-run on"
+        " the test split; their total compute adds every tuning trial.",
+        "",
+        markdown_table(_summary_view(summary, confidence)),
+        "",
+        "## Robustness",
+        "",
+    ]
+    if reference is None or robustness.empty:
+        out.append("No method was swept over its initial step size, so there is no robustness figure.")
+    else:
+        out += [
+            f"Widest range of initial step sizes (in decades, measured between grid points) whose mean final test"
+            f" error stays within {100 * tolerance:g} percentage point(s) of the {reference.label}"
+            f" ({_pct(reference.error)}).",
+            "",
+            markdown_table(
+                robustness.assign(
+                    within=[f"{w} of {n}" for w, n in zip(robustness["n_within"], robustness["n_lr"], strict=True)],
+                    threshold=[_pct(reference.error + tolerance)] * len(robustness),
+                ),
+                ["method", "momentum", "decades", "within", "lr_low", "lr_high", "threshold"]
+                if robustness["momentum"].notna().any()
+                else ["method", "decades", "within", "lr_low", "lr_high", "threshold"],
+            ),
+        ]
+    out += ["", "## Tuning", ""]
+    if not studies:
+        out.append("No tune study among the inputs.")
+    else:
+        rows = []
+        for study, s in studies.items():
+            curve = curves[curves["study"] == study]
+            rows.append(
+                {
+                    "study": s.get("study_name", Path(study).name),
+                    "trials": s.get("n_trials"),
+                    "complete": s.get("n_complete"),
+                    "pruned": s.get("n_pruned"),
+                    "failed": s.get("n_failed"),
+                    "best val error": _pct(float(s.get("best_value", math.nan))),
+                    "E[best of 1]": _pct(curve["expected_test_error"].iloc[0]) if len(curve) else "–",
+                    f"E[best of {len(curve)}]": _pct(curve["expected_test_error"].iloc[-1]) if len(curve) else "–",
+                    "total epochs": s.get("total_epochs"),
+                    "total wall s": s.get("total_wall_time_s"),
+                }
+            )
+        out += [
+            "Expected best-of-n (Dodge et al. 2019, exact from the empirical distribution of the trials): the"
+            " expected test error of the trial with the lowest validation error among n drawn at random.",
+            "",
+            markdown_table(pd.DataFrame(rows)),
+        ]
+    if paper is not None and paper_meta is not None:
+        out += ["", "## The paper's published numbers", "", f"Source: {paper_meta.get('source', 'unknown')}."]
+        if paper_meta.get("note"):
+            out += ["", str(paper_meta["note"]).strip()]
+        if paper.empty:
+            out += ["", "No published values are recorded for this preset (see `bench/report/paper_numbers.yaml`)."]
+        else:
+            view = paper.assign(
+                paper=paper["paper_test_error"].map(lambda v: _pct(float(v)) if v is not None else "–"),
+                ours=paper["ours_test_error_mean"].map(_pct),
+                ours_ci=_intervals(paper["ours_ci_low"], paper["ours_ci_high"]),
+            )
+            out += ["", markdown_table(view, ["method", "lr", "paper", "ours", "ours_ci", "ours_n_seeds"])]
+    out += ["", "## Figures", ""]
+    captions = {
+        "sensitivity.png": "Final test error against the initial step size, one curve per tower height.",
+        "tuning_curve.png": "Expected best-of-n test error of tuned baselines against compute; single runs as points.",
+        "trajectories.png": "Learned hyperparameters of every level over training, for selected runs.",
+    }
+    for name in figures:
+        out += [f"![{name}]({name})", "", captions.get(name, ""), ""]
+    missing = [n for n in captions if n not in figures]
+    if missing:
+        out.append("Not drawn (no data for them): " + ", ".join(missing) + ".")
+    return "\n".join(out).rstrip() + "\n"
