@@ -364,7 +364,7 @@ def test_wandb_offline_run_holds_the_tables_and_figures(tmp_path: Path, monkeypa
         monkeypatch.setenv(var, str(tmp_path / "wandb_home" / var.lower()))
     monkeypatch.setenv("WANDB_SILENT", "true")
     _sensitivity_tree(tmp_path / "results")
-    _report(tmp_path, "logger.name=wandb", "logger.group=sens-1")
+    _report(tmp_path, "logger=wandb", "logger.group=sens-1")
     runs = list((tmp_path / "report" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     files = {p.name for p in runs[0].rglob("*")}

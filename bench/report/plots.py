@@ -42,10 +42,9 @@ def method_colors(methods: list[str]) -> dict[str, tuple]:
     return {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
 
 
-def _label(row_or_method, height: int | None = None) -> str:
-    """The legend name: the tower spec in the paper's notation, with its height."""
-    method = str(row_or_method)
-    return f"{method} (height {height})" if height is not None and height > 0 else method
+def _label(method: str, family: str, height: int) -> str:
+    """The legend name: the tower spec in the paper's notation, with its height for towers."""
+    return f"{method} (height {height})" if family == "tower" else str(method)
 
 
 def _error_axis(ax, values: np.ndarray) -> None:
@@ -78,7 +77,7 @@ def _curves(ax, data: pd.DataFrame, x: str, colors: dict[str, tuple]) -> None:
         group = group.sort_values(x)
         color = colors[method]
         ax.plot(group[x], group["test_error_mean"], "o-", color=color, lw=1.8, ms=4,
-                label=_label(method, int(group["height"].iloc[0])))  # fmt: skip
+                label=_label(method, group["family"].iloc[0], int(group["height"].iloc[0])))  # fmt: skip
         ax.fill_between(group[x], group["test_error_ci_low"], group["test_error_ci_high"], color=color, alpha=0.18)
         bad = group[group["n_diverged"] > 0]
         ax.plot(bad[x], bad["test_error_mean"], "x", color=color, ms=9, mew=2)
@@ -126,6 +125,8 @@ def sensitivity_figure(
             _reference_lines(ax, summary, colors)
             # Momentum near 1 is where the behaviour changes: logit spacing separates 0.9 from 0.99.
             ax.set_xscale("logit")
+            ax.set_xticks(momenta, [f"{m:g}" for m in momenta])
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel("initial momentum μ (logit scale)")
             ax.set_title(f"test error vs initial momentum, initial step size {lr:g}")
             _error_axis(ax, all_errors)
@@ -172,7 +173,7 @@ def tuning_curve_figure(
     for method, group in single.groupby("method", sort=False):
         mean = group["test_error_mean"]
         yerr = np.clip(np.vstack([mean - group["test_error_ci_low"], group["test_error_ci_high"] - mean]), 0, None)
-        label = f"{_label(method, int(group['height'].iloc[0]))}: one run per setting"
+        label = f"{_label(method, group['family'].iloc[0], int(group['height'].iloc[0]))}: one run per setting"
         ax.errorbar(group[per_run_cost], mean, yerr=yerr, fmt="o", color=colors[method], ms=5, capsize=2, label=label)
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
@@ -224,8 +225,9 @@ def trajectories_figure(
             if column not in history.columns:
                 continue
             lr = "" if math.isnan(row.lr) else f", α₀={row.lr:g}"
-            ax.plot(history["epoch"], history[column], styles[i % len(styles)], color=colors[row.method],
-                    marker="o", ms=3, label=f"{_label(row.method, row.height)}{lr}, seed {row.seed}")  # fmt: skip
+            label = f"{_label(row.method, row.family, row.height)}{lr}, seed {row.seed}"
+            style = styles[i % len(styles)]
+            ax.plot(history["epoch"], history[column], style, color=colors[row.method], marker="o", ms=3, label=label)
         values = pd.concat([h[column] for h in histories.values() if column in h.columns]).to_numpy(float)
         positive = values[np.isfinite(values) & (values > 0)]
         if positive.size and positive.size == np.isfinite(values).sum() and positive.max() / positive.min() >= 10:

@@ -100,6 +100,10 @@ def summarize(runs: Runs, confidence: float = 0.95, n_resamples: int = 2000, see
             }
         )
     summary = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+    # A height-0 tower and the plain baseline of the same name are different runs: keep their rows apart.
+    families = summary[~summary["tuned"]].groupby("method")["family"].nunique()
+    shared = summary["method"].isin(families[families > 1].index) & (summary["family"] != "tower")
+    summary.loc[shared, "method"] = summary.loc[shared, "method"] + " [" + summary.loc[shared, "family"] + "]"
     # Towers by height, then baselines, tuned ones, tuning-free ones: the order a reader compares them in.
     family_order = {"tower": 0, "baseline": 1, "tuning_free": 2}
     summary["_family"] = summary["family"].map(family_order).fillna(3)

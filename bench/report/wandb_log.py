@@ -28,8 +28,9 @@ def log_report(
     settings = OmegaConf.to_container(logger, resolve=True) if isinstance(logger, DictConfig) else dict(logger)
     run = wandb.init(
         project=settings.get("project") or "hypergrad",
+        entity=settings.get("entity"),
         group=group,
-        job_type=settings.get("report_job_type") or "report",
+        job_type=settings.get("job_type") or "report",
         tags=list(settings.get("tags") or []),
         mode=settings.get("mode") or "offline",
         dir=str(output_dir),
