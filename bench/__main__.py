@@ -1,0 +1,31 @@
+"""`python -m bench [overrides]`: one run (or a sweep with `-m`) of the Hydra harness.
+
+A thin shell over `bench.train.run`; see conf/config.yaml for the defaults and the README for examples.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from bench.config import ConfigError
+from bench.train import format_summary, run
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    """Run one composed config; return the validation error (for Hydra sweepers that minimize it)."""
+    try:
+        metrics = run(cfg)
+    except ConfigError as e:
+        # Bad input is the user's to fix: one line, no traceback, no metrics.json.
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(format_summary(metrics))
+    return metrics.get("val_error")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Models selected by `model=NAME` (conf/model/NAME.yaml); shapes adapt to the dataset."""
+
+from __future__ import annotations
+
+import math
+
+from omegaconf import DictConfig
+from torch import nn
+
+from bench.data import Data
+
+__all__ = ["MODELS", "build_model"]
+
+MODELS: dict[str, tuple[str, ...]] = {
+    "mlp": ("image", "vector"),
+    "cnn": ("image",),
+    "resnet20": ("image",),
+    "char_lstm": ("text",),
+}
+"""Every model name, with the dataset kinds (see `bench.data.KINDS`) it accepts."""
+
+
+def build_model(cfg: DictConfig, data: Data) -> nn.Module:
+    """Build the model named by `cfg.name` for `data`'s input shape and number of classes."""
+    if cfg.name == "mlp":
+        from bench.models.mlp import MLP
+
+        return MLP(math.prod(data.input_shape), cfg.hidden, data.n_classes, output_tanh=cfg.output_tanh)
+    if cfg.name == "cnn":
+        from bench.models.cnn import CNN
+
+        return CNN(data.input_shape, cfg.channels, data.n_classes)
+    if cfg.name == "resnet20":
+        from bench.models.resnet import CifarResNet
+
+        return CifarResNet(cfg.depth, data.input_shape[0], data.n_classes, cfg.width)
+    if cfg.name == "char_lstm":
+        from bench.models.char_lstm import CharLSTM
+
+        return CharLSTM(data.n_classes, cfg.embedding, cfg.hidden, cfg.layers)
+    raise ValueError(f"`model.name` must be one of {sorted(MODELS)}, but got {cfg.name!r}")

@@ -1,0 +1,381 @@
+"""One training run: `run(cfg) -> metrics`, the importable core under `python -m bench`.
+
+A run trains the composed model on the composed dataset with the composed optimizer, evaluates on
+the validation and test splits after every epoch, and writes into its run directory (atomically):
+
+- `history.csv`: one row per epoch (metrics and every level's hyperparameters, as `L1.lr`, `L2.lr`, ...),
+- `metrics.json`: the final metrics, the run's identity (optimizer, method, family, ...) and its status,
+- `checkpoint.pt`: every `trainer.checkpoint_every` epochs, and on request (see `request_checkpoint`).
+
+Statuses: "completed"; "diverged" (a non-finite loss or hyperparameter stopped the run, which still
+counts as a result: exit code 0, so a sweep goes on); "pruned" (the epoch callback raised
+`optuna.TrialPruned`); "failed" (the epoch callback raised anything else). A directory whose
+metrics.json says "completed" or "diverged" is not run again unless `trainer.force=true`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, open_dict
+from tqdm.auto import tqdm
+
+from bench.config import validate
+from bench.data import Data, build_dataset
+from bench.io import atomic_save_torch, atomic_write_csv, atomic_write_json
+from bench.logger import RunLogger, build_logger
+from bench.models import build_model
+from bench.optim import BuiltOptimizer, build_optimizer
+
+__all__ = ["FINISHED", "format_summary", "request_checkpoint", "run"]
+
+FINISHED = ("completed", "diverged")
+"""Statuses of a run directory that a resubmitted sweep must not run again."""
+
+EpochCallback = Callable[[int, dict[str, Any]], None]
+
+_checkpoint_requested = False
+
+
+def request_checkpoint() -> None:
+    """Ask the training loop of this process to save `checkpoint.pt` and stop, e.g. before a preemption.
+
+    Only sets a flag, so it is safe to call from a signal handler (SLURM's pre-kill signal, submitit's
+    checkpoint hook). The loop checks the flag after every optimizer step, saves a checkpoint that
+    resumes mid-epoch exactly where it stopped, writes no metrics.json, and `run` returns
+    `{"status": "preempted", ...}`. Running the same run directory again resumes it.
+    """
+    global _checkpoint_requested
+    _checkpoint_requested = True
+
+
+class _Diverged(Exception):
+    def __init__(self, step: int, reason: str) -> None:
+        super().__init__(reason)
+        self.step, self.reason = step, reason
+
+
+def _resolve_output_dir(output_dir: str | Path | None) -> Path:
+    if output_dir is not None:
+        return Path(output_dir)
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        raise ValueError("`output_dir` must be given when bench.train.run is called outside a Hydra app, but got None")
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    # Batches are a function of (seed, epoch) alone, so a resumed run draws the very same batches.
+    return seed * 1_000_003 + epoch
+
+
+def _loss_and_errors(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy and number of wrong predictions (text: per character)."""
+    logits, y = logits.flatten(0, -2).float(), y.flatten()
+    loss = F.cross_entropy(logits, y, reduction="sum")
+    # A non-finite output predicts nothing: it counts as wrong, whatever argmax says.
+    wrong = (logits.argmax(-1) != y) | ~torch.isfinite(logits).all(-1)
+    return loss, wrong.sum()
+
+
+class _Trainer:
+    def __init__(self, cfg: DictConfig, out: Path, epoch_callback: EpochCallback | None) -> None:
+        self.cfg, self.out, self.epoch_callback = cfg, out, epoch_callback
+        t = cfg.trainer
+        self.device = _device(t.device)
+        torch.manual_seed(cfg.seed)
+        self.data: Data = build_dataset(cfg.dataset, self.device)
+        self.model = build_model(cfg.model, self.data).to(self.device)
+        self.forward = torch.compile(self.model) if t.compile else self.model
+        n = len(self.data.train[0])
+        self.steps_per_epoch = math.ceil(n / t.batch_size)
+        self.total_steps = min(t.epochs * self.steps_per_epoch, t.max_steps or math.inf)
+        self.opt: BuiltOptimizer = build_optimizer(
+            cfg.optimizer, self.model.parameters(), self.steps_per_epoch, self.total_steps
+        )
+        self.amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if t.amp else nullcontext()
+        # Progress of the run; all of it goes into the checkpoint.
+        self.epoch = 0  # completed epochs
+        self.batch = 0  # next batch within the current epoch
+        self.steps = 0
+        self.loss_sum, self.loss_count = 0.0, 0
+        self.elapsed = 0.0
+        self.history: list[dict[str, Any]] = []
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def save_checkpoint(self) -> None:
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "progress": {
+                "epoch": self.epoch,
+                "batch": self.batch,
+                "steps": self.steps,
+                "loss_sum": self.loss_sum,
+                "loss_count": self.loss_count,
+                "elapsed": self.elapsed + time.perf_counter() - self.started,
+            },
+            "history": self.history,
+            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()},
+        }
+        atomic_save_torch(self.checkpoint_path, state)
+
+    def load_checkpoint(self) -> None:
+        # Our own file, holding optimizer states of third-party classes: a full unpickle is needed.
+        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        p = state["progress"]
+        self.epoch, self.batch, self.steps = p["epoch"], p["batch"], p["steps"]
+        self.loss_sum, self.loss_count, self.elapsed = p["loss_sum"], p["loss_count"], p["elapsed"]
+        self.history = state["history"]
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+    # -- evaluation ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, split: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, float]:
+        """Mean loss and error rate over a split."""
+        x, y = split
+        loss, wrong = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        bs = self.cfg.trainer.eval_batch_size
+        for i in range(0, len(x), bs):
+            with self.amp:
+                logits = self.forward(x[i : i + bs])
+            batch_loss, batch_wrong = _loss_and_errors(logits, y[i : i + bs])
+            loss, wrong = loss + batch_loss, wrong + batch_wrong
+        return loss.item() / y.numel(), wrong.item() / y.numel()
+
+    def epoch_row(self, epoch: int) -> dict[str, Any]:
+        self.model.eval()
+        self.opt.eval_mode()
+        val_loss, val_error = self.evaluate(self.data.val)
+        test_loss, test_error = self.evaluate(self.data.test)
+        row = {
+            "epoch": epoch,
+            "steps": self.steps,
+            "train_loss": self.loss_sum / self.loss_count if self.loss_count else math.nan,
+            "val_loss": val_loss,
+            "val_error": val_error,
+            "test_loss": test_loss,
+            "test_error": test_error,
+            "wall_time_s": self.elapsed + time.perf_counter() - self.started,
+        }
+        for level, hp in enumerate(self.opt.hyperparameters(), start=1):
+            row.update({f"L{level}.{k}": v for k, v in hp.items()})
+        return row
+
+    # -- training ------------------------------------------------------------------------------
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        import hypergrad
+
+        with self.amp:
+            logits = self.forward(x)
+        loss, _ = _loss_and_errors(logits, y)
+        loss = loss / y.numel()
+        value = loss.item()
+        if not math.isfinite(value):
+            raise _Diverged(self.steps + 1, f"non-finite training loss ({value})")
+        loss.backward()
+        try:
+            self.opt.step()
+        except hypergrad.NonFiniteHyperparameterError as e:
+            raise _Diverged(self.steps + 1, f"non-finite hyperparameter: {e}") from None
+        self.opt.optimizer.zero_grad(set_to_none=True)
+        return value
+
+    def fit(self, logger: RunLogger) -> dict[str, Any]:
+        cfg, t = self.cfg, self.cfg.trainer
+        if t.resume and self.checkpoint_path.is_file():
+            self.load_checkpoint()
+            print(f"resuming {self.out} from epoch {self.epoch}, step {self.steps}")
+        self.started = time.perf_counter()
+        x_train, y_train = self.data.train
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.steps,
+            disable=not t.progress,
+            desc=f"{cfg.model.name}/{cfg.dataset.name} {self.opt.name}",
+            unit="step",
+            dynamic_ncols=True,
+        )
+        status, diverged, error = "completed", None, None
+        try:
+            while self.epoch < t.epochs and self.steps < self.total_steps:
+                perm = torch.randperm(
+                    len(x_train), generator=torch.Generator().manual_seed(_epoch_seed(cfg.seed, self.epoch))
+                )
+                perm = perm.to(self.device)
+                self.model.train()
+                self.opt.train_mode()
+                while self.batch < self.steps_per_epoch and self.steps < self.total_steps:
+                    idx = perm[self.batch * t.batch_size : (self.batch + 1) * t.batch_size]
+                    x, y = x_train[idx], y_train[idx]
+                    if self.data.augment is not None:
+                        gen = torch.Generator().manual_seed(_epoch_seed(cfg.seed, self.epoch) * 100_003 + self.batch)
+                        x = self.data.augment(x, gen)
+                    value = self.train_step(x, y)
+                    self.steps += 1
+                    self.batch += 1
+                    self.loss_sum += value * len(idx)
+                    self.loss_count += len(idx)
+                    logger.log_step(self.steps, value, self.opt.hyperparameters)
+                    bar.update()
+                    if self.steps % 10 == 0:
+                        bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+                    if _checkpoint_requested:
+                        self.save_checkpoint()
+                        return {"status": "preempted", "steps": self.steps, "output_dir": str(self.out)}
+                self.end_epoch(logger)
+        except _Diverged as d:
+            status, diverged = "diverged", d
+            self.history.append(self.epoch_row(self.epoch + 1))
+            logger.log_epoch(self.history[-1])
+        except Exception as e:
+            # Only the epoch callback gets here with a run directory to settle (a pruned trial, or a
+            # callback's own failure); record that, then let the exception go on to the caller.
+            if not getattr(e, "_from_epoch_callback", False):
+                raise
+            del e._from_epoch_callback
+            status = "pruned" if type(e).__name__ == "TrialPruned" else "failed"
+            error = e
+        finally:
+            bar.close()
+        if self.loss_count and (not self.history or self.history[-1]["steps"] != self.steps):
+            # max_steps stopped the run inside an epoch: that partial epoch still gets its evaluation.
+            self.end_epoch(logger, callback=False)
+        metrics = self.metrics(status, diverged, error)
+        self.write(metrics)
+        logger.finish(metrics)
+        if error is not None:
+            raise error
+        return metrics
+
+    def end_epoch(self, logger: RunLogger, callback: bool = True) -> None:
+        self.history.append(self.epoch_row(self.epoch + 1))
+        row = self.history[-1]
+        self.epoch, self.batch, self.loss_sum, self.loss_count = self.epoch + 1, 0, 0.0, 0
+        logger.log_epoch(row)
+        every = self.cfg.trainer.checkpoint_every
+        if every and self.epoch % every == 0:
+            self.save_checkpoint()
+        if callback and self.epoch_callback is not None:
+            try:
+                self.epoch_callback(row["epoch"], dict(row))
+            except Exception as e:
+                e._from_epoch_callback = True
+                raise
+
+    def metrics(self, status: str, diverged: _Diverged | None, error: Exception | None) -> dict[str, Any]:
+        last = self.history[-1] if self.history else {}
+        metrics = {
+            key: last.get(key, math.nan) for key in ("test_error", "test_loss", "val_error", "val_loss", "train_loss")
+        }
+        metrics.update(
+            diverged=diverged is not None,
+            diverged_step=None if diverged is None else diverged.step,
+            diverged_reason=None if diverged is None else diverged.reason,
+            epochs=len(self.history),
+            steps=self.steps,
+            wall_time_s=self.elapsed + time.perf_counter() - self.started,
+            optimizer=self.opt.name,
+            method=self.opt.method,
+            family=self.opt.family,
+            height=self.opt.height,
+            init=self.opt.init,
+            hyperparameters=self.opt.hyperparameters(),
+            seed=self.cfg.seed,
+            model=self.cfg.model.name,
+            dataset=self.cfg.dataset.name,
+            status=status,
+        )
+        if error is not None:
+            metrics["error"] = f"{type(error).__name__}: {error}"
+        return metrics
+
+    def write(self, metrics: dict[str, Any]) -> None:
+        # history.csv first: a metrics.json on disk always has its history next to it.
+        atomic_write_csv(self.out / "history.csv", self.history)
+        atomic_write_json(self.out / "metrics.json", metrics)
+
+
+def run(
+    cfg: DictConfig, output_dir: str | Path | None = None, epoch_callback: EpochCallback | None = None
+) -> dict[str, Any]:
+    """Train and evaluate one run; return its metrics (the content of metrics.json).
+
+    `output_dir=None` means Hydra's runtime output directory. `epoch_callback(epoch, row)` is called
+    after each epoch's evaluation with that epoch's history row; if it raises, the run directory
+    records the run as "pruned" (`optuna.TrialPruned`) or "failed" and the exception propagates.
+    Raises `bench.config.ConfigError` before any work when the config is invalid.
+    """
+    global _checkpoint_requested
+    out = _resolve_output_dir(output_dir)
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+    validate(cfg)
+    metrics_path = out / "metrics.json"
+    if metrics_path.is_file() and not cfg.trainer.force:
+        stored = json.loads(metrics_path.read_text())
+        if stored.get("status") in FINISHED:
+            print(f"skipping {out}: metrics.json records a {stored['status']} run (trainer.force=true reruns it)")
+            return stored
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.trainer.force:
+        for name in ("metrics.json", "history.csv", "checkpoint.pt"):
+            (out / name).unlink(missing_ok=True)
+    _checkpoint_requested = False
+    trainer = _Trainer(cfg, out, epoch_callback)
+    logger = build_logger(cfg, out)
+    try:
+        return trainer.fit(logger)
+    finally:
+        logger.finish({})
+
+
+def format_summary(metrics: dict[str, Any]) -> str:
+    """A short human-readable table of a run's result: errors, learned hyperparameters per level, time."""
+    import pandas as pd
+
+    if metrics.get("status") == "preempted":
+        return f"preempted after {metrics['steps']} steps; rerun the same run directory to resume"
+
+    def pct(v: Any) -> str:
+        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}%"
+
+    lines = [
+        f"{metrics['optimizer']} on {metrics['model']}/{metrics['dataset']}: {metrics['status']}"
+        + (f" at step {metrics['diverged_step']} ({metrics['diverged_reason']})" if metrics["diverged"] else ""),
+        f"test error {pct(metrics['test_error'])}, val error {pct(metrics['val_error'])}, "
+        f"{metrics['epochs']} epochs, {metrics['steps']} steps, {metrics['wall_time_s']:.1f} s",
+    ]
+    rows = {"L1 initial": metrics["init"]}
+    rows.update({f"L{i} final": hp for i, hp in enumerate(metrics["hyperparameters"], start=1)})
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    lines.append(table.to_string(na_rep="", float_format=lambda v: f"{v:.4g}"))
+    return "\n".join(lines)
