@@ -1,0 +1,609 @@
+"""Tune a baseline with Optuna, then rerun its best configuration on fresh seeds: `python -m bench.tune [overrides]`.
+
+One invocation is one worker on one study (`conf/tune.yaml` = the harness config + `tune:` + the baseline's
+`search_space:`). Each trial is an ordinary harness run (`bench.train.run`) with the suggested values written
+into the config; it reports the validation error after every epoch so the pruner can stop it, and a diverged
+trial is recorded as FAIL with its reason while the study goes on. `tune.n_trials` is the study's total over
+all workers. When the study is done, worker 0 reruns the best configuration on `tune.reruns` seeds (their test
+error is the result) and writes `study_summary.json`, which counts the compute of every trial and rerun.
+
+    python -m bench.tune optimizer=adam tune.n_trials=30 trainer.epochs=5
+    # two workers on one study (or `-m tune.worker=0,1 hydra/launcher=joblib`):
+    python -m bench.tune optimizer=sgd tune.storage=journal:study.log tune.worker=0 &
+    python -m bench.tune optimizer=sgd tune.storage=journal:study.log tune.worker=1
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from omegaconf import DictConfig, OmegaConf
+from optuna.trial import TrialState
+
+from bench.tune_storage import StorageSpec, parse_storage
+
+__all__ = [
+    "PRUNERS",
+    "SAMPLERS",
+    "SearchParam",
+    "TrialFailed",
+    "compose_tune_config",
+    "main",
+    "parse_search_space",
+    "tune",
+    "validate_tune",
+]
+
+SAMPLERS = ("tpe", "random", "qmc", "cmaes", "gp")
+PRUNERS = ("median", "hyperband", "none")
+_PARAM_TYPES = ("float", "int", "categorical")
+_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+class TrialFailed(Exception):
+    """Raised by the objective for a diverged (or preempted) run: Optuna records the trial as FAIL with the
+    reason in its `fail_reason` user attribute, and the study goes on."""
+
+
+class _StudyFull(Exception):
+    """The study already holds `tune.n_trials` trials: this worker stops."""
+
+
+@dataclass(frozen=True)
+class SearchParam:
+    """One tuned value: Optuna parameter `name`, written to the config at `key`.
+
+    `one_minus` samples 1 - value instead of the value (betas and momenta: what matters is how close
+    they are to 1, so their distance to 1 is searched on a log scale).
+    """
+
+    name: str
+    key: str
+    type: str
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    step: float | int | None = None
+    choices: tuple[Any, ...] = ()
+    one_minus: bool = False
+
+    def suggest(self, trial: optuna.Trial) -> Any:
+        if self.type == "float":
+            return trial.suggest_float(self.name, self.low, self.high, log=self.log, step=self.step)
+        if self.type == "int":
+            return trial.suggest_int(self.name, self.low, self.high, log=self.log, step=self.step or 1)
+        return trial.suggest_categorical(self.name, list(self.choices))
+
+    def config_value(self, value: Any) -> Any:
+        return 1.0 - value if self.one_minus else value
+
+
+def parse_search_space(space: DictConfig | dict | None) -> list[SearchParam]:
+    """Read a `conf/search_space/*.yaml` mapping `name: {type, low, high, log, step, choices, key, one_minus}`.
+
+    `key` defaults to `optimizer.<name>` (or `optimizer.<name without one_minus_>` for `one_minus` params).
+    """
+    if space is None or len(space) == 0:
+        raise ValueError("`search_space` must define at least one parameter, but got an empty search space")
+    params = []
+    for name, spec in space.items():
+        where = f"search_space.{name}"
+        if not isinstance(spec, (DictConfig, dict)):
+            raise ValueError(f"`{where}` must be a mapping with a `type`, but got {spec!r}")
+        spec = OmegaConf.to_container(spec) if isinstance(spec, DictConfig) else dict(spec)
+        kind = spec.get("type")
+        if kind not in _PARAM_TYPES:
+            raise ValueError(f"`{where}.type` must be one of {list(_PARAM_TYPES)}, but got {kind!r}")
+        unknown = set(spec) - {"type", "low", "high", "log", "step", "choices", "key", "one_minus"}
+        if unknown:
+            raise ValueError(f"`{where}` must not have keys {sorted(unknown)}, but got {spec!r}")
+        one_minus = bool(spec.get("one_minus", False))
+        default_key = "optimizer." + (name.removeprefix("one_minus_") if one_minus else name)
+        key = spec.get("key", default_key)
+        if kind == "categorical":
+            choices = spec.get("choices")
+            if not isinstance(choices, list) or not choices:
+                raise ValueError(f"`{where}.choices` must be a non-empty list, but got {choices!r}")
+            params.append(SearchParam(name, key, kind, choices=tuple(choices)))
+            continue
+        low, high, log = spec.get("low"), spec.get("high"), bool(spec.get("log", False))
+        numeric = (int,) if kind == "int" else (int, float)
+        if not all(isinstance(v, numeric) and not isinstance(v, bool) for v in (low, high)) or not low < high:
+            raise ValueError(f"`{where}` must have numbers low < high, but got low={low!r}, high={high!r}")
+        if log and low <= 0:
+            raise ValueError(f"`{where}.low` must be > 0 for a log scale, but got {low!r}")
+        params.append(SearchParam(name, key, kind, low, high, log, spec.get("step"), one_minus=one_minus))
+    return params
+
+
+def compose_tune_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose `conf/tune.yaml` with command-line style `overrides`, as `python -m bench.tune` would."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from bench.config import CONF_DIR
+
+    if GlobalHydra.instance().is_initialized():
+        return compose("tune", overrides=list(overrides))
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="tune"):
+        return compose("tune", overrides=list(overrides))
+
+
+def _tunable_baselines() -> list[str]:
+    from bench.config import CONF_DIR
+
+    return sorted(p.stem for p in (CONF_DIR / "search_space").glob("*.yaml"))
+
+
+def _not_tunable(name: Any) -> str:
+    why = " (a tower learns its own hyperparameters)" if name == "tower" else ""
+    return f"`optimizer` must be a baseline with a search space, one of {_tunable_baselines()}, but got {name!r}{why}"
+
+
+def _run_config(cfg: DictConfig) -> DictConfig:
+    """The harness config of one run: the tune config without the tuning keys."""
+    run_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("tune", "search_space")])
+    OmegaConf.set_struct(run_cfg, True)
+    return run_cfg
+
+
+def _apply(run_cfg: DictConfig, space: list[SearchParam], params: dict[str, Any], **extra: Any) -> DictConfig:
+    cfg = run_cfg.copy()
+    for p in space:
+        if p.name in params:
+            OmegaConf.update(cfg, p.key, p.config_value(params[p.name]), merge=False)
+    for key, value in extra.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    return cfg
+
+
+def _rerun_seeds(cfg: DictConfig) -> list[int]:
+    reruns = cfg.tune.reruns
+    if isinstance(reruns, int) and not isinstance(reruns, bool):
+        # Fresh seeds, not the tuning seed: the selected configuration's own run would flatter it.
+        return [cfg.seed + i for i in range(1, reruns + 1)]
+    return [int(s) for s in reruns]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything `tune` needs, checked before the storage is opened."""
+
+    baseline: str
+    space: list[SearchParam]
+    storage: StorageSpec
+    study_name: str
+    sampler_seed: int
+    rerun_seeds: list[int]
+    run_cfg: DictConfig
+
+
+def validate_tune(cfg: DictConfig, output_dir: str | Path) -> _Plan:
+    """Check the tuning config and the trial config it produces; raise `bench.config.ConfigError` with one line."""
+    from bench.config import ConfigError, validate
+
+    t = cfg.tune
+    name = cfg.optimizer.get("name")
+    if name not in _tunable_baselines() or cfg.get("search_space") is None:
+        raise ConfigError(_not_tunable(name))
+    if t.sampler not in SAMPLERS:
+        raise ConfigError(f"`tune.sampler` must be one of {list(SAMPLERS)}, but got {t.sampler!r}")
+    if t.pruner not in PRUNERS:
+        raise ConfigError(f"`tune.pruner` must be one of {list(PRUNERS)}, but got {t.pruner!r}")
+    for key, minimum in (("n_trials", 1), ("worker", 0), ("heartbeat_interval_s", 1)):
+        v = t.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+            raise ConfigError(f"`tune.{key}` must be an integer >= {minimum}, but got {v!r}")
+    for key in ("timeout_s", "grace_period_s", "wait_for_workers_s"):
+        v = t.get(key)
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0):
+            raise ConfigError(f"`tune.{key}` must be a positive number or null, but got {v!r}")
+    reruns = t.reruns
+    ok_int = isinstance(reruns, int) and not isinstance(reruns, bool) and reruns >= 0
+    ok_list = OmegaConf.is_list(reruns) and all(isinstance(s, int) and not isinstance(s, bool) for s in reruns)
+    if not (ok_int or ok_list):
+        raise ConfigError(f"`tune.reruns` must be a count >= 0 or a list of integer seeds, but got {reruns!r}")
+    if t.study_name is not None and (not isinstance(t.study_name, str) or not t.study_name.strip()):
+        raise ConfigError(f"`tune.study_name` must be a non-empty string or null, but got {t.study_name!r}")
+    if t.sampler == "cmaes":
+        try:
+            import cmaes  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "`tune.sampler` must not be 'cmaes' without the cmaes package: pip install cmaes"
+            ) from None
+    try:
+        space = parse_search_space(cfg.search_space)
+        storage = parse_storage(t.storage, Path(output_dir) / "study.db")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    run_cfg = _run_config(cfg)
+    for p in space:
+        if OmegaConf.select(run_cfg, p.key, default=_MISSING) is _MISSING:
+            raise ConfigError(f"`search_space.{p.name}.key` must name a key of the run config, but got {p.key!r}")
+    # Each trial's config must be valid too, so a bad range fails now and not in trial 7.
+    for extreme in ("low", "high"):
+        values = {p.name: (p.choices[-1] if p.type == "categorical" else getattr(p, extreme)) for p in space}
+        validate(_apply(run_cfg, space, values))
+    study_name = t.study_name or f"{name}-{cfg.model.name}-{cfg.dataset.name}"
+    # Distinct, reproducible seeds per worker: equal seeds would make workers propose the same first trials.
+    sampler_seed = int(np.random.SeedSequence([cfg.seed, t.worker]).generate_state(1)[0])
+    return _Plan(name, space, storage, study_name, sampler_seed, _rerun_seeds(cfg), run_cfg)
+
+
+_MISSING = object()
+
+
+def _make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    # Samplers that model only numbers (CMA-ES, QMC) sample the categorical schedule independently
+    # at random, which is the intended behaviour here, so their per-trial warning is turned off.
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "qmc":
+        return optuna.samplers.QMCSampler(seed=seed, scramble=True, warn_independent_sampling=False)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    return optuna.samplers.GPSampler(seed=seed)
+
+
+def _make_pruner(cfg: DictConfig) -> optuna.pruners.BasePruner:
+    t = cfg.tune
+    if t.pruner == "median":
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=t.median.n_startup_trials, n_warmup_steps=t.median.n_warmup_steps
+        )
+    if t.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=t.hyperband.min_resource,
+            max_resource=cfg.trainer.epochs,
+            reduction_factor=t.hyperband.reduction_factor,
+        )
+    return optuna.pruners.NopPruner()
+
+
+class _BoundedStudy(optuna.Study):
+    """A study whose `ask` creates a trial only while the study holds fewer than `n_trials` (under a lock)."""
+
+    def __init__(self, *args: Any, n_trials: int, storage_spec: StorageSpec, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._n_trials = n_trials
+        self._storage_spec = storage_spec
+
+    def ask(self, fixed_distributions: dict | None = None) -> optuna.Trial:
+        with self._storage_spec.trial_lock(self.study_name):
+            trials = self.get_trials(deepcopy=False)
+            # An enqueued (WAITING) trial is already counted; running it adds nothing.
+            if len(trials) >= self._n_trials and not any(tr.state == TrialState.WAITING for tr in trials):
+                raise _StudyFull
+            return super().ask(fixed_distributions)
+
+
+def _open_study(cfg: DictConfig, plan: _Plan) -> _BoundedStudy:
+    from bench.config import ConfigError
+
+    storage = plan.storage.open(cfg.tune.heartbeat_interval_s, cfg.tune.grace_period_s)
+    optuna.create_study(storage=storage, study_name=plan.study_name, direction="minimize", load_if_exists=True)
+    study = _BoundedStudy(
+        study_name=plan.study_name,
+        storage=storage,
+        sampler=_make_sampler(cfg.tune.sampler, plan.sampler_seed),
+        pruner=_make_pruner(cfg),
+        n_trials=cfg.tune.n_trials,
+        storage_spec=plan.storage,
+    )
+    if study.directions != [optuna.study.StudyDirection.MINIMIZE]:
+        raise ConfigError(
+            f"`tune.study_name` must name a study that minimizes validation error, but got {plan.study_name!r}"
+        )
+    return study
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    from bench.io import atomic_write_json
+
+    atomic_write_json(path, data)
+
+
+class _Objective:
+    """One trial = one harness run in `<trials_dir>/<trial number>`."""
+
+    def __init__(self, cfg: DictConfig, plan: _Plan, trials_dir: Path) -> None:
+        self.cfg, self.plan, self.trials_dir = cfg, plan, trials_dir
+        self.preempted = False
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        from bench import train
+
+        params = {p.name: p.suggest(trial) for p in self.plan.space}
+        run_dir = self.trials_dir / str(trial.number)
+        run_cfg = _apply(self.plan.run_cfg, self.plan.space, params, **_logger_overrides(self.cfg, self.plan, "trial"))
+        trial.set_user_attr("run_dir", str(run_dir))
+        trial.set_user_attr("worker", self.cfg.tune.worker)
+        progress = {"epochs": 0, "steps": 0}
+        start = time.perf_counter()
+
+        def on_epoch(epoch: int, metrics: dict[str, Any]) -> None:
+            progress.update(epochs=epoch, steps=metrics.get("steps", 0))
+            # Recorded every epoch so a worker killed mid-trial still leaves its compute on the books.
+            trial.set_user_attr("epochs", epoch)
+            trial.set_user_attr("steps", progress["steps"])
+            trial.set_user_attr("wall_time_s", time.perf_counter() - start)
+            value = metrics["val_error"]
+            if value is not None and math.isfinite(value):
+                trial.report(value, epoch)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"val_error {value:.4f} after epoch {epoch}")
+
+        outcome: dict[str, Any] = {"state": "error"}
+        try:
+            metrics = train.run(run_cfg, output_dir=run_dir, epoch_callback=on_epoch)
+            if metrics.get("status") == "preempted":
+                # The process is about to be killed (SLURM): record the trial as failed, start no other.
+                self.preempted = True
+                trial.set_user_attr("fail_reason", "preempted")
+                trial.study.stop()
+                outcome = {"state": "fail", "fail_reason": "preempted"}
+                raise TrialFailed("preempted")
+            progress.update(epochs=metrics["epochs"], steps=metrics["steps"])
+            if metrics["diverged"]:
+                reason = metrics.get("diverged_reason") or "non-finite loss"
+                reason = f"diverged at step {metrics.get('diverged_step')}: {reason}"
+                trial.set_user_attr("fail_reason", reason)
+                outcome = {"state": "fail", "fail_reason": reason}
+                raise TrialFailed(reason)
+            outcome = {"state": "complete", "value": metrics["val_error"]}
+            return metrics["val_error"]
+        except optuna.TrialPruned as e:
+            outcome = {"state": "pruned", "reason": str(e)}
+            raise
+        finally:
+            wall = time.perf_counter() - start
+            trial.set_user_attr("epochs", progress["epochs"])
+            trial.set_user_attr("steps", progress["steps"])
+            trial.set_user_attr("wall_time_s", wall)
+            # The harness's metrics.json schema has no room for tuning facts, so they sit next to it.
+            _write_json(
+                run_dir / "trial.json",
+                {
+                    "role": "trial",
+                    "study_name": self.plan.study_name,
+                    "storage": self.plan.storage.display(),
+                    "trial_number": trial.number,
+                    "worker": self.cfg.tune.worker,
+                    "params": params,
+                    "epochs": progress["epochs"],
+                    "steps": progress["steps"],
+                    "wall_time_s": wall,
+                    **outcome,
+                },
+            )
+
+
+def _logger_overrides(cfg: DictConfig, plan: _Plan, job_type: str) -> dict[str, Any]:
+    """W&B: every trial and rerun of a study in one group named after the study."""
+    if cfg.logger.get("name") != "wandb":
+        return {}
+    return {"logger.group": plan.study_name, "logger.job_type": f"tune_{job_type}"}
+
+
+def _wait_for_workers(study: optuna.Study, timeout_s: float | None) -> None:
+    """Worker 0 summarizes only once every other worker's trial has finished (or timed out)."""
+    from optuna.storages import fail_stale_trials
+
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+        if deadline is not None and time.monotonic() > deadline:
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            fail_stale_trials(study)  # a killed worker's trial becomes FAIL (RDB storages with heartbeat)
+        time.sleep(1.0)
+
+
+def _rerun(cfg: DictConfig, plan: _Plan, best_params: dict[str, Any], run_dir: Path) -> list[dict[str, Any]]:
+    from bench import train
+
+    reruns = []
+    for seed in plan.rerun_seeds:
+        rerun_dir = run_dir / "reruns" / f"seed_{seed}"
+        extra = {"seed": seed, **_logger_overrides(cfg, plan, "rerun")}
+        start = time.perf_counter()
+        metrics = train.run(_apply(plan.run_cfg, plan.space, best_params, **extra), output_dir=rerun_dir)
+        record = {
+            "seed": seed,
+            "test_error": metrics["test_error"],
+            "val_error": metrics["val_error"],
+            "diverged": bool(metrics["diverged"]),
+            "epochs": metrics["epochs"],
+            "steps": metrics["steps"],
+            "wall_time_s": time.perf_counter() - start,
+            "run_dir": str(rerun_dir),
+        }
+        _write_json(
+            rerun_dir / "trial.json",
+            {"role": "rerun", "study_name": plan.study_name, "params": best_params, **record},
+        )
+        reruns.append(record)
+    return reruns
+
+
+def _summary(cfg: DictConfig, plan: _Plan, study: optuna.Study, reruns: list[dict[str, Any]]) -> dict[str, Any]:
+    trials = study.get_trials(deepcopy=False)
+    complete = [tr for tr in trials if tr.state == TrialState.COMPLETE]
+    best = min(complete, key=lambda tr: tr.value) if complete else None
+    rerun_errors = [r["test_error"] for r in reruns if r["test_error"] is not None and not r["diverged"]]
+
+    def count(state: TrialState) -> int:
+        return sum(tr.state == state for tr in trials)
+
+    return {
+        "study_name": plan.study_name,
+        "storage": plan.storage.display(),
+        "sampler": cfg.tune.sampler,
+        "pruner": cfg.tune.pruner,
+        "baseline": plan.baseline,
+        "model": cfg.model.name,
+        "dataset": cfg.dataset.name,
+        "seed": cfg.seed,
+        "search_space": OmegaConf.to_container(cfg.search_space),
+        "n_trials": len(trials),
+        "n_complete": len(complete),
+        "n_pruned": count(TrialState.PRUNED),
+        "n_failed": count(TrialState.FAIL),
+        "n_unfinished": sum(tr.state not in _FINISHED for tr in trials),
+        "best_trial": None if best is None else best.number,
+        "best_params": None if best is None else best.params,
+        "best_value": None if best is None else best.value,
+        # Every trial of the study (this worker's and the others') plus this invocation's reruns.
+        "total_epochs": sum(tr.user_attrs.get("epochs", 0) for tr in trials) + sum(r["epochs"] for r in reruns),
+        "total_steps": sum(tr.user_attrs.get("steps", 0) for tr in trials) + sum(r["steps"] for r in reruns),
+        "total_wall_time_s": sum(tr.user_attrs.get("wall_time_s", 0.0) for tr in trials)
+        + sum(r["wall_time_s"] for r in reruns),
+        "reruns": reruns,
+        "rerun_test_error_mean": float(np.mean(rerun_errors)) if rerun_errors else None,
+        "rerun_test_error_std": float(np.std(rerun_errors, ddof=1)) if len(rerun_errors) > 1 else None,
+        "trials": [
+            {
+                "number": tr.number,
+                "state": tr.state.name.lower(),
+                "value": tr.value,
+                "params": tr.params,
+                "epochs": tr.user_attrs.get("epochs", 0),
+                "wall_time_s": tr.user_attrs.get("wall_time_s", 0.0),
+                "run_dir": tr.user_attrs.get("run_dir"),
+                "fail_reason": tr.user_attrs.get("fail_reason"),
+            }
+            for tr in trials
+        ],
+    }
+
+
+def _log_summary_to_wandb(cfg: DictConfig, plan: _Plan, summary: dict[str, Any], run_dir: Path) -> None:
+    import wandb
+
+    lg = cfg.logger
+    run = wandb.init(
+        project=lg.project,
+        entity=lg.get("entity"),
+        group=plan.study_name,
+        job_type="tune_summary",
+        name=f"{plan.study_name}-summary",
+        mode=lg.mode,
+        dir=str(run_dir),
+        config=OmegaConf.to_container(cfg, resolve=False),
+        tags=list(lg.get("tags") or []),
+        reinit="finish_previous",
+    )
+    try:
+        run.summary.update({k: v for k, v in summary.items() if k not in ("trials", "search_space")})
+    finally:
+        run.finish()
+
+
+def tune(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]:
+    """Run (or continue) the study as one worker; worker 0 then reruns the best and writes the summary.
+
+    Returns the summary dict (also written to `<output_dir>/study_summary.json`). Raises
+    `bench.config.ConfigError` before touching any storage when the config cannot work.
+    """
+    if output_dir is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        output_dir = HydraConfig.get().runtime.output_dir
+    run_dir = Path(output_dir)
+    plan = validate_tune(cfg, run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trials_dir = Path(cfg.tune.trials_dir) if cfg.tune.get("trials_dir") else run_dir / "trials"
+
+    study = _open_study(cfg, plan)
+    objective = _Objective(cfg, plan, trials_dir)
+    with contextlib.suppress(_StudyFull):  # the study holds n_trials: this worker's part is done
+        study.optimize(objective, timeout=cfg.tune.timeout_s, catch=(TrialFailed,))
+    reruns: list[dict[str, Any]] = []
+    if cfg.tune.worker == 0 and not objective.preempted:
+        _wait_for_workers(study, cfg.tune.wait_for_workers_s)
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if complete and plan.rerun_seeds:
+            reruns = _rerun(cfg, plan, min(complete, key=lambda tr: tr.value).params, run_dir)
+    summary = _summary(cfg, plan, study, reruns)
+    summary["worker"] = cfg.tune.worker
+    _write_json(run_dir / "study_summary.json", summary)
+    if cfg.logger.get("name") == "wandb" and cfg.tune.worker == 0:
+        _log_summary_to_wandb(cfg, plan, summary, run_dir)
+    return summary
+
+
+def _error(message: str) -> None:
+    print(f"error: {message.splitlines()[0]}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _precheck(argv: list[str]) -> None:
+    """Compose and validate a single (non -m) invocation before Hydra starts, so bad input is one line + exit 2.
+
+    Hydra's own messages for a composition error span several lines and exit 1.
+    """
+    from hydra._internal.utils import get_args_parser
+
+    from bench.config import ConfigError
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    if args.multirun or args.help or args.hydra_help or args.cfg or args.info or args.shell_completion:
+        return  # each multirun job validates itself; help and --cfg print and exit
+    for override in args.overrides:
+        key, _, value = override.partition("=")
+        if key.lstrip("+~") == "optimizer" and value not in _tunable_baselines():
+            _error(_not_tunable(value))
+    try:
+        cfg = compose_tune_config(args.overrides)
+    except Exception as e:  # Hydra raises several types; all mean "the overrides do not compose"
+        cause = f" ({str(e.__cause__).splitlines()[0]})" if e.__cause__ else ""
+        _error(f"{str(e).splitlines()[0]}{cause}")
+    try:
+        validate_tune(cfg, Path.cwd())
+    except ConfigError as e:
+        _error(str(e))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m bench.tune [hydra overrides]`."""
+    import hydra
+
+    from bench.config import CONF_DIR, ConfigError
+
+    argv = sys.argv[1:] if argv is None else argv
+    _precheck(argv)
+
+    @hydra.main(config_path=str(CONF_DIR), config_name="tune", version_base="1.3")
+    def _app(cfg: DictConfig) -> None:
+        try:
+            summary = tune(cfg)
+        except ConfigError as e:
+            _error(str(e))
+        best = summary["best_value"]
+        errors = [r["test_error"] for r in summary["reruns"]]
+        print(
+            f"study {summary['study_name']}: {summary['n_trials']} trials "
+            f"({summary['n_complete']} complete, {summary['n_pruned']} pruned, {summary['n_failed']} failed), "
+            f"best val_error {best}, best params {summary['best_params']}, rerun test errors {errors}, "
+            f"{summary['total_epochs']} epochs / {summary['total_wall_time_s']:.1f}s in all"
+        )
+
+    sys.argv = [sys.argv[0], *argv]
+    _app()
+
+
+if __name__ == "__main__":
+    main()
