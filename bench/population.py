@@ -1,0 +1,917 @@
+"""Population training: a whole grid of tower configurations trained as one vectorized job.
+
+Every member of a population is one configuration (a tower with its initial values, and a seed). The members' model
+parameters are stacked along a leading member dimension (``torch.func.stack_module_state``) and the forward runs under
+``torch.vmap`` over ``torch.func.functional_call``; the loss is the sum over members of each member's mean loss, so
+each member's gradient is exactly its own. The towers run in hypergrad's functional core with ``batch_shape=(K,)``:
+every level's hyperparameters are per-member tensors.
+
+Members of different heights share one plan: a shorter tower is padded with levels of step size 0 that receive zero
+hypergradients, so the level below them stays exactly fixed, which is what a tower's top level is. Members whose towers
+cannot share a plan (different rules, or different learned subsets below their top level) are split into separate
+populations, trained one after another.
+
+Every member sees the same batches in the same order, drawn from the run's ``seed``; a member's own seed sets its
+model's initialization. A member whose loss or hyperparameters become non-finite is frozen from that step on (its
+updates masked to zero, its state kept) and recorded as diverged; members never interact, so the others are unaffected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, stack_module_state
+
+import hypergrad
+from hypergrad import core
+from hypergrad.spec import Level, Tower, format_spec, parse_spec
+
+__all__ = [
+    "Member",
+    "MemberResult",
+    "PopulationError",
+    "check_vectorizable",
+    "grid_members",
+    "group_members",
+    "train_population",
+]
+
+Batches = Callable[[int], Iterator[tuple[Tensor, Tensor]]]
+"""``batches(epoch)`` yields that epoch's training batches (the same for every member; epochs count from 1)."""
+
+
+class PopulationError(ValueError):
+    """A population that cannot be trained as asked; the message names the reason and the way out."""
+
+
+@dataclass(frozen=True)
+class Member:
+    """One configuration of a population: the tower it trains with and the seed of its model's initialization.
+
+    ``baseline`` (sequential mode only) is the `optimizer` config of a plain or tuning-free baseline, used instead
+    of a tower; its step size is ``baseline.lr``.
+    """
+
+    tower: Tower | None
+    seed: int
+    name: str = ""
+    baseline: Any = None
+
+    @property
+    def spec(self) -> str:
+        return format_spec(self.tower) if self.tower is not None else str(self.baseline.name)
+
+    @property
+    def height(self) -> int:
+        return self.tower.height if self.tower is not None else 0
+
+
+@dataclass
+class MemberResult:
+    """What one member's training produced, in the harness's vocabulary (see ``bench.population.write_member``)."""
+
+    member: Member
+    history: list[dict[str, Any]] = field(default_factory=list)  # one row per completed epoch
+    step_losses: list[float] = field(default_factory=list)  # every step's training loss (until divergence)
+    status: str = "completed"  # completed | diverged | pruned
+    diverged_step: int | None = None
+    diverged_reason: str | None = None
+    steps: int = 0
+    hyperparameters: list[dict[str, float]] = field(default_factory=list)  # final values, level 1 first
+    final: dict[str, float] = field(default_factory=dict)  # val/test loss and error of the final weights
+
+
+# -- the grid ------------------------------------------------------------------------------------------------------
+def _with_lr(level: Level, lr: float | None, top: bool) -> Level:
+    values = dict(level.values)
+    if lr is not None:
+        values["lr"] = lr
+    # A tower's top level learns nothing, so it carries no learned subset.
+    return Level(level.rule, values, None if top else level.learned)
+
+
+def member_tower(template: Tower, lr: float | None, height: int | None) -> Tower:
+    """The tower ``template`` with the base step size ``lr`` and ``height`` hyper levels (copies of its top level).
+
+    ``height=None`` keeps the template's own levels.
+    """
+    if height is None:
+        levels = list(template.levels)
+    else:
+        if height < 0:
+            raise PopulationError(f"`population.heights` must be >= 0, but got {height}")
+        if height > 0 and template.height == 0:
+            raise PopulationError(
+                f"`population.heights` asks for height {height}, but the tower {format_spec(template)!r} has no hyper "
+                "level to repeat; give one, e.g. 'sgd/sgd(1e-05)'"
+            )
+        levels = [template.levels[0]] + [template.levels[-1]] * height
+    out = [_with_lr(lv, lr if k == 0 else None, k == len(levels) - 1) for k, lv in enumerate(levels)]
+    return Tower(tuple(out))
+
+
+def grid_members(
+    template: str | Tower, lrs: Sequence[float | None], heights: Sequence[int | None], seeds: Sequence[int]
+) -> list[Member]:
+    """Every (lr, height, seed) combination, in that nesting order, each with a directory-friendly name."""
+    template = parse_spec(template)
+    members = []
+    for lr in lrs:
+        for height in heights:
+            tower = member_tower(template, None if lr is None else float(lr), height)
+            for seed in seeds:
+                name = f"lr={tower.levels[0].values['lr']:g}_h={tower.height}_seed={int(seed)}"
+                members.append(Member(tower, int(seed), name))
+    names = [m.name for m in members]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise PopulationError(f"the population grid repeats a configuration ({dup}); list each value once")
+    return members
+
+
+# -- sharing one plan ----------------------------------------------------------------------------------------------
+def _signature(tower: Tower) -> list[tuple[str, tuple[str, ...]]]:
+    return [(lv.rule.name, lv.learned_names()) for lv in tower.levels]
+
+
+def _fits(member: Tower, reference: Tower) -> bool:
+    """Whether ``member`` can run inside ``reference``'s plan, padded above its top level."""
+    if member.height > reference.height:
+        return False
+    mine, ref = _signature(member), _signature(reference)
+    # Below its top, a member's levels must learn exactly what the reference's learn; its top level learns
+    # nothing, so only the rule must agree there (the padding above keeps its values fixed).
+    return mine[:-1] == ref[: member.height] and mine[-1][0] == ref[member.height][0]
+
+
+def group_members(members: Sequence[Member]) -> list[list[int]]:
+    """Partition members (by index) into groups that share one plan; the tallest member of a group comes first."""
+    order = sorted(range(len(members)), key=lambda i: -members[i].height)
+    groups: list[list[int]] = []
+    for i in order:
+        for group in groups:
+            if _fits(members[i].tower, members[group[0]].tower):
+                group.append(i)
+                break
+        else:
+            groups.append([i])
+    return [sorted(g, key=lambda i: (i != g[0], i)) for g in groups]
+
+
+def _padded_values(members: Sequence[Member], reference: Tower) -> list[list[dict[str, float]]]:
+    """Per level, per member: every hyperparameter's initial value (padded levels take step size 0)."""
+    out = []
+    for k, ref_level in enumerate(reference.levels):
+        row = []
+        for m in members:
+            if k <= m.height:
+                row.append(dict(m.tower.levels[k].values))
+            else:
+                row.append(dict(ref_level.values, lr=0.0))
+        out.append(row)
+    return out
+
+
+def population_plan(members: Sequence[Member], params: Sequence[Tensor]) -> tuple[core.Plan, Tensor]:
+    """The shared plan of ``members`` (who must fit ``members[0]``'s tower) and each member's height as a tensor.
+
+    A value that differs between members becomes a per-member tensor of shape (K,); a value all share stays a Python
+    float, exactly as in a single run.
+    """
+    reference, like = members[0].tower, params[0]
+    if not all(_fits(m.tower, reference) for m in members):
+        raise PopulationError("members do not share one plan; split them with group_members first")
+    K = len(members)
+    values = _padded_values(members, reference)
+    plan = core.make_plan(reference, [{}], [len(params)], batch_shape=(K,))
+    initial = []
+    for rows in values:
+        merged: dict[str, float | Tensor] = {}
+        for name in rows[0]:
+            column = [row[name] for row in rows]
+            if all(v == column[0] for v in column):
+                merged[name] = float(column[0])
+            else:
+                merged[name] = torch.tensor(column, dtype=like.dtype, device=like.device)
+        initial.append((merged,))
+    heights = torch.tensor([m.height for m in members], device=like.device)
+    return dataclasses.replace(plan, initial=tuple(initial)), heights
+
+
+# -- what cannot be vectorized -------------------------------------------------------------------------------------
+def check_vectorizable(model: nn.Module, model_name: str = "model") -> None:
+    """Raise PopulationError if training ``model`` under vmap would not equal training each member alone."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            raise PopulationError(
+                f"`model={model_name}` cannot be trained as a vectorized population: its BatchNorm layer "
+                f"`{name}` updates running statistics in place, which functional_call under vmap cannot do per "
+                "member; use population.mode=sequential"
+            )
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            raise PopulationError(
+                f"`model={model_name}` cannot be trained as a vectorized population: its dropout layer `{name}` "
+                "draws random masks that would differ from the members' single runs; use population.mode=sequential"
+            )
+
+
+# -- vectorized training -------------------------------------------------------------------------------------------
+def _loss_and_error(out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    # Classification (N x C logits) and language modelling (N x T x V logits) alike: mean over all predictions.
+    logits = out.reshape(-1, out.shape[-1])
+    target = y.reshape(-1)
+    return F.cross_entropy(logits, target), (logits.argmax(-1) != target).to(out.dtype).mean()
+
+
+def _rows(mask: Tensor, like: Tensor) -> Tensor:
+    """A (K,) mask shaped to broadcast over a (K, ...) tensor."""
+    return mask.reshape(mask.shape + (1,) * (like.dim() - 1))
+
+
+def _select_state(keep_new: Tensor, new: Any, old: Any) -> Any:
+    """Per member: the new value where ``keep_new``, else the old one (every state tensor has a leading K).
+
+    Walks TowerState, LevelState and the rules' NamedTuple states alike."""
+    if isinstance(new, Tensor):
+        return torch.where(_rows(keep_new, new), new, old)
+    if isinstance(new, tuple) and hasattr(new, "_fields"):
+        return type(new)(*(_select_state(keep_new, n, o) for n, o in zip(new, old, strict=True)))
+    if isinstance(new, list):
+        return [_select_state(keep_new, n, o) for n, o in zip(new, old, strict=True)]
+    # Step counts, and a momentum buffer that did not exist before the first step (nothing to keep).
+    return new
+
+
+def _level_names(plan: core.Plan) -> list[tuple[int, str]]:
+    return [(k, name) for k in range(len(plan.rules) - 1) for name in plan.learned[k]]
+
+
+class _Vectorized:
+    """K members of one model stacked along a leading dimension, each with its own tower."""
+
+    def __init__(self, models: Sequence[nn.Module], members: Sequence[Member]) -> None:
+        self.members = list(members)
+        self.K = len(members)
+        params, buffers = stack_module_state(list(models))
+        self.names = list(params)
+        self.params = [params[n].detach().clone().requires_grad_() for n in self.names]
+        self.buffers = {n: b.detach().clone() for n, b in buffers.items()}
+        # The skeleton only supplies the forward code; its own tensors are replaced at every call.
+        self.skeleton = models[0]
+        like = self.params[0]
+        self.plan, self.heights = population_plan(members, self.params)
+        self.state = core.init(self.plan, self.params)
+        self.live: core.TowerState | None = None
+        self.deltas: list[Tensor | None] = []
+        self.alive = torch.ones(self.K, dtype=torch.bool, device=like.device)
+        self.stopped = torch.zeros(self.K, dtype=torch.bool, device=like.device)  # pruned from outside
+        self.diverged_step = torch.full((self.K,), -1, dtype=torch.long, device=like.device)
+        self.diverged_code = torch.zeros(self.K, dtype=torch.long, device=like.device)
+        self.step_count = 0
+        self.hp_names = _level_names(self.plan)
+
+        def member_loss(p: Sequence[Tensor], b: Mapping[str, Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+            tensors = dict(zip(self.names, p, strict=True))
+            tensors.update(b)
+            return _loss_and_error(functional_call(self.skeleton, tensors, (x,)), y)
+
+        self._loss = torch.vmap(member_loss, in_dims=(0, 0, None, None))
+
+    def losses(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        return self._loss(self.params, self.buffers, x, y)
+
+    def _hp_finite(self, live: core.TowerState) -> tuple[Tensor, Tensor]:
+        """(K,) all hyperparameters finite, and the index of the first non-finite one (in ``hp_names``)."""
+        cols = []
+        for k in range(len(self.plan.rules) - 1):
+            for values in core.natural_values(self.plan, k, live.levels[k].hp):
+                cols += [values[name].detach().reshape(self.K) for name in self.plan.learned[k]]
+        if not cols:
+            ok = torch.ones(self.K, dtype=torch.bool, device=self.alive.device)
+            return ok, torch.zeros(self.K, dtype=torch.long, device=ok.device)
+        finite = torch.isfinite(torch.stack(cols, dim=1))
+        return finite.all(1), (~finite).to(torch.uint8).argmax(1)
+
+    def step(self, x: Tensor, y: Tensor) -> Tensor:
+        """One training step of every live member; returns the (K,) losses (non-finite for a diverging member)."""
+        self.skeleton.train()
+        losses, _ = self.losses(x, y)
+        grads = torch.autograd.grad(losses.sum(), self.params)
+        self.step_count += 1
+        active = self.alive & ~self.stopped
+        loss_ok = torch.isfinite(losses.detach())
+        # A frozen member's (possibly non-finite) gradients must not reach its optimizer state.
+        moving = active & loss_ok
+        grads = [torch.where(_rows(moving, g), g, 0.0) for g in grads]
+        if self.live is None:
+            hyper = core.zero_hypergradients(self.state)
+        else:
+            hyper = core.hypergradients(self.plan, self.live, self.deltas, grads)
+        # Padded levels (above a member's own top) see zero hypergradients: with step size 0 they then leave the
+        # level below exactly as it was, as a tower's top level is.
+        hyper = [
+            [torch.where(_rows(moving & (self.heights > k), h), h, 0.0) for h in level] for k, level in enumerate(hyper)
+        ]
+        live, deltas = core.update(self.plan, self.state, grads, hyper)
+        hp_ok, first_bad = self._hp_finite(live)
+        keep = moving & hp_ok
+        newly = active & ~keep
+        self.diverged_step = torch.where(newly, self.step_count, self.diverged_step)
+        self.diverged_code = torch.where(newly, torch.where(loss_ok, 2 + first_bad, 1), self.diverged_code)
+        self.alive = self.alive & ~newly
+        with torch.no_grad():
+            for p, d in zip(self.params, deltas, strict=True):
+                if d is not None:
+                    p.sub_(torch.where(_rows(keep, d), d.detach(), 0.0))
+        self.state = _select_state(keep, core.detach(live), self.state)
+        self.live, self.deltas = live, deltas
+        return losses.detach()
+
+    @torch.no_grad()
+    def evaluate(self, x: Tensor, y: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+        """(K,) mean loss and error over a split, in chunks of ``chunk`` examples."""
+        self.skeleton.eval()
+        loss = torch.zeros(self.K, dtype=torch.float64, device=x.device)
+        err = torch.zeros_like(loss)
+        for i in range(0, len(x), chunk):
+            l, e = self.losses(x[i : i + chunk], y[i : i + chunk])
+            n = len(x[i : i + chunk])
+            loss += l.double() * n
+            err += e.double() * n
+        return loss / len(x), err / len(x)
+
+    def hyperparameters(self) -> list[list[dict[str, float]]]:
+        """Every member's current hyperparameters, natural scale, level 1 first, only its own tower's levels."""
+        levels = []
+        for k in range(len(self.plan.rules)):
+            values = core.natural_values(self.plan, k, self.state.levels[k].hp)[0]
+            levels.append({n: v.tolist() if isinstance(v, Tensor) else float(v) for n, v in values.items()})
+        out = []
+        for i, member in enumerate(self.members):
+            rows = []
+            for k, level in enumerate(member.tower.levels):
+                shown = level.rule.learnable(level.values)
+                if k == member.height:  # a member's top level is fixed: its own values, not a padded copy
+                    rows.append({n: level.values[n] for n in shown})
+                    continue
+                rows.append({n: levels[k][n][i] if isinstance(levels[k][n], list) else levels[k][n] for n in shown})
+            out.append(rows)
+        return out
+
+    def reason(self, i: int) -> str | None:
+        code = int(self.diverged_code[i])
+        if code == 0:
+            return None
+        if code == 1:
+            return "non-finite loss"
+        k, name = self.hp_names[code - 2]
+        return f"non-finite hyperparameter L{k + 1}.{name}"
+
+
+def _hp_columns(hps: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    return {f"L{k + 1}.{name}": v for k, level in enumerate(hps) for name, v in level.items()}
+
+
+EpochCallback = Callable[[int, int, dict[str, Any]], bool]
+"""``(member_index, epoch, metrics) -> stop``: called after each epoch's evaluation of each live member; returning
+True stops that member (recorded as pruned)."""
+
+
+def train_population(
+    make_model: Callable[[int], nn.Module],
+    members: Sequence[Member],
+    batches: Batches,
+    splits: Mapping[str, tuple[Tensor, Tensor]],
+    *,
+    epochs: int,
+    max_steps: int | None = None,
+    mode: str = "vectorized",
+    eval_chunk: int = 1024,
+    epoch_callback: EpochCallback | None = None,
+    model_name: str = "model",
+    make_optimizer: Callable[[Member, Sequence[Tensor]], SequentialOptimizer] | None = None,
+) -> list[MemberResult]:
+    """Train every member and evaluate it on ``splits["val"]`` and ``splits["test"]`` after each epoch.
+
+    ``make_model(seed)`` returns a freshly initialized model on the training device and dtype. In ``vectorized``
+    mode members that share a plan train together (see module docstring); in ``sequential`` mode each member trains
+    alone with ``hypergrad.tower`` (or ``make_optimizer(member, params)``) on an ordinary module, over the same
+    batches.
+    """
+    if mode not in ("vectorized", "sequential"):
+        raise PopulationError(f"`population.mode` must be 'vectorized' or 'sequential', but got {mode!r}")
+    if not members:
+        raise PopulationError("the population has no members; give at least one value for each grid key")
+    results: list[MemberResult | None] = [None] * len(members)
+    if mode == "sequential":
+        for i, m in enumerate(members):
+            results[i] = _train_alone(
+                make_model,
+                make_optimizer or _tower_optimizer,
+                i,
+                m,
+                batches,
+                splits,
+                epochs,
+                max_steps,
+                eval_chunk,
+                epoch_callback,
+            )
+    else:
+        for m in members:
+            if m.tower is None:
+                raise PopulationError(
+                    f"`optimizer={m.baseline.name}` cannot be trained as a vectorized population: only hypergradient "
+                    "towers are (a plain optimizer is a tower of height 0: optimizer=tower optimizer.height=0); "
+                    "use population.mode=sequential"
+                )
+        for group in group_members(members):
+            models = [make_model(members[i].seed) for i in group]
+            check_vectorizable(models[0], model_name)
+            out = _train_vectorized(
+                models,
+                [members[i] for i in group],
+                group,
+                batches,
+                splits,
+                epochs,
+                max_steps,
+                eval_chunk,
+                epoch_callback,
+            )
+            for i, r in zip(group, out, strict=True):
+                results[i] = r
+    return [r for r in results if r is not None]
+
+
+def _epoch_row(
+    epoch: int,
+    steps: int,
+    train_loss: float,
+    val: tuple[float, float],
+    test: tuple[float, float],
+    wall: float,
+    hps: Sequence[Mapping[str, float]],
+) -> dict[str, Any]:
+    return {
+        "epoch": epoch,
+        "steps": steps,
+        "train_loss": train_loss,
+        "val_loss": val[0],
+        "val_error": val[1],
+        "test_loss": test[0],
+        "test_error": test[1],
+        "wall_time_s": wall,
+        **_hp_columns(hps),
+    }
+
+
+def _train_vectorized(
+    models: Sequence[nn.Module],
+    members: Sequence[Member],
+    indices: Sequence[int],
+    batches: Batches,
+    splits: Mapping[str, tuple[Tensor, Tensor]],
+    epochs: int,
+    max_steps: int | None,
+    eval_chunk: int,
+    epoch_callback: EpochCallback | None,
+) -> list[MemberResult]:
+    pop = _Vectorized(models, members)
+    K = pop.K
+    results = [MemberResult(m) for m in members]
+    step_losses: list[Tensor] = []
+    start = time.perf_counter()
+    steps = 0
+    for epoch in range(1, epochs + 1):
+        total = torch.zeros(K, dtype=torch.float64, device=pop.alive.device)
+        count = torch.zeros_like(total)
+        for x, y in batches(epoch):
+            if max_steps is not None and steps >= max_steps:
+                break
+            was_moving = pop.alive & ~pop.stopped
+            losses = pop.step(x, y)
+            steps += 1
+            step_losses.append(losses)
+            counted = was_moving & pop.alive
+            total += torch.where(counted, losses.double(), 0.0)
+            count += counted.double()
+        val = pop.evaluate(*splits["val"], eval_chunk)
+        test = pop.evaluate(*splits["test"], eval_chunk)
+        wall = time.perf_counter() - start
+        alive = (pop.alive & ~pop.stopped).tolist()  # one synchronization per epoch, not per step
+        train_loss = (total / count.clamp(min=1)).tolist()
+        val_l, val_e, test_l, test_e = (t.tolist() for t in (*val, *test))
+        hps = pop.hyperparameters()
+        for i, r in enumerate(results):
+            if not alive[i]:
+                continue
+            row = _epoch_row(epoch, steps, train_loss[i], (val_l[i], val_e[i]), (test_l[i], test_e[i]), wall, hps[i])
+            r.history.append(row)
+            if epoch_callback is not None and epoch_callback(indices[i], epoch, row):
+                pop.stopped[i] = True
+                r.status = "pruned"
+        if not bool((pop.alive & ~pop.stopped).any()) or (max_steps is not None and steps >= max_steps):
+            break
+    all_losses = torch.stack(step_losses).T.tolist() if step_losses else [[] for _ in range(K)]
+    diverged_step = pop.diverged_step.tolist()
+    val_l, val_e = (t.tolist() for t in pop.evaluate(*splits["val"], eval_chunk))
+    test_l, test_e = (t.tolist() for t in pop.evaluate(*splits["test"], eval_chunk))
+    hps = pop.hyperparameters()
+    for i, r in enumerate(results):
+        if diverged_step[i] >= 0:
+            r.status, r.diverged_step, r.diverged_reason = "diverged", diverged_step[i], pop.reason(i)
+            # The diverging step's loss is kept: it is the non-finite value (or the last one) that stopped it.
+            r.step_losses = all_losses[i][: diverged_step[i]]
+            r.steps = diverged_step[i] - 1
+        else:
+            r.steps = r.history[-1]["steps"] if r.status == "pruned" else steps
+            r.step_losses = all_losses[i][: r.steps]
+        r.hyperparameters = hps[i]
+        r.final = {"val_loss": val_l[i], "val_error": val_e[i], "test_loss": test_l[i], "test_error": test_e[i]}
+    return results
+
+
+class SequentialOptimizer:
+    """What sequential mode needs of an optimizer (``hypergrad.HyperOptimizer`` has all of it)."""
+
+    def step(self) -> None: ...
+    def zero_grad(self) -> None: ...
+    def hyperparameters(self) -> list[dict[str, float]]: ...
+
+
+def _tower_optimizer(member: Member, params: Sequence[Tensor]) -> SequentialOptimizer:
+    if member.tower is None:
+        raise PopulationError(f"member {member.name!r} has no tower; pass make_optimizer for baselines")
+    return hypergrad.tower(member.tower, params)  # type: ignore[return-value]
+
+
+def _train_alone(
+    make_model: Callable[[int], nn.Module],
+    make_optimizer: Callable[[Member, Sequence[Tensor]], SequentialOptimizer],
+    index: int,
+    member: Member,
+    batches: Batches,
+    splits: Mapping[str, tuple[Tensor, Tensor]],
+    epochs: int,
+    max_steps: int | None,
+    eval_chunk: int,
+    epoch_callback: EpochCallback | None,
+) -> MemberResult:
+    """One member as an ordinary run: an ``nn.Module`` and ``hypergrad.tower``, over the population's batches."""
+    model = make_model(member.seed)
+    opt = make_optimizer(member, list(model.parameters()))
+    result = MemberResult(member)
+    start = time.perf_counter()
+    steps = 0
+
+    train_mode, eval_mode = getattr(opt, "train_mode", None), getattr(opt, "eval_mode", None)
+
+    @torch.no_grad()
+    def evaluate(x: Tensor, y: Tensor) -> tuple[float, float]:
+        model.eval()
+        if eval_mode is not None:  # Schedule-Free evaluates its averaged weights
+            eval_mode()
+        loss = err = 0.0
+        for i in range(0, len(x), eval_chunk):
+            l, e = _loss_and_error(model(x[i : i + eval_chunk]), y[i : i + eval_chunk])
+            n = len(x[i : i + eval_chunk])
+            loss += float(l) * n
+            err += float(e) * n
+        return loss / len(x), err / len(x)
+
+    for epoch in range(1, epochs + 1):
+        total, count = 0.0, 0
+        for x, y in batches(epoch):
+            if max_steps is not None and steps >= max_steps:
+                break
+            model.train()
+            if train_mode is not None:
+                train_mode()
+            loss, _ = _loss_and_error(model(x), y)
+            steps += 1
+            value = float(loss.detach())
+            result.step_losses.append(value)
+            if not math.isfinite(value):
+                result.status, result.diverged_step, result.diverged_reason = "diverged", steps, "non-finite loss"
+                break
+            loss.backward()
+            try:
+                opt.step()
+            except hypergrad.NonFiniteHyperparameterError as e:
+                result.status, result.diverged_step = "diverged", steps
+                result.diverged_reason = f"non-finite hyperparameter L{e.level}.{e.name}"
+                break
+            opt.zero_grad()
+            total += value
+            count += 1
+        if result.status == "diverged":
+            break
+        row = _epoch_row(
+            epoch,
+            steps,
+            total / max(count, 1),
+            evaluate(*splits["val"]),
+            evaluate(*splits["test"]),
+            time.perf_counter() - start,
+            opt.hyperparameters(),
+        )
+        result.history.append(row)
+        if epoch_callback is not None and epoch_callback(index, epoch, row):
+            result.status = "pruned"
+            break
+        if max_steps is not None and steps >= max_steps:
+            break
+    result.steps = steps - (1 if result.status == "diverged" else 0)
+    result.hyperparameters = opt.hyperparameters()
+    val, test = evaluate(*splits["val"]), evaluate(*splits["test"])
+    result.final = {"val_loss": val[0], "val_error": val[1], "test_loss": test[0], "test_error": test[1]}
+    return result
+
+
+# -- the harness entry point: `python -m bench +population=NAME` ------------------------------------------------------
+# Optimizers whose statistics are sums over all parameters: stacked members would share them.
+_COUPLING = {
+    "prodigy": "Prodigy estimates its step size from sums over all parameters",
+    "dadapt_adam": "D-Adaptation estimates its step size from sums over all parameters",
+    "dog": "DoG sets its step size from the distance travelled by all parameters together",
+}
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _fail(key: str, expected: str, got: Any) -> ValueError:
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    from bench.config import ConfigError
+
+    if isinstance(got, (DictConfig, ListConfig)):
+        got = OmegaConf.to_container(got)
+    return ConfigError(f"`{key}` must be {expected}, but got {got!r}")
+
+
+def _list(p: Any, key: str, ok: Callable[[Any], bool], expected: str) -> list[Any] | None:
+    from omegaconf import ListConfig
+
+    value = p.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, (list, ListConfig)) or not value or not all(ok(v) for v in value):
+        raise _fail(f"population.{key}", expected, value)
+    return list(value)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def validate_population(cfg: Any) -> None:
+    """Check the `population` keys; raise ``bench.config.ConfigError`` with one line on the first bad value."""
+    p = cfg.population
+    if p.get("mode", "vectorized") not in ("vectorized", "sequential"):
+        raise _fail("population.mode", "one of ['vectorized', 'sequential']", p.get("mode"))
+    if p.get("dtype", "float32") not in _DTYPES:
+        raise _fail("population.dtype", f"one of {list(_DTYPES)}", p.get("dtype"))
+    _list(p, "lr", lambda v: _is_number(v) and v > 0, "a non-empty list of step sizes > 0")
+    _list(p, "heights", lambda v: _is_int(v) and v >= 0, "a non-empty list of integers >= 0")
+    _list(p, "seeds", _is_int, "a non-empty list of integers")
+    if p.get("spec") is not None:
+        if cfg.optimizer.name != "tower":
+            raise _fail("population.spec", f"null with optimizer={cfg.optimizer.name} (a spec is a tower)", p.spec)
+        try:
+            parse_spec(str(p.spec))
+        except ValueError as e:
+            expected = f"a tower in the paper's notation ({str(e).splitlines()[0]})"
+            raise _fail("population.spec", expected, p.spec) from None
+    name = cfg.optimizer.name
+    if name != "tower":
+        if p.get("heights") not in (None, [0]) and list(p.get("heights")) != [0]:
+            raise _fail("population.heights", f"null for optimizer={name} (a baseline has no hyper levels)", p.heights)
+        if p.get("mode", "vectorized") == "vectorized":
+            reason = _COUPLING.get(name)
+            if reason is not None:
+                raise _fail(
+                    "optimizer",
+                    f"a tower for a vectorized population ({reason}, which would couple the members; use "
+                    "population.mode=sequential)",
+                    name,
+                )
+            raise _fail(
+                "optimizer",
+                "a tower for a vectorized population (a plain optimizer is a tower of height 0: optimizer=tower "
+                "optimizer.height=0; or use population.mode=sequential)",
+                name,
+            )
+
+
+def population_members(cfg: Any) -> list[Member]:
+    """The grid of ``cfg.population`` over the run's optimizer: lr x heights x seeds, in that nesting order."""
+    from omegaconf import OmegaConf
+
+    from bench.optim import tower_spec
+
+    p = cfg.population
+    lrs = _list(p, "lr", lambda v: True, "") or [None]
+    seeds = _list(p, "seeds", lambda v: True, "") or [int(cfg.seed)]
+    if cfg.optimizer.name != "tower":
+        members = []
+        for lr in lrs:
+            opt = OmegaConf.merge(cfg.optimizer, {} if lr is None else {"lr": float(lr)})
+            members += [Member(None, int(s), f"lr={float(opt.lr):g}_seed={int(s)}", opt) for s in seeds]
+        return members
+    heights = _list(p, "heights", lambda v: True, "")
+    if p.get("spec") is not None:
+        template = str(p.spec)
+    elif cfg.optimizer.get("spec"):
+        template = str(cfg.optimizer.spec)
+    else:
+        # The optimizer group's tower with one hyper level: the level that every height repeats.
+        o = OmegaConf.merge(cfg.optimizer, {"height": 1 if heights is not None else cfg.optimizer.height})
+        template = tower_spec(o)
+    return grid_members(template, lrs, heights or [None], seeds)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _epoch_batches(data: Any, batch_size: int, seed: int) -> Batches:
+    """Every member's batches: a permutation of the training set per epoch, seeded by (seed, epoch)."""
+    x_all, y_all = data.train
+
+    def batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        perm = torch.randperm(len(x_all), generator=gen).to(x_all.device)
+        for i in range(0, len(perm), batch_size):
+            idx = perm[i : i + batch_size]
+            x = x_all[idx]
+            if data.augment is not None:
+                x = data.augment(x, gen)
+            yield x, y_all[idx]
+
+    return batches
+
+
+def member_metrics(cfg: Any, result: MemberResult, wall_time_s: float, extra: Mapping[str, Any]) -> dict[str, Any]:
+    """A member's metrics.json, in the harness's schema (plus a ``population`` entry)."""
+    from bench.optim import method_of
+
+    m = result.member
+    last = result.history[-1] if result.history else {}
+    if m.tower is not None:
+        level = m.tower.levels[0]
+        init = {n: level.values[n] for n in level.rule.learnable(level.values)}
+        family, method = "tower", method_of(m.spec)
+    else:
+        init = {k: float(m.baseline[k]) for k in ("lr", "momentum", "beta1", "beta2") if k in m.baseline}
+        family = (
+            "tuning_free"
+            if m.baseline.name in _COUPLING or str(m.baseline.name).startswith("schedulefree")
+            else "baseline"
+        )
+        method = str(m.baseline.name)
+    return {
+        **result.final,
+        "train_loss": last.get("train_loss", math.nan),
+        "diverged": result.status == "diverged",
+        "diverged_step": result.diverged_step,
+        "diverged_reason": result.diverged_reason,
+        "epochs": len(result.history),
+        "steps": result.steps,
+        "wall_time_s": wall_time_s,
+        "optimizer": m.spec,
+        "method": method,
+        "family": family,
+        "height": m.height,
+        "init": init,
+        "hyperparameters": result.hyperparameters,
+        "seed": m.seed,
+        "model": str(cfg.model.name),
+        "dataset": str(cfg.dataset.name),
+        "status": result.status,
+        "population": dict(extra),
+    }
+
+
+def write_member(cfg: Any, directory: Path, result: MemberResult, metrics: Mapping[str, Any]) -> None:
+    """A member's run directory: .hydra/config.yaml (the member's own config), history.csv, metrics.json last."""
+    from omegaconf import OmegaConf
+
+    from bench.io import atomic_write, atomic_write_csv, atomic_write_json
+
+    m = result.member
+    if m.tower is not None:
+        own = {"seed": m.seed, "optimizer": {"spec": m.spec, "lr": m.tower.levels[0].values["lr"], "height": m.height}}
+    else:
+        own = {"seed": m.seed, "optimizer": OmegaConf.to_container(m.baseline)}
+    member_cfg = OmegaConf.merge(cfg, own)
+    text = OmegaConf.to_yaml(member_cfg, resolve=False)
+    atomic_write(directory / ".hydra" / "config.yaml", lambda f: f.write(text))
+    atomic_write_csv(directory / "history.csv", result.history)
+    atomic_write_json(directory / "metrics.json", metrics)
+
+
+def run_population(
+    cfg: Any, output_dir: str | Path | None = None, epoch_callback: EpochCallback | None = None
+) -> list[dict[str, Any]]:
+    """Train the grid of ``cfg.population`` and write one harness-style run directory per member.
+
+    Member directories are ``<output_dir>/members/<name>/`` (metrics.json, history.csv, .hydra/config.yaml);
+    ``<output_dir>/population.json`` lists them. Returns each member's metrics, in grid order.
+    """
+    from omegaconf import OmegaConf
+
+    from bench.config import validate
+    from bench.data import build_dataset
+    from bench.io import atomic_write_json
+    from bench.models import build_model
+
+    validate(cfg)
+    validate_population(cfg)
+    if output_dir is None:
+        output_dir = cfg.paths.output_dir
+    output_dir = Path(output_dir)
+    p = cfg.population
+    mode, dtype = p.get("mode", "vectorized"), _DTYPES[p.get("dtype", "float32")]
+    device = _device(cfg.trainer.device)
+    members = population_members(cfg)
+    data = build_dataset(cfg.dataset, device)
+    if data.kind != "text":  # token ids stay integers
+        for split in ("train", "val", "test"):
+            x, y = getattr(data, split)
+            setattr(data, split, (x.to(dtype), y))
+
+    def make_model(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return build_model(cfg.model, data).to(device=device, dtype=dtype)
+
+    make_optimizer = None
+    if cfg.optimizer.name != "tower":
+        from bench.optim import build_optimizer
+
+        steps_per_epoch = math.ceil(len(data.train[0]) / cfg.trainer.batch_size)
+        total = steps_per_epoch * cfg.trainer.epochs
+        if cfg.trainer.get("max_steps") is not None:
+            total = min(total, cfg.trainer.max_steps)
+
+        def make_optimizer(member: Member, params: Sequence[Tensor]) -> SequentialOptimizer:
+            built = build_optimizer(member.baseline, params, steps_per_epoch, total)
+            built.zero_grad = built.optimizer.zero_grad  # type: ignore[attr-defined]
+            return built  # type: ignore[return-value]
+
+    start = time.perf_counter()
+    results = train_population(
+        make_model,
+        members,
+        _epoch_batches(data, cfg.trainer.batch_size, int(cfg.seed)),
+        {"val": data.val, "test": data.test},
+        epochs=cfg.trainer.epochs,
+        max_steps=cfg.trainer.get("max_steps"),
+        mode=mode,
+        eval_chunk=cfg.trainer.eval_batch_size,
+        epoch_callback=epoch_callback,
+        model_name=str(cfg.model.name),
+        make_optimizer=make_optimizer,
+    )
+    wall = time.perf_counter() - start
+    out = []
+    for i, r in enumerate(results):
+        extra = {"mode": mode, "size": len(members), "index": i, "data_seed": int(cfg.seed), "dtype": str(p.dtype)}
+        metrics = member_metrics(cfg, r, wall, extra)
+        write_member(cfg, output_dir / "members" / r.member.name, r, metrics)
+        out.append(metrics)
+    summary = {
+        "mode": mode,
+        "size": len(members),
+        "wall_time_s": wall,
+        "device": str(device),
+        "dtype": str(p.dtype),
+        "data_seed": int(cfg.seed),
+        "population": OmegaConf.to_container(p),
+        "members": [
+            {
+                "name": r.member.name,
+                "dir": f"members/{r.member.name}",
+                "status": m["status"],
+                "test_error": m["test_error"],
+                "val_error": m["val_error"],
+            }
+            for r, m in zip(results, out, strict=True)
+        ],
+    }
+    atomic_write_json(output_dir / "population.json", summary)
+    return out
