@@ -365,6 +365,9 @@ def test_wandb_offline_run_holds_the_tables_and_figures(tmp_path: Path, monkeypa
     monkeypatch.setenv("WANDB_SILENT", "true")
     _sensitivity_tree(tmp_path / "results")
     _report(tmp_path, "logger=wandb", "logger.group=sens-1")
+    import wandb
+
+    wandb.teardown()  # the W&B service writes the run's record file asynchronously; this waits for it
     runs = list((tmp_path / "report" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     files = {p.name for p in runs[0].rglob("*")}
