@@ -30,7 +30,7 @@ reproduces it to float round-off; comments mark where that differs from ``torch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -53,6 +53,7 @@ __all__ = [
 ]
 
 HP = Mapping[str, Any]  # natural values: Tensor (learned) or float (fixed)
+Dot = Callable[[Tensor, Tensor], Tensor]  # sum of the elementwise product (per population member)
 
 
 class EmptyState(NamedTuple):
@@ -89,6 +90,19 @@ class Rule:
         """The hyperparameters a level above can learn, given the initial values (in canonical order)."""
         return tuple(self.transforms)
 
+    #: Whether :meth:`vjp` is implemented. Without it, autograd differentiates ``update`` (always correct, slower).
+    has_vjp: ClassVar[bool] = False
+
+    def vjp(
+        self, grad_next: Tensor, grad: Tensor, before: Any, after: Any, hp: HP, step: int, dot: Dot
+    ) -> dict[str, Tensor]:
+        """Optional closed form: ``dot(grad_next, d delta / d hp[name])`` for every learned (tensor) ``hp[name]``.
+
+        ``grad``, ``before``, ``after``, ``hp`` and ``step`` are those of the update being differentiated. A speed-up
+        only: the tests check every built-in closed form against autograd and finite differences.
+        """
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -120,6 +134,19 @@ class SGDRule(Rule):
         buf = grad if state.momentum_buffer is None else state.momentum_buffer * momentum + grad
         return buf * hp["lr"], SGDState(buf)
 
+    has_vjp = True
+
+    def vjp(self, grad_next, grad, before, after, hp, step, dot):
+        # delta = lr * buf, buf = momentum * buf_before + grad (or grad at the first step)
+        buf = grad if after.momentum_buffer is None else after.momentum_buffer
+        out = {}
+        if isinstance(hp["lr"], Tensor):
+            out["lr"] = dot(grad_next, buf)
+        if isinstance(hp["momentum"], Tensor):
+            b0 = before.momentum_buffer
+            out["momentum"] = hp["lr"] * dot(grad_next, b0) if b0 is not None else grad.new_zeros(buf.shape[:0])
+        return out
+
 
 class AdamRule(Rule):
     """Adam with the reference's choices: the second moment starts at eps (sqrt is not differentiable at 0) and the
@@ -140,6 +167,30 @@ class AdamRule(Rule):
         v_hat = v / (1.0 - beta2 ** float(step))
         return hp["lr"] * (m_hat / (v_hat**0.5 + hp["eps"])), AdamState(m, v)
 
+    has_vjp = True
+
+    def vjp(self, grad_next, grad, before, after, hp, step, dot):
+        # delta = lr * m_hat / (sqrt(v_hat) + eps), m_hat = m / (1 - b1^t), v_hat = v / (1 - b2^t),
+        # m = b1 m0 + (1 - b1) g, v = b2 v0 + (1 - b2) g^2.
+        lr, b1, b2, t = hp["lr"], hp["beta1"], hp["beta2"], float(step)
+        c1, c2 = 1.0 - b1**t, 1.0 - b2**t
+        sqrt_v_hat = (after.exp_avg_sq / c2) ** 0.5
+        q = grad_next / (sqrt_v_hat + hp["eps"])
+        out = {}
+        q_m = dot(q, after.exp_avg)
+        if isinstance(lr, Tensor):
+            out["lr"] = q_m / c1
+        if isinstance(b1, Tensor):
+            dm = dot(q, before.exp_avg) - dot(q, grad)
+            out["beta1"] = lr * (dm / c1 + q_m * t * b1 ** (t - 1.0) / (c1 * c1))
+        if isinstance(b2, Tensor):
+            # d sqrt(v_hat) = d v_hat / (2 sqrt(v_hat)); delta depends on it through -lr m_hat / den^2.
+            w = q * after.exp_avg / (c1 * (sqrt_v_hat + hp["eps"]) * sqrt_v_hat)
+            w_v0, w_g2 = dot(w, before.exp_avg_sq), dot(w, grad * grad)
+            w_v = b2 * w_v0 + (1.0 - b2) * w_g2
+            out["beta2"] = -0.5 * lr * ((w_v0 - w_g2) / c2 + w_v * t * b2 ** (t - 1.0) / (c2 * c2))
+        return out
+
 
 class AdaGradRule(Rule):
     """AdaGrad as in the reference: the accumulator starts at 0.1 and is not differentiated."""
@@ -154,6 +205,11 @@ class AdaGradRule(Rule):
     def update(self, grad: Tensor, state: SumState, hp: HP, step: int) -> tuple[Tensor, SumState]:
         g_sum = state.sum + torch.square(grad)
         return hp["lr"] * grad / torch.sqrt(g_sum + hp["eps"]), SumState(g_sum)
+
+    has_vjp = True
+
+    def vjp(self, grad_next, grad, before, after, hp, step, dot):
+        return {"lr": dot(grad_next, grad / torch.sqrt(after.sum + hp["eps"]))} if isinstance(hp["lr"], Tensor) else {}
 
 
 class RMSPropRule(Rule):
@@ -171,6 +227,18 @@ class RMSPropRule(Rule):
         gamma = hp["gamma"]
         s = gamma * state.sum + (1.0 - gamma) * torch.square(grad)
         return hp["lr"] * grad / torch.sqrt(s + hp["eps"]), SumState(s)
+
+    has_vjp = True
+
+    def vjp(self, grad_next, grad, before, after, hp, step, dot):
+        # delta = lr * g / sqrt(s + eps), s = gamma s0 + (1 - gamma) g^2
+        r = grad / torch.sqrt(after.sum + hp["eps"])
+        out = {}
+        if isinstance(hp["lr"], Tensor):
+            out["lr"] = dot(grad_next, r)
+        if isinstance(hp["gamma"], Tensor):
+            out["gamma"] = -0.5 * hp["lr"] * dot(grad_next, r / (after.sum + hp["eps"]) * (before.sum - grad * grad))
+        return out
 
 
 _RULES: dict[str, Rule] = {}

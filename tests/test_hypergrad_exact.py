@@ -271,3 +271,29 @@ def test_every_hypergradient_equals_central_finite_differences(spec, parameteriz
             assert hyper[k][0][i].item() == pytest.approx(fd, rel=1e-5, abs=1e-9), (k, name)
             checked += 1
     assert checked == sum(len(n) for n in opt._plan.learned)
+
+
+@pytest.mark.parametrize(
+    "spec", [*FD_SPECS, "sgd(0.1)/sgd(1e-3)", "adam[lr](0.01)/sgd(1e-3)", "rmsprop[lr](0.01)/sgd(1e-3)"]
+)
+def test_closed_form_hypergradients_equal_autograd_on_the_update_rule(spec, monkeypatch) -> None:
+    """The built-in rules' closed-form vjp is only a speed-up: it must agree with autograd through ``update``."""
+
+    def run() -> list[torch.Tensor]:
+        model = make_mlp(dtype=torch.float64)
+        opt = hypergrad.tower(spec, model.parameters())
+        out = []
+        for x, y in batches(6, torch.float64):
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            out.append(torch.cat([h for level in opt._prev[2] for h in level]))  # the hypergradients this step used
+        return out[1:]  # the first step's are zero by definition
+
+    fast = run()
+    rule = hypergrad.parse_spec(spec).levels[0].rule
+    monkeypatch.setattr(type(rule), "has_vjp", False)
+    slow = run()
+    assert len(fast) == 5
+    for a, b in zip(fast, slow, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-14)
