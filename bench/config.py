@@ -193,6 +193,7 @@ def _validate_trainer(cfg: DictConfig) -> None:
     for key in ("epochs", "batch_size", "eval_batch_size"):
         _int(t, key, 1, prefix=p)
     _int(t, "max_steps", 1, optional=True, prefix=p)
+    _int(t, "num_threads", 1, optional=True, prefix=p)
     _int(t, "checkpoint_every", 0, prefix=p)
     for key in ("resume", "force", "amp", "compile", "progress"):
         _bool(t, key, p)

@@ -99,6 +99,8 @@ class _Trainer:
         self.cfg, self.out, self.epoch_callback = cfg, out, epoch_callback
         t = cfg.trainer
         self.device = _device(t.device)
+        if t.num_threads is not None:
+            torch.set_num_threads(t.num_threads)
         torch.manual_seed(cfg.seed)
         self.data: Data = build_dataset(cfg.dataset, self.device)
         self.model = build_model(cfg.model, self.data).to(self.device)

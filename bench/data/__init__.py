@@ -48,6 +48,13 @@ class Data:
 
 def split_indices(n: int, val_size: int, test_size: int, seed: int) -> tuple[torch.Tensor, ...]:
     """Seeded disjoint train/val/test index sets over `n` examples."""
+    if val_size + test_size >= n:
+        from bench.config import ConfigError
+
+        raise ConfigError(
+            f"`dataset.val_size` + `dataset.test_size` must leave training examples out of {n}, "
+            f"but got {val_size} + {test_size}"
+        )
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return perm[val_size + test_size :], perm[:val_size], perm[val_size : val_size + test_size]
 

@@ -34,7 +34,9 @@ def encode_windows(name: str, text: str, cfg: DictConfig) -> Data:
     for split, stretch in stretches.items():
         windows = stretch[: len(stretch) // width * width].reshape(-1, width)
         if len(windows) == 0:
-            raise ValueError(
+            from bench.config import ConfigError
+
+            raise ConfigError(
                 f"`dataset.seq_len` must leave at least one window in the {split} split, but got "
                 f"{cfg.seq_len} for a {split} split of {len(stretch)} characters"
             )

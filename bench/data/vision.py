@@ -48,7 +48,7 @@ def missing_files(cfg: DictConfig) -> list[Path]:
 
 def _with_val(name: str, train: tuple[torch.Tensor, torch.Tensor], test, cfg: DictConfig, **kw) -> Data:
     # The validation split is carved out of the official training set, so the test set stays untouched.
-    tr, val, _ = split_indices(len(train[0]), cfg.val_size, 0, cfg.split_seed)
+    tr, val, _ = split_indices(len(train[0]), cfg.val_size, 0, cfg.split_seed)  # the test split is official
     x, y = train
     return Data(
         name=name,

@@ -1,0 +1,107 @@
+"""Shared pieces of the harness tests: tiny datasets in their real on-disk formats, and a CLI runner.
+
+The files are written exactly as torchvision and Project Gutenberg ship them (IDX ubyte files under
+<root>/<Class>/raw/, CIFAR-10 python pickle batches, a Gutenberg text with its licence header), only
+with a few examples each, so the real loaders run on them with no network.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Every test run trains only a few steps, on one thread (the test machine's cores are shared), quietly.
+QUICK = ["trainer.epochs=1", "trainer.max_steps=2", "trainer.progress=false", "trainer.num_threads=1"]
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write `array` (uint8) as an IDX file: magic 0x0000_08_<ndim>, big-endian int32 dims, the bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}i", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def write_mnist(root: Path, class_name: str = "MNIST", n_train: int = 60, n_test: int = 20, seed: int = 0) -> dict:
+    """MNIST-format files under root/class_name/raw/; returns the arrays written."""
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte": np.arange(n_train, dtype=np.uint8) % 10,
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": (np.arange(n_test, dtype=np.uint8) * 3) % 10,
+    }
+    for name, array in arrays.items():
+        write_idx(root / class_name / "raw" / name, array)
+    return arrays
+
+
+def write_cifar10(root: Path, n_per_batch: int = 8, seed: int = 0) -> dict:
+    """CIFAR-10 python batches under root/cifar-10-batches-py/; returns {file: (data, labels)}."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, (n_per_batch, 3 * 32 * 32), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10, n_per_batch)]
+        with open(folder / name, "wb") as f:
+            pickle.dump({"batch_label": name, "data": data, "labels": labels}, f)
+        written[name] = (data, labels)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)], "num_vis": 3072}, f)
+    return written
+
+
+BOOK = "WELL, PRINCE, so Genoa and Lucca are now just family estates of the Buonapartes. " * 40
+
+
+def write_war_and_peace(path: Path) -> str:
+    """A text shaped like Gutenberg's #2600 file: licence header, the book, licence footer; returns the book."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        "The Project Gutenberg eBook of War and Peace\nLICENCE HEADER\n"
+        "*** START OF THE PROJECT GUTENBERG EBOOK WAR AND PEACE ***\n"
+        f"{BOOK}\n"
+        "*** END OF THE PROJECT GUTENBERG EBOOK WAR AND PEACE ***\nLICENCE FOOTER\n",
+        encoding="utf-8",
+    )
+    return BOOK.strip()
+
+
+def write_all(root: Path) -> Path:
+    """Every on-disk dataset of the harness, tiny, under `root`; returns `root` (use as paths.data_dir)."""
+    write_mnist(root, "MNIST")
+    write_mnist(root, "FashionMNIST", seed=1)
+    write_cifar10(root)
+    write_war_and_peace(root / "war_and_peace.txt")
+    return root
+
+
+def bench_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for a `python -m bench` subprocess: offline W&B with every directory in tmp."""
+    env = dict(os.environ)
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        env[var] = str(tmp_path / "wandb_home" / var.lower())
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", HYPERGRAD_DATA_DIR=str(tmp_path / "data"))
+    env.pop("WANDB_API_KEY", None)
+    return env
+
+
+def run_bench(args: list[str], tmp_path: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run `python -m bench args` from the repository root; return the finished process (text output)."""
+    return subprocess.run(
+        [sys.executable, "-m", "bench", *args],
+        cwd=REPO,
+        env=bench_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
