@@ -242,13 +242,13 @@ def _select_state(keep_new: Tensor, new: Any, old: Any) -> Any:
 
     Walks TowerState, LevelState and the rules' NamedTuple states alike."""
     if isinstance(new, Tensor):
-        return torch.where(_rows(keep_new, new), new, old)
+        # A momentum buffer is created at the first step: a member frozen then has nothing older to keep.
+        return new if old is None else torch.where(_rows(keep_new, new), new, old)
     if isinstance(new, tuple) and hasattr(new, "_fields"):
         return type(new)(*(_select_state(keep_new, n, o) for n, o in zip(new, old, strict=True)))
     if isinstance(new, list):
         return [_select_state(keep_new, n, o) for n, o in zip(new, old, strict=True)]
-    # Step counts, and a momentum buffer that did not exist before the first step (nothing to keep).
-    return new
+    return new  # the step count
 
 
 def _level_names(plan: core.Plan) -> list[tuple[int, str]]:

@@ -1,0 +1,269 @@
+"""Population training (bench.population): a grid trained as one vectorized job equals its members run alone."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import hypergrad
+from bench.config import ConfigError, compose_config
+from bench.population import (
+    Member,
+    PopulationError,
+    group_members,
+    run_population,
+    train_population,
+)
+
+N_TRAIN, BATCH, EPOCHS = 96, 32, 2  # 3 steps per epoch, 6 in all
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _problem(dtype: torch.dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N_TRAIN + 40, 10, generator=g, dtype=dtype)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    train = (x[:N_TRAIN], y[:N_TRAIN])
+    splits = {
+        "val": (x[N_TRAIN : N_TRAIN + 20], y[N_TRAIN : N_TRAIN + 20]),
+        "test": (x[N_TRAIN + 20 :], y[N_TRAIN + 20 :]),
+    }
+    seen: list[torch.Tensor] = []
+
+    def batches(epoch: int):
+        perm = torch.randperm(N_TRAIN, generator=torch.Generator().manual_seed(100 + epoch))
+        for i in range(0, N_TRAIN, BATCH):
+            idx = perm[i : i + BATCH]
+            seen.append(idx)
+            yield train[0][idx], train[1][idx]
+
+    def make_model(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+
+    return batches, splits, make_model, seen
+
+
+def _alone(spec: str, seed: int, dtype: torch.dtype) -> tuple[list[float], list[dict[str, float]]]:
+    """The obvious single run: an nn.Module, hypergrad.tower, loss.backward(); opt.step(); opt.zero_grad()."""
+    batches, _, make_model, _ = _problem(dtype)
+    model = make_model(seed)
+    opt = hypergrad.tower(spec, model.parameters())
+    losses = []
+    for epoch in range(1, EPOCHS + 1):
+        for x, y in batches(epoch):
+            loss = nn.functional.cross_entropy(model(x), y)
+            losses.append(loss.item())
+            if not math.isfinite(losses[-1]):
+                return losses, opt.hyperparameters()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    return losses, opt.hyperparameters()
+
+
+def _rel(a: list[float], b: list[float]) -> float:
+    ta, tb = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    return float(((ta - tb).abs() / tb.abs()).max())
+
+
+MIXED = [  # four heights, each member its own seed; the last one a different base, so a second group
+    ("sgd(0.3)", 0),
+    ("sgd(0.1)/sgd(0.01)", 1),
+    ("sgd(0.05)/sgd(0.01)/sgd(0.001)", 2),
+    ("sgd(0.2)/sgd(0.01)/sgd(0.001)/sgd(0.0001)", 3),
+]
+ADAM = [
+    ("adam(0.01)", 0),
+    ("adam(0.03)/sgd(0.001)", 1),
+    ("adam(0.02)/sgd(0.001)/sgd(0.0001)", 2),
+    ("adam(0.01)/sgd(0.001)/sgd(0.0001)/sgd(1e-05)", 3),
+]
+
+
+@pytest.mark.parametrize("configs", [MIXED, ADAM], ids=["sgd", "adam"])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-10), (torch.float32, 1e-5)], ids=["f64", "f32"])
+def test_mixed_heights_equal_single_runs(configs, dtype, tol):
+    batches, splits, make_model, seen = _problem(dtype)
+    members = [Member(hypergrad.parse_spec(s), seed, f"m{i}") for i, (s, seed) in enumerate(configs)]
+    assert len(group_members(members)) == 1  # all four heights share one padded plan
+    results = train_population(make_model, members, batches, splits, epochs=EPOCHS)
+    # One pass over the data serves every member: they all saw the same batches in the same order.
+    assert len(seen) == EPOCHS * math.ceil(N_TRAIN / BATCH)
+    for (spec, seed), r in zip(configs, results, strict=True):
+        losses, hps = _alone(spec, seed, dtype)
+        assert r.status == "completed" and r.steps == len(losses) == 6
+        assert _rel(r.step_losses, losses) < tol, spec
+        flat = [v for level in hps for v in level.values()]
+        assert _rel([v for level in r.hyperparameters for v in level.values()], flat) < tol * 10, spec
+        assert [list(level) for level in r.hyperparameters] == [list(level) for level in hps]
+
+
+def test_members_that_cannot_share_a_plan_train_in_separate_groups():
+    batches, splits, make_model, _ = _problem(torch.float64)
+    configs = [("sgd(0.1)/sgd(0.01)", 0), ("adam(0.01)/sgd(0.001)", 0), ("sgd(0.1, momentum=0.5)/sgd(0.01)", 1)]
+    members = [Member(hypergrad.parse_spec(s), seed, str(i)) for i, (s, seed) in enumerate(configs)]
+    assert sorted(map(sorted, group_members(members))) == [[0], [1], [2]]
+    results = train_population(make_model, members, batches, splits, epochs=EPOCHS)
+    for (spec, seed), r in zip(configs, results, strict=True):
+        assert _rel(r.step_losses, _alone(spec, seed, torch.float64)[0]) < 1e-10, spec
+
+
+def test_a_diverging_member_is_frozen_and_the_others_are_unaffected():
+    batches, splits, make_model, _ = _problem(torch.float64)
+    healthy = [("sgd(0.1)/sgd(0.01)", 0), ("sgd(0.3)", 1), ("sgd(0.05)/sgd(0.01)/sgd(0.001)", 2)]
+    huge = ("sgd(1e308)/sgd(0.01)", 3)  # the first update overflows the weights: the second loss is not finite
+    configs = [healthy[0], huge, *healthy[1:]]
+    members = [Member(hypergrad.parse_spec(s), seed, str(i)) for i, (s, seed) in enumerate(configs)]
+    with_it = train_population(make_model, members, batches, splits, epochs=EPOCHS)
+    without = train_population(make_model, [m for i, m in enumerate(members) if i != 1], batches, splits, epochs=EPOCHS)
+
+    bad = with_it[1]
+    assert (bad.status, bad.diverged_step, bad.diverged_reason, bad.steps) == ("diverged", 2, "non-finite loss", 1)
+    assert math.isfinite(bad.step_losses[0]) and not math.isfinite(bad.step_losses[1])
+    assert bad.step_losses[0] == pytest.approx(_alone(*huge, torch.float64)[0][0], rel=1e-12)
+    assert bad.history == []  # it never finished an epoch
+    for r, alone in zip([with_it[0], *with_it[2:]], without, strict=True):
+        assert r.status == "completed" and r.history[-1]["epoch"] == EPOCHS
+        assert r.step_losses == alone.step_losses  # bit for bit: nothing of the diverged member leaks
+        assert r.hyperparameters == alone.hyperparameters
+    for (spec, seed), r in zip(healthy, [with_it[0], *with_it[2:]], strict=True):
+        assert _rel(r.step_losses, _alone(spec, seed, torch.float64)[0]) < 1e-10
+
+
+def test_a_non_finite_hyperparameter_freezes_its_member_before_the_update():
+    batches, splits, make_model, _ = _problem(torch.float64)
+    members = [
+        Member(hypergrad.parse_spec("sgd(0.1, momentum=0.5)/sgd(1e305)"), 0, "bad"),
+        Member(hypergrad.parse_spec("sgd(0.1, momentum=0.5)/sgd(0.01)"), 0, "good"),
+    ]
+    bad, good = train_population(make_model, members, batches, splits, epochs=EPOCHS)
+    assert bad.status == "diverged" and bad.diverged_reason.startswith("non-finite hyperparameter L1.")
+    # Frozen with the last finite values, as HyperOptimizer leaves a run when it raises.
+    assert all(math.isfinite(v) for level in bad.hyperparameters for v in level.values())
+    assert good.status == "completed"
+    assert _rel(good.step_losses, _alone("sgd(0.1, momentum=0.5)/sgd(0.01)", 0, torch.float64)[0]) < 1e-10
+
+
+def test_batchnorm_models_get_a_clear_error_and_run_sequentially():
+    batches, splits, _, _ = _problem(torch.float64)
+
+    def make_model(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(10, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+    members = [Member(hypergrad.parse_spec("sgd(0.1)/sgd(0.01)"), s, str(s)) for s in (0, 1)]
+    with pytest.raises(PopulationError, match=r"BatchNorm layer `1`.*running statistics.*population.mode=sequential"):
+        train_population(make_model, members, batches, splits, epochs=1, model_name="bn_mlp")
+    results = train_population(make_model, members, batches, splits, epochs=1, mode="sequential")
+    assert [r.status for r in results] == ["completed", "completed"]
+    assert results[0].step_losses != results[1].step_losses  # two seeds, two runs
+
+
+def _cfg(tmp_path, *overrides: str):
+    return compose_config(
+        [
+            "+population=grid",
+            "dataset=digits",
+            "trainer.epochs=2",
+            "trainer.batch_size=128",
+            "dataset.train_size=512",
+            "trainer.progress=false",
+            f"paths.output_dir={tmp_path}",
+            *overrides,
+        ]
+    )
+
+
+METRICS_KEYS = {
+    "test_error", "test_loss", "val_error", "val_loss", "train_loss", "diverged", "diverged_step", "diverged_reason",
+    "epochs", "steps", "wall_time_s", "optimizer", "method", "family", "height", "init", "hyperparameters", "seed",
+    "model", "dataset", "status",
+}  # fmt: skip
+
+
+def test_member_directories_have_the_harness_schema(tmp_path):
+    cfg = _cfg(
+        tmp_path,
+        "population.lr=[0.01,0.1]",
+        "population.heights=[0,2]",
+        "population.seeds=[0,1]",
+        "optimizer.base=sgd",
+        "optimizer.hyper_lr=0.001",
+    )
+    metrics = run_population(cfg)
+    assert len(metrics) == 8
+    summary = json.loads((tmp_path / "population.json").read_text())
+    assert [m["dir"] for m in summary["members"]][:2] == ["members/lr=0.01_h=0_seed=0", "members/lr=0.01_h=0_seed=1"]
+    for entry, returned in zip(summary["members"], metrics, strict=True):
+        run_dir = tmp_path / entry["dir"]
+        saved = json.loads((run_dir / "metrics.json").read_text())
+        assert set(saved) >= METRICS_KEYS and saved == json.loads(json.dumps(returned))
+        history = pd.read_csv(run_dir / "history.csv")
+        levels = [f"L{k + 1}.lr" for k in range(saved["height"] + 1)]
+        assert list(history.columns) == [
+            "epoch", "steps", "train_loss", "val_loss", "val_error", "test_loss", "test_error", "wall_time_s", *levels
+        ]  # fmt: skip
+        assert list(history.epoch) == [1, 2] and saved["steps"] == 8 and saved["status"] == "completed"
+        assert saved["family"] == "tower" and saved["method"] == "sgd" + "/sgd(0.001)" * saved["height"]
+        assert saved["init"] == {"lr": float(entry["name"].split("_")[0].removeprefix("lr="))}
+        assert saved["hyperparameters"][-1] == {"lr": 0.001 if saved["height"] else saved["init"]["lr"]}
+        assert (run_dir / ".hydra" / "config.yaml").read_text().count(f"seed: {saved['seed']}") >= 1
+        if saved["init"]["lr"] == 0.1:  # large enough to learn visibly in 8 steps
+            assert history.train_loss.iloc[-1] < history.train_loss.iloc[0]
+
+
+def test_sequential_mode_gives_the_same_members(tmp_path):
+    common = ["population.lr=[0.05]", "population.heights=[0,1]", "population.dtype=float64", "optimizer.base=sgd"]
+    vec = run_population(_cfg(tmp_path / "v", *common), tmp_path / "v")
+    seq = run_population(_cfg(tmp_path / "s", *common, "population.mode=sequential"), tmp_path / "s")
+    for a, b in zip(vec, seq, strict=True):
+        assert a["optimizer"] == b["optimizer"]
+        for key in ("test_loss", "val_loss", "train_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-10)
+
+
+def test_baselines_that_couple_members_are_refused_with_the_way_out(tmp_path):
+    cfg = _cfg(tmp_path, "optimizer=prodigy", "population.seeds=[0,1]")
+    with pytest.raises(ConfigError, match=r"Prodigy.*sums over all parameters.*couple the members.*sequential"):
+        run_population(cfg)
+    assert not (tmp_path / "population.json").exists()
+    metrics = run_population(
+        _cfg(tmp_path, "optimizer=prodigy", "population.seeds=[0,1]", "population.mode=sequential")
+    )
+    assert [(m["optimizer"], m["family"], m["seed"], m["status"]) for m in metrics] == [
+        ("prodigy", "tuning_free", 0, "completed"),
+        ("prodigy", "tuning_free", 1, "completed"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("population.lr=[0.1,-1]", "`population.lr` must be a non-empty list of step sizes > 0, but got [0.1, -1]"),
+        ("population.heights=[1.5]", "`population.heights` must be a non-empty list of integers >= 0, but got [1.5]"),
+        (
+            "population.mode=parallel",
+            "`population.mode` must be one of ['vectorized', 'sequential'], but got 'parallel'",
+        ),
+        ("population.dtype=half", "`population.dtype` must be one of ['float32', 'float64'], but got 'half'"),
+        ("optimizer=adam", "`optimizer` must be a tower for a vectorized population (a plain optimizer is a tower of"),
+    ],
+)
+def test_bad_population_values_fail_before_training(tmp_path, override, message):
+    with pytest.raises(ConfigError) as e:
+        run_population(_cfg(tmp_path, override))
+    assert str(e.value).startswith(message)
+    assert not any(tmp_path.iterdir())
