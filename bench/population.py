@@ -88,6 +88,7 @@ class MemberResult:
     steps: int = 0
     hyperparameters: list[dict[str, float]] = field(default_factory=list)  # final values, level 1 first
     final: dict[str, float] = field(default_factory=dict)  # val/test loss and error of the final weights
+    init: dict[str, float] = field(default_factory=dict)  # the weight optimizer's initial hyperparameters
 
 
 # -- the grid ------------------------------------------------------------------------------------------------------
@@ -154,11 +155,17 @@ def _fits(member: Tower, reference: Tower) -> bool:
 
 
 def group_members(members: Sequence[Member]) -> list[list[int]]:
-    """Partition members (by index) into groups that share one plan; the tallest member of a group comes first."""
-    order = sorted(range(len(members)), key=lambda i: -members[i].height)
-    groups: list[list[int]] = []
+    """Partition members (by index) into groups that share one plan; the tallest member of a group comes first.
+
+    Baseline members (each with its own optimizer) form one group of their own.
+    """
+    baselines = [i for i, m in enumerate(members) if m.tower is None]
+    order = sorted((i for i, m in enumerate(members) if m.tower is not None), key=lambda i: -members[i].height)
+    groups: list[list[int]] = [baselines] if baselines else []
     for i in order:
         for group in groups:
+            if members[group[0]].tower is None:
+                continue
             if _fits(members[i].tower, members[group[0]].tower):
                 group.append(i)
                 break
@@ -208,6 +215,33 @@ def population_plan(members: Sequence[Member], params: Sequence[Tensor]) -> tupl
 
 
 # -- what cannot be vectorized -------------------------------------------------------------------------------------
+# Optimizers whose statistics are sums over all parameters: stacked members would share them.
+_COUPLING = {
+    "prodigy": "Prodigy estimates its step size from sums over all parameters",
+    "dadapt_adam": "D-Adaptation estimates its step size from sums over all parameters",
+    "dog": "DoG sets its step size from the distance travelled by all parameters together",
+}
+_SWAPPING = ("schedulefree_adamw", "schedulefree_sgd")
+
+
+def _baseline_problem(name: str) -> str | None:
+    if name in _COUPLING:
+        return f"{_COUPLING[name]}, which would couple the members"
+    if name in _SWAPPING:
+        return "Schedule-Free swaps every weight between its train and eval sequences, which the stacked members do not"
+    return None
+
+
+def check_baseline_vectorizable(name: str) -> None:
+    """Raise PopulationError for a baseline optimizer that a vectorized population cannot train exactly."""
+    problem = _baseline_problem(name)
+    if problem is not None:
+        raise PopulationError(
+            f"`optimizer={name}` cannot be trained as a vectorized population: {problem}; "
+            "use population.mode=sequential"
+        )
+
+
 def check_vectorizable(model: nn.Module, model_name: str = "model") -> None:
     """Raise PopulationError if training ``model`` under vmap would not equal training each member alone."""
     for name, module in model.named_modules():
@@ -256,9 +290,19 @@ def _level_names(plan: core.Plan) -> list[tuple[int, str]]:
 
 
 class _Vectorized:
-    """K members of one model stacked along a leading dimension, each with its own tower."""
+    """K members of one model stacked along a leading dimension, each with its own tower.
 
-    def __init__(self, models: Sequence[nn.Module], members: Sequence[Member]) -> None:
+    Baseline members (``make_optimizer`` given) each get their own torch.optim optimizer over views into the stacked
+    parameters: the forward and backward are vectorized, the optimizer steps run member by member (exactly the
+    single run's arithmetic, and nothing of one member's optimizer reaches another).
+    """
+
+    def __init__(
+        self,
+        models: Sequence[nn.Module],
+        members: Sequence[Member],
+        make_optimizer: Callable[[Member, Sequence[Tensor]], SequentialOptimizer] | None = None,
+    ) -> None:
         self.members = list(members)
         self.K = len(members)
         params, buffers = stack_module_state(list(models))
@@ -268,7 +312,17 @@ class _Vectorized:
         # The skeleton only supplies the forward code; its own tensors are replaced at every call.
         self.skeleton = models[0]
         like = self.params[0]
-        self.plan, self.heights = population_plan(members, self.params)
+        self.opts: list[SequentialOptimizer] | None = None
+        if members[0].tower is None:
+            if make_optimizer is None:
+                raise PopulationError("baseline members need make_optimizer")
+            # Parameters sharing storage with member k's slice: the optimizer's in-place updates land in the stack.
+            self.views = [[nn.Parameter(p.data[k]) for p in self.params] for k in range(self.K)]
+            self.opts = [make_optimizer(m, views) for m, views in zip(members, self.views, strict=True)]
+            self.plan = core.make_plan(parse_spec("sgd"), [{}], [len(self.params)], batch_shape=(self.K,))
+            self.heights = torch.zeros(self.K, dtype=torch.long, device=like.device)
+        else:
+            self.plan, self.heights = population_plan(members, self.params)
         self.state = core.init(self.plan, self.params)
         self.live: core.TowerState | None = None
         self.deltas: list[Tensor | None] = []
@@ -303,7 +357,7 @@ class _Vectorized:
 
     def step(self, x: Tensor, y: Tensor) -> Tensor:
         """One training step of every live member; returns the (K,) losses (non-finite for a diverging member)."""
-        self.skeleton.train()
+        self.train_mode()
         losses, _ = self.losses(x, y)
         grads = torch.autograd.grad(losses.sum(), self.params)
         self.step_count += 1
@@ -311,6 +365,8 @@ class _Vectorized:
         loss_ok = torch.isfinite(losses.detach())
         # A frozen member's (possibly non-finite) gradients must not reach its optimizer state.
         moving = active & loss_ok
+        if self.opts is not None:
+            return self._baseline_step(losses.detach(), grads, active, moving)
         grads = [torch.where(_rows(moving, g), g, 0.0) for g in grads]
         if self.live is None:
             hyper = core.zero_hypergradients(self.state)
@@ -336,10 +392,34 @@ class _Vectorized:
         self.live, self.deltas = live, deltas
         return losses.detach()
 
+    def _baseline_step(self, losses: Tensor, grads: Sequence[Tensor], active: Tensor, moving: Tensor) -> Tensor:
+        newly = active & ~moving
+        self.diverged_step = torch.where(newly, self.step_count, self.diverged_step)
+        self.diverged_code = torch.where(newly, 1, self.diverged_code)
+        self.alive = self.alive & ~newly
+        for k, go in enumerate(moving.tolist()):  # one Python step per member anyway, so one sync costs nothing
+            if go:
+                for view, g in zip(self.views[k], grads, strict=True):
+                    view.grad = g[k]
+                self.opts[k].step()  # type: ignore[index]
+        return losses
+
+    def train_mode(self) -> None:
+        self.skeleton.train()
+        for opt in self.opts or ():
+            if hasattr(opt, "train_mode"):
+                opt.train_mode()
+
+    def eval_mode(self) -> None:
+        self.skeleton.eval()
+        for opt in self.opts or ():
+            if hasattr(opt, "eval_mode"):
+                opt.eval_mode()
+
     @torch.no_grad()
     def evaluate(self, x: Tensor, y: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
         """(K,) mean loss and error over a split, in chunks of ``chunk`` examples."""
-        self.skeleton.eval()
+        self.eval_mode()
         loss = torch.zeros(self.K, dtype=torch.float64, device=x.device)
         err = torch.zeros_like(loss)
         for i in range(0, len(x), chunk):
@@ -351,6 +431,8 @@ class _Vectorized:
 
     def hyperparameters(self) -> list[list[dict[str, float]]]:
         """Every member's current hyperparameters, natural scale, level 1 first, only its own tower's levels."""
+        if self.opts is not None:
+            return [opt.hyperparameters() for opt in self.opts]
         levels = []
         for k in range(len(self.plan.rules)):
             values = core.natural_values(self.plan, k, self.state.levels[k].hp)[0]
@@ -429,11 +511,9 @@ def train_population(
     else:
         for m in members:
             if m.tower is None:
-                raise PopulationError(
-                    f"`optimizer={m.baseline.name}` cannot be trained as a vectorized population: only hypergradient "
-                    "towers are (a plain optimizer is a tower of height 0: optimizer=tower optimizer.height=0); "
-                    "use population.mode=sequential"
-                )
+                check_baseline_vectorizable(str(m.baseline.name))
+                if make_optimizer is None:
+                    raise PopulationError(f"member {m.name!r} is a baseline: pass make_optimizer")
         for group in group_members(members):
             models = [make_model(members[i].seed) for i in group]
             check_vectorizable(models[0], model_name)
@@ -447,6 +527,7 @@ def train_population(
                 max_steps,
                 eval_chunk,
                 epoch_callback,
+                make_optimizer,
             )
             for i, r in zip(group, out, strict=True):
                 results[i] = r
@@ -485,10 +566,11 @@ def _train_vectorized(
     max_steps: int | None,
     eval_chunk: int,
     epoch_callback: EpochCallback | None,
+    make_optimizer: Callable[[Member, Sequence[Tensor]], SequentialOptimizer] | None = None,
 ) -> list[MemberResult]:
-    pop = _Vectorized(models, members)
+    pop = _Vectorized(models, members, make_optimizer)
     K = pop.K
-    results = [MemberResult(m) for m in members]
+    results = [MemberResult(m, init=dict(hps[0])) for m, hps in zip(members, pop.hyperparameters(), strict=True)]
     step_losses: list[Tensor] = []
     start = time.perf_counter()
     steps = 0
@@ -570,7 +652,7 @@ def _train_alone(
     """One member as an ordinary run: an ``nn.Module`` and ``hypergrad.tower``, over the population's batches."""
     model = make_model(member.seed)
     opt = make_optimizer(member, list(model.parameters()))
-    result = MemberResult(member)
+    result = MemberResult(member, init=dict(opt.hyperparameters()[0]))
     start = time.perf_counter()
     steps = 0
 
@@ -639,12 +721,6 @@ def _train_alone(
 
 
 # -- the harness entry point: `python -m bench +population=NAME` ------------------------------------------------------
-# Optimizers whose statistics are sums over all parameters: stacked members would share them.
-_COUPLING = {
-    "prodigy": "Prodigy estimates its step size from sums over all parameters",
-    "dadapt_adam": "D-Adaptation estimates its step size from sums over all parameters",
-    "dog": "DoG sets its step size from the distance travelled by all parameters together",
-}
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -699,19 +775,11 @@ def validate_population(cfg: Any) -> None:
     if name != "tower":
         if p.get("heights") not in (None, [0]) and list(p.get("heights")) != [0]:
             raise _fail("population.heights", f"null for optimizer={name} (a baseline has no hyper levels)", p.heights)
-        if p.get("mode", "vectorized") == "vectorized":
-            reason = _COUPLING.get(name)
-            if reason is not None:
-                raise _fail(
-                    "optimizer",
-                    f"a tower for a vectorized population ({reason}, which would couple the members; use "
-                    "population.mode=sequential)",
-                    name,
-                )
+        problem = _baseline_problem(name)
+        if p.get("mode", "vectorized") == "vectorized" and problem is not None:
             raise _fail(
                 "optimizer",
-                "a tower for a vectorized population (a plain optimizer is a tower of height 0: optimizer=tower "
-                "optimizer.height=0; or use population.mode=sequential)",
+                f"a per-parameter optimizer for a vectorized population ({problem}; use population.mode=sequential)",
                 name,
             )
 
@@ -777,12 +845,8 @@ def member_metrics(cfg: Any, result: MemberResult, wall_time_s: float, extra: Ma
         init = {n: level.values[n] for n in level.rule.learnable(level.values)}
         family, method = "tower", method_of(m.spec)
     else:
-        init = {k: float(m.baseline[k]) for k in ("lr", "momentum", "beta1", "beta2") if k in m.baseline}
-        family = (
-            "tuning_free"
-            if m.baseline.name in _COUPLING or str(m.baseline.name).startswith("schedulefree")
-            else "baseline"
-        )
+        init = dict(result.init)
+        family = "tuning_free" if m.baseline.name in (*_COUPLING, *_SWAPPING) else "baseline"
         method = str(m.baseline.name)
     return {
         **result.final,

@@ -237,7 +237,9 @@ def test_sequential_mode_gives_the_same_members(tmp_path):
 
 def test_baselines_that_couple_members_are_refused_with_the_way_out(tmp_path):
     cfg = _cfg(tmp_path, "optimizer=prodigy", "population.seeds=[0,1]")
-    with pytest.raises(ConfigError, match=r"Prodigy.*sums over all parameters.*couple the members.*sequential"):
+    with pytest.raises(
+        ConfigError, match=r"^`optimizer` must be .*Prodigy.*sums over all.*couple the members.*sequential"
+    ):
         run_population(cfg)
     assert not (tmp_path / "population.json").exists()
     metrics = run_population(
@@ -259,7 +261,7 @@ def test_baselines_that_couple_members_are_refused_with_the_way_out(tmp_path):
             "`population.mode` must be one of ['vectorized', 'sequential'], but got 'parallel'",
         ),
         ("population.dtype=half", "`population.dtype` must be one of ['float32', 'float64'], but got 'half'"),
-        ("optimizer=adam", "`optimizer` must be a tower for a vectorized population (a plain optimizer is a tower of"),
+        ("optimizer=schedulefree_sgd", "`optimizer` must be a per-parameter optimizer for a vectorized population"),
     ],
 )
 def test_bad_population_values_fail_before_training(tmp_path, override, message):
@@ -267,3 +269,17 @@ def test_bad_population_values_fail_before_training(tmp_path, override, message)
         run_population(_cfg(tmp_path, override))
     assert str(e.value).startswith(message)
     assert not any(tmp_path.iterdir())
+
+
+def test_baselines_train_vectorized_exactly_as_alone(tmp_path):
+    # Each member keeps its own torch.optim optimizer over its slice of the stack; a cosine schedule included.
+    common = ["optimizer=momentum", "optimizer.schedule=cosine", "population.lr=[0.05,0.2]", "population.dtype=float64"]
+    vec = run_population(_cfg(tmp_path / "v", *common), tmp_path / "v")
+    seq = run_population(_cfg(tmp_path / "s", *common, "population.mode=sequential"), tmp_path / "s")
+    assert [m["init"]["lr"] for m in vec] == [0.05, 0.2]
+    for a, b in zip(vec, seq, strict=True):
+        assert (a["optimizer"], a["family"], a["status"]) == ("momentum", "baseline", "completed")
+        assert a["init"] == b["init"] and a["steps"] == b["steps"] == 8
+        for key in ("test_loss", "val_loss", "train_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-10)
+        assert a["hyperparameters"][0]["lr"] == pytest.approx(b["hyperparameters"][0]["lr"], rel=1e-12)
