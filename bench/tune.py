@@ -294,7 +294,8 @@ def _open_study(cfg: DictConfig, plan: _Plan) -> _BoundedStudy:
     from bench.config import ConfigError
 
     storage = plan.storage.open(cfg.tune.heartbeat_interval_s, cfg.tune.grace_period_s)
-    optuna.create_study(storage=storage, study_name=plan.study_name, direction="minimize", load_if_exists=True)
+    with plan.storage.lock("open"):  # workers starting together must not both create the study
+        optuna.create_study(storage=storage, study_name=plan.study_name, direction="minimize", load_if_exists=True)
     study = _BoundedStudy(
         study_name=plan.study_name,
         storage=storage,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,6 +50,12 @@ class StorageSpec:
 
     def open(self, heartbeat_interval_s: int, grace_period_s: int | None) -> optuna.storages.BaseStorage:
         """Open (creating if needed) the storage."""
+        # Workers of a job array start together; Optuna's table creation is not safe against that
+        # (PostgreSQL: "duplicate key ... pg_type_typname_nsp_index" on CREATE TYPE), so one at a time.
+        with self.lock("open"):
+            return self._open(heartbeat_interval_s, grace_period_s)
+
+    def _open(self, heartbeat_interval_s: int, grace_period_s: int | None) -> optuna.storages.BaseStorage:
         if self.kind == "journal":
             Path(self.target).parent.mkdir(parents=True, exist_ok=True)
             return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(self.target))
@@ -64,19 +71,16 @@ class StorageSpec:
             )
 
     @contextlib.contextmanager
-    def trial_lock(self, study_name: str) -> Iterator[None]:
-        """Serialize "count the study's trials, then create one" across every worker of `study_name`.
+    def lock(self, name: str) -> Iterator[None]:
+        """A lock named `name`, shared by every process using this storage.
 
-        Optuna's `MaxTrialsCallback` checks the count only after a trial ends, so workers finishing together
-        each start one more trial and the study overshoots `n_trials`; creating trials under this lock keeps
-        the total exact. PostgreSQL: a session advisory lock (released by the server if the worker dies).
-        Files (SQLite, journal): Optuna's own NFS-safe lock file next to the storage, forcibly released
-        after a grace period if its holder died.
+        PostgreSQL: a session advisory lock (the server releases it if its holder dies). Files (SQLite,
+        journal): Optuna's NFS-safe lock file next to the storage, forcibly released after a grace period
+        if its holder died.
         """
         if self.backend == "postgresql":
-            key = int.from_bytes(
-                hashlib.sha256(f"hypergrad.tune:{study_name}".encode()).digest()[:8], "big", signed=True
-            )
+            digest = hashlib.sha256(f"hypergrad.tune:{name}".encode()).digest()
+            key = int.from_bytes(digest[:8], "big", signed=True)
             engine = sqlalchemy.create_engine(self.target, poolclass=sqlalchemy.pool.NullPool)
             try:
                 with engine.connect() as conn:
@@ -89,12 +93,22 @@ class StorageSpec:
                 engine.dispose()
             return
         path = self.target if self.kind == "journal" else make_url(self.target).database
-        lock = optuna.storages.journal.JournalFileOpenLock(f"{path}.{_safe(study_name)}.trials")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        lock = optuna.storages.journal.JournalFileOpenLock(f"{path}.{_safe(name)}")
         lock.acquire()
         try:
             yield
         finally:
             lock.release()
+
+    def trial_lock(self, study_name: str) -> contextlib.AbstractContextManager[None]:
+        """Serialize "count the study's trials, then create one" across every worker of `study_name`.
+
+        Optuna's `MaxTrialsCallback` checks the count only after a trial ends, so workers finishing together
+        each start one more trial and the study overshoots `n_trials`; creating trials under this lock keeps
+        the total exact.
+        """
+        return self.lock(f"trials:{study_name}")
 
 
 def _safe(name: str) -> str:
@@ -125,4 +139,7 @@ def parse_storage(value: str | None, default_sqlite: str | Path) -> StorageSpec:
     if backend == "sqlite" and not url.database:
         # sqlite:// alone is an in-memory database: every worker would get its own, and the study would vanish.
         raise ValueError(f"`tune.storage` must name a file for SQLite (sqlite:///PATH), but got {value!r}")
+    if url.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None:
+        # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; the project installs psycopg2.
+        url = url.set(drivername="postgresql+psycopg2")
     return StorageSpec("rdb", url.render_as_string(hide_password=False))

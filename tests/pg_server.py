@@ -73,6 +73,11 @@ class PostgresServer:
     _stopped: bool = field(default=False, repr=False)
 
     @property
+    def sqlalchemy_url(self) -> str:
+        """The URL for SQLAlchemy (and Optuna's RDBStorage), naming the installed psycopg2 driver."""
+        return self.url.replace("postgresql://", "postgresql+psycopg2://", 1)
+
+    @property
     def data_dir(self) -> Path:
         return self.root / "data"
 
