@@ -1,0 +1,182 @@
+"""bench.train.run: a run learns, writes its files atomically, survives interruption, and settles every ending.
+
+These call `run` directly on composed configs (the CLI is covered in test_harness_cli.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+import pytest
+
+from bench.config import compose_config
+from bench.train import request_checkpoint, run
+from tests.harness_helpers import QUICK
+
+METRIC_KEYS = {
+    "test_error", "test_loss", "val_error", "val_loss", "train_loss", "diverged", "diverged_step",
+    "diverged_reason", "epochs", "steps", "wall_time_s", "optimizer", "method", "family", "height",
+    "init", "hyperparameters", "seed", "model", "dataset", "status",
+}  # fmt: skip
+HISTORY_COLUMNS = [
+    "epoch", "steps", "train_loss", "val_loss", "val_error", "test_loss", "test_error", "wall_time_s",
+]  # fmt: skip
+FAST = ["trainer.progress=false", "trainer.num_threads=1"]
+
+
+def _without_time(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if k != "wall_time_s"}
+
+
+def test_short_run_on_mnist5k_lowers_the_loss_and_writes_both_files(tmp_path: Path) -> None:
+    cfg = compose_config([*FAST, "trainer.epochs=3", "dataset.train_size=1024"])
+    metrics = run(cfg, tmp_path)
+
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert on_disk == metrics
+    assert set(metrics) >= METRIC_KEYS
+    history = pd.read_csv(tmp_path / "history.csv")
+    assert list(history.columns[: len(HISTORY_COLUMNS)]) == HISTORY_COLUMNS
+    assert {"L1.lr", "L1.beta1", "L1.beta2", "L2.lr"} <= set(history.columns)
+    assert history["epoch"].tolist() == [1, 2, 3] and history["steps"].tolist() == [4, 8, 12]
+    # It learned: the loss falls epoch over epoch, and the test error beats chance (90%) by far.
+    assert history["train_loss"].is_monotonic_decreasing
+    assert history["val_loss"].iloc[-1] < history["val_loss"].iloc[0]
+    assert metrics["test_error"] < 0.5
+    # The tower's identity, and the step size it learned (level 1 moved, level 2 is fixed at the top).
+    assert metrics["optimizer"] == "adam(0.001)/sgd(1e-05)" and metrics["method"] == "adam/sgd(1e-05)"
+    assert (metrics["family"], metrics["height"], metrics["status"], metrics["diverged"]) == (
+        "tower",
+        1,
+        "completed",
+        False,
+    )
+    assert metrics["init"]["lr"] == pytest.approx(1e-3)
+    assert metrics["hyperparameters"][0]["lr"] != pytest.approx(1e-3)
+    assert metrics["hyperparameters"][1] == {"lr": pytest.approx(1e-5)}
+    assert history["L1.lr"].iloc[-1] == pytest.approx(metrics["hyperparameters"][0]["lr"])
+    # Written atomically: no temporary file is left behind.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["history.csv", "metrics.json"]
+
+
+def test_tower_keys_build_the_spec_and_spec_overrides_them(tmp_path: Path) -> None:
+    keys = run(
+        compose_config(
+            [*QUICK, "optimizer.base=sgd", "optimizer.lr=0.05", "optimizer.momentum=0.5", "optimizer.height=2"]
+        ),
+        tmp_path / "keys",
+    )
+    assert keys["optimizer"] == "sgd(0.05, momentum=0.5)/sgd(1e-05)/sgd(1e-05)"
+    assert (keys["height"], keys["method"]) == (2, "sgd/sgd(1e-05)/sgd(1e-05)")
+    assert keys["init"] == {"lr": pytest.approx(0.05), "momentum": pytest.approx(0.5)}
+    spec = run(compose_config([*QUICK, 'optimizer.spec="adam[lr](0.002)/adam(1e-4)"']), tmp_path / "spec")
+    assert spec["optimizer"].startswith("adam[lr](0.002)/adam(0.0001") and spec["height"] == 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "family"),
+    [
+        (["optimizer=momentum", "optimizer.schedule=cosine"], "baseline"),
+        (["optimizer=schedulefree_adamw"], "tuning_free"),
+    ],
+)
+def test_baselines_record_their_family_and_zero_height(tmp_path: Path, overrides: list[str], family: str) -> None:
+    metrics = run(compose_config([*QUICK, *overrides]), tmp_path)
+    name = overrides[0].split("=")[1]
+    assert (metrics["optimizer"], metrics["method"], metrics["family"], metrics["height"]) == (name, name, family, 0)
+    assert len(metrics["hyperparameters"]) == 1 and "lr" in metrics["init"]
+
+
+def _interrupt_at(epoch: int):
+    def callback(e: int, row: dict[str, Any]) -> None:
+        if e == epoch:
+            raise KeyboardInterrupt  # as a kill would: no chance to write anything more
+
+    return callback
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [[], ["optimizer=adam", "optimizer.schedule=warmup_cosine"]],
+    ids=["tower", "scheduled_adam"],
+)
+def test_resume_from_an_epoch_checkpoint_ends_with_the_uninterrupted_metrics(
+    tmp_path: Path, optimizer: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    overrides = [*FAST, *optimizer, "trainer.epochs=3", "dataset.train_size=512", "trainer.checkpoint_every=1"]
+    whole = run(compose_config(overrides), tmp_path / "whole")
+
+    with pytest.raises(KeyboardInterrupt):
+        run(compose_config(overrides), tmp_path / "cut", epoch_callback=_interrupt_at(2))
+    assert not (tmp_path / "cut" / "metrics.json").exists()
+    capsys.readouterr()
+    resumed = run(compose_config(overrides), tmp_path / "cut")
+    # It continued from the checkpoint of epoch 2 (rather than quietly starting over).
+    assert f"resuming {tmp_path / 'cut'} from epoch 2, step 4" in capsys.readouterr().out
+
+    assert _without_time(resumed) == _without_time(whole)
+    cut_history = pd.read_csv(tmp_path / "cut" / "history.csv").drop(columns="wall_time_s")
+    whole_history = pd.read_csv(tmp_path / "whole" / "history.csv").drop(columns="wall_time_s")
+    pd.testing.assert_frame_equal(cut_history, whole_history)
+
+
+def test_preemption_request_saves_mid_epoch_and_the_rerun_finishes_identically(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    overrides = [*FAST, "trainer.epochs=2", "dataset.train_size=512"]
+    whole = run(compose_config(overrides), tmp_path / "whole")
+
+    def preempt_after_first_epoch(epoch: int, row: dict[str, Any]) -> None:
+        request_checkpoint()  # what a SLURM signal handler would call
+
+    stopped = run(compose_config(overrides), tmp_path / "cut", epoch_callback=preempt_after_first_epoch)
+    assert stopped["status"] == "preempted"
+    assert stopped["steps"] == 3  # one step into epoch 2 (2 batches of 256 per epoch)
+    assert (tmp_path / "cut" / "checkpoint.pt").is_file() and not (tmp_path / "cut" / "metrics.json").exists()
+
+    capsys.readouterr()
+    resumed = run(compose_config(overrides), tmp_path / "cut")
+    assert f"resuming {tmp_path / 'cut'} from epoch 1, step 3" in capsys.readouterr().out
+    assert _without_time(resumed) == _without_time(whole)
+
+
+def test_a_diverging_run_is_recorded_as_diverged_not_dropped(tmp_path: Path) -> None:
+    # A hyper step size of 1e10 blows the learned step size up within a few steps.
+    metrics = run(compose_config([*FAST, 'optimizer.spec="adam(0.001)/sgd(1e10)"']), tmp_path)
+    assert metrics["diverged"] is True and metrics["status"] == "diverged"
+    assert isinstance(metrics["diverged_step"], int) and 1 <= metrics["diverged_step"] < metrics["steps"] + 2
+    assert "non-finite" in metrics["diverged_reason"]
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "diverged"
+    assert len(pd.read_csv(tmp_path / "history.csv")) == 1
+
+
+def test_a_finished_run_is_skipped_unless_forced(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = compose_config(QUICK)
+    first = run(cfg, tmp_path)
+    stamp = (tmp_path / "metrics.json").stat().st_mtime_ns
+
+    again = run(cfg, tmp_path)
+    assert again == first
+    assert (tmp_path / "metrics.json").stat().st_mtime_ns == stamp
+    assert f"skipping {tmp_path}" in capsys.readouterr().out
+
+    forced = run(compose_config([*QUICK, "trainer.force=true"]), tmp_path)
+    assert (tmp_path / "metrics.json").stat().st_mtime_ns != stamp
+    assert _without_time(forced) == _without_time(first)  # same seed, same result
+
+
+def test_a_pruned_run_records_pruned_and_the_exception_reaches_the_caller(tmp_path: Path) -> None:
+    def prune(epoch: int, row: dict[str, Any]) -> None:
+        assert {"val_error", "val_loss", "train_loss", "epoch", "steps"} <= set(row)
+        raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+
+    with pytest.raises(optuna.TrialPruned):
+        run(compose_config([*FAST, "trainer.epochs=3", "dataset.train_size=256"]), tmp_path, epoch_callback=prune)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert (metrics["status"], metrics["epochs"], metrics["diverged"]) == ("pruned", 1, False)
+    # A pruned run is not a finished one: running the directory again trains it.
+    assert run(compose_config([*FAST, "trainer.epochs=1", "dataset.train_size=256"]), tmp_path)["status"] == "completed"
