@@ -87,7 +87,6 @@ class MemberResult:
     diverged_reason: str | None = None
     steps: int = 0
     hyperparameters: list[dict[str, float]] = field(default_factory=list)  # final values, level 1 first
-    final: dict[str, float] = field(default_factory=dict)  # val/test loss and error of the final weights
     init: dict[str, float] = field(default_factory=dict)  # the weight optimizer's initial hyperparameters
 
 
@@ -259,11 +258,18 @@ def check_vectorizable(model: nn.Module, model_name: str = "model") -> None:
 
 
 # -- vectorized training -------------------------------------------------------------------------------------------
-def _loss_and_error(out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    # Classification (N x C logits) and language modelling (N x T x V logits) alike: mean over all predictions.
-    logits = out.reshape(-1, out.shape[-1])
-    target = y.reshape(-1)
-    return F.cross_entropy(logits, target), (logits.argmax(-1) != target).to(out.dtype).mean()
+def _loss_sums(out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed cross-entropy and number of wrong predictions (text: per character), as the harness computes them.
+
+    The harness's formula (bench.train), except that float64 logits stay float64 (population.dtype=float64 is for
+    exactness checks); a non-finite output counts as wrong.
+    """
+    logits, y = out.flatten(0, -2), y.flatten()
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    loss = F.cross_entropy(logits, y, reduction="sum")
+    wrong = (logits.argmax(-1) != y) | ~torch.isfinite(logits).all(-1)
+    return loss, wrong.sum().to(loss.dtype)
 
 
 def _rows(mask: Tensor, like: Tensor) -> Tensor:
@@ -330,35 +336,41 @@ class _Vectorized:
         self.stopped = torch.zeros(self.K, dtype=torch.bool, device=like.device)  # pruned from outside
         self.diverged_step = torch.full((self.K,), -1, dtype=torch.long, device=like.device)
         self.diverged_code = torch.zeros(self.K, dtype=torch.long, device=like.device)
+        self.diverged_value = torch.zeros(self.K, dtype=like.dtype, device=like.device)
         self.step_count = 0
         self.hp_names = _level_names(self.plan)
 
         def member_loss(p: Sequence[Tensor], b: Mapping[str, Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
             tensors = dict(zip(self.names, p, strict=True))
             tensors.update(b)
-            return _loss_and_error(functional_call(self.skeleton, tensors, (x,)), y)
+            return _loss_sums(functional_call(self.skeleton, tensors, (x,)), y)
 
         self._loss = torch.vmap(member_loss, in_dims=(0, 0, None, None))
 
     def losses(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Every member's summed loss and number of wrong predictions on a batch: two (K,) tensors."""
         return self._loss(self.params, self.buffers, x, y)
 
-    def _hp_finite(self, live: core.TowerState) -> tuple[Tensor, Tensor]:
-        """(K,) all hyperparameters finite, and the index of the first non-finite one (in ``hp_names``)."""
+    def _hp_finite(self, live: core.TowerState) -> tuple[Tensor, Tensor, Tensor]:
+        """(K,): whether every hyperparameter is finite, the index (in ``hp_names``) and value of the first that
+        is not."""
         cols = []
         for k in range(len(self.plan.rules) - 1):
             for values in core.natural_values(self.plan, k, live.levels[k].hp):
                 cols += [values[name].detach().reshape(self.K) for name in self.plan.learned[k]]
         if not cols:
             ok = torch.ones(self.K, dtype=torch.bool, device=self.alive.device)
-            return ok, torch.zeros(self.K, dtype=torch.long, device=ok.device)
-        finite = torch.isfinite(torch.stack(cols, dim=1))
-        return finite.all(1), (~finite).to(torch.uint8).argmax(1)
+            return ok, torch.zeros(self.K, dtype=torch.long, device=ok.device), torch.zeros(self.K)
+        stacked = torch.stack(cols, dim=1)
+        finite = torch.isfinite(stacked)
+        first = (~finite).to(torch.uint8).argmax(1)
+        return finite.all(1), first, stacked.gather(1, first[:, None])[:, 0]
 
     def step(self, x: Tensor, y: Tensor) -> Tensor:
         """One training step of every live member; returns the (K,) losses (non-finite for a diverging member)."""
         self.train_mode()
-        losses, _ = self.losses(x, y)
+        sums, _ = self.losses(x, y)
+        losses = sums / y.numel()
         grads = torch.autograd.grad(losses.sum(), self.params)
         self.step_count += 1
         active = self.alive & ~self.stopped
@@ -378,11 +390,13 @@ class _Vectorized:
             [torch.where(_rows(moving & (self.heights > k), h), h, 0.0) for h in level] for k, level in enumerate(hyper)
         ]
         live, deltas = core.update(self.plan, self.state, grads, hyper)
-        hp_ok, first_bad = self._hp_finite(live)
+        hp_ok, first_bad, bad_value = self._hp_finite(live)
         keep = moving & hp_ok
         newly = active & ~keep
         self.diverged_step = torch.where(newly, self.step_count, self.diverged_step)
         self.diverged_code = torch.where(newly, torch.where(loss_ok, 2 + first_bad, 1), self.diverged_code)
+        value = torch.where(loss_ok, bad_value.to(losses.dtype), losses.detach())
+        self.diverged_value = torch.where(newly, value, self.diverged_value)
         self.alive = self.alive & ~newly
         with torch.no_grad():
             for p, d in zip(self.params, deltas, strict=True):
@@ -396,6 +410,7 @@ class _Vectorized:
         newly = active & ~moving
         self.diverged_step = torch.where(newly, self.step_count, self.diverged_step)
         self.diverged_code = torch.where(newly, 1, self.diverged_code)
+        self.diverged_value = torch.where(newly, losses, self.diverged_value)
         self.alive = self.alive & ~newly
         for k, go in enumerate(moving.tolist()):  # one Python step per member anyway, so one sync costs nothing
             if go:
@@ -417,17 +432,15 @@ class _Vectorized:
                 opt.eval_mode()
 
     @torch.no_grad()
-    def evaluate(self, x: Tensor, y: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
-        """(K,) mean loss and error over a split, in chunks of ``chunk`` examples."""
+    def evaluate(self, x: Tensor, y: Tensor, chunk: int) -> tuple[list[float], list[float]]:
+        """Every member's mean loss and error rate over a split, in chunks of ``chunk`` examples."""
         self.eval_mode()
-        loss = torch.zeros(self.K, dtype=torch.float64, device=x.device)
-        err = torch.zeros_like(loss)
+        loss = wrong = None
         for i in range(0, len(x), chunk):
-            l, e = self.losses(x[i : i + chunk], y[i : i + chunk])
-            n = len(x[i : i + chunk])
-            loss += l.double() * n
-            err += e.double() * n
-        return loss / len(x), err / len(x)
+            s, w = self.losses(x[i : i + chunk], y[i : i + chunk])
+            loss, wrong = (s, w) if loss is None else (loss + s, wrong + w)
+        n = y.numel()  # divided in Python, as the harness does
+        return [v / n for v in loss.tolist()], [v / n for v in wrong.tolist()]
 
     def hyperparameters(self) -> list[list[dict[str, float]]]:
         """Every member's current hyperparameters, natural scale, level 1 first, only its own tower's levels."""
@@ -450,13 +463,15 @@ class _Vectorized:
         return out
 
     def reason(self, i: int) -> str | None:
-        code = int(self.diverged_code[i])
+        """Why member ``i`` diverged, in the harness's words (None if it did not)."""
+        code, value = int(self.diverged_code[i]), float(self.diverged_value[i])
         if code == 0:
             return None
         if code == 1:
-            return "non-finite loss"
+            return f"non-finite training loss ({value})"
         k, name = self.hp_names[code - 2]
-        return f"non-finite hyperparameter L{k + 1}.{name}"
+        error = hypergrad.NonFiniteHyperparameterError(k + 1, name, value, int(self.diverged_step[i]))
+        return f"non-finite hyperparameter: {error}"
 
 
 def _hp_columns(hps: Sequence[Mapping[str, float]]) -> dict[str, float]:
@@ -574,40 +589,48 @@ def _train_vectorized(
     step_losses: list[Tensor] = []
     start = time.perf_counter()
     steps = 0
+    reported = [False] * K  # a diverged member gets one last row, as a single run does
     for epoch in range(1, epochs + 1):
         total = torch.zeros(K, dtype=torch.float64, device=pop.alive.device)
         count = torch.zeros_like(total)
+        complete = True
         for x, y in batches(epoch):
             if max_steps is not None and steps >= max_steps:
+                complete = False
                 break
             was_moving = pop.alive & ~pop.stopped
             losses = pop.step(x, y)
             steps += 1
             step_losses.append(losses)
             counted = was_moving & pop.alive
-            total += torch.where(counted, losses.double(), 0.0)
-            count += counted.double()
-        val = pop.evaluate(*splits["val"], eval_chunk)
-        test = pop.evaluate(*splits["test"], eval_chunk)
+            # Weighted by batch size, as the harness's epoch mean: a short last batch counts less.
+            total += torch.where(counted, losses.double() * len(y), 0.0)
+            count += counted.double() * len(y)
+        val_l, val_e = pop.evaluate(*splits["val"], eval_chunk)
+        test_l, test_e = pop.evaluate(*splits["test"], eval_chunk)
         wall = time.perf_counter() - start
-        alive = (pop.alive & ~pop.stopped).tolist()  # one synchronization per epoch, not per step
-        train_loss = (total / count.clamp(min=1)).tolist()
-        val_l, val_e, test_l, test_e = (t.tolist() for t in (*val, *test))
+        moving = (pop.alive & ~pop.stopped).tolist()  # one synchronization per epoch, not per step
+        diverged_step = pop.diverged_step.tolist()
+        train_loss = torch.where(count > 0, total / count.clamp(min=1), math.nan).tolist()
         hps = pop.hyperparameters()
         for i, r in enumerate(results):
-            if not alive[i]:
+            if r.status == "pruned" or reported[i]:
                 continue
-            row = _epoch_row(epoch, steps, train_loss[i], (val_l[i], val_e[i]), (test_l[i], test_e[i]), wall, hps[i])
+            own_steps = steps if diverged_step[i] < 0 else diverged_step[i] - 1
+            row = _epoch_row(
+                epoch, own_steps, train_loss[i], (val_l[i], val_e[i]), (test_l[i], test_e[i]), wall, hps[i]
+            )
             r.history.append(row)
-            if epoch_callback is not None and epoch_callback(indices[i], epoch, row):
+            if not moving[i]:
+                reported[i] = True
+                continue
+            if complete and epoch_callback is not None and epoch_callback(indices[i], epoch, row):
                 pop.stopped[i] = True
                 r.status = "pruned"
-        if not bool((pop.alive & ~pop.stopped).any()) or (max_steps is not None and steps >= max_steps):
+        if not bool((pop.alive & ~pop.stopped).any()) or not complete:
             break
     all_losses = torch.stack(step_losses).T.tolist() if step_losses else [[] for _ in range(K)]
     diverged_step = pop.diverged_step.tolist()
-    val_l, val_e = (t.tolist() for t in pop.evaluate(*splits["val"], eval_chunk))
-    test_l, test_e = (t.tolist() for t in pop.evaluate(*splits["test"], eval_chunk))
     hps = pop.hyperparameters()
     for i, r in enumerate(results):
         if diverged_step[i] >= 0:
@@ -616,10 +639,9 @@ def _train_vectorized(
             r.step_losses = all_losses[i][: diverged_step[i]]
             r.steps = diverged_step[i] - 1
         else:
-            r.steps = r.history[-1]["steps"] if r.status == "pruned" else steps
+            r.steps = r.history[-1]["steps"]
             r.step_losses = all_losses[i][: r.steps]
         r.hyperparameters = hps[i]
-        r.final = {"val_loss": val_l[i], "val_error": val_e[i], "test_loss": test_l[i], "test_error": test_e[i]}
     return results
 
 
@@ -653,70 +675,65 @@ def _train_alone(
     model = make_model(member.seed)
     opt = make_optimizer(member, list(model.parameters()))
     result = MemberResult(member, init=dict(opt.hyperparameters()[0]))
+    train_mode, eval_mode = getattr(opt, "train_mode", None), getattr(opt, "eval_mode", None)
     start = time.perf_counter()
     steps = 0
-
-    train_mode, eval_mode = getattr(opt, "train_mode", None), getattr(opt, "eval_mode", None)
 
     @torch.no_grad()
     def evaluate(x: Tensor, y: Tensor) -> tuple[float, float]:
         model.eval()
         if eval_mode is not None:  # Schedule-Free evaluates its averaged weights
             eval_mode()
-        loss = err = 0.0
+        loss = wrong = torch.zeros((), dtype=x.dtype if x.is_floating_point() else torch.float32)
         for i in range(0, len(x), eval_chunk):
-            l, e = _loss_and_error(model(x[i : i + eval_chunk]), y[i : i + eval_chunk])
-            n = len(x[i : i + eval_chunk])
-            loss += float(l) * n
-            err += float(e) * n
-        return loss / len(x), err / len(x)
+            s, w = _loss_sums(model(x[i : i + eval_chunk]), y[i : i + eval_chunk])
+            loss, wrong = loss + s, wrong + w
+        return loss.item() / y.numel(), wrong.item() / y.numel()
 
     for epoch in range(1, epochs + 1):
-        total, count = 0.0, 0
+        total, count, complete = 0.0, 0, True
         for x, y in batches(epoch):
             if max_steps is not None and steps >= max_steps:
+                complete = False
                 break
             model.train()
             if train_mode is not None:
                 train_mode()
-            loss, _ = _loss_and_error(model(x), y)
-            steps += 1
-            value = float(loss.detach())
+            loss = _loss_sums(model(x), y)[0] / y.numel()
+            value = loss.item()
             result.step_losses.append(value)
             if not math.isfinite(value):
-                result.status, result.diverged_step, result.diverged_reason = "diverged", steps, "non-finite loss"
+                result.status, result.diverged_step = "diverged", steps + 1
+                result.diverged_reason = f"non-finite training loss ({value})"
                 break
             loss.backward()
             try:
                 opt.step()
             except hypergrad.NonFiniteHyperparameterError as e:
-                result.status, result.diverged_step = "diverged", steps
-                result.diverged_reason = f"non-finite hyperparameter L{e.level}.{e.name}"
+                result.status, result.diverged_step = "diverged", steps + 1
+                result.diverged_reason = f"non-finite hyperparameter: {e}"
                 break
             opt.zero_grad()
-            total += value
-            count += 1
-        if result.status == "diverged":
-            break
+            steps += 1
+            total += value * len(y)
+            count += len(y)
         row = _epoch_row(
             epoch,
             steps,
-            total / max(count, 1),
+            total / count if count else math.nan,
             evaluate(*splits["val"]),
             evaluate(*splits["test"]),
             time.perf_counter() - start,
             opt.hyperparameters(),
         )
         result.history.append(row)
+        if result.status == "diverged" or not complete:
+            break
         if epoch_callback is not None and epoch_callback(index, epoch, row):
             result.status = "pruned"
             break
-        if max_steps is not None and steps >= max_steps:
-            break
-    result.steps = steps - (1 if result.status == "diverged" else 0)
+    result.steps = steps
     result.hyperparameters = opt.hyperparameters()
-    val, test = evaluate(*splits["val"]), evaluate(*splits["test"])
-    result.final = {"val_loss": val[0], "val_error": val[1], "test_loss": test[0], "test_error": test[1]}
     return result
 
 
@@ -811,24 +828,21 @@ def population_members(cfg: Any) -> list[Member]:
     return grid_members(template, lrs, heights or [None], seeds)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _epoch_batches(data: Any, batch_size: int, seed: int) -> Batches:
-    """Every member's batches: a permutation of the training set per epoch, seeded by (seed, epoch)."""
+    """Every member's batches, drawn exactly as a harness run with this seed draws them (bench.train)."""
+    from bench.train import _epoch_seed
+
     x_all, y_all = data.train
 
     def batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        perm = torch.randperm(len(x_all), generator=gen).to(x_all.device)
-        for i in range(0, len(perm), batch_size):
+        e = epoch - 1  # the harness counts completed epochs
+        perm = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(_epoch_seed(seed, e)))
+        perm = perm.to(x_all.device)
+        for b, i in enumerate(range(0, len(perm), batch_size)):
             idx = perm[i : i + batch_size]
             x = x_all[idx]
             if data.augment is not None:
-                x = data.augment(x, gen)
+                x = data.augment(x, torch.Generator().manual_seed(_epoch_seed(seed, e) * 100_003 + b))
             yield x, y_all[idx]
 
     return batches
@@ -840,17 +854,14 @@ def member_metrics(cfg: Any, result: MemberResult, wall_time_s: float, extra: Ma
 
     m = result.member
     last = result.history[-1] if result.history else {}
+    init = dict(result.init)  # as the harness reports it: the optimizer's own first reading, in its dtype
     if m.tower is not None:
-        level = m.tower.levels[0]
-        init = {n: level.values[n] for n in level.rule.learnable(level.values)}
         family, method = "tower", method_of(m.spec)
     else:
-        init = dict(result.init)
         family = "tuning_free" if m.baseline.name in (*_COUPLING, *_SWAPPING) else "baseline"
         method = str(m.baseline.name)
     return {
-        **result.final,
-        "train_loss": last.get("train_loss", math.nan),
+        **{key: last.get(key, math.nan) for key in ("test_error", "test_loss", "val_error", "val_loss", "train_loss")},
         "diverged": result.status == "diverged",
         "diverged_step": result.diverged_step,
         "diverged_reason": result.diverged_reason,
@@ -903,6 +914,7 @@ def run_population(
     from bench.data import build_dataset
     from bench.io import atomic_write_json
     from bench.models import build_model
+    from bench.train import _device
 
     validate(cfg)
     validate_population(cfg)
@@ -912,6 +924,8 @@ def run_population(
     p = cfg.population
     mode, dtype = p.get("mode", "vectorized"), _DTYPES[p.get("dtype", "float32")]
     device = _device(cfg.trainer.device)
+    if cfg.trainer.get("num_threads") is not None:
+        torch.set_num_threads(cfg.trainer.num_threads)
     members = population_members(cfg)
     data = build_dataset(cfg.dataset, device)
     if data.kind != "text":  # token ids stay integers

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pandas as pd
 import pytest
@@ -19,6 +20,7 @@ from bench.population import (
     run_population,
     train_population,
 )
+from bench.train import run
 
 N_TRAIN, BATCH, EPOCHS = 96, 32, 2  # 3 steps per epoch, 6 in all
 
@@ -131,10 +133,12 @@ def test_a_diverging_member_is_frozen_and_the_others_are_unaffected():
     without = train_population(make_model, [m for i, m in enumerate(members) if i != 1], batches, splits, epochs=EPOCHS)
 
     bad = with_it[1]
-    assert (bad.status, bad.diverged_step, bad.diverged_reason, bad.steps) == ("diverged", 2, "non-finite loss", 1)
+    assert (bad.status, bad.diverged_step, bad.steps) == ("diverged", 2, 1)
+    assert bad.diverged_reason == f"non-finite training loss ({bad.step_losses[1]})"
     assert math.isfinite(bad.step_losses[0]) and not math.isfinite(bad.step_losses[1])
     assert bad.step_losses[0] == pytest.approx(_alone(*huge, torch.float64)[0][0], rel=1e-12)
-    assert bad.history == []  # it never finished an epoch
+    # As a single run records it: one last row for the epoch it died in, with the step count it reached.
+    assert [(row["epoch"], row["steps"]) for row in bad.history] == [(1, 1)]
     for r, alone in zip([with_it[0], *with_it[2:]], without, strict=True):
         assert r.status == "completed" and r.history[-1]["epoch"] == EPOCHS
         assert r.step_losses == alone.step_losses  # bit for bit: nothing of the diverged member leaks
@@ -150,7 +154,9 @@ def test_a_non_finite_hyperparameter_freezes_its_member_before_the_update():
         Member(hypergrad.parse_spec("sgd(0.1, momentum=0.5)/sgd(0.01)"), 0, "good"),
     ]
     bad, good = train_population(make_model, members, batches, splits, epochs=EPOCHS)
-    assert bad.status == "diverged" and bad.diverged_reason.startswith("non-finite hyperparameter L1.")
+    assert bad.status == "diverged"
+    assert re.fullmatch(r"non-finite hyperparameter: hyperparameter '(lr|momentum)' of level 1 became (inf|-inf|nan) "
+                        rf"at step {bad.diverged_step}; .*", bad.diverged_reason)  # fmt: skip
     # Frozen with the last finite values, as HyperOptimizer leaves a run when it raises.
     assert all(math.isfinite(v) for level in bad.hyperparameters for v in level.values())
     assert good.status == "completed"
@@ -218,7 +224,7 @@ def test_member_directories_have_the_harness_schema(tmp_path):
         ]  # fmt: skip
         assert list(history.epoch) == [1, 2] and saved["steps"] == 8 and saved["status"] == "completed"
         assert saved["family"] == "tower" and saved["method"] == "sgd" + "/sgd(0.001)" * saved["height"]
-        assert saved["init"] == {"lr": float(entry["name"].split("_")[0].removeprefix("lr="))}
+        assert saved["init"] == {"lr": pytest.approx(float(entry["name"].split("_")[0].removeprefix("lr=")), rel=1e-7)}
         assert saved["hyperparameters"][-1] == {"lr": 0.001 if saved["height"] else saved["init"]["lr"]}
         assert (run_dir / ".hydra" / "config.yaml").read_text().count(f"seed: {saved['seed']}") >= 1
         if saved["init"]["lr"] == 0.1:  # large enough to learn visibly in 8 steps
@@ -283,3 +289,24 @@ def test_baselines_train_vectorized_exactly_as_alone(tmp_path):
         for key in ("test_loss", "val_loss", "train_loss"):
             assert a[key] == pytest.approx(b[key], rel=1e-10)
         assert a["hyperparameters"][0]["lr"] == pytest.approx(b["hyperparameters"][0]["lr"], rel=1e-12)
+
+
+@pytest.mark.parametrize(("mode", "tol"), [("sequential", 0.0), ("vectorized", 1e-5)])
+def test_a_member_equals_the_harness_run_of_its_configuration(tmp_path, mode, tol):
+    # The member whose seed is the run's seed draws the same initialization and batches as `python -m bench`.
+    grid = ["population.lr=[0.05]", "population.heights=[0,1,2]", "population.seeds=[0]", f"population.mode={mode}"]
+    members = run_population(_cfg(tmp_path / "pop", *grid, "optimizer.base=sgd"), tmp_path / "pop")
+    for m in members:
+        single = run(
+            _cfg(tmp_path / "one", "optimizer.base=sgd", "optimizer.lr=0.05", f"optimizer.height={m['height']}"),
+            tmp_path / f"one{m['height']}",
+        )
+        assert {k: m[k] for k in ("optimizer", "method", "family", "init", "steps", "epochs", "seed", "status")} == {
+            k: single[k] for k in ("optimizer", "method", "family", "init", "steps", "epochs", "seed", "status")
+        }
+        for key in ("test_loss", "val_loss", "train_loss", "test_error", "val_error"):
+            assert m[key] == pytest.approx(single[key], rel=tol, abs=0), key
+        for mine, theirs in zip(m["hyperparameters"], single["hyperparameters"], strict=True):
+            assert mine == pytest.approx(theirs, rel=tol, abs=0)
+        history = pd.read_csv(tmp_path / "pop" / "members" / f"lr=0.05_h={m['height']}_seed=0" / "history.csv")
+        assert list(history.columns) == list(pd.read_csv(tmp_path / f"one{m['height']}" / "history.csv").columns)
