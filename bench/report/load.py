@@ -117,6 +117,13 @@ def _finite(x: Any) -> float:
     return v if math.isfinite(v) else math.nan
 
 
+def _setting(x: Any) -> float:
+    """An initial hyperparameter as a grid coordinate: a tower stores 0.01 as float32 0.009999999776, and
+    the same grid point must group with the baseline's float64 0.01, so round to 6 significant digits."""
+    v = _finite(x)
+    return v if math.isnan(v) else float(f"{v:.6g}")
+
+
 def _row(run_dir: Path | str, metrics: dict[str, Any], on_disk: bool = True) -> dict[str, Any]:
     """One table row from a metrics.json; `on_disk=False` for runs that have no directory (read from W&B)."""
     run_dir = Path(run_dir)
@@ -137,8 +144,8 @@ def _row(run_dir: Path | str, metrics: dict[str, Any], on_disk: bool = True) -> 
         "family": str(metrics["family"]),
         "height": int(metrics["height"]),
         "optimizer": str(metrics.get("optimizer", metrics["method"])),
-        "lr": _finite(init.get("lr")),
-        "momentum": _finite(init.get("momentum")),
+        "lr": _setting(init.get("lr")),
+        "momentum": _setting(init.get("momentum")),
         "seed": metrics["seed"],
         "test_error": MISS_ERROR if miss else raw_test,
         "test_error_raw": raw_test,
@@ -169,19 +176,25 @@ def _check_compatible(table: pd.DataFrame) -> None:
 
 
 def _study_roles(study_dir: Path, summary: dict[str, Any], run_dirs: list[Path]) -> dict[Path, str]:
-    """Tag each run below a study directory as one of its reruns or one of its trials."""
-    reruns = set()
-    for rerun in summary.get("reruns") or []:
-        path = rerun.get("run_dir") if isinstance(rerun, dict) else None
-        if path:
-            p = Path(path)
-            reruns.add((p if p.is_absolute() else study_dir / p).resolve())
+    """Tag the study's runs as reruns or trials: those its summary lists, and any other run below it."""
+
+    def listed(key: str) -> set[Path]:
+        paths = set()
+        for entry in summary.get(key) or []:
+            path = entry.get("run_dir") if isinstance(entry, dict) else None
+            if path:
+                p = Path(path)
+                paths.add((p if p.is_absolute() else study_dir / p).resolve())
+        return paths
+
+    reruns, trials = listed("reruns"), listed("trials")  # trials may live elsewhere (tune.trials_dir)
     roles = {}
     for run_dir in run_dirs:
-        if run_dir == study_dir or study_dir not in run_dir.parents:
-            continue
-        in_reruns_dir = "reruns" in run_dir.relative_to(study_dir).parts
-        roles[run_dir] = "rerun" if run_dir in reruns or in_reruns_dir else "trial"
+        below = run_dir != study_dir and study_dir in run_dir.parents
+        if run_dir in reruns or (below and "reruns" in run_dir.relative_to(study_dir).parts):
+            roles[run_dir] = "rerun"
+        elif run_dir in trials or below:
+            roles[run_dir] = "trial"
     return roles
 
 

@@ -92,10 +92,11 @@ def sensitivity_figure(
     panels against momentum at each step size. None when no method was swept over its step size.
     """
     swept = summary[~summary["tuned"] & (summary["family"] != "tuning_free") & summary["lr"].notna()]
-    if swept.empty:
-        return None
+    if swept.empty or swept.groupby("method")["lr"].nunique().max() < 2:
+        return None  # each method at one step size (a table of methods, not a sweep): nothing to draw
     momenta = sorted(swept["momentum"].dropna().unique())
-    vary_momentum = len(momenta) > 1
+    # A sweep over momentum, not just methods that differ in it: one method at one lr with several momenta.
+    vary_momentum = swept.dropna(subset=["momentum"]).groupby(["method", "lr"])["momentum"].nunique().max() > 1
     lr_panels = momenta if vary_momentum else [None]
     lrs = sorted(swept["lr"].unique())
     if vary_momentum and len(lrs) > 4:
@@ -107,7 +108,8 @@ def sensitivity_figure(
 
     for i, momentum in enumerate(lr_panels):
         ax = axes[0, i]
-        data = swept if momentum is None else swept[swept["momentum"] == momentum]
+        # Methods without a momentum (Adam, ...) belong in every momentum's panel.
+        data = swept if momentum is None else swept[(swept["momentum"] == momentum) | swept["momentum"].isna()]
         _curves(ax, data, "lr", colors)
         _reference_lines(ax, summary, colors)
         if reference is not None:
@@ -123,11 +125,14 @@ def sensitivity_figure(
             ax = axes[1, j]
             _curves(ax, swept[(swept["lr"] == lr) & swept["momentum"].notna()], "momentum", colors)
             _reference_lines(ax, summary, colors)
-            # Momentum near 1 is where the behaviour changes: logit spacing separates 0.9 from 0.99.
-            ax.set_xscale("logit")
+            # Momentum near 1 is where the behaviour changes: logit spacing separates 0.9 from 0.99
+            # (it cannot show 0 or 1, so those sweeps keep a linear axis).
+            logit = momenta[0] > 0.0 and momenta[-1] < 1.0
+            if logit:
+                ax.set_xscale("logit")
+                ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xticks(momenta, [f"{m:g}" for m in momenta])
-            ax.xaxis.set_minor_formatter(NullFormatter())
-            ax.set_xlabel("initial momentum μ (logit scale)")
+            ax.set_xlabel("initial momentum μ" + (" (logit scale)" if logit else ""))
             ax.set_title(f"test error vs initial momentum, initial step size {lr:g}")
             _error_axis(ax, all_errors)
     for ax in axes.flat:
@@ -191,8 +196,14 @@ def tuning_curve_figure(
 
 
 def select_trajectory_runs(table: pd.DataFrame, max_per_method: int = 3) -> pd.DataFrame:
-    """For each method, its lowest seed at the smallest, middle and largest initial step size (with history)."""
+    """For each tower, its lowest seed at the smallest, middle and largest initial step size (with history).
+
+    Towers with hyper levels are the runs that learn hyperparameters; only without any are the other runs
+    (whose values move by a schedule at most) drawn instead.
+    """
     pool = table[table["has_history"] & table["role"].isin(["run", "rerun"])]
+    learning = pool[(pool["family"] == "tower") & (pool["height"] > 0)]
+    pool = learning if len(learning) else pool
     # Reruns of a tune study are the tuned baseline: named as in the summary table.
     pool = pool.assign(method=pool["method"].where(pool["role"] == "run", pool["method"] + " (tuned)"))
     picked = []
@@ -217,7 +228,9 @@ def trajectories_figure(
     ncols = min(3, len(columns))
     nrows = math.ceil(len(columns) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols + 2.5, 3.6 * nrows), squeeze=False)
-    styles = ["-", "--", ":", "-."]
+    # One colour per run (they are few) and one line style per method, so both can be told apart.
+    styles = {m: ["-", "--", ":", "-."][i % 4] for i, m in enumerate(dict.fromkeys(selected["method"]))}
+    run_colors = plt.get_cmap("tab10")
     for ax, column in zip(axes.flat, columns, strict=False):  # spare panels hidden below
         level, name = _HISTORY_COLUMN.match(column).groups()
         for i, row in enumerate(selected.itertuples()):
@@ -226,12 +239,14 @@ def trajectories_figure(
                 continue
             lr = "" if math.isnan(row.lr) else f", α₀={row.lr:g}"
             label = f"{_label(row.method, row.family, row.height)}{lr}, seed {row.seed}"
-            style = styles[i % len(styles)]
-            ax.plot(history["epoch"], history[column], style, color=colors[row.method], marker="o", ms=3, label=label)
+            ax.plot(history["epoch"], history[column], styles[row.method], color=run_colors(i % 10), marker="o", ms=3,
+                    label=label)  # fmt: skip
         values = pd.concat([h[column] for h in histories.values() if column in h.columns]).to_numpy(float)
         positive = values[np.isfinite(values) & (values > 0)]
-        if positive.size and positive.size == np.isfinite(values).sum() and positive.max() / positive.min() >= 10:
-            ax.set_yscale("log")
+        if positive.size and positive.max() / positive.min() >= 10:
+            ax.set_yscale("log", nonpositive="mask")  # a step size learned or scheduled down to 0 is not drawn
+        if ax.get_yscale() == "linear":
+            ax.ticklabel_format(axis="y", useOffset=False)  # "0.9000012", not "1.2 + 9e-1 offset"
         level_name = "weights' optimizer" if level == "1" else f"hyper level {int(level) - 1}"
         ax.set_title(f"L{level}.{name} ({level_name})")
         ax.set_xlabel("epoch")

@@ -51,6 +51,22 @@ def _seed_list(seeds: pd.Series) -> str:
     return " ".join(str(s) for s in sorted(seeds.tolist(), key=lambda s: (str(type(s)), s)))
 
 
+def _tuning_cost(table: pd.DataFrame, study: str, summary: dict[str, Any]) -> tuple[float, float]:
+    """Epochs and wall seconds the study's trials cost (pruned and failed ones included).
+
+    From the trials' own metrics.json when every trial is among the inputs, so the seconds mean what they
+    mean for every other row (training time of a run); otherwise from the study's totals minus its reruns.
+    """
+    trials = table[(table["study"] == study) & (table["role"] == "trial")]
+    if len(trials) >= int(summary["n_trials"]):
+        return float(trials["epochs"].sum()), float(trials["wall_time_s"].sum())
+    reruns = table[(table["study"] == study) & (table["role"] == "rerun")]
+    return (
+        float(summary["total_epochs"]) - float(reruns["epochs"].sum()),
+        float(summary["total_wall_time_s"]) - float(reruns["wall_time_s"].sum()),
+    )
+
+
 def summarize(runs: Runs, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
     """One row per method and initial setting (lr, momentum): seeds, mean test error, bootstrap CI, compute.
 
@@ -69,11 +85,7 @@ def summarize(runs: Runs, confidence: float = 0.95, n_resamples: int = 2000, see
         lo, hi = bootstrap_ci(group["test_error"].to_numpy(), confidence, n_resamples, seed)
         tuning_epochs = tuning_wall = 0.0
         if tuned:
-            summary = runs.studies[study]
-            # The study's totals count the reruns too; the tuning share is what the trials cost.
-            all_reruns = table[(table["study"] == study) & (table["role"] == "rerun")]
-            tuning_epochs = float(summary["total_epochs"]) - float(all_reruns["epochs"].sum())
-            tuning_wall = float(summary["total_wall_time_s"]) - float(all_reruns["wall_time_s"].sum())
+            tuning_epochs, tuning_wall = _tuning_cost(table, study, runs.studies[study])
         epochs_mean = float(group["epochs"].mean())
         wall_mean = float(group["wall_time_s"].mean())
         rows.append(
