@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 
 from tests.slurm_cluster import SlurmCluster, SlurmUnavailableError
@@ -103,3 +104,53 @@ def test_sweep_of_four_runs_lands_every_metrics_file(slurm: SlurmCluster, tmp_pa
     second_jobs = job_folders(sweep_dir) - first_jobs
     assert len(second_jobs) == 4
     assert job_logs(second_jobs).count("skipping") == 4, job_logs(second_jobs)[-3000:]
+
+
+def history_without_timing(run_dir: Path) -> pd.DataFrame:
+    return pd.read_csv(run_dir / "history.csv").drop(columns=["wall_time_s"])
+
+
+def test_interrupted_runs_resume_to_the_same_metrics_as_an_uninterrupted_one(
+    slurm: SlurmCluster, tmp_path: Path
+) -> None:
+    """Run 0 is never interrupted. Run 1 gets submitit's pre-timeout signal (USR2) and run 2 is requeued by
+    `scontrol requeue` (SIGTERM, as on a preemption), each in the middle of training; both save a checkpoint,
+    are requeued, resume, and must end exactly where run 0 ends."""
+    sweep_dir = tmp_path / "sweep"
+    # checkpoint_every only marks progress on disk (the first checkpoint.pt says training is under way).
+    overrides = [*TINY_RUN, "trainer.epochs=6", "trainer.batch_size=32", "trainer.checkpoint_every=0,1,2"]
+    driver = subprocess.Popen(
+        sweep_command(sweep_dir, *overrides),
+        cwd=tmp_path,
+        env=slurm.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        interrupted = {1: ("scancel", "--signal=USR2"), 2: ("scontrol", "requeue")}
+        for num, command in interrupted.items():
+            wait_for(lambda n=num: (sweep_dir / str(n) / "checkpoint.pt").exists(), 180, f"run {num} to train", slurm)
+            assert not (sweep_dir / str(num) / "metrics.json").exists(), f"run {num} finished before it was interrupted"
+            (array_task,) = [f.name for f in job_folders(sweep_dir) if f.name.endswith(f"_{num}")]
+            slurm.run(*command, array_task)
+        output, _ = driver.communicate(timeout=300)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    assert driver.returncode == 0, f"sweep failed:\n{output.decode(errors='replace')[-3000:]}\n{slurm.logs()}"
+
+    reference = read_metrics(sweep_dir / "0")
+    assert reference["status"] == "completed" and reference["epochs"] == 6
+    for num in interrupted:
+        run_dir = sweep_dir / str(num)
+        assert without_timing(read_metrics(run_dir)) == without_timing(reference), f"run {num}"
+        pd.testing.assert_frame_equal(history_without_timing(run_dir), history_without_timing(sweep_dir / "0"))
+        # It really was stopped and requeued mid-run, and resumed rather than restarted.
+        (array_task,) = [f for f in job_folders(sweep_dir) if f.name.endswith(f"_{num}")]
+        log = job_logs({array_task})
+        assert "saving a checkpoint after this step" in log, log[-3000:]
+        resumed = [line for line in log.splitlines() if line.startswith("resuming ")]
+        assert len(resumed) == 1 and not resumed[0].endswith("step 0"), log[-3000:]
+        (job,) = [j for j in slurm.jobs() if f"{j['ArrayJobId']}_{j['ArrayTaskId']}" == array_task.name]
+        assert int(job["Restarts"]) == 1
