@@ -180,3 +180,25 @@ def test_each_sampler_is_reproducible_from_the_seed(tmp_path: Path, sampler: str
     first = params("a")
     assert first == params("b")
     assert len({json.dumps(p, sort_keys=True) for p in first}) == 3  # three distinct configurations
+
+
+def test_wandb_groups_every_trial_and_rerun_under_the_study_and_logs_its_summary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb_home" / var.lower()))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    wandb = ["logger=wandb", "logger.mode=offline", "tune.study_name=wandb-study"]
+    cfg = compose_tune_config(["optimizer=sgd", *FAST, *wandb, "tune.n_trials=1", "tune.reruns=1"])
+    summary = tune(cfg, output_dir=tmp_path / "run")
+
+    run_dirs = [Path(t["run_dir"]) for t in summary["trials"]] + [Path(r["run_dir"]) for r in summary["reruns"]]
+    for run_dir, job_type in zip(run_dirs, ["tune_trial", "tune_rerun"], strict=True):
+        [record] = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+        content = record.read_bytes()
+        assert b"wandb-study" in content and job_type.encode() in content, run_dir
+    [record] = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
+    content = record.read_bytes()
+    for text in ("wandb-study", "tune_summary", "best_value", "total_wall_time_s", "n_pruned"):
+        assert text.encode() in content, text
