@@ -33,6 +33,7 @@ from torch.func import functional_call, stack_module_state
 
 import hypergrad
 from hypergrad import core
+from hypergrad.rules import Rule
 from hypergrad.spec import Level, Tower, format_spec, parse_spec
 
 __all__ = [
@@ -210,7 +211,33 @@ def population_plan(members: Sequence[Member], params: Sequence[Tensor]) -> tupl
                 merged[name] = torch.tensor(column, dtype=like.dtype, device=like.device)
         initial.append((merged,))
     heights = torch.tensor([m.height for m in members], device=like.device)
-    return dataclasses.replace(plan, initial=tuple(initial)), heights
+    rules = (_AutogradHypergradients(plan.rules[0]), *plan.rules[1:])
+    return dataclasses.replace(plan, rules=rules, initial=tuple(initial)), heights
+
+
+class _AutogradHypergradients(Rule):
+    """A rule whose hypergradients come from autograd, not from its closed-form ``vjp``.
+
+    hypergrad's closed forms (hypergrad 066b256) broadcast a per-member hyperparameter of shape (K, 1, ...) against
+    their per-member sums of shape (K,) for Adam, RMSProp's gamma and SGD's momentum, so under ``batch_shape`` they
+    return (K, K, ...) hypergradients. Autograd differentiates the same update exactly; drop this wrapper once the
+    closed forms handle a batch (tests/test_population.py will then check them against single runs).
+    """
+
+    has_vjp = False
+
+    def __init__(self, rule: Rule) -> None:
+        self.rule = rule
+        self.name, self.defaults, self.transforms = rule.name, rule.defaults, rule.transforms  # type: ignore[misc]
+
+    def init(self, param: Tensor, hp: Mapping[str, Any]) -> Any:
+        return self.rule.init(param, hp)
+
+    def update(self, grad: Tensor, state: Any, hp: Mapping[str, Any], step: int) -> tuple[Tensor, Any]:
+        return self.rule.update(grad, state, hp, step)
+
+    def learnable(self, values: Mapping[str, float]) -> tuple[str, ...]:
+        return self.rule.learnable(values)
 
 
 # -- what cannot be vectorized -------------------------------------------------------------------------------------
