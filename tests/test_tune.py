@@ -192,6 +192,9 @@ def test_wandb_groups_every_trial_and_rerun_under_the_study_and_logs_its_summary
     wandb = ["logger=wandb", "logger.mode=offline", "tune.study_name=wandb-study"]
     cfg = compose_tune_config(["optimizer=sgd", *FAST, *wandb, "tune.n_trials=1", "tune.reruns=1"])
     summary = tune(cfg, output_dir=tmp_path / "run")
+    import wandb
+
+    wandb.teardown()  # W&B writes offline runs asynchronously; a process flushes them at exit, as the CLI does
 
     run_dirs = [Path(t["run_dir"]) for t in summary["trials"]] + [Path(r["run_dir"]) for r in summary["reruns"]]
     for run_dir, job_type in zip(run_dirs, ["tune_trial", "tune_rerun"], strict=True):
