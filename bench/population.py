@@ -909,51 +909,41 @@ def member_metrics(cfg: Any, result: MemberResult, wall_time_s: float, extra: Ma
     }
 
 
-def write_member(cfg: Any, directory: Path, result: MemberResult, metrics: Mapping[str, Any]) -> None:
-    """A member's run directory: .hydra/config.yaml (the member's own config), history.csv, metrics.json last."""
+def _member_config(cfg: Any, member: Member) -> Any:
+    """The harness config that runs ``member`` alone (as `python -m bench` would)."""
+    from omegaconf import OmegaConf
+
+    if member.tower is not None:
+        lr = member.tower.levels[0].values["lr"]
+        own = {"seed": member.seed, "optimizer": {"spec": member.spec, "lr": lr, "height": member.height}}
+    else:
+        own = {"seed": member.seed, "optimizer": OmegaConf.to_container(member.baseline)}
+    return OmegaConf.merge(cfg, own)
+
+
+def write_member(member_cfg: Any, directory: Path, result: MemberResult, metrics: Mapping[str, Any]) -> None:
+    """A member's run directory: .hydra/config.yaml (its own config), history.csv, then metrics.json."""
     from omegaconf import OmegaConf
 
     from bench.io import atomic_write, atomic_write_csv, atomic_write_json
 
-    m = result.member
-    if m.tower is not None:
-        own = {"seed": m.seed, "optimizer": {"spec": m.spec, "lr": m.tower.levels[0].values["lr"], "height": m.height}}
-    else:
-        own = {"seed": m.seed, "optimizer": OmegaConf.to_container(m.baseline)}
-    member_cfg = OmegaConf.merge(cfg, own)
     text = OmegaConf.to_yaml(member_cfg, resolve=False)
     atomic_write(directory / ".hydra" / "config.yaml", lambda f: f.write(text))
     atomic_write_csv(directory / "history.csv", result.history)
     atomic_write_json(directory / "metrics.json", metrics)
 
 
-def run_population(
-    cfg: Any, output_dir: str | Path | None = None, epoch_callback: EpochCallback | None = None
-) -> list[dict[str, Any]]:
-    """Train the grid of ``cfg.population`` and write one harness-style run directory per member.
-
-    Member directories are ``<output_dir>/members/<name>/`` (metrics.json, history.csv, .hydra/config.yaml);
-    ``<output_dir>/population.json`` lists them. Returns each member's metrics, in grid order.
-    """
-    from omegaconf import OmegaConf
-
-    from bench.config import validate
+def _train_members(
+    cfg: Any, members: Sequence[Member], mode: str, dtype: torch.dtype, epoch_callback: EpochCallback | None
+) -> tuple[list[MemberResult], float, torch.device]:
+    """Train ``members`` on the data, model and trainer of ``cfg``; returns the results, wall time and device."""
     from bench.data import build_dataset
-    from bench.io import atomic_write_json
     from bench.models import build_model
     from bench.train import _device
 
-    validate(cfg)
-    validate_population(cfg)
-    if output_dir is None:
-        output_dir = cfg.paths.output_dir
-    output_dir = Path(output_dir)
-    p = cfg.population
-    mode, dtype = p.get("mode", "vectorized"), _DTYPES[p.get("dtype", "float32")]
     device = _device(cfg.trainer.device)
     if cfg.trainer.get("num_threads") is not None:
         torch.set_num_threads(cfg.trainer.num_threads)
-    members = population_members(cfg)
     data = build_dataset(cfg.dataset, device)
     if data.kind != "text":  # token ids stay integers
         for split in ("train", "val", "test"):
@@ -965,7 +955,7 @@ def run_population(
         return build_model(cfg.model, data).to(device=device, dtype=dtype)
 
     make_optimizer = None
-    if cfg.optimizer.name != "tower":
+    if any(m.tower is None for m in members):
         from bench.optim import build_optimizer
 
         steps_per_epoch = math.ceil(len(data.train[0]) / cfg.trainer.batch_size)
@@ -992,12 +982,36 @@ def run_population(
         model_name=str(cfg.model.name),
         make_optimizer=make_optimizer,
     )
-    wall = time.perf_counter() - start
+    return results, time.perf_counter() - start, device
+
+
+def run_population(
+    cfg: Any, output_dir: str | Path | None = None, epoch_callback: EpochCallback | None = None
+) -> list[dict[str, Any]]:
+    """Train the grid of ``cfg.population`` and write one harness-style run directory per member.
+
+    Member directories are ``<output_dir>/members/<name>/`` (metrics.json, history.csv, .hydra/config.yaml);
+    ``<output_dir>/population.json`` lists them. Returns each member's metrics, in grid order.
+    """
+    from omegaconf import OmegaConf
+
+    from bench.config import validate
+    from bench.io import atomic_write_json
+
+    validate(cfg)
+    validate_population(cfg)
+    if output_dir is None:
+        output_dir = cfg.paths.output_dir
+    output_dir = Path(output_dir)
+    p = cfg.population
+    mode, dtype = p.get("mode", "vectorized"), _DTYPES[p.get("dtype", "float32")]
+    members = population_members(cfg)
+    results, wall, device = _train_members(cfg, members, mode, dtype, epoch_callback)
     out = []
     for i, r in enumerate(results):
         extra = {"mode": mode, "size": len(members), "index": i, "data_seed": int(cfg.seed), "dtype": str(p.dtype)}
         metrics = member_metrics(cfg, r, wall, extra)
-        write_member(cfg, output_dir / "members" / r.member.name, r, metrics)
+        write_member(_member_config(cfg, r.member), output_dir / "members" / r.member.name, r, metrics)
         out.append(metrics)
     summary = {
         "mode": mode,
@@ -1020,3 +1034,96 @@ def run_population(
     }
     atomic_write_json(output_dir / "population.json", summary)
     return out
+
+
+# -- Optuna: a batch of trials as one population ------------------------------------------------------------------
+def evaluate_trials_as_population(
+    trials: Sequence[Any],
+    run_cfgs: Sequence[Any],
+    run_dirs: Sequence[str | Path],
+    *,
+    mode: str = "vectorized",
+) -> list[dict[str, Any]]:
+    """Train several asked Optuna trials together as one population; return each trial's metrics.
+
+    ``run_cfgs[i]`` is trial i's harness config (what ``bench.train.run`` would get) and ``run_dirs[i]`` its run
+    directory, which receives the harness's files. The configs may differ only in ``optimizer``: the members share
+    the data, the model architecture, the trainer and the seed (initialization and batches), so each member equals
+    the harness run of its own config. After every epoch each trial reports its validation error; a trial that its
+    pruner stops is frozen there and returned with status "pruned". Telling the study is the caller's (see
+    :func:`tell_trials`): trials of one batch are sampled before any of them is told, which changes what the
+    sampler knows when it samples, so say so wherever the study is summarized.
+    """
+    from omegaconf import OmegaConf
+
+    from bench.config import ConfigError, validate
+
+    if not (len(trials) == len(run_cfgs) == len(run_dirs)) or not trials:
+        raise ValueError(
+            f"trials, run_cfgs and run_dirs must be non-empty and of one length, but got "
+            f"{len(trials)}, {len(run_cfgs)} and {len(run_dirs)}"
+        )
+    if mode not in ("vectorized", "sequential"):
+        raise ConfigError(f"`tune.population_mode` must be one of ['vectorized', 'sequential'], but got {mode!r}")
+
+    def shared(cfg: Any) -> Any:
+        return {k: v for k, v in OmegaConf.to_container(cfg).items() if k not in ("optimizer", "paths", "logger")}
+
+    first = shared(run_cfgs[0])
+    members = []
+    for trial, cfg in zip(trials, run_cfgs, strict=True):
+        validate(cfg)
+        if shared(cfg) != first:
+            diff = sorted(k for k in set(first) | set(shared(cfg)) if first.get(k) != shared(cfg).get(k))
+            raise ConfigError(
+                f"`{diff[0]}` must be the same for every trial of a population, but trial {trial.number} has "
+                f"{OmegaConf.to_container(cfg).get(diff[0])!r}"
+            )
+        if cfg.optimizer.name == "tower":
+            from bench.optim import tower_spec
+
+            members.append(Member(parse_spec(tower_spec(cfg.optimizer)), int(cfg.seed), str(trial.number)))
+        else:
+            if mode == "vectorized":
+                problem = _baseline_problem(str(cfg.optimizer.name))
+                if problem is not None:
+                    raise ConfigError(
+                        f"`optimizer` must be a per-parameter optimizer for a vectorized population ({problem}; "
+                        f"use tune.population_mode=sequential), but got {cfg.optimizer.name!r}"
+                    )
+            members.append(Member(None, int(cfg.seed), str(trial.number), cfg.optimizer))
+
+    def report(index: int, epoch: int, row: dict[str, Any]) -> bool:
+        trial = trials[index]
+        value = row["val_error"]
+        if value is None or not math.isfinite(value):
+            return False
+        trial.report(value, epoch)
+        return bool(trial.should_prune())
+
+    results, wall, _ = _train_members(run_cfgs[0], members, mode, torch.float32, report)
+    out = []
+    for i, (r, cfg, directory) in enumerate(zip(results, run_cfgs, run_dirs, strict=True)):
+        extra = {"mode": mode, "size": len(members), "index": i, "data_seed": int(cfg.seed), "dtype": "float32"}
+        metrics = member_metrics(cfg, r, wall, extra)
+        write_member(cfg, Path(directory), r, metrics)
+        out.append(metrics)
+    return out
+
+
+def tell_trials(study: Any, trials: Sequence[Any], metrics: Sequence[Mapping[str, Any]]) -> None:
+    """Tell ``study`` how each trial of a population ended: its validation error, pruned, or failed (diverged)."""
+    from optuna.trial import TrialState
+
+    for trial, m in zip(trials, metrics, strict=True):
+        trial.set_user_attr("epochs", m["epochs"])
+        trial.set_user_attr("steps", m["steps"])
+        trial.set_user_attr("population_size", m["population"]["size"])
+        if m["status"] == "pruned":
+            study.tell(trial, state=TrialState.PRUNED)
+        elif m["status"] == "diverged":
+            reason = f"diverged at step {m['diverged_step']}: {m['diverged_reason']}"
+            trial.set_user_attr("fail_reason", reason)
+            study.tell(trial, state=TrialState.FAIL)
+        else:
+            study.tell(trial, m["val_error"])

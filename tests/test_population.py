@@ -16,8 +16,10 @@ from bench.config import ConfigError, compose_config
 from bench.population import (
     Member,
     PopulationError,
+    evaluate_trials_as_population,
     group_members,
     run_population,
+    tell_trials,
     train_population,
 )
 from bench.train import run
@@ -178,10 +180,10 @@ def test_batchnorm_models_get_a_clear_error_and_run_sequentially():
     assert results[0].step_losses != results[1].step_losses  # two seeds, two runs
 
 
-def _cfg(tmp_path, *overrides: str):
+def _cfg(tmp_path, *overrides: str, population: bool = True):
     return compose_config(
         [
-            "+population=grid",
+            *(["+population=grid"] if population else []),
             "dataset=digits",
             "trainer.epochs=2",
             "trainer.batch_size=128",
@@ -310,3 +312,59 @@ def test_a_member_equals_the_harness_run_of_its_configuration(tmp_path, mode, to
             assert mine == pytest.approx(theirs, rel=tol, abs=0)
         history = pd.read_csv(tmp_path / "pop" / "members" / f"lr=0.05_h={m['height']}_seed=0" / "history.csv")
         assert list(history.columns) == list(pd.read_csv(tmp_path / f"one{m['height']}" / "history.csv").columns)
+
+
+def test_optuna_trials_train_together_and_each_is_reported_pruned_and_told(tmp_path):
+    import optuna
+
+    study = optuna.create_study(
+        direction="minimize",
+        sampler=optuna.samplers.RandomSampler(seed=0),
+        pruner=optuna.pruners.ThresholdPruner(upper=0.85),  # a trial that has learned nothing after an epoch stops
+    )
+    for lr in (1e-6, 0.5, 1.0):
+        study.enqueue_trial({"lr": lr})
+    trials = [study.ask() for _ in range(3)]
+    base = _cfg(tmp_path, "optimizer=sgd", population=False)
+    cfgs = []
+    for trial in trials:
+        cfg = base.copy()
+        cfg.optimizer.lr = trial.suggest_float("lr", 1e-6, 1.0, log=True)
+        cfgs.append(cfg)
+    dirs = [tmp_path / "trials" / str(t.number) for t in trials]
+    metrics = evaluate_trials_as_population(trials, cfgs, dirs)
+    tell_trials(study, trials, metrics)
+
+    assert [m["init"]["lr"] for m in metrics] == [1e-6, 0.5, 1.0]
+    assert [m["status"] for m in metrics] == ["pruned", "completed", "completed"]
+    states = [t.state for t in study.get_trials()]
+    assert states == [
+        optuna.trial.TrialState.PRUNED,
+        optuna.trial.TrialState.COMPLETE,
+        optuna.trial.TrialState.COMPLETE,
+    ]
+    for frozen, m, directory in zip(study.get_trials(), metrics, dirs, strict=True):
+        history = pd.read_csv(directory / "history.csv")
+        assert frozen.intermediate_values == dict(zip(history.epoch, history.val_error, strict=True))
+        assert json.loads((directory / "metrics.json").read_text())["status"] == m["status"]
+    assert metrics[0]["epochs"] == 1 and metrics[1]["epochs"] == 2
+    assert [t.value for t in study.get_trials()[1:]] == [metrics[1]["val_error"], metrics[2]["val_error"]]
+    # The pruned neighbour changed nothing: each completed trial equals its own harness run.
+    for cfg, m in zip(cfgs[1:], metrics[1:], strict=True):
+        single = run(cfg, tmp_path / f"alone{m['population']['index']}")
+        for key in ("val_error", "val_loss", "test_loss", "train_loss"):
+            assert m[key] == pytest.approx(single[key], rel=1e-5, abs=0), key
+
+
+def test_optuna_trials_must_share_everything_but_the_optimizer(tmp_path):
+    import optuna
+
+    study = optuna.create_study()
+    trials = [study.ask() for _ in range(2)]
+    cfgs = [
+        _cfg(tmp_path, "optimizer=sgd", population=False),
+        _cfg(tmp_path, "optimizer=sgd", "trainer.batch_size=64", population=False),
+    ]
+    with pytest.raises(ConfigError, match=r"^`trainer` must be the same for every trial of a population, but trial 1"):
+        evaluate_trials_as_population(trials, cfgs, [tmp_path / "a", tmp_path / "b"])
+    assert not (tmp_path / "a").exists()
