@@ -6,11 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
 
+from bench.tune import compose_tune_config, tune
 from tests.pg_server import start_postgres
 
 REPO = Path(__file__).resolve().parent.parent
@@ -86,3 +88,50 @@ def test_two_processes_on_one_postgresql_study_run_exactly_n_trials(tmp_path: Pa
         assert leaked == []
     finally:
         server.stop()
+
+
+def test_a_killed_workers_trial_is_marked_failed_and_not_run_again(tmp_path: Path) -> None:
+    db = tmp_path / "study.db"
+    storage = f"sqlite:///{db}"
+    study_args = [f"tune.storage={storage}", "tune.study_name=killed", "tune.n_trials=3", "tune.reruns=0"]
+    heartbeat = ["tune.heartbeat_interval_s=1", "tune.grace_period_s=2"]
+    # Worker 1 gets a long trial (hundreds of epochs) and is killed in the middle of it.
+    long_trial = [*FAST, "trainer.epochs=500", "trainer.max_steps=null", "tune.worker=1"]
+    victim = subprocess.Popen(
+        [sys.executable, "-m", "bench.tune", *long_trial, *study_args, *heartbeat, f"hydra.run.dir={tmp_path / 'v'}"],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not _trial_has_run_an_epoch(db):
+            assert victim.poll() is None and time.monotonic() < deadline, "the victim never started a trial"
+            time.sleep(0.2)
+    finally:
+        victim.kill()
+        victim.wait()
+    summary = tune(
+        compose_tune_config([*FAST, *study_args, *heartbeat]), output_dir=tmp_path / "survivor"
+    )  # worker 0, in this process
+
+    assert [t["state"] for t in summary["trials"]] == ["fail", "complete", "complete"]
+    assert summary["n_trials"] == 3 and summary["n_failed"] == 1  # failed once, never retried
+    killed = summary["trials"][0]
+    assert killed["epochs"] >= 1 and Path(killed["run_dir"]).parent == tmp_path / "v" / "trials"
+    others = [json.loads((Path(t["run_dir"]) / "metrics.json").read_text())["epochs"] for t in summary["trials"][1:]]
+    assert summary["total_epochs"] == killed["epochs"] + sum(others)  # the killed trial's compute still counts
+
+
+def _trial_has_run_an_epoch(db: Path) -> bool:
+    if not db.exists():
+        return False
+    storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
+    try:
+        trials = optuna.load_study(study_name="killed", storage=storage).get_trials()
+    except KeyError:  # the study is not created yet
+        return False
+    finally:
+        storage.engine.dispose()
+    return any(t.state == TrialState.RUNNING and t.user_attrs.get("epochs", 0) >= 1 for t in trials)
