@@ -85,22 +85,25 @@ def write_all(root: Path) -> Path:
     return root
 
 
-def bench_env(tmp_path: Path) -> dict[str, str]:
+def bench_env(tmp_path: Path, extra_env: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for a `python -m bench` subprocess: offline W&B with every directory in tmp."""
     env = dict(os.environ)
     for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
         env[var] = str(tmp_path / "wandb_home" / var.lower())
     env.update(WANDB_MODE="offline", WANDB_SILENT="true", HYPERGRAD_DATA_DIR=str(tmp_path / "data"))
     env.pop("WANDB_API_KEY", None)
+    env.update(extra_env or {})
     return env
 
 
-def run_bench(args: list[str], tmp_path: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+def run_bench(
+    args: list[str], tmp_path: Path, timeout: float = 240, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Run `python -m bench args` from the repository root; return the finished process (text output)."""
     return subprocess.run(
         [sys.executable, "-m", "bench", *args],
         cwd=REPO,
-        env=bench_env(tmp_path),
+        env=bench_env(tmp_path, extra_env),
         capture_output=True,
         text=True,
         timeout=timeout,
