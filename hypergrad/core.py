@@ -239,7 +239,8 @@ def _reducer(plan: Plan):
     if not plan.batch_shape:
         return lambda a, b: torch.dot(a.reshape(-1), b.reshape(-1))
     n = len(plan.batch_shape)
-    return lambda a, b: (a * b).sum(dim=tuple(range(n, a.dim()))) if a.dim() > n else a * b
+    # keepdim: the result lines up with the member's hyperparameters, broadcast as (members, 1, ..., 1)
+    return lambda a, b: (a * b).sum(dim=tuple(range(n, a.dim())), keepdim=True) if a.dim() > n else a * b
 
 
 def _vjp_level0(plan: Plan, live: TowerState, grads: Sequence[Tensor | None]) -> list[tuple[Tensor, Tensor]]:
@@ -253,6 +254,7 @@ def _vjp_level0(plan: Plan, live: TowerState, grads: Sequence[Tensor | None]) ->
         group = plan.group_of[i]
         hp = _broadcast(plan, plain[group], g)
         for name, v in rule.vjp(g_next, g, before[i], after[i], hp, live.step, dot).items():
+            v = v.reshape(plan.batch_shape)
             acc = sums[group]
             acc[name] = v if name not in acc else acc[name] + v
     return [(values[g][n], s) for g, acc in enumerate(sums) for n, s in acc.items()]

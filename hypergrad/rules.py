@@ -144,7 +144,7 @@ class SGDRule(Rule):
             out["lr"] = dot(grad_next, buf)
         if isinstance(hp["momentum"], Tensor):
             b0 = before.momentum_buffer
-            out["momentum"] = hp["lr"] * dot(grad_next, b0) if b0 is not None else grad.new_zeros(buf.shape[:0])
+            out["momentum"] = hp["lr"] * dot(grad_next, b0 if b0 is not None else torch.zeros_like(grad))
         return out
 
 

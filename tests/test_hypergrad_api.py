@@ -321,9 +321,12 @@ def test_ddp_two_ranks_end_with_identical_hyperparameters(tmp_path) -> None:
     assert all(torch.equal(a, b) for a, b in zip(r0["w"], r1["w"], strict=True))
 
 
-def test_functional_core_steps_a_population_of_independent_members() -> None:
+@pytest.mark.parametrize(
+    "spec", ["sgd/sgd(1e-3)", "sgd(momentum=0.5)/sgd(1e-3)", "adam/sgd(1e-3)", "rmsprop/sgd(1e-4)"]
+)
+def test_functional_core_steps_a_population_of_independent_members(spec: str) -> None:
     """With a leading batch dimension, each member follows exactly the path it would follow alone."""
-    tower = parse_spec("sgd/sgd(1e-3)")
+    tower = parse_spec(spec)
     lrs = torch.tensor([0.01, 0.1, 0.3], dtype=torch.float64)
     plan = core.make_plan(tower, [{"lr": lrs}], [1], batch_shape=(3,))
     w = torch.zeros(3, 4, dtype=torch.float64)
@@ -335,9 +338,10 @@ def test_functional_core_steps_a_population_of_independent_members() -> None:
         live, deltas = core.update(plan, state, grads, hyper)
         w = w - deltas[0].detach()
         state = core.detach(live)
+    base = tower.levels[0]
     for m, lr in enumerate(lrs.tolist()):
         alone = nn.Parameter(torch.zeros(4, dtype=torch.float64))
-        opt = hypergrad.tower(f"sgd({lr})/sgd(1e-3)", [alone])
+        opt = hypergrad.HyperOptimizer([alone], hypergrad.Level(base.rule, {**base.values, "lr": lr}) / tower.levels[1])
         for _ in range(5):
             ((alone - target) ** 2).sum().backward()
             opt.step()
