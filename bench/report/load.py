@@ -89,8 +89,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _hydra_info(run_dir: Path) -> dict[str, Any]:
-    """The sweep's W&B group, planned epochs and experiment preset, when the run was launched through Hydra."""
-    info: dict[str, Any] = {"group": None, "planned_epochs": None, "experiment": None}
+    """The sweep's W&B group, planned epochs, step-size schedule and experiment preset (runs launched by Hydra)."""
+    info: dict[str, Any] = {"group": None, "planned_epochs": None, "schedule": None, "experiment": None}
     cfg_path = run_dir / ".hydra" / "config.yaml"
     if cfg_path.is_file():
         cfg = yaml.safe_load(cfg_path.read_text()) or {}
@@ -100,6 +100,9 @@ def _hydra_info(run_dir: Path) -> dict[str, Any]:
             info["group"] = logger.get("group")
         if isinstance(trainer, dict):
             info["planned_epochs"] = trainer.get("epochs")
+        optimizer = cfg.get("optimizer") or {}
+        if isinstance(optimizer, dict):
+            info["schedule"] = optimizer.get("schedule")
     overrides_path = run_dir / ".hydra" / "overrides.yaml"
     if overrides_path.is_file():
         for item in yaml.safe_load(overrides_path.read_text()) or []:
@@ -115,6 +118,24 @@ def _finite(x: Any) -> float:
     except (TypeError, ValueError):
         return math.nan
     return v if math.isfinite(v) else math.nan
+
+
+def _start(metrics: dict[str, Any], init: dict[str, Any]) -> dict[str, float]:
+    """Every level's initial hyperparameters as history.csv columns (L1.lr, L2.lr, ...): where trajectories start.
+
+    A tower's normalized spec (`optimizer`) holds them all; otherwise only the weight optimizer's `init` is known.
+    """
+    start = {f"L1.{k}": v for k, v in init.items()}
+    if metrics["family"] == "tower":
+        from hypergrad import parse_spec
+
+        try:
+            levels = parse_spec(str(metrics.get("optimizer", ""))).levels
+        except ValueError:
+            return start  # a spec this library version cannot read: the weight level's start is still known
+        for i, level in enumerate(levels[1:], start=2):
+            start.update({f"L{i}.{k}": float(v) for k, v in level.values.items()})
+    return start
 
 
 def _setting(x: Any) -> float:
@@ -138,9 +159,14 @@ def _row(run_dir: Path | str, metrics: dict[str, Any], on_disk: bool = True) -> 
     # Counted as a miss both when the harness flagged divergence and when no finite error came out.
     miss = diverged or math.isnan(raw_test)
     raw_val = _finite(metrics.get("val_error"))
+    hydra = _hydra_info(run_dir) if on_disk else dict.fromkeys(("group", "planned_epochs", "schedule", "experiment"))
+    method = str(metrics["method"])
+    if hydra["schedule"] not in (None, "constant") and metrics["family"] != "tower":
+        # He et al.'s step decay is another method than the same optimizer at a constant step size.
+        method = f"{method} + {hydra['schedule']} schedule"
     return {
         "run_dir": str(run_dir),
-        "method": str(metrics["method"]),
+        "method": method,
         "family": str(metrics["family"]),
         "height": int(metrics["height"]),
         "optimizer": str(metrics.get("optimizer", metrics["method"])),
@@ -158,8 +184,9 @@ def _row(run_dir: Path | str, metrics: dict[str, Any], on_disk: bool = True) -> 
         "wall_time_s": _finite(metrics["wall_time_s"]),
         "dataset": str(metrics["dataset"]),
         "model": str(metrics["model"]),
+        "start": _start(metrics, init),
         "has_history": on_disk and (run_dir / "history.csv").is_file(),
-        **(_hydra_info(run_dir) if on_disk else {"group": None, "planned_epochs": None, "experiment": None}),
+        **hydra,
     }
 
 

@@ -73,11 +73,14 @@ def _reference_lines(ax, summary: pd.DataFrame, colors: dict[str, tuple]) -> Non
 
 def _curves(ax, data: pd.DataFrame, x: str, colors: dict[str, tuple]) -> None:
     """One line per method over `x`, with its bootstrap CI band; settings with a diverged seed get an x."""
-    for method, group in data.groupby("method", sort=False):
+    markers = "osD^v<>p"
+    for i, (method, group) in enumerate(data.groupby("method", sort=False)):
         group = group.sort_values(x)
         color = colors[method]
-        ax.plot(group[x], group["test_error_mean"], "o-", color=color, lw=1.8, ms=4,
-                label=_label(method, group["family"].iloc[0], int(group["height"].iloc[0])))  # fmt: skip
+        # Shrinking markers keep curves that coincide (all heights at one start) visible on top of each other.
+        label = _label(method, group["family"].iloc[0], int(group["height"].iloc[0]))
+        ax.plot(group[x], group["test_error_mean"], "-", marker=markers[i % len(markers)], color=color, lw=1.8,
+                ms=max(3.0, 7.0 - 1.2 * i), label=label)  # fmt: skip
         ax.fill_between(group[x], group["test_error_ci_low"], group["test_error_ci_high"], color=color, alpha=0.18)
         bad = group[group["n_diverged"] > 0]
         ax.plot(bad[x], bad["test_error_mean"], "x", color=color, ms=9, mew=2)
@@ -214,11 +217,19 @@ def select_trajectory_runs(table: pd.DataFrame, max_per_method: int = 3) -> pd.D
     return pd.concat(picked) if picked else pool.iloc[0:0]
 
 
+def _with_start(history: pd.DataFrame, start: object) -> pd.DataFrame:
+    """Prepend epoch 0 with the run's initial hyperparameters (its `start`): where each line begins."""
+    if not isinstance(start, dict) or not start:
+        return history
+    first = {k: v for k, v in start.items() if k in history.columns}
+    return pd.concat([pd.DataFrame([{"epoch": 0, **first}]), history], ignore_index=True)
+
+
 def trajectories_figure(
     selected: pd.DataFrame, colors: dict[str, tuple], read_history: Callable[[str], pd.DataFrame]
 ) -> Figure | None:
     """Each level's learned hyperparameters over training (history.csv columns L1.lr, L2.lr, ...)."""
-    histories = {r.run_dir: read_history(r.run_dir) for r in selected.itertuples()}
+    histories = {r.run_dir: _with_start(read_history(r.run_dir), r.start) for r in selected.itertuples()}
     columns = sorted(
         {c for h in histories.values() for c in h.columns if _HISTORY_COLUMN.match(c)},
         key=lambda c: (int(_HISTORY_COLUMN.match(c).group(1)), c),
@@ -227,7 +238,7 @@ def trajectories_figure(
         return None
     ncols = min(3, len(columns))
     nrows = math.ceil(len(columns) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols + 2.5, 3.6 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols + 2.5, 3.6 * nrows), squeeze=False, sharex=True)
     # One colour per run (they are few) and one line style per method, so both can be told apart.
     styles = {m: ["-", "--", ":", "-."][i % 4] for i, m in enumerate(dict.fromkeys(selected["method"]))}
     run_colors = plt.get_cmap("tab10")
@@ -249,7 +260,8 @@ def trajectories_figure(
             ax.ticklabel_format(axis="y", useOffset=False)  # "0.9000012", not "1.2 + 9e-1 offset"
         level_name = "weights' optimizer" if level == "1" else f"hyper level {int(level) - 1}"
         ax.set_title(f"L{level}.{name} ({level_name})")
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("epoch (0: initial value)")
+        ax.tick_params(labelbottom=True)  # shared x, but a panel with no panel below must still show its epochs
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(f"{name}" + (" (log scale)" if ax.get_yscale() == "log" else ""))
         ax.grid(True, alpha=0.3)

@@ -178,6 +178,9 @@ def robustness(summary: pd.DataFrame, reference: Reference | None, tolerance: fl
     columns = ["method", "momentum", "decades", "n_within", "n_lr", "lr_low", "lr_high", "reference", "tolerance"]
     rows = []
     swept = summary[~summary["tuned"] & summary["lr"].notna()]
+    # Only a method started from several step sizes has a range; a table of one setting per method has none.
+    n_lrs = swept.groupby(["method", "momentum"], dropna=False)["lr"].transform("nunique")
+    swept = swept[n_lrs > 1]
     if reference is None:
         return pd.DataFrame(rows, columns=columns)
     for (method, momentum), group in swept.groupby(["method", "momentum"], dropna=False, sort=False):
