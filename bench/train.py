@@ -58,6 +58,20 @@ def request_checkpoint() -> None:
     _checkpoint_requested = True
 
 
+class _CallbackRaised(Exception):
+    """Carries what the epoch callback raised out of the loop, so the run directory can record it first."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _is_pruned(error: Exception) -> bool:
+    import optuna
+
+    return isinstance(error, optuna.TrialPruned)
+
+
 class _Diverged(Exception):
     def __init__(self, step: int, reason: str) -> None:
         super().__init__(reason)
@@ -257,14 +271,10 @@ class _Trainer:
             status, diverged = "diverged", d
             self.history.append(self.epoch_row(self.epoch + 1))
             logger.log_epoch(self.history[-1])
-        except Exception as e:
-            # Only the epoch callback gets here with a run directory to settle (a pruned trial, or a
-            # callback's own failure); record that, then let the exception go on to the caller.
-            if not getattr(e, "_from_epoch_callback", False):
-                raise
-            del e._from_epoch_callback
-            status = "pruned" if type(e).__name__ == "TrialPruned" else "failed"
-            error = e
+        except _CallbackRaised as raised:
+            # A pruned trial, or the callback's own failure: record it, then let it go on to the caller.
+            error = raised.error
+            status = "pruned" if _is_pruned(error) else "failed"
         finally:
             bar.close()
         if self.loss_count and (not self.history or self.history[-1]["steps"] != self.steps):
@@ -289,8 +299,7 @@ class _Trainer:
             try:
                 self.epoch_callback(row["epoch"], dict(row))
             except Exception as e:
-                e._from_epoch_callback = True
-                raise
+                raise _CallbackRaised(e) from e
 
     def metrics(self, status: str, diverged: _Diverged | None, error: Exception | None) -> dict[str, Any]:
         last = self.history[-1] if self.history else {}

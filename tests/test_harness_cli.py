@@ -102,3 +102,16 @@ def test_an_unknown_group_option_lists_the_available_ones(tmp_path: Path) -> Non
     assert "Could not find 'dataset/imagenet'" in proc.stderr
     assert "Available options in 'dataset'" in proc.stderr and "mnist5k" in proc.stderr and "cifar10" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_wandb_failure_never_stops_training(tmp_path: Path) -> None:
+    # Online mode with no account anywhere (a fresh HOME, no key, an unreachable server): W&B refuses.
+    run_dir = tmp_path / "run"
+    proc = run_bench(
+        ["logger=wandb", "logger.mode=online", *QUICK, f"hydra.run.dir={run_dir}"],
+        tmp_path,
+        extra_env={"HOME": str(tmp_path / "home"), "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_MODE": "online"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: W&B logging failed" in proc.stderr and "training goes on without it" in proc.stderr
+    assert _metrics(run_dir)["status"] == "completed"

@@ -180,3 +180,20 @@ def test_a_pruned_run_records_pruned_and_the_exception_reaches_the_caller(tmp_pa
     assert (metrics["status"], metrics["epochs"], metrics["diverged"]) == ("pruned", 1, False)
     # A pruned run is not a finished one: running the directory again trains it.
     assert run(compose_config([*FAST, "trainer.epochs=1", "dataset.train_size=256"]), tmp_path)["status"] == "completed"
+
+
+def test_bfloat16_autocast_run_still_learns(tmp_path: Path) -> None:
+    metrics = run(compose_config([*FAST, "trainer.amp=true", "trainer.epochs=2", "dataset.train_size=1024"]), tmp_path)
+    history = pd.read_csv(tmp_path / "history.csv")
+    assert metrics["status"] == "completed"
+    assert history["val_loss"].iloc[-1] < history["val_loss"].iloc[0] and metrics["test_error"] < 0.6
+
+
+def test_a_failing_epoch_callback_records_failed_with_the_error_and_propagates(tmp_path: Path) -> None:
+    def broken(epoch: int, row: dict[str, Any]) -> None:
+        raise RuntimeError("storage went away")
+
+    with pytest.raises(RuntimeError, match="storage went away"):
+        run(compose_config(QUICK), tmp_path, epoch_callback=broken)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and metrics["error"] == "RuntimeError: storage went away"
