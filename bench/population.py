@@ -211,17 +211,22 @@ def population_plan(members: Sequence[Member], params: Sequence[Tensor]) -> tupl
                 merged[name] = torch.tensor(column, dtype=like.dtype, device=like.device)
         initial.append((merged,))
     heights = torch.tensor([m.height for m in members], device=like.device)
-    rules = (_AutogradHypergradients(plan.rules[0]), *plan.rules[1:])
-    return dataclasses.replace(plan, rules=rules, initial=tuple(initial)), heights
+    plan = dataclasses.replace(plan, initial=tuple(initial))
+    others = [v for name, v in initial[0][0].items() if name != "lr"]
+    if plan.rules[0].has_vjp and (plan.learned[0] != ("lr",) or any(isinstance(v, Tensor) for v in others)):
+        plan = dataclasses.replace(plan, rules=(_AutogradHypergradients(plan.rules[0]), *plan.rules[1:]))
+    return plan, heights
 
 
 class _AutogradHypergradients(Rule):
     """A rule whose hypergradients come from autograd, not from its closed-form ``vjp``.
 
-    hypergrad's closed forms (hypergrad 066b256) broadcast a per-member hyperparameter of shape (K, 1, ...) against
-    their per-member sums of shape (K,) for Adam, RMSProp's gamma and SGD's momentum, so under ``batch_shape`` they
-    return (K, K, ...) hypergradients. Autograd differentiates the same update exactly; drop this wrapper once the
-    closed forms handle a batch (tests/test_population.py will then check them against single runs).
+    hypergrad's closed forms (hypergrad 066b256) multiply a per-member hyperparameter of shape (K, 1, ...) with
+    per-member sums of shape (K,), so under ``batch_shape`` they return (K, K, ...) hypergradients wherever a
+    hyperparameter other than the step size is a tensor (learned momentum, betas or gamma, or fixed values that
+    differ between members). Those plans get autograd, which differentiates the same update exactly; step-size-only
+    plans keep the closed form. Drop this wrapper once the closed forms handle a batch (the exactness tests in
+    tests/test_population.py then check them against single runs).
     """
 
     has_vjp = False
@@ -285,36 +290,36 @@ def check_vectorizable(model: nn.Module, model_name: str = "model") -> None:
 
 
 # -- vectorized training -------------------------------------------------------------------------------------------
-def _loss_sums(out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """Summed cross-entropy and number of wrong predictions (text: per character), as the harness computes them.
+def _logits(out: Tensor) -> Tensor:
+    # Classification (N x C) and language modelling (N x T x V) alike; half precision is summed in float32 (as the
+    # harness does), while float64 stays float64 (population.dtype=float64 is for exactness checks).
+    logits = out.flatten(0, -2)
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
-    The harness's formula (bench.train), except that float64 logits stay float64 (population.dtype=float64 is for
-    exactness checks); a non-finite output counts as wrong.
+
+def _loss_sums(out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed cross-entropy and number of wrong predictions, as the harness computes them (bench.train).
+
+    A non-finite output predicts nothing: it counts as wrong, whatever argmax says.
     """
-    logits, y = out.flatten(0, -2), y.flatten()
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
+    logits, y = _logits(out), y.flatten()
     loss = F.cross_entropy(logits, y, reduction="sum")
     wrong = (logits.argmax(-1) != y) | ~torch.isfinite(logits).all(-1)
     return loss, wrong.sum().to(loss.dtype)
 
 
-def _rows(mask: Tensor, like: Tensor) -> Tensor:
-    """A (K,) mask shaped to broadcast over a (K, ...) tensor."""
-    return mask.reshape(mask.shape + (1,) * (like.dim() - 1))
+def _restore_rows(rows: Tensor, new: Any, old: Any) -> Any:
+    """``new`` with the given member rows taken from ``old`` (every state tensor has a leading member dimension).
 
-
-def _select_state(keep_new: Tensor, new: Any, old: Any) -> Any:
-    """Per member: the new value where ``keep_new``, else the old one (every state tensor has a leading K).
-
-    Walks TowerState, LevelState and the rules' NamedTuple states alike."""
+    Walks TowerState, LevelState and the rules' NamedTuple states alike; out of place, since the new state's
+    tensors may be saved in the autograd graph of the next hypergradient."""
     if isinstance(new, Tensor):
         # A momentum buffer is created at the first step: a member frozen then has nothing older to keep.
-        return new if old is None else torch.where(_rows(keep_new, new), new, old)
+        return new if old is None else new.index_copy(0, rows, old.index_select(0, rows))
     if isinstance(new, tuple) and hasattr(new, "_fields"):
-        return type(new)(*(_select_state(keep_new, n, o) for n, o in zip(new, old, strict=True)))
+        return type(new)(*(_restore_rows(rows, n, o) for n, o in zip(new, old, strict=True)))
     if isinstance(new, list):
-        return [_select_state(keep_new, n, o) for n, o in zip(new, old, strict=True)]
+        return [_restore_rows(rows, n, o) for n, o in zip(new, old, strict=True)]
     return new  # the step count
 
 
@@ -357,6 +362,8 @@ class _Vectorized:
         else:
             self.plan, self.heights = population_plan(members, self.params)
         self.state = core.init(self.plan, self.params)
+        # Level k + 1 is padding for the members whose tower is at most k levels high.
+        self._pad_rows = [(self.heights <= k).nonzero().flatten() for k in range(len(self.plan.rules) - 1)]
         self.live: core.TowerState | None = None
         self.deltas: list[Tensor | None] = []
         self.alive = torch.ones(self.K, dtype=torch.bool, device=like.device)
@@ -372,7 +379,13 @@ class _Vectorized:
             tensors.update(b)
             return _loss_sums(functional_call(self.skeleton, tensors, (x,)), y)
 
+        def member_train_loss(p: Sequence[Tensor], b: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+            tensors = dict(zip(self.names, p, strict=True))
+            tensors.update(b)
+            return F.cross_entropy(_logits(functional_call(self.skeleton, tensors, (x,))), y.flatten(), reduction="sum")
+
         self._loss = torch.vmap(member_loss, in_dims=(0, 0, None, None))
+        self._train_loss = torch.vmap(member_train_loss, in_dims=(0, 0, None, None))
 
     def losses(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Every member's summed loss and number of wrong predictions on a batch: two (K,) tensors."""
@@ -394,19 +407,24 @@ class _Vectorized:
         return finite.all(1), first, stacked.gather(1, first[:, None])[:, 0]
 
     def step(self, x: Tensor, y: Tensor) -> Tensor:
-        """One training step of every live member; returns the (K,) losses (non-finite for a diverging member)."""
+        """One training step of every live member; returns the (K,) losses (non-finite for a diverging member).
+
+        Frozen members are masked by row index, and only when there are any: in the common case (nobody frozen)
+        the step costs what K single runs' arithmetic costs, plus two tiny host synchronizations.
+        """
         self.train_mode()
-        sums, _ = self.losses(x, y)
-        losses = sums / y.numel()
-        grads = torch.autograd.grad(losses.sum(), self.params)
+        losses = self._train_loss(self.params, self.buffers, x, y) / y.numel()
+        grads = list(torch.autograd.grad(losses.sum(), self.params))
+        losses = losses.detach()
         self.step_count += 1
         active = self.alive & ~self.stopped
-        loss_ok = torch.isfinite(losses.detach())
-        # A frozen member's (possibly non-finite) gradients must not reach its optimizer state.
+        loss_ok = torch.isfinite(losses)
         moving = active & loss_ok
         if self.opts is not None:
-            return self._baseline_step(losses.detach(), grads, active, moving)
-        grads = [torch.where(_rows(moving, g), g, 0.0) for g in grads]
+            return self._baseline_step(losses, grads, active, moving)
+        frozen = (~moving).nonzero().flatten()
+        if len(frozen):  # a frozen member's (possibly non-finite) gradients must not reach its optimizer state
+            grads = [g.index_fill_(0, frozen, 0.0) for g in grads]
         if self.live is None:
             hyper = core.zero_hypergradients(self.state)
         else:
@@ -414,7 +432,8 @@ class _Vectorized:
         # Padded levels (above a member's own top) see zero hypergradients: with step size 0 they then leave the
         # level below exactly as it was, as a tower's top level is.
         hyper = [
-            [torch.where(_rows(moving & (self.heights > k), h), h, 0.0) for h in level] for k, level in enumerate(hyper)
+            [h.index_fill(0, rows, 0.0) if len(rows) else h for h in level]
+            for level, rows in zip(hyper, self._padded_rows(frozen), strict=True)
         ]
         live, deltas = core.update(self.plan, self.state, grads, hyper)
         hp_ok, first_bad, bad_value = self._hp_finite(live)
@@ -422,16 +441,24 @@ class _Vectorized:
         newly = active & ~keep
         self.diverged_step = torch.where(newly, self.step_count, self.diverged_step)
         self.diverged_code = torch.where(newly, torch.where(loss_ok, 2 + first_bad, 1), self.diverged_code)
-        value = torch.where(loss_ok, bad_value.to(losses.dtype), losses.detach())
-        self.diverged_value = torch.where(newly, value, self.diverged_value)
+        self.diverged_value = torch.where(
+            newly, torch.where(loss_ok, bad_value.to(losses.dtype), losses), self.diverged_value
+        )
         self.alive = self.alive & ~newly
+        held = (~keep).nonzero().flatten()
         with torch.no_grad():
             for p, d in zip(self.params, deltas, strict=True):
                 if d is not None:
-                    p.sub_(torch.where(_rows(keep, d), d.detach(), 0.0))
-        self.state = _select_state(keep, core.detach(live), self.state)
+                    p.sub_(d.detach().index_fill(0, held, 0.0) if len(held) else d.detach())
+        before, self.state = self.state, core.detach(live)
+        if len(held):
+            self.state = _restore_rows(held, self.state, before)
         self.live, self.deltas = live, deltas
-        return losses.detach()
+        return losses
+
+    def _padded_rows(self, frozen: Tensor) -> list[Tensor]:
+        """Per hyper level k: the members whose hypergradients into level k + 1 must be zero."""
+        return [torch.cat([rows, frozen]) if len(frozen) else rows for rows in self._pad_rows]
 
     def _baseline_step(self, losses: Tensor, grads: Sequence[Tensor], active: Tensor, moving: Tensor) -> Tensor:
         newly = active & ~moving

@@ -1,0 +1,175 @@
+"""Time per step of a vectorized population of K towers against K sequential runs, and peak memory.
+
+The paper's MNIST MLP (784-128-10, tanh; bench.models.mlp) with sgd/sgd towers, one member per initial step size,
+batch 256 of random data (the cost does not depend on the values). The vectorized column times
+`bench.population`'s own training step for all K members at once. The sequential column times steps of one ordinary
+run (`nn.Module` + `hypergrad.tower`, `loss.item()` each step, as the harness does) and multiplies by K: every member
+of the grid costs the same, so K runs one after another take K times as long. Both are timed in the same process,
+interleaved in rounds so that load from other processes hits both alike, and the best round of each is reported.
+Each K runs in a fresh subprocess, so peak memory is its own: on CPU the growth of the peak resident set while the
+population is built and trained (Linux VmHWM, reset first; glibc made to unmap every freed tensor), on CUDA
+torch.cuda.max_memory_allocated; the one-time set-up of the libraries is done before and counted in neither.
+
+    python scripts/bench_population.py [--sizes 1 8 64 256] [--rounds 5] [--threads 1] [--device cpu|cuda|all]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SPEC = "sgd(0.01)/sgd(1e-05)"
+
+
+def _model(seed: int) -> torch.nn.Module:
+    from bench.models.mlp import MLP
+
+    torch.manual_seed(seed)
+    return MLP(784, 128, 10)
+
+
+def _status_mb(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def _reset_peak(device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak resident set (VmHWM) to the current one
+    return _status_mb("VmRSS")
+
+
+def _peak(device: str, base: float) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20 - base
+    return _status_mb("VmHWM") - base
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _population_step(k: int, device: str, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    import hypergrad
+    from bench.population import Member, _Vectorized
+
+    lrs = torch.logspace(-3, -1, k).tolist()
+    members = [Member(hypergrad.parse_spec(f"sgd({lr})/sgd(1e-05)"), i, str(i)) for i, lr in enumerate(lrs)]
+    pop = _Vectorized([_model(m.seed).to(device) for m in members], members)
+    return lambda: pop.step(x, y)
+
+
+def _single_step(device: str, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    import hypergrad
+
+    model = _model(0).to(device)
+    opt = hypergrad.tower(SPEC, model.parameters())
+
+    def step() -> None:
+        loss = F.cross_entropy(model(x), y)
+        loss.item()  # the harness reads every step's loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    return step
+
+
+def _time(step: Callable[[], None], steps: int, device: str) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return (time.perf_counter() - start) / steps * 1e3
+
+
+def measure(k: int, steps: int, single_steps: int, rounds: int, device: str) -> dict[str, float]:
+    """Best-round ms/step of the population (all K members) and of one single run; peak memory of each in MB."""
+    x = torch.randn(256, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (256,), device=device)
+    warm = _single_step(device, x, y)
+    for _ in range(3):  # the libraries' one-time set-up (BLAS workspaces, autograd) is nobody's peak memory
+        warm()
+    del warm
+    base = _reset_peak(device)
+    single = _single_step(device, x, y)
+    for _ in range(3):
+        single()
+    single_mb = _peak(device, base)
+    base = _reset_peak(device)
+    population = _population_step(k, device, x, y)
+    for _ in range(3):  # warm-up: allocations, the first hypergradient graph, CUDA kernels
+        population()
+    best_pop = _time(population, steps, device)
+    pop_mb = _peak(device, base)
+    best_single = _time(single, single_steps, device)
+    for _ in range(rounds - 1):
+        best_pop = min(best_pop, _time(population, steps, device))
+        best_single = min(best_single, _time(single, single_steps, device))
+    return {"vectorized_ms": best_pop, "single_ms": best_single, "vectorized_mb": pop_mb, "single_mb": single_mb}
+
+
+def _child(k: int, args: argparse.Namespace, device: str) -> dict[str, float]:
+    steps = max(2, args.steps // max(1, k // 8))  # about the same wall time for every K
+    cmd = [sys.executable, __file__, "--one", str(k), "--steps", str(steps), "--single-steps", str(args.single_steps)]
+    cmd += ["--rounds", str(args.rounds), "--device", device, "--threads", str(args.threads)]
+    # A fixed mmap threshold makes glibc return every freed tensor to the system, so the resident set follows the
+    # live tensors instead of the allocator's cache (otherwise a run reusing freed memory would look free).
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 8, 64, 256])
+    parser.add_argument("--steps", type=int, default=20, help="timed population steps per round at K <= 8")
+    parser.add_argument("--single-steps", type=int, default=20, help="timed single-run steps per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.one is not None:
+        print(json.dumps(measure(args.one, args.steps, args.single_steps, args.rounds, args.device)))
+        return
+
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
+    print(f"MNIST MLP 784-128-10, batch 256, K towers sgd(lr)/sgd(1e-05); torch {torch.__version__}")
+    print(f"CPU threads: {args.threads}; sequential = K x ms/step of one ordinary run; best of {args.rounds} rounds")
+    for device in devices:
+        where = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+        print(f"\n{device} ({where})")
+        print(
+            f"{'K':>5} {'vectorized ms/step':>19} {'sequential ms/step':>19} {'speed-up':>9} {'ms/member-step':>15}"
+            f" {'peak MB':>9} {'peak MB, one run':>17}"
+        )
+        for k in args.sizes:
+            r = _child(k, args, device)
+            seq = k * r["single_ms"]
+            print(
+                f"{k:>5} {r['vectorized_ms']:>19.2f} {seq:>19.2f} {seq / r['vectorized_ms']:>8.2f}x"
+                f" {r['vectorized_ms'] / k:>15.3f} {r['vectorized_mb']:>9.1f} {r['single_mb']:>17.1f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
