@@ -10,9 +10,11 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 
 from bench.tune import compose_tune_config, tune
+from bench.tune_storage import parse_storage
 from tests.pg_server import start_postgres
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,6 +66,7 @@ def _assert_exactly_n_trials(study: optuna.Study, run_dirs: list[Path]) -> None:
     assert json.loads((run_dirs[1] / "study_summary.json").read_text())["reruns"] == []
 
 
+@pytest.mark.slow
 def test_two_processes_on_one_journal_file_run_exactly_n_trials(tmp_path: Path) -> None:
     journal = tmp_path / "study.log"
     run_dirs = _run_workers(tmp_path, f"journal:{journal}")
@@ -71,6 +74,8 @@ def test_two_processes_on_one_journal_file_run_exactly_n_trials(tmp_path: Path) 
     _assert_exactly_n_trials(optuna.load_study(study_name="shared", storage=storage), run_dirs)
 
 
+@pytest.mark.slow
+@pytest.mark.services
 def test_two_processes_on_one_postgresql_study_run_exactly_n_trials(tmp_path: Path) -> None:
     server = start_postgres()  # raises (the test fails) when PostgreSQL is not installed
     try:
@@ -90,6 +95,7 @@ def test_two_processes_on_one_postgresql_study_run_exactly_n_trials(tmp_path: Pa
         server.stop()
 
 
+@pytest.mark.slow
 def test_a_killed_workers_trial_is_marked_failed_and_not_run_again(tmp_path: Path) -> None:
     db = tmp_path / "study.db"
     storage = f"sqlite:///{db}"
@@ -97,21 +103,22 @@ def test_a_killed_workers_trial_is_marked_failed_and_not_run_again(tmp_path: Pat
     heartbeat = ["tune.heartbeat_interval_s=1", "tune.grace_period_s=2"]
     # Worker 1 gets a long trial (hundreds of epochs) and is killed in the middle of it.
     long_trial = [*FAST, "trainer.epochs=500", "trainer.max_steps=null", "tune.worker=1"]
-    victim = subprocess.Popen(
-        [sys.executable, "-m", "bench.tune", *long_trial, *study_args, *heartbeat, f"hydra.run.dir={tmp_path / 'v'}"],
-        cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not _trial_has_run_an_epoch(db):
-            assert victim.poll() is None and time.monotonic() < deadline, "the victim never started a trial"
-            time.sleep(0.2)
-    finally:
-        victim.kill()
-        victim.wait()
+    with open(tmp_path / "victim.err", "w") as err:
+        victim = subprocess.Popen(
+            [sys.executable, "-m", "bench.tune", *long_trial, *study_args, *heartbeat, f"hydra.run.dir={tmp_path}/v"],
+            cwd=REPO,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while not _trial_has_run_an_epoch(db):
+                assert victim.poll() is None and time.monotonic() < deadline, (tmp_path / "victim.err").read_text()
+                time.sleep(0.2)
+        finally:
+            victim.kill()
+            victim.wait()
     summary = tune(
         compose_tune_config([*FAST, *study_args, *heartbeat]), output_dir=tmp_path / "survivor"
     )  # worker 0, in this process
@@ -125,9 +132,9 @@ def test_a_killed_workers_trial_is_marked_failed_and_not_run_again(tmp_path: Pat
 
 
 def _trial_has_run_an_epoch(db: Path) -> bool:
-    if not db.exists():
-        return False
-    storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
+    # Opened the way bench.tune opens it (under its lock): a second process creating Optuna's tables at
+    # the same time as the worker would make one of them fail.
+    storage = parse_storage(f"sqlite:///{db}", db).open(heartbeat_interval_s=60, grace_period_s=None)
     try:
         trials = optuna.load_study(study_name="killed", storage=storage).get_trials()
     except KeyError:  # the study is not created yet
