@@ -77,6 +77,14 @@ class SearchParam:
     choices: tuple[Any, ...] = ()
     one_minus: bool = False
 
+    def distribution(self) -> optuna.distributions.BaseDistribution:
+        """The Optuna distribution (its constructor checks the range, the step and the log scale)."""
+        if self.type == "float":
+            return optuna.distributions.FloatDistribution(self.low, self.high, log=self.log, step=self.step)
+        if self.type == "int":
+            return optuna.distributions.IntDistribution(self.low, self.high, log=self.log, step=self.step or 1)
+        return optuna.distributions.CategoricalDistribution(self.choices)
+
     def suggest(self, trial: optuna.Trial) -> Any:
         if self.type == "float":
             return trial.suggest_float(self.name, self.low, self.high, log=self.log, step=self.step)
@@ -122,7 +130,12 @@ def parse_search_space(space: DictConfig | dict | None) -> list[SearchParam]:
             raise ValueError(f"`{where}` must have numbers low < high, but got low={low!r}, high={high!r}")
         if log and low <= 0:
             raise ValueError(f"`{where}.low` must be > 0 for a log scale, but got {low!r}")
-        params.append(SearchParam(name, key, kind, low, high, log, spec.get("step"), one_minus=one_minus))
+        param = SearchParam(name, key, kind, low, high, log, spec.get("step"), one_minus=one_minus)
+        try:
+            param.distribution()
+        except ValueError as e:  # e.g. a step on a log scale, or a step that does not divide the range
+            raise ValueError(f"`{where}` must describe a valid {kind} range, but got {spec!r}: {e}") from None
+        params.append(param)
     return params
 
 
@@ -148,6 +161,9 @@ def _tunable_baselines() -> list[str]:
 def _not_tunable(name: Any) -> str:
     why = " (a tower learns its own hyperparameters)" if name == "tower" else ""
     return f"`optimizer` must be a baseline with a search space, one of {_tunable_baselines()}, but got {name!r}{why}"
+
+
+_MISSING = object()
 
 
 def _run_config(cfg: DictConfig) -> DictConfig:
@@ -183,7 +199,8 @@ class _Plan:
     space: list[SearchParam]
     storage: StorageSpec
     study_name: str
-    sampler_seed: int
+    sampler: optuna.samplers.BaseSampler
+    pruner: optuna.pruners.BasePruner
     rerun_seeds: list[int]
     run_cfg: DictConfig
 
@@ -204,7 +221,10 @@ def validate_tune(cfg: DictConfig, output_dir: str | Path) -> _Plan:
         v = t.get(key)
         if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
             raise ConfigError(f"`tune.{key}` must be an integer >= {minimum}, but got {v!r}")
-    for key in ("timeout_s", "grace_period_s", "wait_for_workers_s"):
+    grace = t.get("grace_period_s")
+    if grace is not None and (not isinstance(grace, int) or isinstance(grace, bool) or grace < 1):
+        raise ConfigError(f"`tune.grace_period_s` must be an integer >= 1 or null, but got {grace!r}")
+    for key in ("timeout_s", "wait_for_workers_s"):
         v = t.get(key)
         if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0):
             raise ConfigError(f"`tune.{key}` must be a positive number or null, but got {v!r}")
@@ -219,9 +239,8 @@ def validate_tune(cfg: DictConfig, output_dir: str | Path) -> _Plan:
         try:
             import cmaes  # noqa: F401
         except ImportError:
-            raise ConfigError(
-                "`tune.sampler` must not be 'cmaes' without the cmaes package: pip install cmaes"
-            ) from None
+            msg = "`tune.sampler` must not be 'cmaes' without the cmaes package (pip install cmaes), but got 'cmaes'"
+            raise ConfigError(msg) from None
     try:
         space = parse_search_space(cfg.search_space)
         storage = parse_storage(t.storage, Path(output_dir) / "study.db")
@@ -238,10 +257,12 @@ def validate_tune(cfg: DictConfig, output_dir: str | Path) -> _Plan:
     study_name = t.study_name or f"{name}-{cfg.model.name}-{cfg.dataset.name}"
     # Distinct, reproducible seeds per worker: equal seeds would make workers propose the same first trials.
     sampler_seed = int(np.random.SeedSequence([cfg.seed, t.worker]).generate_state(1)[0])
-    return _Plan(name, space, storage, study_name, sampler_seed, _rerun_seeds(cfg), run_cfg)
-
-
-_MISSING = object()
+    try:
+        pruner = _make_pruner(cfg)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"`tune.{t.pruner}` must hold valid {t.pruner} pruner settings, but got {e}") from None
+    sampler = _make_sampler(t.sampler, sampler_seed)
+    return _Plan(name, space, storage, study_name, sampler, pruner, _rerun_seeds(cfg), run_cfg)
 
 
 def _make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
@@ -299,8 +320,8 @@ def _open_study(cfg: DictConfig, plan: _Plan) -> _BoundedStudy:
     study = _BoundedStudy(
         study_name=plan.study_name,
         storage=storage,
-        sampler=_make_sampler(cfg.tune.sampler, plan.sampler_seed),
-        pruner=_make_pruner(cfg),
+        sampler=plan.sampler,
+        pruner=plan.pruner,
         n_trials=cfg.tune.n_trials,
         storage_spec=plan.storage,
     )
