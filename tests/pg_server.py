@@ -32,6 +32,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -81,6 +82,10 @@ class PostgresServer:
     def data_dir(self) -> Path:
         return self.root / "data"
 
+    def __iter__(self) -> Iterator[Any]:
+        """Unpack as ``url, stop = start_postgres()``."""
+        return iter((self.url, self.stop))
+
     def pid(self) -> int | None:
         pid_file = self.data_dir / "postmaster.pid"
         try:
@@ -115,6 +120,10 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+def _traversable_by_others(path: Path) -> bool:
+    return all(p.stat().st_mode & 0o001 for p in [path.resolve(), *path.resolve().parents])
+
+
 def _as_server_user(argv: list[str]) -> list[str]:
     # initdb and postgres refuse to run as root; the Debian package creates the `postgres` system user.
     if os.geteuid() == 0:
@@ -126,12 +135,15 @@ def start_postgres(base_dir: str | Path | None = None, timeout_s: float = 60.0) 
     """Initialise a cluster, start it on a free 127.0.0.1 port and create an empty database; return the server.
 
     The data lives in a fresh directory under ``base_dir`` (default: the system temp dir). When running as root the
-    directory is owned by the ``postgres`` user, so ``base_dir`` and its parents must be traversable by it; pytest's
-    ``tmp_path`` is not (``/tmp/pytest-of-root`` is mode 0700), hence the system temp dir as the default.
+    server runs as the ``postgres`` user, which must be able to reach that directory; pytest's ``tmp_path`` is not
+    reachable (``/tmp/pytest-of-root`` is mode 0700), so a ``base_dir`` that other users cannot traverse is replaced
+    by the system temp dir. ``url, stop = start_postgres()`` also works.
     """
     import psycopg2  # imported here so a module that only imports this file does not need the driver
 
     bin_dir = find_postgres_bin()
+    if base_dir is not None and os.geteuid() == 0 and not _traversable_by_others(Path(base_dir)):
+        base_dir = None
     root = Path(tempfile.mkdtemp(prefix="hypergrad-pg-", dir=base_dir))
     password = secrets.token_hex(12)
     pw_file = root / "pwfile"

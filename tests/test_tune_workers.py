@@ -142,3 +142,19 @@ def _trial_has_run_an_epoch(db: Path) -> bool:
     finally:
         storage.engine.dispose()
     return any(t.state == TrialState.RUNNING and t.user_attrs.get("epochs", 0) >= 1 for t in trials)
+
+
+@pytest.mark.services
+def test_the_postgres_fixture_serves_loopback_only_and_leaves_nothing_behind() -> None:
+    import psycopg2
+
+    server = start_postgres()
+    pid = server.pid()
+    conn = psycopg2.connect(server.url)
+    with conn, conn.cursor() as cur:
+        cur.execute("SHOW listen_addresses")
+        assert cur.fetchone() == ("127.0.0.1",)
+    conn.close()
+    server.stop()
+    assert (pid is not None and not Path(f"/proc/{pid}").exists()) or "Z" in Path(f"/proc/{pid}/stat").read_text()
+    assert not server.root.exists()
