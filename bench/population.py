@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state
 
 import hypergrad
+from bench.config import ConfigError
 from hypergrad import core
 from hypergrad.rules import Rule
 from hypergrad.spec import Level, Tower, format_spec, parse_spec
@@ -50,7 +51,7 @@ Batches = Callable[[int], Iterator[tuple[Tensor, Tensor]]]
 """``batches(epoch)`` yields that epoch's training batches (the same for every member; epochs count from 1)."""
 
 
-class PopulationError(ValueError):
+class PopulationError(ConfigError):
     """A population that cannot be trained as asked; the message names the reason and the way out."""
 
 
@@ -286,6 +287,11 @@ def check_vectorizable(model: nn.Module, model_name: str = "model") -> None:
             raise PopulationError(
                 f"`model={model_name}` cannot be trained as a vectorized population: its dropout layer `{name}` "
                 "draws random masks that would differ from the members' single runs; use population.mode=sequential"
+            )
+        if isinstance(module, nn.RNNBase):
+            raise PopulationError(
+                f"`model={model_name}` cannot be trained as a vectorized population: its {type(module).__name__} "
+                f"layer `{name}` runs a fused kernel that torch.vmap cannot batch; use population.mode=sequential"
             )
 
 
@@ -597,6 +603,7 @@ def train_population(
                 eval_chunk,
                 epoch_callback,
                 make_optimizer,
+                model_name,
             )
             for i, r in zip(group, out, strict=True):
                 results[i] = r
@@ -636,6 +643,7 @@ def _train_vectorized(
     eval_chunk: int,
     epoch_callback: EpochCallback | None,
     make_optimizer: Callable[[Member, Sequence[Tensor]], SequentialOptimizer] | None = None,
+    model_name: str = "model",
 ) -> list[MemberResult]:
     pop = _Vectorized(models, members, make_optimizer)
     K = pop.K
@@ -653,7 +661,16 @@ def _train_vectorized(
                 complete = False
                 break
             was_moving = pop.alive & ~pop.stopped
-            losses = pop.step(x, y)
+            try:
+                losses = pop.step(x, y)
+            except RuntimeError as e:
+                if steps or "atching rule" not in str(e):
+                    raise
+                # An operation torch.vmap has no batching rule for, found at the first step, before any result.
+                raise PopulationError(
+                    f"`model={model_name}` cannot be trained as a vectorized population: torch.vmap cannot batch it "
+                    f"({str(e).splitlines()[0]}); use population.mode=sequential"
+                ) from None
             steps += 1
             step_losses.append(losses)
             counted = was_moving & pop.alive
@@ -1154,3 +1171,52 @@ def tell_trials(study: Any, trials: Sequence[Any], metrics: Sequence[Mapping[str
             study.tell(trial, state=TrialState.FAIL)
         else:
             study.tell(trial, m["val_error"])
+
+
+def format_population_summary(metrics: Sequence[Mapping[str, Any]]) -> str:
+    """A short table of a population's members: status, final errors and learned step size, best first."""
+    import pandas as pd
+
+    rows = [
+        {
+            "optimizer": m["optimizer"],
+            "seed": m["seed"],
+            "status": m["status"],
+            "val_error": m["val_error"],
+            "test_error": m["test_error"],
+            "final L1.lr": (m["hyperparameters"] or [{}])[0].get("lr", math.nan),
+        }
+        for m in metrics
+    ]
+    table = pd.DataFrame(rows).sort_values("val_error", na_position="last")
+    diverged = sum(m["status"] == "diverged" for m in metrics)
+    head = f"population of {len(metrics)} members ({diverged} diverged), best validation error first"
+    return head + "\n" + table.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+
+
+def main() -> None:
+    """``python -m bench.population +population=NAME [overrides]``: what ``python -m bench +population=NAME`` runs."""
+    import sys
+
+    import hydra
+    from omegaconf import DictConfig
+
+    from bench.config import CONF_DIR
+
+    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+    def app(cfg: DictConfig) -> None:
+        if cfg.get("population") is None:
+            print("error: `population` must be given, e.g. +population=grid, but got none", file=sys.stderr)
+            sys.exit(2)
+        try:
+            metrics = run_population(cfg)
+        except ConfigError as e:
+            print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)  # the user's to fix: one line
+            sys.exit(2)
+        print(format_population_summary(metrics))
+
+    app()
+
+
+if __name__ == "__main__":
+    main()

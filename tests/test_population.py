@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -368,3 +372,48 @@ def test_optuna_trials_must_share_everything_but_the_optimizer(tmp_path):
     with pytest.raises(ConfigError, match=r"^`trainer` must be the same for every trial of a population, but trial 1"):
         evaluate_trials_as_population(trials, cfgs, [tmp_path / "a", tmp_path / "b"])
     assert not (tmp_path / "a").exists()
+
+
+def _cli(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
+    # The same Hydra app as `python -m bench +population=NAME`; run from tmp_path so Hydra's own files land there.
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.population",
+            *overrides,
+            "trainer.progress=false",
+            f"paths.output_dir={tmp_path}/run",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        timeout=300,
+    )
+
+
+def test_command_line_trains_the_preset_grid_and_prints_a_summary(tmp_path):
+    done = _cli(tmp_path, "+population=grid", "dataset=digits", "population.lr=[0.01,0.1]", "population.heights=[0,1]",
+                "trainer.epochs=1")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == "population of 4 members (0 diverged), best validation error first"
+    assert sorted(p.name for p in (tmp_path / "run" / "members").iterdir()) == [
+        "lr=0.01_h=0_seed=0", "lr=0.01_h=1_seed=0", "lr=0.1_h=0_seed=0", "lr=0.1_h=1_seed=0"
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["population.seeds=[0,0.5]"], "error: `population.seeds` must be a non-empty list of integers, but got [0, 0.5]"),
+        (["model=char_lstm", "dataset=pydoc_text"], "error: `model=char_lstm` cannot be trained as a vectorized "
+         "population: its LSTM layer `lstm` runs a fused kernel that torch.vmap cannot batch; use population.mode=sequential"),
+        (["model=resnet20"], "error: `model=resnet20` cannot be trained as a vectorized population: its BatchNorm layer"),
+    ],
+)  # fmt: skip
+def test_command_line_bad_input_is_one_line_and_exit_2(tmp_path, overrides, message):
+    done = _cli(tmp_path, "+population=grid", "dataset=digits", "trainer.epochs=1", *overrides)
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith(message) and len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "population.json").exists()
