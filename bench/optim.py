@@ -117,6 +117,8 @@ class BuiltOptimizer:
                 values[key] = float(group[key])
         if isinstance(group.get("betas"), (tuple, list)):
             values["beta1"], values["beta2"] = (float(b) for b in group["betas"])
+        if isinstance(group.get("eta"), list) and group["eta"]:
+            values["eta"] = float(group["eta"][0])  # DoG's step size, the same for every tensor of the group
         return [values]
 
     def train_mode(self) -> None:

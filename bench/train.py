@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from bench.config import validate
 from bench.data import Data, build_dataset
-from bench.io import atomic_save_torch, atomic_write_csv, atomic_write_json
+from bench.io import atomic_save_torch, atomic_write_csv, atomic_write_json, to_jsonable
 from bench.logger import RunLogger, build_logger
 from bench.models import build_model
 from bench.optim import BuiltOptimizer, build_optimizer
@@ -267,20 +267,22 @@ class _Trainer:
                         self.save_checkpoint()
                         return {"status": "preempted", "steps": self.steps, "output_dir": str(self.out)}
                 self.end_epoch(logger)
+            if self.loss_count:
+                # max_steps stopped the run inside an epoch: that partial epoch still gets its evaluation.
+                self.end_epoch(logger, callback=False)
         except _Diverged as d:
             status, diverged = "diverged", d
-            self.history.append(self.epoch_row(self.epoch + 1))
-            logger.log_epoch(self.history[-1])
+            if not self.history or self.history[-1]["steps"] != self.steps:
+                self.history.append(self.epoch_row(self.epoch + 1))
+                logger.log_epoch(self.history[-1])
         except _CallbackRaised as raised:
             # A pruned trial, or the callback's own failure: record it, then let it go on to the caller.
             error = raised.error
             status = "pruned" if _is_pruned(error) else "failed"
         finally:
             bar.close()
-        if self.loss_count and (not self.history or self.history[-1]["steps"] != self.steps):
-            # max_steps stopped the run inside an epoch: that partial epoch still gets its evaluation.
-            self.end_epoch(logger, callback=False)
-        metrics = self.metrics(status, diverged, error)
+        # Exactly what metrics.json holds: non-finite numbers are null there, so they are None here too.
+        metrics = to_jsonable(self.metrics(status, diverged, error))
         self.write(metrics)
         logger.finish(metrics)
         if error is not None:
@@ -292,6 +294,9 @@ class _Trainer:
         row = self.history[-1]
         self.epoch, self.batch, self.loss_sum, self.loss_count = self.epoch + 1, 0, 0.0, 0
         logger.log_epoch(row)
+        if not math.isfinite(row["val_loss"]):
+            # Training losses were finite, yet the weights now give non-finite outputs: as diverged as it gets.
+            raise _Diverged(self.steps, f"non-finite validation loss ({row['val_loss']})")
         every = self.cfg.trainer.checkpoint_every
         if every and self.epoch % every == 0:
             self.save_checkpoint()

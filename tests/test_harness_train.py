@@ -154,6 +154,15 @@ def test_a_diverging_run_is_recorded_as_diverged_not_dropped(tmp_path: Path) -> 
     assert len(pd.read_csv(tmp_path / "history.csv")) == 1
 
 
+def test_weights_blown_up_by_the_last_step_count_as_diverged(tmp_path: Path) -> None:
+    # One step of size 1e38 leaves finite training losses behind but weights whose outputs overflow.
+    overrides = ["optimizer=sgd", "optimizer.lr=1e38", "model.output_tanh=false"]
+    metrics = run(compose_config([*QUICK, "trainer.max_steps=1", *overrides]), tmp_path)
+    assert (metrics["status"], metrics["diverged_step"]) == ("diverged", 1)
+    assert metrics["diverged_reason"].startswith("non-finite validation loss")
+    assert metrics["val_loss"] is None  # not a number: JSON null, never NaN
+
+
 def test_a_finished_run_is_skipped_unless_forced(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = compose_config(QUICK)
     first = run(cfg, tmp_path)
