@@ -263,6 +263,18 @@ def test_robustness_is_computed_from_the_summary_rows(tmp_path: Path) -> None:
     assert "adam (tuned)" not in table.index and "prodigy" not in table.index  # nothing to sweep there
 
 
+def test_a_one_setting_recipe_is_the_reference_without_a_tuned_baseline(tmp_path: Path) -> None:
+    # The CIFAR-10 layout: a swept fixed baseline, and He et al.'s step decay at its single setting.
+    for lr, error in ((0.01, 0.2), (0.1, 0.1), (1.0, 0.3)):
+        write_run(tmp_path / f"fixed_{lr}", method="momentum", family="baseline", lr=lr, test_error=error)
+    write_run(tmp_path / "step", method="step_decay", family="baseline", lr=0.1, test_error=0.08)
+    summary = summarize(load_runs([tmp_path]))
+    reference = reference_error(summary)
+    assert reference.error == pytest.approx(0.08) and "step_decay" in reference.label
+    table = robustness(summary, reference, tolerance=0.025).set_index("method")
+    assert list(table.index) == ["momentum"] and table.loc["momentum", "n_within"] == 1  # only 0.1 is within
+
+
 def test_missing_keys_name_the_directory(tmp_path: Path) -> None:
     write_run(tmp_path / "ok", seed=0)
     broken = write_run(tmp_path / "broken", seed=1, drop=("height", "init"))

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from bench.io import atomic_write
-from bench.report.tables import Reference
+from bench.report.tables import Reference, fixed_setting
 
 __all__ = [
     "method_colors",
@@ -63,10 +63,10 @@ def _error_axis(ax, values: np.ndarray) -> None:
 
 
 def _reference_lines(ax, summary: pd.DataFrame, colors: dict[str, tuple]) -> None:
-    """Tuned and tuning-free baselines as horizontal lines: they have no initial step size to sweep."""
-    fixed = summary[summary["tuned"] | (summary["family"] == "tuning_free")]
+    """Methods that were not swept (tuned, tuning-free, one-setting recipes) as horizontal lines to compare with."""
+    fixed = summary[fixed_setting(summary)]
     for _, row in fixed.iterrows():
-        style = "--" if row["tuned"] else ":"
+        style = "--" if row["tuned"] else ":" if row["family"] == "tuning_free" else "-."
         ax.axhline(row["test_error_mean"], color=colors[row["method"]], ls=style, lw=1.5, label=row["method"])
         ax.axhspan(row["test_error_ci_low"], row["test_error_ci_high"], color=colors[row["method"]], alpha=0.08)
 
@@ -94,7 +94,7 @@ def sensitivity_figure(
     When the sweep also varies the initial momentum, one panel per momentum value, and a second row of
     panels against momentum at each step size. None when no method was swept over its step size.
     """
-    swept = summary[~summary["tuned"] & (summary["family"] != "tuning_free") & summary["lr"].notna()]
+    swept = summary[~fixed_setting(summary) & summary["lr"].notna()]
     if swept.empty or swept.groupby("method")["lr"].nunique().max() < 2:
         return None  # each method at one step size (a table of methods, not a sweep): nothing to draw
     momenta = sorted(swept["momentum"].dropna().unique())

@@ -17,6 +17,7 @@ from bench.report.stats import bootstrap_ci, expected_best_of_n, robust_range_de
 __all__ = [
     "SUMMARY_COLUMNS",
     "Reference",
+    "fixed_setting",
     "paper_comparison",
     "reference_error",
     "robustness",
@@ -157,11 +158,28 @@ class Reference:
     label: str
 
 
+def fixed_setting(summary: pd.DataFrame) -> pd.Series:
+    """Rows of methods that were not swept: tuned and tuning-free baselines, and one-setting recipes (such as
+    He et al.'s step decay) that a sweep is compared against rather than part of."""
+    rows_per_method = summary.groupby("method")["method"].transform("size")
+    return (
+        summary["tuned"]
+        | (summary["family"] == "tuning_free")
+        | ((summary["family"] != "tower") & (rows_per_method == 1))
+    )
+
+
 def reference_error(summary: pd.DataFrame) -> Reference | None:
-    """The best tuned baseline's mean test error; without a tuned baseline, the best row of any method."""
-    tuned = summary[summary["tuned"]]
-    pool, what = (tuned, "best tuned baseline") if len(tuned) else (summary, "best setting of any method")
-    pool = pool.dropna(subset=["test_error_mean"])
+    """What "as good as a tuned baseline" means: the best tuned baseline's mean test error; without one, the best
+    one-setting baseline recipe (e.g. a hand-tuned schedule); without that, the best row of any method."""
+    summary = summary.dropna(subset=["test_error_mean"])
+    recipes = summary[fixed_setting(summary) & (summary["family"] == "baseline")]
+    candidates = [
+        (summary[summary["tuned"]], "best tuned baseline"),
+        (recipes, "best fixed baseline recipe"),
+        (summary, "best setting of any method"),
+    ]
+    pool, what = next((pool, what) for pool, what in candidates if len(pool) or what.endswith("any method"))
     if pool.empty:
         return None
     best = pool.loc[pool["test_error_mean"].idxmin()]
@@ -177,7 +195,7 @@ def robustness(summary: pd.DataFrame, reference: Reference | None, tolerance: fl
     """
     columns = ["method", "momentum", "decades", "n_within", "n_lr", "lr_low", "lr_high", "reference", "tolerance"]
     rows = []
-    swept = summary[~summary["tuned"] & summary["lr"].notna()]
+    swept = summary[~fixed_setting(summary) & summary["lr"].notna()]
     # Only a method started from several step sizes has a range; a table of one setting per method has none.
     n_lrs = swept.groupby(["method", "momentum"], dropna=False)["lr"].transform("nunique")
     swept = swept[n_lrs > 1]
