@@ -16,6 +16,7 @@ error is the result) and writes `study_summary.json`, which counts the compute o
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import sys
 import time
@@ -27,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import optuna
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from optuna.trial import TrialState
 
 from bench.tune_storage import StorageSpec, parse_storage
@@ -174,7 +175,7 @@ def _run_config(cfg: DictConfig) -> DictConfig:
 
 
 def _apply(run_cfg: DictConfig, space: list[SearchParam], params: dict[str, Any], **extra: Any) -> DictConfig:
-    cfg = run_cfg.copy()
+    cfg = copy.deepcopy(run_cfg)
     for p in space:
         if p.name in params:
             OmegaConf.update(cfg, p.key, p.config_value(params[p.name]), merge=False)
@@ -514,6 +515,10 @@ def _summary(cfg: DictConfig, plan: _Plan, study: optuna.Study, reruns: list[dic
 
 def _log_summary_to_wandb(cfg: DictConfig, plan: _Plan, summary: dict[str, Any], run_dir: Path) -> None:
     import wandb
+
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.tune.storage = plan.storage.display()  # a URL's password must not reach W&B
 
     lg = cfg.logger
     run = wandb.init(
