@@ -61,7 +61,7 @@ def split_indices(n: int, val_size: int, test_size: int, seed: int) -> tuple[tor
 
 
 def _cap(split: Split, size: int | None) -> Split:
-    """Keep the first `size` training examples (the splits are already shuffled), for quick runs."""
+    """Keep the first `size` training examples, for quick runs (image splits are already shuffled)."""
     return split if size is None else (split[0][:size], split[1][:size])
 
 
