@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state
+from tqdm import tqdm
 
 import hypergrad
 from bench.config import ConfigError
@@ -998,34 +999,48 @@ def _train_members(
         torch.manual_seed(seed)
         return build_model(cfg.model, data).to(device=device, dtype=dtype)
 
+    # As the harness counts them (schedules are stretched over the total).
+    steps_per_epoch = math.ceil(len(data.train[0]) / cfg.trainer.batch_size)
+    total = min(steps_per_epoch * cfg.trainer.epochs, cfg.trainer.get("max_steps") or math.inf)
     make_optimizer = None
     if any(m.tower is None for m in members):
         from bench.optim import build_optimizer
-
-        steps_per_epoch = math.ceil(len(data.train[0]) / cfg.trainer.batch_size)
-        total = steps_per_epoch * cfg.trainer.epochs
-        if cfg.trainer.get("max_steps") is not None:
-            total = min(total, cfg.trainer.max_steps)
 
         def make_optimizer(member: Member, params: Sequence[Tensor]) -> SequentialOptimizer:
             built = build_optimizer(member.baseline, params, steps_per_epoch, total)
             built.zero_grad = built.optimizer.zero_grad  # type: ignore[attr-defined]
             return built  # type: ignore[return-value]
 
-    start = time.perf_counter()
-    results = train_population(
-        make_model,
-        members,
-        _epoch_batches(data, cfg.trainer.batch_size, int(cfg.seed)),
-        {"val": data.val, "test": data.test},
-        epochs=cfg.trainer.epochs,
-        max_steps=cfg.trainer.get("max_steps"),
-        mode=mode,
-        eval_chunk=cfg.trainer.eval_batch_size,
-        epoch_callback=epoch_callback,
-        model_name=str(cfg.model.name),
-        make_optimizer=make_optimizer,
+    batches = _epoch_batches(data, cfg.trainer.batch_size, int(cfg.seed))
+    passes = len(members) if mode == "sequential" else len(group_members(members))
+    bar = tqdm(
+        total=total * passes,
+        disable=not cfg.trainer.get("progress", True),
+        desc=f"{cfg.model.name}/{cfg.dataset.name} population of {len(members)} ({mode})",
+        unit="step",
+        dynamic_ncols=True,
     )
+
+    def counted(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        for batch in batches(epoch):
+            yield batch
+            bar.update()
+
+    start = time.perf_counter()
+    with bar:
+        results = train_population(
+            make_model,
+            members,
+            counted,
+            {"val": data.val, "test": data.test},
+            epochs=cfg.trainer.epochs,
+            max_steps=cfg.trainer.get("max_steps"),
+            mode=mode,
+            eval_chunk=cfg.trainer.eval_batch_size,
+            epoch_callback=epoch_callback,
+            model_name=str(cfg.model.name),
+            make_optimizer=make_optimizer,
+        )
     return results, time.perf_counter() - start, device
 
 
