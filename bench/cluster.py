@@ -67,9 +67,11 @@ class CheckpointOnPreemption(Callback):
         if not self._previous:
             return
         previous, self._previous = self._previous, {}
+        stopped = self.signum is not None and _stopped_for_checkpoint(job_return)
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        if self.signum is None or not _stopped_for_checkpoint(job_return):
+            # Once stopped, a repeated warning signal must not start a second requeue.
+            signal.signal(signum, signal.SIG_IGN if stopped else handler)
+        if not stopped:
             return  # no signal, or the run finished (or crashed) before it reached a step boundary
         if self.signum == _requeue_signal():
             print("bench.cluster: checkpoint saved; submitit requeues the job", flush=True)

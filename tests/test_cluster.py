@@ -8,10 +8,12 @@ scikit-learn's digits. When the SLURM or munge daemons are missing, these tests 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,8 @@ SMALL_JOBS = [
     "hydra.launcher.gpus_per_task=0",
     "hydra.launcher.cpus_per_task=1",
     "hydra.launcher.mem_gb=1",
-    "hydra.launcher.timeout_min=10",
+    # Long enough that submitit counts a signal as a preemption, not as the time limit (which it does after 80%).
+    "hydra.launcher.timeout_min=30",
 ]
 TINY_RUN = ["dataset=digits", "trainer.progress=false", "trainer.device=cpu"]
 
@@ -84,73 +87,159 @@ def job_logs(folders: set[Path]) -> str:
     )
 
 
-def test_sweep_of_four_runs_lands_every_metrics_file(slurm: SlurmCluster, tmp_path: Path) -> None:
-    sweep_dir = tmp_path / "sweep"
-    run_sweep(slurm, tmp_path, sweep_dir, *TINY_RUN, "trainer.epochs=1", "optimizer.lr=1e-3,1e-2", "seed=0,1")
-
-    runs = sorted(p for p in sweep_dir.iterdir() if p.name.isdigit())
-    assert [p.name for p in runs] == ["0", "1", "2", "3"]
-    seen = sorted((round(m["init"]["lr"], 6), m["seed"]) for m in map(read_metrics, runs))
-    assert seen == [(1e-3, 0), (1e-3, 1), (1e-2, 0), (1e-2, 1)]
-    assert all(read_metrics(p)["status"] == "completed" for p in runs)
-    # The four runs were the four tasks of one SLURM job array.
-    first_jobs = job_folders(sweep_dir)
-    assert len(first_jobs) == 4 and len({f.name.split("_")[0] for f in first_jobs}) == 1
-
-    # Resubmitting the same sweep trains nothing again: every job finds its finished metrics.json and returns it.
-    before = {p.name: (p / "metrics.json").stat().st_mtime_ns for p in runs}
-    run_sweep(slurm, tmp_path, sweep_dir, *TINY_RUN, "trainer.epochs=1", "optimizer.lr=1e-3,1e-2", "seed=0,1")
-    assert {p.name: (p / "metrics.json").stat().st_mtime_ns for p in runs} == before
-    second_jobs = job_folders(sweep_dir) - first_jobs
-    assert len(second_jobs) == 4
-    assert job_logs(second_jobs).count("skipping") == 4, job_logs(second_jobs)[-3000:]
-
-
 def history_without_timing(run_dir: Path) -> pd.DataFrame:
     return pd.read_csv(run_dir / "history.csv").drop(columns=["wall_time_s"])
 
 
-def test_interrupted_runs_resume_to_the_same_metrics_as_an_uninterrupted_one(
-    slurm: SlurmCluster, tmp_path: Path
-) -> None:
-    """Run 0 is never interrupted. Run 1 gets submitit's pre-timeout signal (USR2) and run 2 is requeued by
-    `scontrol requeue` (SIGTERM, as on a preemption), each in the middle of training; both save a checkpoint,
-    are requeued, resume, and must end exactly where run 0 ends."""
-    sweep_dir = tmp_path / "sweep"
-    # checkpoint_every only marks progress on disk (the first checkpoint.pt says training is under way).
-    overrides = [*TINY_RUN, "trainer.epochs=6", "trainer.batch_size=32", "trainer.checkpoint_every=0,1,2"]
-    driver = subprocess.Popen(
-        sweep_command(sweep_dir, *overrides),
-        cwd=tmp_path,
-        env=slurm.env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        interrupted = {1: ("scancel", "--signal=USR2"), 2: ("scontrol", "requeue")}
-        for num, command in interrupted.items():
-            wait_for(lambda n=num: (sweep_dir / str(n) / "checkpoint.pt").exists(), 180, f"run {num} to train", slurm)
-            assert not (sweep_dir / str(num) / "metrics.json").exists(), f"run {num} finished before it was interrupted"
-            (array_task,) = [f.name for f in job_folders(sweep_dir) if f.name.endswith(f"_{num}")]
-            slurm.run(*command, array_task)
-        output, _ = driver.communicate(timeout=300)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
-    assert driver.returncode == 0, f"sweep failed:\n{output.decode(errors='replace')[-3000:]}\n{slurm.logs()}"
+# Four copies of one run that differ only in how often they save a checkpoint, which must not change any number.
+# checkpoint.pt appearing also marks on disk that a run's training is under way.
+SWEEP = [*TINY_RUN, "trainer.epochs=20", "trainer.batch_size=32", "trainer.checkpoint_every=0,1,2,3"]
+# Run 0 is never interrupted. Run 1 gets submitit's pre-timeout signal (USR2) in its training step; run 2 is
+# requeued by `scontrol requeue`, which sends SIGTERM as a preemption does. Run 3 is left alone.
+INTERRUPTIONS = {1: "USR2", 2: "requeue"}
 
-    reference = read_metrics(sweep_dir / "0")
-    assert reference["status"] == "completed" and reference["epochs"] == 6
-    for num in interrupted:
-        run_dir = sweep_dir / str(num)
-        assert without_timing(read_metrics(run_dir)) == without_timing(reference), f"run {num}"
-        pd.testing.assert_frame_equal(history_without_timing(run_dir), history_without_timing(sweep_dir / "0"))
-        # It really was stopped and requeued mid-run, and resumed rather than restarted.
-        (array_task,) = [f for f in job_folders(sweep_dir) if f.name.endswith(f"_{num}")]
-        log = job_logs({array_task})
-        assert "saving a checkpoint after this step" in log, log[-3000:]
-        resumed = [line for line in log.splitlines() if line.startswith("resuming ")]
-        assert len(resumed) == 1 and not resumed[0].endswith("step 0"), log[-3000:]
-        (job,) = [j for j in slurm.jobs() if f"{j['ArrayJobId']}_{j['ArrayTaskId']}" == array_task.name]
-        assert int(job["Restarts"]) == 1
+
+def interrupt(slurm: SlurmCluster, array_task: str, how: str) -> None:
+    (job,) = [j for j in slurm.jobs() if f"{j.get('ArrayJobId')}_{j.get('ArrayTaskId')}" == array_task]
+    if how == "requeue":
+        slurm.run("scontrol", "requeue", array_task)
+    else:
+        # Signal the job step itself (submitit's srun is step 0): SLURM 22.05 answers a signal sent to an array
+        # task while other tasks of the array are pending with "try again later", and scancel keeps retrying.
+        slurm.run("scancel", f"--signal={how}", f"{job['JobId']}.0")
+
+
+@dataclass
+class Sweep:
+    dir: Path
+    cwd: Path
+    jobs: set[Path]  # submitit's job folders of the first submission
+
+
+@pytest.fixture(scope="module")
+def interrupted_sweep(slurm: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) -> Sweep:
+    """The SWEEP submitted through hydra/launcher=submitit_slurm, with runs 1 and 2 interrupted mid-training."""
+    cwd = tmp_path_factory.mktemp("interrupted_sweep")
+    sweep_dir = cwd / "sweep"
+    log = cwd / "driver.log"
+    with log.open("wb") as out:
+        driver = subprocess.Popen(sweep_command(sweep_dir, *SWEEP), cwd=cwd, env=slurm.env, stdout=out, stderr=out)
+        try:
+            for num, how in INTERRUPTIONS.items():
+                wait_for(
+                    lambda n=num: (sweep_dir / str(n) / "checkpoint.pt").exists(), 180, f"run {num} to train", slurm
+                )
+                assert not (sweep_dir / str(num) / "metrics.json").exists(), f"run {num} ended before the interruption"
+                (array_task,) = [f.name for f in job_folders(sweep_dir) if f.name.endswith(f"_{num}")]
+                interrupt(slurm, array_task, how)
+            driver.wait(timeout=300)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+                driver.wait()
+    assert driver.returncode == 0, f"sweep failed:\n{log.read_text(errors='replace')[-3000:]}\n{slurm.logs()}"
+    return Sweep(dir=sweep_dir, cwd=cwd, jobs=job_folders(sweep_dir))
+
+
+def test_a_sweep_of_four_runs_is_one_job_array_and_lands_every_metrics_file(interrupted_sweep: Sweep) -> None:
+    runs = sorted(p.name for p in interrupted_sweep.dir.iterdir() if p.name.isdigit())
+    assert runs == ["0", "1", "2", "3"]
+    metrics = [read_metrics(interrupted_sweep.dir / num) for num in runs]
+    assert [m["status"] for m in metrics] == ["completed"] * 4
+    assert [m["epochs"] for m in metrics] == [20] * 4
+    assert len(interrupted_sweep.jobs) == 4 and len({f.name.split("_")[0] for f in interrupted_sweep.jobs}) == 1
+
+
+@pytest.mark.parametrize("num", sorted(INTERRUPTIONS))
+def test_an_interrupted_run_resumes_to_the_metrics_of_an_uninterrupted_one(
+    interrupted_sweep: Sweep, slurm: SlurmCluster, num: int
+) -> None:
+    sweep_dir = interrupted_sweep.dir
+    assert without_timing(read_metrics(sweep_dir / str(num))) == without_timing(read_metrics(sweep_dir / "0"))
+    pd.testing.assert_frame_equal(history_without_timing(sweep_dir / str(num)), history_without_timing(sweep_dir / "0"))
+    # It really was stopped mid-training and requeued, and it resumed rather than started over.
+    (array_task,) = [f for f in interrupted_sweep.jobs if f.name.endswith(f"_{num}")]
+    log = job_logs({array_task})
+    assert "saving a checkpoint after this step" in log, log[-3000:]
+    resumed = [line for line in log.splitlines() if line.startswith("resuming ")]
+    assert len(resumed) == 1 and not resumed[0].endswith(" step 0"), log[-3000:]
+    (job,) = [j for j in slurm.jobs() if f"{j.get('ArrayJobId')}_{j.get('ArrayTaskId')}" == array_task.name]
+    assert int(job["Restarts"]) == 1
+
+
+def test_periodic_checkpoints_do_not_change_the_result(interrupted_sweep: Sweep) -> None:
+    sweep_dir = interrupted_sweep.dir
+    assert without_timing(read_metrics(sweep_dir / "3")) == without_timing(read_metrics(sweep_dir / "0"))
+
+
+def test_a_resubmitted_sweep_trains_no_finished_run_again(interrupted_sweep: Sweep, slurm: SlurmCluster) -> None:
+    runs = [interrupted_sweep.dir / str(num) for num in range(4)]
+    before = {p: ((p / "metrics.json").stat().st_mtime_ns, (p / "history.csv").stat().st_mtime_ns) for p in runs}
+    already = job_folders(interrupted_sweep.dir)
+    run_sweep(slurm, interrupted_sweep.cwd, interrupted_sweep.dir, *SWEEP)
+    # Every job of the new array found its run's finished metrics.json and returned it untouched.
+    after = {p: ((p / "metrics.json").stat().st_mtime_ns, (p / "history.csv").stat().st_mtime_ns) for p in runs}
+    assert after == before
+    resubmitted = job_folders(interrupted_sweep.dir) - already
+    assert len(resubmitted) == 4
+    assert job_logs(resubmitted).count("skipping ") == 4, job_logs(resubmitted)[-3000:]
+
+
+def test_two_tuning_workers_on_slurm_fill_one_postgresql_study(slurm: SlurmCluster, tmp_path: Path) -> None:
+    """scripts/slurm/submit_tune_workers.sh submits a job array of two `bench.tune` workers on one PostgreSQL
+    study: together they run exactly tune.n_trials trials, each trial once, and worker 0 writes the summary."""
+    import optuna
+
+    from tests.pg_server import start_postgres
+
+    n_trials, study = 6, "sgd-digits-slurm"
+    server = start_postgres()  # raises (the test fails) when PostgreSQL is not installed
+    try:
+        url = server.url
+        env = dict(
+            slurm.env,
+            TUNE_STORAGE=url,
+            TUNE_ROOT=str(tmp_path),
+            PYTHON=sys.executable,
+            WORKER_GPUS="0",
+            WORKER_CPUS="1",
+            WORKER_MEM="1G",
+            WORKER_TIME_MIN="10",
+        )
+        overrides = [*TINY_RUN, "optimizer=sgd", "trainer.epochs=2", "trainer.batch_size=16", "tune.sampler=random"]
+        overrides += ["tune.pruner=none", f"tune.n_trials={n_trials}", "tune.reruns=1"]
+        proc = subprocess.run(
+            ["bash", str(REPO / "scripts/slurm/submit_tune_workers.sh"), "2", study, *overrides],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        array_id = re.search(r"submitted job array (\d+)", proc.stdout).group(1)
+        # The URL (with its password) reaches the workers through their environment only.
+        script = slurm.run("scontrol", "write", "batch_script", f"{array_id}_0", "-")
+        assert "$TUNE_STORAGE" in script and server.url not in script and server.url not in proc.stdout
+        slurm.wait_idle(timeout_s=300)
+
+        study_dir = tmp_path / study
+        logs = "\n".join(p.read_text(errors="replace") for p in sorted(study_dir.glob("worker_*.log")))
+        jobs = [j for j in slurm.jobs() if j["JobName"] == f"tune-{study}"]
+        assert sorted(j["ArrayTaskId"] for j in jobs) == ["0", "1"]
+        assert all(j["JobState"] == "COMPLETED" and j["ExitCode"] == "0:0" for j in jobs), logs[-3000:]
+
+        storage = optuna.storages.RDBStorage(server.sqlalchemy_url)
+        trials = optuna.load_study(study_name=study, storage=storage).get_trials()
+        storage.engine.dispose()
+    finally:
+        server.stop()
+    assert sorted(t.number for t in trials) == list(range(n_trials))
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    # Both workers took part, and every trial is one harness run in the shared trials directory.
+    assert {t.user_attrs["worker"] for t in trials} == {0, 1}
+    assert sorted(p.name for p in (study_dir / "trials").iterdir()) == sorted(str(t.number) for t in trials)
+    assert all(read_metrics(study_dir / "trials" / str(t.number))["status"] == "completed" for t in trials)
+    summary = json.loads((study_dir / "worker_0" / "study_summary.json").read_text())
+    assert (summary["n_trials"], summary["n_complete"], summary["n_failed"]) == (n_trials, n_trials, 0)
+    assert len(summary["reruns"]) == 1

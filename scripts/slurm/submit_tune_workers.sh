@@ -53,7 +53,9 @@ if [[ -n "$site_options" ]]; then
 fi
 
 # Single quotes: TUNE_STORAGE and the array index are expanded inside the job, so the URL stays out of the script.
-worker_cmd="$(printf '%q ' "$python" -m bench.tune)"'tune.storage="$TUNE_STORAGE" '
+# One torch thread per allocated CPU (torch would otherwise use every core of the node).
+worker_cmd='export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"; '
+worker_cmd+="$(printf '%q ' "$python" -m bench.tune)"'tune.storage="$TUNE_STORAGE" '
 worker_cmd+="$(printf '%q ' "tune.study_name=$study" "tune.trials_dir=$study_dir/trials")"
 worker_cmd+='tune.worker="$SLURM_ARRAY_TASK_ID" '
 worker_cmd+="hydra.run.dir=$(printf '%q' "$study_dir")/worker_\${SLURM_ARRAY_TASK_ID} "
