@@ -388,3 +388,15 @@ def test_wandb_offline_run_holds_the_tables_and_figures(tmp_path: Path, monkeypa
     # The run's record (the .wandb log `wandb sync` uploads) puts it in the sweep's group, as a report job.
     record = next(runs[0].glob("*.wandb")).read_bytes()
     assert b"sens-1" in record and b"report" in record
+
+
+def test_wandb_source_without_an_api_key_is_one_clear_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # No W&B server is reachable here, so this checks only the refusal; reading a live project is not tested.
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))
+    cfg = compose_report_config(["source=wandb", "input=someone/sweep", "progress=false"])
+    with pytest.raises(ReportInputError, match=r"^`source=wandb` needs a W&B API key, but got: ") as e:
+        run(cfg, output_dir=tmp_path / "out")
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()

@@ -17,11 +17,19 @@ def load_wandb_runs(projects: list[str]) -> Runs:
     """One row per finished W&B run of each `entity/project`, in the same table as load_runs gives."""
     import wandb
 
-    api = wandb.Api()
+    try:
+        api = wandb.Api()
+    except wandb.errors.Error as e:
+        raise ReportInputError(f"`source=wandb` needs a W&B API key, but got: {str(e).splitlines()[0]}") from None
     rows = []
     for project in projects:
         before = len(rows)
-        for wb_run in api.runs(project):
+        try:
+            wb_runs = list(api.runs(project))
+        except (wandb.errors.Error, ValueError) as e:
+            message = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ReportInputError(f"`input` must be a readable W&B project, but {project} gave: {message}") from None
+        for wb_run in wb_runs:
             if wb_run.job_type == "report":
                 continue
             metrics = {k: wb_run.summary.get(k) for k in REQUIRED_KEYS if k in wb_run.summary}
