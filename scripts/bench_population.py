@@ -1,16 +1,22 @@
 """Time per step of a vectorized population of K towers against K sequential runs, and peak memory.
 
 The paper's MNIST MLP (784-128-10, tanh; bench.models.mlp) with sgd/sgd towers, one member per initial step size,
-batch 256 of random data (the cost does not depend on the values). The vectorized column times
-`bench.population`'s own training step for all K members at once. The sequential column times steps of one ordinary
-run (`nn.Module` + `hypergrad.tower`, `loss.item()` each step, as the harness does) and multiplies by K: every member
-of the grid costs the same, so K runs one after another take K times as long. Both are timed in the same process,
-interleaved in rounds so that load from other processes hits both alike, and the best round of each is reported.
+batch 256 (the paper's; --batch-size) of random data (the cost does not depend on the values). The vectorized column
+times `bench.population`'s own training step for all K members at once. The sequential column times steps of one
+ordinary run (`nn.Module` + `hypergrad.tower`, `loss.item()` each step, as the harness does) and multiplies by K:
+every member of the grid costs the same, so K runs one after another take K times as long. Both are timed in the
+same process, interleaved in rounds so that load from other processes hits both alike; the best round is reported.
+
+The floor column times the two large matrix products every member-step needs whatever the implementation (the
+784x128 layer's forward and weight gradient): vectorizing removes per-run overhead, not this arithmetic, so one
+run's ms/step over the floor bounds the speed-up.
+
 Each K runs in a fresh subprocess, so peak memory is its own: on CPU the growth of the peak resident set while the
 population is built and trained (Linux VmHWM, reset first; glibc made to unmap every freed tensor), on CUDA
 torch.cuda.max_memory_allocated; the one-time set-up of the libraries is done before and counted in neither.
 
-    python scripts/bench_population.py [--sizes 1 8 64 256] [--rounds 5] [--threads 1] [--device cpu|cuda|all]
+    python scripts/bench_population.py [--sizes 1 8 64 256] [--rounds 5] [--threads 1] [--batch-size 256]
+                                       [--device cpu|cuda|all]
 """
 
 from __future__ import annotations
@@ -99,10 +105,10 @@ def _time(step: Callable[[], None], steps: int, device: str) -> float:
     return (time.perf_counter() - start) / steps * 1e3
 
 
-def measure(k: int, steps: int, single_steps: int, rounds: int, device: str) -> dict[str, float]:
+def measure(k: int, steps: int, single_steps: int, rounds: int, device: str, batch_size: int) -> dict[str, float]:
     """Best-round ms/step of the population (all K members) and of one single run; peak memory of each in MB."""
-    x = torch.randn(256, 1, 28, 28, device=device)
-    y = torch.randint(0, 10, (256,), device=device)
+    x = torch.randn(batch_size, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (batch_size,), device=device)
     warm = _single_step(device, x, y)
     for _ in range(3):  # the libraries' one-time set-up (BLAS workspaces, autograd) is nobody's peak memory
         warm()
@@ -118,17 +124,34 @@ def measure(k: int, steps: int, single_steps: int, rounds: int, device: str) -> 
         population()
     best_pop = _time(population, steps, device)
     pop_mb = _peak(device, base)
+    w = torch.randn(784, 128, device=device)
+    g = torch.randn(len(x), 128, device=device)
+    flat = x.flatten(1)
+
+    def floor() -> None:
+        flat @ w  # forward of the first layer
+        flat.T @ g  # its weight gradient
+
     best_single = _time(single, single_steps, device)
+    best_floor = _time(floor, single_steps, device)
     for _ in range(rounds - 1):
         best_pop = min(best_pop, _time(population, steps, device))
         best_single = min(best_single, _time(single, single_steps, device))
-    return {"vectorized_ms": best_pop, "single_ms": best_single, "vectorized_mb": pop_mb, "single_mb": single_mb}
+        best_floor = min(best_floor, _time(floor, single_steps, device))
+    return {
+        "vectorized_ms": best_pop,
+        "single_ms": best_single,
+        "floor_ms": best_floor,
+        "vectorized_mb": pop_mb,
+        "single_mb": single_mb,
+    }
 
 
 def _child(k: int, args: argparse.Namespace, device: str) -> dict[str, float]:
     steps = max(2, args.steps // max(1, k // 8))  # about the same wall time for every K
     cmd = [sys.executable, __file__, "--one", str(k), "--steps", str(steps), "--single-steps", str(args.single_steps)]
     cmd += ["--rounds", str(args.rounds), "--device", device, "--threads", str(args.threads)]
+    cmd += ["--batch-size", str(args.batch_size)]
     # A fixed mmap threshold makes glibc return every freed tensor to the system, so the resident set follows the
     # live tensors instead of the allocator's cache (otherwise a run reusing freed memory would look free).
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
@@ -143,31 +166,33 @@ def main() -> None:
     parser.add_argument("--single-steps", type=int, default=20, help="timed single-run steps per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=256, help="256 is the paper's")
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.one is not None:
-        print(json.dumps(measure(args.one, args.steps, args.single_steps, args.rounds, args.device)))
+        print(json.dumps(measure(args.one, args.steps, args.single_steps, args.rounds, args.device, args.batch_size)))
         return
 
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
-    print(f"MNIST MLP 784-128-10, batch 256, K towers sgd(lr)/sgd(1e-05); torch {torch.__version__}")
+    print(f"MNIST MLP 784-128-10, batch {args.batch_size}, K towers sgd(lr)/sgd(1e-05); torch {torch.__version__}")
     print(f"CPU threads: {args.threads}; sequential = K x ms/step of one ordinary run; best of {args.rounds} rounds")
     for device in devices:
         where = torch.cuda.get_device_name() if device == "cuda" else "CPU"
         print(f"\n{device} ({where})")
         print(
             f"{'K':>5} {'vectorized ms/step':>19} {'sequential ms/step':>19} {'speed-up':>9} {'ms/member-step':>15}"
-            f" {'peak MB':>9} {'peak MB, one run':>17}"
+            f" {'floor ms/member-step':>21} {'peak MB':>9} {'peak MB, one run':>17}"
         )
         for k in args.sizes:
             r = _child(k, args, device)
             seq = k * r["single_ms"]
             print(
                 f"{k:>5} {r['vectorized_ms']:>19.2f} {seq:>19.2f} {seq / r['vectorized_ms']:>8.2f}x"
-                f" {r['vectorized_ms'] / k:>15.3f} {r['vectorized_mb']:>9.1f} {r['single_mb']:>17.1f}"
+                f" {r['vectorized_ms'] / k:>15.3f} {r['floor_ms']:>21.3f} {r['vectorized_mb']:>9.1f}"
+                f" {r['single_mb']:>17.1f}"
             )
 
 
