@@ -50,15 +50,6 @@ def sweep_command(sweep_dir: Path, *overrides: str) -> list[str]:
     return [sys.executable, "-m", "bench", "--multirun", *SMALL_JOBS, f"hydra.sweep.dir={sweep_dir}", *overrides]
 
 
-def run_sweep(slurm: SlurmCluster, cwd: Path, sweep_dir: Path, *overrides: str, timeout_s: float = 240) -> str:
-    """Run Hydra's driver until the whole sweep is done; return its output."""
-    proc = subprocess.run(
-        sweep_command(sweep_dir, *overrides), cwd=cwd, env=slurm.env, capture_output=True, text=True, timeout=timeout_s
-    )
-    assert proc.returncode == 0, f"sweep failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}\n{slurm.logs()}"
-    return proc.stdout + proc.stderr
-
-
 def read_metrics(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / "metrics.json").read_text())
 
@@ -176,7 +167,18 @@ def test_a_resubmitted_sweep_trains_no_finished_run_again(interrupted_sweep: Swe
     runs = [interrupted_sweep.dir / str(num) for num in range(4)]
     before = {p: ((p / "metrics.json").stat().st_mtime_ns, (p / "history.csv").stat().st_mtime_ns) for p in runs}
     already = job_folders(interrupted_sweep.dir)
-    run_sweep(slurm, interrupted_sweep.cwd, interrupted_sweep.dir, *SWEEP)
+    # Resubmitted the way a user would: the helper script, naming the sweep directory.
+    script = [str(REPO / "scripts/slurm/submit_sweep.sh"), "--driver", "foreground", interrupted_sweep.dir.name]
+    launcher = [o for o in SMALL_JOBS if not o.startswith("hydra/launcher=")]  # the script chooses the launcher
+    proc = subprocess.run(
+        ["bash", *script, *launcher, *SWEEP],
+        cwd=interrupted_sweep.cwd,
+        env=dict(slurm.env, SWEEP_ROOT=str(interrupted_sweep.dir.parent), PYTHON=sys.executable),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     # Every job of the new array found its run's finished metrics.json and returned it untouched.
     after = {p: ((p / "metrics.json").stat().st_mtime_ns, (p / "history.csv").stat().st_mtime_ns) for p in runs}
     assert after == before
