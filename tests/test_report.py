@@ -360,14 +360,18 @@ def test_cli_merges_repeated_inputs_and_fails_cleanly_on_bad_input(tmp_path: Pat
     )  # fmt: skip
     assert ok.returncode == 0, ok.stderr
     assert "25 runs (1 diverged" in ok.stdout  # both inputs read: 20 sweep runs, 3 trials and 2 reruns
-    write_run(tmp_path / "bad" / "run", drop=("seed",))
+    # A directory name with `=` (population members are named so) must reach the report intact.
+    write_run(tmp_path / "bad" / "lr=0.1_seed=0", drop=("seed",))
     bad = subprocess.run(
         [sys.executable, "-m", "bench.report", f"input={tmp_path / 'bad'}", f"output_dir={tmp_path / 'badout'}",
          "hydra.run.dir=" + str(tmp_path / "hydra2")],
         capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
     )  # fmt: skip
     assert bad.returncode != 0
-    assert bad.stderr.strip().splitlines()[-1].startswith("error: `") and "bad/run/metrics.json" in bad.stderr
+    assert (
+        bad.stderr.strip().splitlines()[-1].startswith("error: `")
+        and "bad/lr=0.1_seed=0/metrics.json` must have" in bad.stderr
+    )
     assert not (tmp_path / "badout").exists()  # nothing half-written
 
 

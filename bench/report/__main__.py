@@ -12,13 +12,21 @@ from bench.report.pipeline import CONF_DIR, run
 
 
 def merge_input_overrides(argv: list[str]) -> list[str]:
-    """Fold repeated `input=A input=B` into one `input=[A,B]`: Hydra alone would keep only the last."""
+    """Quote `input=` paths for Hydra's override grammar and fold repeated ones into one list.
+
+    Hydra alone would keep only the last of `input=A input=B`, and cannot parse a path holding `=` or other
+    grammar characters (population member directories are named `lr=0.001_h=0_seed=0`).
+    """
     inputs = [a.split("=", 1)[1] for a in argv if a.startswith("input=")]
-    if len(inputs) < 2:
+    if not inputs:
         return argv
-    quoted = ",".join("'" + i.replace("\\", "\\\\").replace("'", "\\'") + "'" for i in inputs)
+    if any(i.startswith("[") for i in inputs):
+        if len(inputs) > 1:
+            raise SystemExit("error: `input` must be given as one list or as repeated input=DIR, but got both")
+        return argv
+    quoted = ["'" + i.replace("\\", "\\\\").replace("'", "\\'") + "'" for i in inputs]
     rest = [a for a in argv if not a.startswith("input=")]
-    return [*rest, f"input=[{quoted}]"]
+    return [*rest, f"input={quoted[0]}" if len(quoted) == 1 else f"input=[{','.join(quoted)}]"]
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="report", version_base="1.3")
