@@ -298,10 +298,9 @@ def check_vectorizable(model: nn.Module, model_name: str = "model") -> None:
 
 # -- vectorized training -------------------------------------------------------------------------------------------
 def _logits(out: Tensor) -> Tensor:
-    # Classification (N x C) and language modelling (N x T x V) alike; half precision is summed in float32 (as the
-    # harness does), while float64 stays float64 (population.dtype=float64 is for exactness checks).
-    logits = out.flatten(0, -2)
-    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    # Half precision is summed in float32 (as the harness does), while float64 stays float64 (population.dtype=
+    # float64 is for exactness checks).
+    return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
 
 
 def _loss_sums(out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -309,7 +308,7 @@ def _loss_sums(out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 
     A non-finite output predicts nothing: it counts as wrong, whatever argmax says.
     """
-    logits, y = _logits(out), y.flatten()
+    logits, y = _logits(out.flatten(0, -2)), y.flatten()  # classification (N x C) and text (N x T x V) alike
     loss = F.cross_entropy(logits, y, reduction="sum")
     wrong = (logits.argmax(-1) != y) | ~torch.isfinite(logits).all(-1)
     return loss, wrong.sum().to(loss.dtype)
@@ -381,22 +380,33 @@ class _Vectorized:
         self.step_count = 0
         self.hp_names = _level_names(self.plan)
 
-        def member_loss(p: Sequence[Tensor], b: Mapping[str, Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        def member_forward(p: Sequence[Tensor], b: Mapping[str, Tensor], x: Tensor) -> Tensor:
             tensors = dict(zip(self.names, p, strict=True))
             tensors.update(b)
-            return _loss_sums(functional_call(self.skeleton, tensors, (x,)), y)
+            return functional_call(self.skeleton, tensors, (x,))
 
-        def member_train_loss(p: Sequence[Tensor], b: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-            tensors = dict(zip(self.names, p, strict=True))
-            tensors.update(b)
-            return F.cross_entropy(_logits(functional_call(self.skeleton, tensors, (x,))), y.flatten(), reduction="sum")
+        self._forward = torch.vmap(member_forward, in_dims=(0, 0, None))
 
-        self._loss = torch.vmap(member_loss, in_dims=(0, 0, None, None))
-        self._train_loss = torch.vmap(member_train_loss, in_dims=(0, 0, None, None))
+    def outputs(self, x: Tensor) -> Tensor:
+        """Every member's model output on the shared batch ``x``: K x (the model's output shape)."""
+        return self._forward(self.params, self.buffers, x)
+
+    def _member_losses(self, logits: Tensor, y: Tensor) -> Tensor:
+        # One cross-entropy call over all K x N predictions (under vmap, against an unbatched target, the loss takes
+        # a slow gather path), summed per member as the harness sums a batch.
+        per = F.cross_entropy(logits.flatten(0, 1), y.flatten().repeat(self.K), reduction="none")
+        return per.view(self.K, -1).sum(1)
+
+    def _logits(self, x: Tensor) -> Tensor:
+        """K x N x C logits (N: every prediction of a member, characters included for text)."""
+        out = self.outputs(x)
+        return _logits(out.reshape(self.K, -1, out.shape[-1]))
 
     def losses(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Every member's summed loss and number of wrong predictions on a batch: two (K,) tensors."""
-        return self._loss(self.params, self.buffers, x, y)
+        logits = self._logits(x)
+        wrong = (logits.argmax(-1) != y.flatten()) | ~torch.isfinite(logits).all(-1)
+        return self._member_losses(logits, y), wrong.sum(1).to(logits.dtype)
 
     def _hp_finite(self, live: core.TowerState) -> tuple[Tensor, Tensor, Tensor]:
         """(K,): whether every hyperparameter is finite, the index (in ``hp_names``) and value of the first that
@@ -420,7 +430,7 @@ class _Vectorized:
         the step costs what K single runs' arithmetic costs, plus two tiny host synchronizations.
         """
         self.train_mode()
-        losses = self._train_loss(self.params, self.buffers, x, y) / y.numel()
+        losses = self._member_losses(self._logits(x), y) / y.numel()
         grads = list(torch.autograd.grad(losses.sum(), self.params))
         losses = losses.detach()
         self.step_count += 1
