@@ -56,15 +56,18 @@ case "$driver" in
         echo "driver pid $! (log: $sweep_dir/driver.log)"
         ;;
     sbatch)
+        # The driver's own SLURM_* variables would leak into the jobs it submits (sbatch exports the environment);
+        # SLURM_CONF names the cluster and stays.
+        clean='for v in $(compgen -v SLURM_); do [[ $v == SLURM_CONF ]] || unset "$v"; done; '
         # shellcheck disable=SC2086 # DRIVER_SBATCH_ARGS is a list of options
         sbatch --parsable --job-name="$name-driver" --cpus-per-task=1 --mem=2G \
             --time="${DRIVER_TIME_MIN:-4320}" --output="$sweep_dir/driver.log" --open-mode=append \
-            ${DRIVER_SBATCH_ARGS:-} --wrap="$(printf '%q ' "${cmd[@]}")" >"$sweep_dir/driver.jobid"
+            ${DRIVER_SBATCH_ARGS:-} --wrap="$clean$(printf '%q ' "${cmd[@]}")" >"$sweep_dir/driver.jobid"
         echo "driver job $(cat "$sweep_dir/driver.jobid") (log: $sweep_dir/driver.log)"
         ;;
 esac
 cat <<EOF
 results: $sweep_dir/<job number>/metrics.json
 watch:   squeue --me --name=$name,$name-driver     tail -f $sweep_dir/driver.log
-report:  $python -m bench.report $sweep_dir   (once the sweep is done)
+report:  $python -m bench.report input=$sweep_dir   (once the sweep is done)
 EOF
