@@ -169,7 +169,8 @@ def render_report(
             out += ["", markdown_table(view, ["method", "lr", "paper", "ours", "ours_ci", "ours_n_seeds"])]
     out += ["", "## Figures", ""]
     captions = {
-        "sensitivity.png": "Final test error against the initial step size, one curve per tower height.",
+        "sensitivity.png": "Final test error against the initial step size, one curve per tower height"
+        " (vector version: sensitivity.svg).",
         "tuning_curve.png": "Expected best-of-n test error of tuned baselines against compute; single runs as points.",
         "trajectories.png": "Learned hyperparameters of every level over training, for selected runs.",
     }
