@@ -11,9 +11,19 @@ hypergradients, so the level below them stays exactly fixed, which is what a tow
 cannot share a plan (different rules, or different learned subsets below their top level) are split into separate
 populations, trained one after another.
 
-Every member sees the same batches in the same order, drawn from the run's ``seed``; a member's own seed sets its
-model's initialization. A member whose loss or hyperparameters become non-finite is frozen from that step on (its
-updates masked to zero, its state kept) and recorded as diverged; members never interact, so the others are unaffected.
+Plain per-parameter baselines (sgd, momentum, adam, ...) are vectorized too: the forward and backward run stacked,
+and each member keeps its own torch.optim optimizer over views into the stack. Optimizers that reduce over all
+parameters (Prodigy, D-Adaptation, DoG), Schedule-Free, BatchNorm running statistics, dropout and fused RNN kernels
+are refused with the reason and the fallback, ``population.mode=sequential`` (the same grid, one ordinary run after
+another).
+
+Every member sees the same batches in the same order, drawn from the run's ``seed`` exactly as a harness run draws
+them; a member's own seed sets its model's initialization, so the member whose seed is the run's seed reproduces
+``python -m bench`` with its configuration. A member whose loss or hyperparameters become non-finite is frozen from
+that step on (its updates masked to zero, its state kept) and recorded as diverged, as a single run records it;
+members never interact, so the others are unaffected.
+
+    python -m bench.population +population=sensitivity_mnist5k      # or python -m bench +population=... (hook)
 """
 
 from __future__ import annotations
@@ -42,10 +52,19 @@ __all__ = [
     "Member",
     "MemberResult",
     "PopulationError",
+    "check_baseline_vectorizable",
     "check_vectorizable",
+    "evaluate_trials_as_population",
+    "format_population_summary",
     "grid_members",
     "group_members",
+    "member_tower",
+    "population_members",
+    "population_plan",
+    "run_population",
+    "tell_trials",
     "train_population",
+    "validate_population",
 ]
 
 Batches = Callable[[int], Iterator[tuple[Tensor, Tensor]]]
@@ -60,8 +79,8 @@ class PopulationError(ConfigError):
 class Member:
     """One configuration of a population: the tower it trains with and the seed of its model's initialization.
 
-    ``baseline`` (sequential mode only) is the `optimizer` config of a plain or tuning-free baseline, used instead
-    of a tower; its step size is ``baseline.lr``.
+    ``baseline`` is the `optimizer` config of a plain or tuning-free baseline, used instead of a tower (``tower`` is
+    then None); its step size is ``baseline.lr``.
     """
 
     tower: Tower | None

@@ -22,9 +22,11 @@ from bench.population import (
     PopulationError,
     evaluate_trials_as_population,
     group_members,
+    population_members,
     run_population,
     tell_trials,
     train_population,
+    validate_population,
 )
 from bench.train import run
 
@@ -417,3 +419,16 @@ def test_command_line_bad_input_is_one_line_and_exit_2(tmp_path, overrides, mess
     assert done.returncode == 2
     assert done.stderr.strip().startswith(message) and len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run" / "population.json").exists()
+
+
+@pytest.mark.parametrize(
+    "preset", sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "population").glob("*.yaml"))
+)
+def test_every_preset_composes_into_a_valid_grid(preset):
+    cfg = compose_config([f"+population={preset}"])
+    validate_population(cfg)
+    members = population_members(cfg)
+    p = cfg.population
+    size = len(p.lr or [0]) * len(p.heights or [0]) * len(p.seeds or [0])
+    assert len(members) == size and len({m.name for m in members}) == size
+    assert len(group_members(members)) == 1  # one vectorized job
