@@ -187,55 +187,72 @@ def test_a_resubmitted_sweep_trains_no_finished_run_again(interrupted_sweep: Swe
     assert job_logs(resubmitted).count("skipping ") == 4, job_logs(resubmitted)[-3000:]
 
 
-def test_two_tuning_workers_on_slurm_fill_one_postgresql_study(slurm: SlurmCluster, tmp_path: Path) -> None:
-    """scripts/slurm/submit_tune_workers.sh submits a job array of two `bench.tune` workers on one PostgreSQL
-    study: together they run exactly tune.n_trials trials, each trial once, and worker 0 writes the summary."""
-    import optuna
-
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Any]:
+    """One PostgreSQL server (Debian's postgresql, started on loopback) for the tuning tests; one study each."""
     from tests.pg_server import start_postgres
 
-    n_trials, study = 6, "sgd-digits-slurm"
     server = start_postgres()  # raises (the test fails) when PostgreSQL is not installed
     try:
-        url = server.url
-        env = dict(
-            slurm.env,
-            TUNE_STORAGE=url,
-            TUNE_ROOT=str(tmp_path),
-            PYTHON=sys.executable,
-            WORKER_GPUS="0",
-            WORKER_CPUS="1",
-            WORKER_MEM="1G",
-            WORKER_TIME_MIN="10",
-        )
-        overrides = [*TINY_RUN, "optimizer=sgd", "trainer.epochs=2", "trainer.batch_size=16", "tune.sampler=random"]
-        overrides += ["tune.pruner=none", f"tune.n_trials={n_trials}", "tune.reruns=1"]
-        proc = subprocess.run(
-            ["bash", str(REPO / "scripts/slurm/submit_tune_workers.sh"), "2", study, *overrides],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert proc.returncode == 0, proc.stderr
-        array_id = re.search(r"submitted job array (\d+)", proc.stdout).group(1)
-        # The URL (with its password) reaches the workers through their environment only.
-        script = slurm.run("scontrol", "write", "batch_script", f"{array_id}_0", "-")
-        assert "$TUNE_STORAGE" in script and server.url not in script and server.url not in proc.stdout
-        slurm.wait_idle(timeout_s=300)
-
-        study_dir = tmp_path / study
-        logs = "\n".join(p.read_text(errors="replace") for p in sorted(study_dir.glob("worker_*.log")))
-        jobs = [j for j in slurm.jobs() if j["JobName"] == f"tune-{study}"]
-        assert sorted(j["ArrayTaskId"] for j in jobs) == ["0", "1"]
-        assert all(j["JobState"] == "COMPLETED" and j["ExitCode"] == "0:0" for j in jobs), logs[-3000:]
-
-        storage = optuna.storages.RDBStorage(server.sqlalchemy_url)
-        trials = optuna.load_study(study_name=study, storage=storage).get_trials()
-        storage.engine.dispose()
+        yield server
     finally:
         server.stop()
+
+
+def submit_tune_workers(slurm: SlurmCluster, url: str, cwd: Path, workers: int, study: str, *overrides: str) -> str:
+    """scripts/slurm/submit_tune_workers.sh with jobs sized for the test node; returns the array's job id."""
+    env = dict(slurm.env, TUNE_STORAGE=url, TUNE_ROOT=str(cwd), PYTHON=sys.executable)
+    env.update(WORKER_GPUS="0", WORKER_CPUS="1", WORKER_MEM="1G", WORKER_TIME_MIN="10")
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts/slurm/submit_tune_workers.sh"), str(workers), study, *overrides],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert url not in proc.stdout + proc.stderr
+    return re.search(r"submitted job array (\d+)", proc.stdout).group(1)
+
+
+def study_trials(server: Any, study: str) -> list[Any]:
+    import optuna
+
+    storage = optuna.storages.RDBStorage(server.sqlalchemy_url)
+    try:
+        return optuna.load_study(study_name=study, storage=storage).get_trials()
+    except KeyError:  # no such study yet
+        return []
+    finally:
+        storage.engine.dispose()
+
+
+TUNE_RUN = [*TINY_RUN, "optimizer=sgd", "trainer.batch_size=16", "tune.sampler=random", "tune.pruner=none"]
+
+
+def test_two_tuning_workers_on_slurm_fill_one_postgresql_study(
+    slurm: SlurmCluster, postgres: Any, tmp_path: Path
+) -> None:
+    """submit_tune_workers.sh submits a job array of two `bench.tune` workers on one PostgreSQL study: together
+    they run exactly tune.n_trials trials, each trial once, and worker 0 writes the summary."""
+    import optuna
+
+    n_trials, study = 6, "sgd-digits-slurm"
+    overrides = [*TUNE_RUN, "trainer.epochs=2", f"tune.n_trials={n_trials}", "tune.reruns=1"]
+    array_id = submit_tune_workers(slurm, postgres.url, tmp_path, 2, study, *overrides)
+    # The URL (with its password) reaches the workers through their environment only.
+    script = slurm.run("scontrol", "write", "batch_script", f"{array_id}_0", "-")
+    assert "$TUNE_STORAGE" in script and postgres.url not in script
+    slurm.wait_idle(timeout_s=300)
+
+    study_dir = tmp_path / study
+    logs = "\n".join(p.read_text(errors="replace") for p in sorted(study_dir.glob("worker_*.log")))
+    jobs = [j for j in slurm.jobs() if j.get("ArrayJobId") == array_id]
+    assert sorted(j["ArrayTaskId"] for j in jobs) == ["0", "1"]
+    assert all(j["JobState"] == "COMPLETED" and j["ExitCode"] == "0:0" for j in jobs), logs[-3000:]
+
+    trials = study_trials(postgres, study)
     assert sorted(t.number for t in trials) == list(range(n_trials))
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
     # Both workers took part, and every trial is one harness run in the shared trials directory.
@@ -245,3 +262,33 @@ def test_two_tuning_workers_on_slurm_fill_one_postgresql_study(slurm: SlurmClust
     summary = json.loads((study_dir / "worker_0" / "study_summary.json").read_text())
     assert (summary["n_trials"], summary["n_complete"], summary["n_failed"]) == (n_trials, n_trials, 0)
     assert len(summary["reruns"]) == 1
+
+
+def test_a_tuning_worker_cancelled_mid_trial_leaves_that_trial_failed_and_the_study_goes_on(
+    slurm: SlurmCluster, postgres: Any, tmp_path: Path
+) -> None:
+    import optuna
+
+    n_trials, study = 4, "cancelled-worker"
+    # Longer trials, so worker 1 can be caught in one; a fast heartbeat, so its trial is declared dead soon.
+    overrides = [*TUNE_RUN, "trainer.epochs=10", f"tune.n_trials={n_trials}", "tune.reruns=0"]
+    overrides += ["tune.heartbeat_interval_s=1", "tune.grace_period_s=2"]
+    array_id = submit_tune_workers(slurm, postgres.url, tmp_path, 2, study, *overrides)
+
+    def worker_1_running() -> list[Any]:
+        running = [t for t in study_trials(postgres, study) if t.state == optuna.trial.TrialState.RUNNING]
+        return [t for t in running if t.user_attrs.get("worker") == 1]
+
+    wait_for(lambda: bool(worker_1_running()), 180, "worker 1 to start a trial", slurm)
+    (victim,) = worker_1_running()
+    slurm.run("scancel", f"{array_id}_1")
+    slurm.wait_idle(timeout_s=300)
+
+    jobs = {j["ArrayTaskId"]: j for j in slurm.jobs() if j.get("ArrayJobId") == array_id}
+    assert (jobs["0"]["JobState"], jobs["1"]["JobState"]) == ("COMPLETED", "CANCELLED")
+    trials = {t.number: t for t in study_trials(postgres, study)}
+    # Exactly the budget: the cancelled worker's trial failed (and counts), the surviving worker ran the rest.
+    assert sorted(trials) == list(range(n_trials))
+    assert trials[victim.number].state == optuna.trial.TrialState.FAIL
+    others = [t for n, t in trials.items() if n != victim.number]
+    assert all(t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs["worker"] == 0 for t in others)
