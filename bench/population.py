@@ -871,6 +871,21 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _check_run_settings(cfg: Any) -> None:
+    """Refuse the run settings a population does not honour (each would silently differ from a single run)."""
+    for key, why in (
+        ("amp", "autocast is not applied to the stacked members"),
+        ("compile", "the vmapped forward is not compiled"),
+    ):
+        if cfg.trainer.get(key):
+            raise _fail(f"trainer.{key}", f"false for a population ({why})", cfg.trainer.get(key))
+    if cfg.trainer.get("checkpoint_every"):
+        raise _fail("trainer.checkpoint_every", "0 for a population (populations are not checkpointed)",
+                    cfg.trainer.checkpoint_every)  # fmt: skip
+    if cfg.logger.get("name", "none") != "none":
+        raise _fail("logger", "none for a population (members write run directories, not W&B runs)", cfg.logger.name)
+
+
 def validate_population(cfg: Any) -> None:
     """Check the `population` keys; raise ``bench.config.ConfigError`` with one line on the first bad value."""
     p = cfg.population
@@ -878,6 +893,7 @@ def validate_population(cfg: Any) -> None:
         raise _fail("population.mode", "one of ['vectorized', 'sequential']", p.get("mode"))
     if p.get("dtype", "float32") not in _DTYPES:
         raise _fail("population.dtype", f"one of {list(_DTYPES)}", p.get("dtype"))
+    _check_run_settings(cfg)
     _list(p, "lr", lambda v: _is_number(v) and v > 0, "a non-empty list of step sizes > 0")
     _list(p, "heights", lambda v: _is_int(v) and v >= 0, "a non-empty list of integers >= 0")
     _list(p, "seeds", _is_int, "a non-empty list of integers")
@@ -1161,6 +1177,7 @@ def evaluate_trials_as_population(
     members = []
     for trial, cfg in zip(trials, run_cfgs, strict=True):
         validate(cfg)
+        _check_run_settings(cfg)
         if shared(cfg) != first:
             diff = sorted(k for k in set(first) | set(shared(cfg)) if first.get(k) != shared(cfg).get(k))
             raise ConfigError(

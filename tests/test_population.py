@@ -276,6 +276,8 @@ def test_baselines_that_couple_members_are_refused_with_the_way_out(tmp_path):
         ),
         ("population.dtype=half", "`population.dtype` must be one of ['float32', 'float64'], but got 'half'"),
         ("optimizer=schedulefree_sgd", "`optimizer` must be a per-parameter optimizer for a vectorized population"),
+        ("trainer.amp=true", "`trainer.amp` must be false for a population (autocast is not applied to the stacked"),
+        ("logger=wandb", "`logger` must be none for a population (members write run directories, not W&B runs)"),
     ],
 )
 def test_bad_population_values_fail_before_training(tmp_path, override, message):
