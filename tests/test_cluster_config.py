@@ -5,6 +5,7 @@ The SLURM behaviour itself (sweeps, preemption, tuning workers) is tested agains
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -140,3 +141,20 @@ def test_submit_sweep_refuses_bad_input_before_submitting(tmp_path: Path, args: 
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith(message)
     assert not (tmp_path / "sweeps").exists()
+
+
+def test_a_sweep_through_the_submitit_local_preset_lands_every_run(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
+    command = [sys.executable, "-m", "bench", "-m", "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep_dir}"]
+    proc = subprocess.run(
+        [*command, "dataset=digits", "trainer.epochs=1", "trainer.progress=false", "trainer.device=cpu", "seed=0,1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seeds = sorted(json.loads((sweep_dir / n / "metrics.json").read_text())["seed"] for n in ("0", "1"))
+    assert seeds == [0, 1]
+    # Each run went through submitit (its job folder and logs sit next to the runs).
+    assert len(list((sweep_dir / ".submitit").glob("[0-9]*/*_log.out"))) == 2
