@@ -36,7 +36,8 @@ from omegaconf import DictConfig
 __all__ = ["SITE_KEYS", "CheckpointOnPreemption", "sbatch_options"]
 
 SITE_KEYS = ("partition", "account", "qos", "constraint", "exclude", "gres", "comment")
-"""Keys of conf/local/slurm.yaml that are plain sbatch options (anything else goes in `additional_parameters`)."""
+"""Keys of conf/local/slurm.yaml that `sbatch_options` passes on, with `additional_parameters`; resources (time,
+CPUs, memory, GPUs) are each script's own choice."""
 
 
 class CheckpointOnPreemption(Callback):
