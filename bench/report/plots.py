@@ -178,19 +178,27 @@ def tuning_curve_figure(
         ax.errorbar(row[cost], mean, yerr=yerr, fmt="*", ms=12, capsize=3, color=colors[row["method"]], label=label)
     single = summary[~summary["tuned"]]
     per_run_cost = "wall_time_s_mean" if cost == "cost_wall_time_s" else "epochs_mean"
-    for method, group in single.groupby("method", sort=False):
+    # tab20 pairs similar shades once there are more than 10 methods: the marker tells them apart.
+    markers = "osD^v<>phP*"
+    for i, (method, group) in enumerate(single.groupby("method", sort=False)):
         mean = group["test_error_mean"]
         yerr = np.clip(np.vstack([mean - group["test_error_ci_low"], group["test_error_ci_high"] - mean]), 0, None)
         label = f"{_label(method, group['family'].iloc[0], int(group['height'].iloc[0]))}: one run per setting"
-        ax.errorbar(group[per_run_cost], mean, yerr=yerr, fmt="o", color=colors[method], ms=5, capsize=2, label=label)
+        marker = markers[i % len(markers)]
+        ax.errorbar(
+            group[per_run_cost], mean, yerr=yerr, fmt=marker, color=colors[method], ms=5, capsize=2, label=label
+        )
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
     low, high = ax.get_xlim()
-    # Within about a decade every minor tick gets a label, otherwise the axis would show one or two numbers.
-    keep = "123456789" if high / low < 20 else "25"
+    # On a narrow range every minor tick gets a label, otherwise the axis would show one or two numbers.
+    keep = "123456789" if high / low < 4 else "25"
     ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, _: f"{x:g}" if f"{x:.0e}"[0] in keep else ""))
     ax.set_xlabel(f"compute per result ({unit}, log scale)")
-    ax.set_title("tuning cost: expected best-of-n tuned baseline vs single runs")
+    if curves.empty:
+        ax.set_title("test error vs compute per run (no tune study among the inputs)")
+    else:
+        ax.set_title("tuning cost: expected best-of-n tuned baseline vs single runs")
     errors = [summary["test_error_mean"].to_numpy(float), curves["expected_test_error"].to_numpy(float)]
     _error_axis(ax, np.concatenate(errors))
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=8)
