@@ -6,12 +6,17 @@ A thin shell over `bench.train.run`; see conf/config.yaml for the defaults and t
 from __future__ import annotations
 
 import sys
+import warnings
 
 import hydra
 from omegaconf import DictConfig
 
 from bench.config import ConfigError
 from bench.train import format_summary, run
+
+# Our conf/hydra/launcher/submitit_slurm.yaml deliberately keeps the plugin's preset name (the documented override is
+# `hydra/launcher=submitit_slurm`); Hydra 1.3 warns about that on every sweep, which says nothing to our users.
+warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

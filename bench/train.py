@@ -365,13 +365,14 @@ def run(
     if cfg.trainer.force:
         for name in ("metrics.json", "history.csv", "checkpoint.pt"):
             (out / name).unlink(missing_ok=True)
-    _checkpoint_requested = False
     trainer = _Trainer(cfg, out, epoch_callback)
     logger = build_logger(cfg, out)
     try:
         return trainer.fit(logger)
     finally:
         logger.finish({})
+        # Cleared at the end, not the start: a preemption signal that arrives while the data loads still counts.
+        _checkpoint_requested = False
 
 
 def format_summary(metrics: dict[str, Any]) -> str:
