@@ -436,7 +436,7 @@ class _Vectorized:
                 cols += [values[name].detach().reshape(self.K) for name in self.plan.learned[k]]
         if not cols:
             ok = torch.ones(self.K, dtype=torch.bool, device=self.alive.device)
-            return ok, torch.zeros(self.K, dtype=torch.long, device=ok.device), torch.zeros(self.K)
+            return ok, torch.zeros(self.K, dtype=torch.long, device=ok.device), torch.zeros(self.K, device=ok.device)
         stacked = torch.stack(cols, dim=1)
         finite = torch.isfinite(stacked)
         first = (~finite).to(torch.uint8).argmax(1)
