@@ -45,7 +45,6 @@ from tqdm import tqdm
 import hypergrad
 from bench.config import ConfigError
 from hypergrad import core
-from hypergrad.rules import Rule
 from hypergrad.spec import Level, Tower, format_spec, parse_spec
 
 __all__ = [
@@ -232,38 +231,7 @@ def population_plan(members: Sequence[Member], params: Sequence[Tensor]) -> tupl
                 merged[name] = torch.tensor(column, dtype=like.dtype, device=like.device)
         initial.append((merged,))
     heights = torch.tensor([m.height for m in members], device=like.device)
-    plan = dataclasses.replace(plan, initial=tuple(initial))
-    others = [v for name, v in initial[0][0].items() if name != "lr"]
-    if plan.rules[0].has_vjp and (plan.learned[0] != ("lr",) or any(isinstance(v, Tensor) for v in others)):
-        plan = dataclasses.replace(plan, rules=(_AutogradHypergradients(plan.rules[0]), *plan.rules[1:]))
-    return plan, heights
-
-
-class _AutogradHypergradients(Rule):
-    """A rule whose hypergradients come from autograd, not from its closed-form ``vjp``.
-
-    hypergrad's closed forms (hypergrad 066b256) multiply a per-member hyperparameter of shape (K, 1, ...) with
-    per-member sums of shape (K,), so under ``batch_shape`` they return (K, K, ...) hypergradients wherever a
-    hyperparameter other than the step size is a tensor (learned momentum, betas or gamma, or fixed values that
-    differ between members). Those plans get autograd, which differentiates the same update exactly; step-size-only
-    plans keep the closed form. Drop this wrapper once the closed forms handle a batch (the exactness tests in
-    tests/test_population.py then check them against single runs).
-    """
-
-    has_vjp = False
-
-    def __init__(self, rule: Rule) -> None:
-        self.rule = rule
-        self.name, self.defaults, self.transforms = rule.name, rule.defaults, rule.transforms  # type: ignore[misc]
-
-    def init(self, param: Tensor, hp: Mapping[str, Any]) -> Any:
-        return self.rule.init(param, hp)
-
-    def update(self, grad: Tensor, state: Any, hp: Mapping[str, Any], step: int) -> tuple[Tensor, Any]:
-        return self.rule.update(grad, state, hp, step)
-
-    def learnable(self, values: Mapping[str, float]) -> tuple[str, ...]:
-        return self.rule.learnable(values)
+    return dataclasses.replace(plan, initial=tuple(initial)), heights
 
 
 # -- what cannot be vectorized -------------------------------------------------------------------------------------
