@@ -651,6 +651,8 @@ def _train_vectorized(
     steps = 0
     reported = [False] * K  # a diverged member gets one last row, as a single run does
     for epoch in range(1, epochs + 1):
+        if max_steps is not None and steps >= max_steps:  # the cap fell on an epoch's end: nothing more to record
+            break
         total = torch.zeros(K, dtype=torch.float64, device=pop.alive.device)
         count = torch.zeros_like(total)
         complete = True
@@ -760,6 +762,8 @@ def _train_alone(
         return loss.item() / y.numel(), wrong.item() / y.numel()
 
     for epoch in range(1, epochs + 1):
+        if max_steps is not None and steps >= max_steps:  # the cap fell on an epoch's end: nothing more to record
+            break
         total, count, complete = 0.0, 0, True
         for x, y in batches(epoch):
             if max_steps is not None and steps >= max_steps:

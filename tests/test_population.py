@@ -434,3 +434,15 @@ def test_every_preset_composes_into_a_valid_grid(preset):
     size = len(p.lr or [0]) * len(p.heights or [0]) * len(p.seeds or [0])
     assert len(members) == size and len({m.name for m in members}) == size
     assert len(group_members(members)) == 1  # one vectorized job
+
+
+@pytest.mark.parametrize("max_steps", [4, 6])  # 4 steps per epoch: a cap at an epoch's end, and inside one
+@pytest.mark.parametrize("mode", ["vectorized", "sequential"])
+def test_max_steps_records_the_same_epochs_as_a_harness_run(tmp_path, mode, max_steps):
+    common = ["optimizer.base=sgd", "optimizer.lr=0.1", "optimizer.height=1", f"trainer.max_steps={max_steps}"]
+    (member,) = run_population(_cfg(tmp_path / "pop", *common, f"population.mode={mode}"), tmp_path / "pop")
+    single = run(_cfg(tmp_path / "one", *common, population=False), tmp_path / "one")
+    mine = pd.read_csv(tmp_path / "pop" / "members" / "lr=0.1_h=1_seed=0" / "history.csv")
+    theirs = pd.read_csv(tmp_path / "one" / "history.csv")
+    assert list(mine.epoch) == list(theirs.epoch) and list(mine.steps) == list(theirs.steps)
+    assert member["steps"] == single["steps"] == max_steps and member["epochs"] == single["epochs"]
