@@ -14,8 +14,6 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
 __all__ = ["atomic_save_torch", "atomic_write", "atomic_write_csv", "atomic_write_json", "to_jsonable"]
 
 
@@ -39,7 +37,7 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], *, binary: bool
 
 def to_jsonable(value: Any) -> Any:
     """Plain JSON values: non-finite floats become null (NaN is not valid JSON), tensors become numbers."""
-    if isinstance(value, torch.Tensor):
+    if hasattr(value, "numel") and hasattr(value, "tolist"):  # a tensor, without importing torch for readers
         value = value.item() if value.numel() == 1 else value.tolist()
     if isinstance(value, float):
         return value if math.isfinite(value) else None
@@ -66,4 +64,6 @@ def atomic_write_csv(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Pat
 
 def atomic_save_torch(path: str | Path, obj: Any) -> Path:
     """`torch.save` atomically."""
+    import torch  # here: the report and other readers of results never need torch
+
     return atomic_write(path, lambda f: torch.save(obj, f), binary=True)
