@@ -218,10 +218,12 @@ def validate_tune(cfg: DictConfig, output_dir: str | Path) -> _Plan:
         raise ConfigError(f"`tune.sampler` must be one of {list(SAMPLERS)}, but got {t.sampler!r}")
     if t.pruner not in PRUNERS:
         raise ConfigError(f"`tune.pruner` must be one of {list(PRUNERS)}, but got {t.pruner!r}")
-    for key, minimum in (("n_trials", 1), ("worker", 0), ("heartbeat_interval_s", 1)):
+    for key, minimum in (("n_trials", 1), ("worker", 0), ("heartbeat_interval_s", 1), ("population_size", 1)):
         v = t.get(key)
         if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
             raise ConfigError(f"`tune.{key}` must be an integer >= {minimum}, but got {v!r}")
+    if t.population_mode not in ("vectorized", "sequential"):
+        raise ConfigError(f"`tune.population_mode` must be 'vectorized' or 'sequential', but got {t.population_mode!r}")
     grace = t.get("grace_period_s")
     if grace is not None and (not isinstance(grace, int) or isinstance(grace, bool) or grace < 1):
         raise ConfigError(f"`tune.grace_period_s` must be an integer >= 1 or null, but got {grace!r}")
@@ -481,6 +483,8 @@ def _summary(cfg: DictConfig, plan: _Plan, study: optuna.Study, reruns: list[dic
         "dataset": cfg.dataset.name,
         "seed": cfg.seed,
         "search_space": OmegaConf.to_container(cfg.search_space),
+        # > 1: trials were sampled in batches of this size before any of them was told (bench.population).
+        "population_size": cfg.tune.population_size,
         "n_trials": len(trials),
         "n_complete": len(complete),
         "n_pruned": count(TrialState.PRUNED),
@@ -539,6 +543,55 @@ def _log_summary_to_wandb(cfg: DictConfig, plan: _Plan, summary: dict[str, Any],
         run.finish()
 
 
+def _optimize_in_populations(cfg: DictConfig, plan: _Plan, study: optuna.Study, trials_dir: Path) -> None:
+    """Ask `tune.population_size` trials, train them together as one population, tell each; until the budget ends.
+
+    The trials of a batch are sampled before any of them is told, so the sampler learns only between batches;
+    the summary records the batch size for that reason.
+    """
+    from bench.population import evaluate_trials_as_population, tell_trials
+
+    started = time.perf_counter()
+    while cfg.tune.timeout_s is None or time.perf_counter() - started < cfg.tune.timeout_s:
+        trials = []
+        with contextlib.suppress(_StudyFull), warnings.catch_warnings():
+            # Optuna's heartbeat runs only inside Study.optimize: with ask/tell, a worker killed mid-batch leaves
+            # its trials RUNNING (not FAIL); the summary's n_unfinished shows them.
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+            for _ in range(cfg.tune.population_size):
+                trials.append(study.ask())
+        if not trials:
+            return
+        params = [{p.name: p.suggest(t) for p in plan.space} for t in trials]
+        extra = _logger_overrides(cfg, plan, "trial")
+        cfgs = [_apply(plan.run_cfg, plan.space, ps, **extra) for ps in params]
+        dirs = [trials_dir / str(t.number) for t in trials]
+        batch_start = time.perf_counter()
+        metrics = evaluate_trials_as_population(trials, cfgs, dirs, mode=cfg.tune.population_mode)
+        share = (time.perf_counter() - batch_start) / len(trials)  # the batch's cost, split evenly over its trials
+        for trial, ps, run_dir, m in zip(trials, params, dirs, metrics, strict=True):
+            trial.set_user_attr("run_dir", str(run_dir))
+            trial.set_user_attr("worker", cfg.tune.worker)
+            trial.set_user_attr("wall_time_s", share)
+            _write_json(
+                run_dir / "trial.json",
+                {
+                    "role": "trial",
+                    "study_name": plan.study_name,
+                    "storage": plan.storage.display(),
+                    "trial_number": trial.number,
+                    "worker": cfg.tune.worker,
+                    "params": ps,
+                    "epochs": m["epochs"],
+                    "steps": m["steps"],
+                    "wall_time_s": share,
+                    "state": m["status"],
+                    "population_size": len(trials),
+                },
+            )
+        tell_trials(study, trials, metrics)
+
+
 def tune(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]:
     """Run (or continue) the study as one worker; worker 0 then reruns the best and writes the summary.
 
@@ -556,8 +609,11 @@ def tune(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any
 
     study = _open_study(cfg, plan)
     objective = _Objective(cfg, plan, trials_dir)
-    with contextlib.suppress(_StudyFull):  # the study holds n_trials: this worker's part is done
-        study.optimize(objective, timeout=cfg.tune.timeout_s, catch=(TrialFailed,))
+    if cfg.tune.population_size > 1:
+        _optimize_in_populations(cfg, plan, study, trials_dir)
+    else:
+        with contextlib.suppress(_StudyFull):  # the study holds n_trials: this worker's part is done
+            study.optimize(objective, timeout=cfg.tune.timeout_s, catch=(TrialFailed,))
     reruns: list[dict[str, Any]] = []
     if cfg.tune.worker == 0 and not objective.preempted:
         _wait_for_workers(study, cfg.tune.wait_for_workers_s)

@@ -205,3 +205,30 @@ def test_wandb_groups_every_trial_and_rerun_under_the_study_and_logs_its_summary
     content = record.read_bytes()
     for text in ("wandb-study", "tune_summary", "best_value", "total_wall_time_s", "n_pruned"):
         assert text.encode() in content, text
+
+
+def test_trials_trained_as_populations_fill_the_budget_and_record_the_batch_size(tmp_path) -> None:
+    """tune.population_size=3: trials are asked in batches, trained together, each told; the summary says so."""
+
+    cfg = compose_tune_config(
+        [
+            "optimizer=sgd",
+            "dataset=digits",
+            "trainer.epochs=2",
+            "trainer.max_steps=6",
+            "tune.n_trials=5",
+            "tune.population_size=3",
+            "tune.reruns=0",
+            "tune.pruner=none",
+            "tune.sampler=random",
+        ]
+    )
+    summary = tune(cfg, output_dir=tmp_path)
+    assert summary["n_trials"] == 5 and summary["population_size"] == 3
+    assert summary["n_complete"] + summary["n_failed"] == 5
+    for trial in summary["trials"]:
+        record = json.loads((Path(trial["run_dir"]) / "trial.json").read_text())
+        metrics = json.loads((Path(trial["run_dir"]) / "metrics.json").read_text())
+        assert record["population_size"] in (3, 2)  # two batches: 3 trials, then the remaining 2
+        if trial["state"] == "complete":
+            assert trial["value"] == metrics["val_error"]
