@@ -1085,8 +1085,16 @@ def run_population(
     results, wall, device = _train_members(cfg, members, mode, dtype, epoch_callback)
     out = []
     for i, r in enumerate(results):
-        extra = {"mode": mode, "size": len(members), "index": i, "data_seed": int(cfg.seed), "dtype": str(p.dtype)}
-        metrics = member_metrics(cfg, r, wall, extra)
+        extra = {
+            "mode": mode,
+            "size": len(members),
+            "index": i,
+            "data_seed": int(cfg.seed),
+            "dtype": str(p.dtype),
+            "wall_time_s": wall,
+        }
+        # A member's own cost is its share of the job: the report adds wall times up as compute.
+        metrics = member_metrics(cfg, r, wall / len(members), extra)
         write_member(_member_config(cfg, r.member), output_dir / "members" / r.member.name, r, metrics)
         out.append(metrics)
     summary = {
@@ -1181,8 +1189,15 @@ def evaluate_trials_as_population(
     results, wall, _ = _train_members(run_cfgs[0], members, mode, torch.float32, report)
     out = []
     for i, (r, cfg, directory) in enumerate(zip(results, run_cfgs, run_dirs, strict=True)):
-        extra = {"mode": mode, "size": len(members), "index": i, "data_seed": int(cfg.seed), "dtype": "float32"}
-        metrics = member_metrics(cfg, r, wall, extra)
+        extra = {
+            "mode": mode,
+            "size": len(members),
+            "index": i,
+            "data_seed": int(cfg.seed),
+            "dtype": "float32",
+            "wall_time_s": wall,
+        }
+        metrics = member_metrics(cfg, r, wall / len(members), extra)
         write_member(cfg, Path(directory), r, metrics)
         out.append(metrics)
     return out
