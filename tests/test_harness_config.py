@@ -88,6 +88,7 @@ PRESET_RUNS = {
     "char_lstm_war_and_peace": 7 * 3,
     "tower_height_sensitivity": 4 * 9,  # heights 0-3 x step sizes 1e-8..1
     "tower_runtime": 8,
+    "sensitivity_mnist5k": 4 * 9 * 3,  # heights 0-3 x step sizes 1e-8..1 x 3 seeds, offline
 }
 
 
