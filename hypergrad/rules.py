@@ -170,25 +170,28 @@ class AdamRule(Rule):
     has_vjp = True
 
     def vjp(self, grad_next, grad, before, after, hp, step, dot):
-        # delta = lr * m_hat / (sqrt(v_hat) + eps), m_hat = m / (1 - b1^t), v_hat = v / (1 - b2^t),
-        # m = b1 m0 + (1 - b1) g, v = b2 v0 + (1 - b2) g^2.
+        # delta = lr * m_hat / den, den = sqrt(v_hat) + eps, m_hat = m / c1, v_hat = v / c2, c_i = 1 - b_i^t,
+        # m = b1 m0 + (1 - b1) g, v = b2 v0 + (1 - b2) g^2. Scalar factors stay outside the dots (fewer passes).
         lr, b1, b2, t = hp["lr"], hp["beta1"], hp["beta2"], float(step)
         c1, c2 = 1.0 - b1**t, 1.0 - b2**t
         sqrt_v_hat = (after.exp_avg_sq / c2) ** 0.5
-        q = grad_next / (sqrt_v_hat + hp["eps"])
+        den = sqrt_v_hat + hp["eps"]
+        q = grad_next / den
         out = {}
-        q_m = dot(q, after.exp_avg)
+        if isinstance(b1, Tensor):
+            q_m0, q_g = dot(q, before.exp_avg), dot(q, grad)
+            q_m = b1 * q_m0 + (1.0 - b1) * q_g
+            out["beta1"] = lr * ((q_m0 - q_g) / c1 + q_m * t * b1 ** (t - 1.0) / (c1 * c1))
+        else:
+            q_m = dot(q, after.exp_avg)
         if isinstance(lr, Tensor):
             out["lr"] = q_m / c1
-        if isinstance(b1, Tensor):
-            dm = dot(q, before.exp_avg) - dot(q, grad)
-            out["beta1"] = lr * (dm / c1 + q_m * t * b1 ** (t - 1.0) / (c1 * c1))
         if isinstance(b2, Tensor):
             # d sqrt(v_hat) = d v_hat / (2 sqrt(v_hat)); delta depends on it through -lr m_hat / den^2.
-            w = q * after.exp_avg / (c1 * (sqrt_v_hat + hp["eps"]) * sqrt_v_hat)
-            w_v0, w_g2 = dot(w, before.exp_avg_sq), dot(w, grad * grad)
+            w = q * after.exp_avg / (den * sqrt_v_hat)
+            w_v0, w_g2 = dot(w, before.exp_avg_sq), dot(w * grad, grad)
             w_v = b2 * w_v0 + (1.0 - b2) * w_g2
-            out["beta2"] = -0.5 * lr * ((w_v0 - w_g2) / c2 + w_v * t * b2 ** (t - 1.0) / (c2 * c2))
+            out["beta2"] = -0.5 * lr / c1 * ((w_v0 - w_g2) / c2 + w_v * t * b2 ** (t - 1.0) / (c2 * c2))
         return out
 
 
