@@ -148,7 +148,7 @@ def main() -> None:
         kinds = ["ours"]
     heights = [int(h) for h in args.heights.split(",")]
     print(f"torch {torch.__version__}, {args.threads} CPU thread(s), {args.steps} steps x {args.rounds} rounds")
-    print(f"{'device':6} {'tower':28} {'impl':9} {'ms/step':>8} {'plain':>8} {'ratio':>6}")
+    print(f"{'device':6} {'tower (hyper levels sgd(1e-05))':32} {'impl':9} {'ms/step':>8} {'plain':>8} {'ratio':>6}")
     for device in devices:
         for base in ("sgd", "adam"):
             for height in heights:
@@ -165,7 +165,7 @@ def main() -> None:
                         t_ours.append(to)
                         ratios.append(to / tp)
                     print(
-                        f"{device:6} {spec(base, height)[:28]:28} {kind:9} {statistics.median(t_ours):8.3f} "
+                        f"{device:6} {base + ' height ' + str(height):32} {kind:9} {statistics.median(t_ours):8.3f} "
                         f"{statistics.median(t_plain):8.3f} {statistics.median(ratios):6.3f}",
                         flush=True,
                     )
@@ -173,7 +173,7 @@ def main() -> None:
                 base_mem = peak_memory_mb(make_loop("plain", base, 0, device))
                 for height in heights:
                     mem = peak_memory_mb(make_loop("ours", base, height, device))
-                    print(f"{device:6} {spec(base, height)[:28]:28} peak CUDA MiB {mem:8.2f} (plain {base_mem:.2f})")
+                    print(f"{device:6} {base + ' height ' + str(height):32} peak CUDA MiB {mem:8.2f} (plain {base_mem:.2f})")
     print("\noptimizer state kept between steps (MiB), MLP with 101,770 parameters:")
     model = mlp()
     for base in ("sgd", "adam"):
