@@ -173,7 +173,8 @@ def main() -> None:
                 base_mem = peak_memory_mb(make_loop("plain", base, 0, device))
                 for height in heights:
                     mem = peak_memory_mb(make_loop("ours", base, height, device))
-                    print(f"{device:6} {base + ' height ' + str(height):32} peak CUDA MiB {mem:8.2f} (plain {base_mem:.2f})")
+                    row = f"{base} height {height}"
+                    print(f"{device:6} {row:32} peak CUDA MiB {mem:8.2f} (plain {base_mem:.2f})")
     print("\noptimizer state kept between steps (MiB), MLP with 101,770 parameters:")
     model = mlp()
     for base in ("sgd", "adam"):
