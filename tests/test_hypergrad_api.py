@@ -347,3 +347,25 @@ def test_functional_core_steps_a_population_of_independent_members(spec: str) ->
             opt.step()
             opt.zero_grad()
         torch.testing.assert_close(w[m], alone.detach(), rtol=1e-12, atol=1e-14)
+
+
+def test_grad_scaler_loop_equals_the_plain_loop() -> None:
+    """AMP's GradScaler unscales the gradients before step() reads them: a power-of-two scale changes nothing."""
+
+    def train(scaler: torch.amp.GradScaler | None) -> list[dict[str, float]]:
+        model = make_model()
+        opt = hypergrad.tower("adam(0.01)/sgd(1e-4)", model.parameters())
+        for i in range(6):
+            x, y = data(i)
+            loss = nn.functional.mse_loss(model(x), y)
+            if scaler is None:
+                loss.backward()
+                opt.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            opt.zero_grad()
+        return opt.hyperparameters()
+
+    assert train(torch.amp.GradScaler("cpu", init_scale=2.0**10)) == train(None)
