@@ -48,21 +48,14 @@ def make_loop(kind: str, base: str, height: int, device: str) -> Callable[[], No
         return xs[i], ys[i]
 
     loss_fn = nn.CrossEntropyLoss()
-    if kind == "plain":
-        opt = (torch.optim.SGD if base == "sgd" else torch.optim.Adam)(
-            model.parameters(), lr=0.01 if base == "sgd" else 0.001
-        )
-
-        def step() -> None:
-            x, y = data()
-            loss_fn(model(x), y).backward()
-            opt.step()
-            opt.zero_grad()
-
-        return step
-    if kind == "ours":
-        # Random data can drive tall towers to NaN; the cost, not the result, is measured here.
-        opt = hypergrad.tower(spec(base, height), model.parameters(), check_finite=False)
+    if kind in ("plain", "ours"):
+        if kind == "plain":
+            opt = (torch.optim.SGD if base == "sgd" else torch.optim.Adam)(
+                model.parameters(), lr=0.01 if base == "sgd" else 0.001
+            )
+        else:
+            # Random data can drive tall towers to NaN; the cost, not the result, is measured here.
+            opt = hypergrad.tower(spec(base, height), model.parameters(), check_finite=False)
 
         def step() -> None:
             x, y = data()
