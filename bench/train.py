@@ -221,6 +221,12 @@ class _Trainer:
             self.opt.step()
         except hypergrad.NonFiniteHyperparameterError as e:
             raise _Diverged(self.steps + 1, f"non-finite hyperparameter: {e}") from None
+        except RuntimeError as e:
+            # torch.optim refuses a step size that overflows the parameters' dtype (e.g. Adam with lr=1e38):
+            # that run diverged, it did not crash.
+            if "without overflow" not in str(e):
+                raise
+            raise _Diverged(self.steps + 1, f"optimizer step overflowed: {e}") from None
         self.opt.optimizer.zero_grad(set_to_none=True)
         return value
 

@@ -163,6 +163,13 @@ def test_weights_blown_up_by_the_last_step_count_as_diverged(tmp_path: Path) -> 
     assert metrics["val_loss"] is None  # not a number: JSON null, never NaN
 
 
+def test_a_step_size_that_overflows_the_optimizer_is_a_diverged_run(tmp_path: Path) -> None:
+    # torch's Adam refuses lr / bias_correction beyond float range: recorded as diverged, not a crash.
+    metrics = run(compose_config([*QUICK, "optimizer=adam", "optimizer.lr=1e38"]), tmp_path)
+    assert (metrics["status"], metrics["diverged_step"]) == ("diverged", 1)
+    assert metrics["diverged_reason"].startswith("optimizer step overflowed")
+
+
 def test_a_finished_run_is_skipped_unless_forced(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = compose_config(QUICK)
     first = run(cfg, tmp_path)
