@@ -76,7 +76,8 @@ def schedule_factor(cfg: DictConfig, steps_per_epoch: int, total_steps: int) -> 
         def warmup_cosine(step: int) -> float:
             if step < warmup:
                 return (step + 1) / warmup
-            return 0.5 * (1 + math.cos(math.pi * min(step - warmup, total_steps - warmup) / (total_steps - warmup)))
+            decay = max(1, total_steps - warmup)  # a run no longer than its warmup has nothing left to decay
+            return 0.5 * (1 + math.cos(math.pi * min(step - warmup, decay) / decay))
 
         return warmup_cosine
     if name == "step":

@@ -272,10 +272,9 @@ class _Trainer:
                     if _checkpoint_requested:
                         self.save_checkpoint()
                         return {"status": "preempted", "steps": self.steps, "output_dir": str(self.out)}
+                # When max_steps stops the run inside an epoch, that partial epoch is the run's last row: it is
+                # evaluated and reported like any other (a pruner then sees the final value of a finished trial).
                 self.end_epoch(logger)
-            if self.loss_count:
-                # max_steps stopped the run inside an epoch: that partial epoch still gets its evaluation.
-                self.end_epoch(logger, callback=False)
         except _Diverged as d:
             status, diverged = "diverged", d
             if not self.history or self.history[-1]["steps"] != self.steps:

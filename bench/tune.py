@@ -437,15 +437,19 @@ def _wait_for_workers(study: optuna.Study, timeout_s: float | None) -> None:
         time.sleep(1.0)
 
 
-def _rerun(cfg: DictConfig, plan: _Plan, best_params: dict[str, Any], run_dir: Path) -> list[dict[str, Any]]:
+def _rerun(cfg: DictConfig, plan: _Plan, best: optuna.trial.FrozenTrial, run_dir: Path) -> list[dict[str, Any]] | None:
+    """Re-run the best trial's configuration on the rerun seeds; None when SLURM preempts one (rerun later)."""
     from bench import train
 
     reruns = []
     for seed in plan.rerun_seeds:
-        rerun_dir = run_dir / "reruns" / f"seed_{seed}"
+        # Per trial: a continued study whose best trial changed must not find the old best's finished reruns.
+        rerun_dir = run_dir / "reruns" / f"trial_{best.number}" / f"seed_{seed}"
         extra = {"seed": seed, **_logger_overrides(cfg, plan, "rerun")}
         start = time.perf_counter()
-        metrics = train.run(_apply(plan.run_cfg, plan.space, best_params, **extra), output_dir=rerun_dir)
+        metrics = train.run(_apply(plan.run_cfg, plan.space, best.params, **extra), output_dir=rerun_dir)
+        if metrics.get("status") == "preempted":
+            return None
         record = {
             "seed": seed,
             "test_error": metrics["test_error"],
@@ -458,7 +462,13 @@ def _rerun(cfg: DictConfig, plan: _Plan, best_params: dict[str, Any], run_dir: P
         }
         _write_json(
             rerun_dir / "trial.json",
-            {"role": "rerun", "study_name": plan.study_name, "params": best_params, **record},
+            {
+                "role": "rerun",
+                "study_name": plan.study_name,
+                "params": best.params,
+                "trial_number": best.number,
+                **record,
+            },
         )
         reruns.append(record)
     return reruns
@@ -567,7 +577,12 @@ def _optimize_in_populations(cfg: DictConfig, plan: _Plan, study: optuna.Study, 
         cfgs = [_apply(plan.run_cfg, plan.space, ps, **extra) for ps in params]
         dirs = [trials_dir / str(t.number) for t in trials]
         batch_start = time.perf_counter()
-        metrics = evaluate_trials_as_population(trials, cfgs, dirs, mode=cfg.tune.population_mode)
+        try:
+            metrics = evaluate_trials_as_population(trials, cfgs, dirs, mode=cfg.tune.population_mode)
+        except BaseException:
+            for trial in trials:  # asked trials must not stay RUNNING and hold the study's budget
+                study.tell(trial, state=TrialState.FAIL)
+            raise
         share = (time.perf_counter() - batch_start) / len(trials)  # the batch's cost, split evenly over its trials
         for trial, ps, run_dir, m in zip(trials, params, dirs, metrics, strict=True):
             trial.set_user_attr("run_dir", str(run_dir))
@@ -619,7 +634,10 @@ def tune(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any
         _wait_for_workers(study, cfg.tune.wait_for_workers_s)
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if complete and plan.rerun_seeds:
-            reruns = _rerun(cfg, plan, min(complete, key=lambda tr: tr.value).params, run_dir)
+            done = _rerun(cfg, plan, min(complete, key=lambda tr: tr.value), run_dir)
+            if done is None:  # preempted: the requeued worker reruns and writes the summary
+                return {"status": "preempted"}
+            reruns = done
     summary = _summary(cfg, plan, study, reruns)
     summary["worker"] = cfg.tune.worker
     _write_json(run_dir / "study_summary.json", summary)
@@ -675,6 +693,9 @@ def main(argv: list[str] | None = None) -> None:
             summary = tune(cfg)
         except ConfigError as e:
             _error(str(e))
+        if summary.get("status") == "preempted":
+            print("preempted during the reruns of the best trial; run the same command again to finish them")
+            return
         best = summary["best_value"]
         errors = [r["test_error"] for r in summary["reruns"]]
         print(

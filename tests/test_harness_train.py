@@ -170,6 +170,13 @@ def test_a_step_size_that_overflows_the_optimizer_is_a_diverged_run(tmp_path: Pa
     assert metrics["diverged_reason"].startswith("optimizer step overflowed")
 
 
+def test_a_run_no_longer_than_its_warmup_completes(tmp_path: Path) -> None:
+    # warmup_cosine with nothing left to decay after the warmup (one step in all) must still train and finish.
+    overrides = ["optimizer=adam", "optimizer.schedule=warmup_cosine", "trainer.epochs=1", "trainer.max_steps=1"]
+    metrics = run(compose_config([*FAST, *overrides]), tmp_path)
+    assert metrics["status"] == "completed" and metrics["steps"] == 1
+
+
 def test_a_finished_run_is_skipped_unless_forced(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = compose_config(QUICK)
     first = run(cfg, tmp_path)
