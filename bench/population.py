@@ -70,6 +70,9 @@ Batches = Callable[[int], Iterator[tuple[Tensor, Tensor]]]
 """``batches(epoch)`` yields that epoch's training batches (the same for every member; epochs count from 1)."""
 
 
+_VALIDATION = -1  # diverged_code of a member whose validation loss, not its training loss, went non-finite
+
+
 class PopulationError(ConfigError):
     """A population that cannot be trained as asked; the message names the reason and the way out."""
 
@@ -520,6 +523,13 @@ class _Vectorized:
             out.append(rows)
         return out
 
+    def diverge_on_validation(self, i: int, value: float) -> None:
+        """Member ``i``'s weights give a non-finite validation loss: diverged at its last step, as in the harness."""
+        self.diverged_step[i] = self.step_count
+        self.diverged_code[i] = _VALIDATION
+        self.diverged_value[i] = value
+        self.alive[i] = False
+
     def reason(self, i: int) -> str | None:
         """Why member ``i`` diverged, in the harness's words (None if it did not)."""
         code, value = int(self.diverged_code[i]), float(self.diverged_value[i])
@@ -527,6 +537,8 @@ class _Vectorized:
             return None
         if code == 1:
             return f"non-finite training loss ({value})"
+        if code == _VALIDATION:
+            return f"non-finite validation loss ({value})"
         k, name = self.hp_names[code - 2]
         error = hypergrad.NonFiniteHyperparameterError(k + 1, name, value, int(self.diverged_step[i]))
         return f"non-finite hyperparameter: {error}"
@@ -692,6 +704,10 @@ def _train_vectorized(
                 epoch, own_steps, train_loss[i], (val_l[i], val_e[i]), (test_l[i], test_e[i]), wall, hps[i]
             )
             r.history.append(row)
+            if moving[i] and not math.isfinite(val_l[i]):
+                # Finite training losses, yet weights that give non-finite outputs: diverged (the harness's rule).
+                pop.diverge_on_validation(i, val_l[i])
+                moving[i] = False
             if not moving[i]:
                 reported[i] = True
                 continue
@@ -708,7 +724,9 @@ def _train_vectorized(
             r.status, r.diverged_step, r.diverged_reason = "diverged", diverged_step[i], pop.reason(i)
             # The diverging step's loss is kept: it is the non-finite value (or the last one) that stopped it.
             r.step_losses = all_losses[i][: diverged_step[i]]
-            r.steps = diverged_step[i] - 1
+            # A training-loss divergence happens in step diverged_step, which is not counted; a validation one
+            # after it, which is.
+            r.steps = diverged_step[i] - (0 if int(pop.diverged_code[i]) == _VALIDATION else 1)
         else:
             r.steps = r.history[-1]["steps"]
             r.step_losses = all_losses[i][: r.steps]
@@ -800,6 +818,9 @@ def _train_alone(
             opt.hyperparameters(),
         )
         result.history.append(row)
+        if result.status != "diverged" and not math.isfinite(row["val_loss"]):
+            result.status, result.diverged_step = "diverged", steps
+            result.diverged_reason = f"non-finite validation loss ({row['val_loss']})"
         if result.status == "diverged" or not complete:
             break
         if epoch_callback is not None and epoch_callback(index, epoch, row):

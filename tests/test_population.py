@@ -446,3 +446,18 @@ def test_max_steps_records_the_same_epochs_as_a_harness_run(tmp_path, mode, max_
     theirs = pd.read_csv(tmp_path / "one" / "history.csv")
     assert list(mine.epoch) == list(theirs.epoch) and list(mine.steps) == list(theirs.steps)
     assert member["steps"] == single["steps"] == max_steps and member["epochs"] == single["epochs"]
+
+
+@pytest.mark.parametrize("mode", ["sequential", "vectorized"])
+def test_weights_with_non_finite_outputs_are_a_diverged_member_as_in_the_harness(tmp_path, mode):
+    # One step of size 1e38 leaves a finite training loss but weights whose outputs overflow: the harness records
+    # that run as diverged at step 1 with a non-finite validation loss, and so must its population member.
+    common = ["optimizer.base=sgd", "model.output_tanh=false", "trainer.max_steps=1"]
+    grid = ["population.lr=[1e38,0.05]", "population.heights=[0]", "population.seeds=[0]", f"population.mode={mode}"]
+    members = run_population(_cfg(tmp_path / "pop", *grid, *common), tmp_path / "pop")
+    single = run(_cfg(tmp_path / "one", *common, "optimizer.lr=1e38", "optimizer.height=0"), tmp_path / "one")
+    blown, fine = sorted(members, key=lambda m: -m["init"]["lr"])
+    keys = ("status", "diverged_step", "steps", "diverged_reason")
+    assert {k: blown[k] for k in keys} == {k: single[k] for k in keys}
+    assert single["diverged_reason"].startswith("non-finite validation loss")
+    assert fine["status"] == "completed"
