@@ -20,7 +20,6 @@ options, one a line, for scripts that call sbatch themselves (scripts/slurm/subm
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -92,21 +91,14 @@ def _requeue_signal() -> signal.Signals:
 
 
 def _stopped_for_checkpoint(ret: JobReturn) -> bool:
-    """Whether the run saved a checkpoint and stopped (rather than finished or crashed).
+    """Whether the job's run saved a checkpoint and stopped (rather than finished, crashed, or ignored the signal).
 
-    `bench.train.run` then returns without writing metrics.json, so a run directory without a finished
-    metrics.json after a successful return is one that stopped for the checkpoint. A crash is not requeued:
-    it would crash again.
+    Asked of `bench.train` itself: a job that writes no metrics.json of its own (a tuning worker, a population)
+    is not thereby taken for a stopped one. A crash is not requeued: it would crash again.
     """
-    from bench.train import FINISHED
+    from bench.train import stopped_for_checkpoint
 
-    if ret.status != JobStatus.COMPLETED or ret.hydra_cfg is None:
-        return False
-    metrics = Path(ret.hydra_cfg.hydra.runtime.output_dir) / "metrics.json"
-    try:
-        return json.loads(metrics.read_text()).get("status") not in FINISHED
-    except FileNotFoundError:
-        return True
+    return ret.status == JobStatus.COMPLETED and stopped_for_checkpoint()
 
 
 def sbatch_options(site_file: str | Path) -> list[str]:

@@ -54,8 +54,16 @@ def request_checkpoint() -> None:
     resumes mid-epoch exactly where it stopped, writes no metrics.json, and `run` returns
     `{"status": "preempted", ...}`. Running the same run directory again resumes it.
     """
-    global _checkpoint_requested
-    _checkpoint_requested = True
+    global _checkpoint_requested, _preempted
+    _checkpoint_requested, _preempted = True, False
+
+
+_preempted = False
+
+
+def stopped_for_checkpoint() -> bool:
+    """Whether a run of this process saved a checkpoint and stopped since `request_checkpoint()` was last asked."""
+    return _preempted
 
 
 class _CallbackRaised(Exception):
@@ -370,10 +378,13 @@ def run(
     if cfg.trainer.force:
         for name in ("metrics.json", "history.csv", "checkpoint.pt"):
             (out / name).unlink(missing_ok=True)
+    global _preempted
     trainer = _Trainer(cfg, out, epoch_callback)
     logger = build_logger(cfg, out)
     try:
-        return trainer.fit(logger)
+        metrics = trainer.fit(logger)
+        _preempted = _preempted or metrics.get("status") == "preempted"
+        return metrics
     finally:
         logger.finish({})
         # Cleared at the end, not the start: a preemption signal that arrives while the data loads still counts.
