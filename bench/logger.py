@@ -87,13 +87,19 @@ class WandbLogger(RunLogger):
     def finish(self, metrics: Mapping[str, Any]) -> None:
         if self.run is None:
             return
-        summary = {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
-        for level, hp in enumerate(metrics.get("hyperparameters") or [], start=1):
-            summary.update({f"final/L{level}.{k}": v for k, v in hp.items()})
-        summary.update({f"init/{k}": v for k, v in (metrics.get("init") or {}).items()})
+        summary = summary_of(metrics)
         self._safe(lambda: self.run.summary.update(summary))
         self._safe(lambda: self.run.finish(exit_code=0))
         self.run = None
+
+
+def summary_of(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's metrics as a flat W&B summary (bench.report.wandb_source.metrics_from_summary nests it again)."""
+    summary = {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
+    for level, hp in enumerate(metrics.get("hyperparameters") or [], start=1):
+        summary.update({f"final/L{level}.{k}": v for k, v in hp.items()})
+    summary.update({f"init/{k}": v for k, v in (metrics.get("init") or {}).items()})
+    return summary
 
 
 def build_logger(cfg: DictConfig, output_dir: Path) -> RunLogger:

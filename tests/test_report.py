@@ -404,3 +404,25 @@ def test_wandb_source_without_an_api_key_is_one_clear_line(tmp_path: Path, monke
     with pytest.raises(ReportInputError, match=r"^`source=wandb` needs a W&B API key, but got: ") as e:
         run(cfg, output_dir=tmp_path / "out")
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+
+
+def test_a_run_logged_to_wandb_reads_back_as_the_same_row(tmp_path: Path) -> None:
+    """source=wandb reads what the harness logs: the flat W&B summary nests back into the run's metrics.
+
+    No W&B server can run here, so the summary dict stands in for `wandb.Api().runs(...)[i].summary`; both ends
+    are the real code (the harness's summary_of and the report's metrics_from_summary).
+    """
+    from bench.config import compose_config
+    from bench.logger import summary_of
+    from bench.report.load import _row
+    from bench.report.wandb_source import metrics_from_summary
+    from bench.train import run as train_run
+
+    cfg = compose_config(["dataset=digits", "trainer.epochs=1", "trainer.max_steps=2", "trainer.progress=false"])
+    metrics = train_run(cfg, tmp_path)
+    back = metrics_from_summary(summary_of(metrics))
+    assert back["init"] == metrics["init"] and back["hyperparameters"] == metrics["hyperparameters"]
+    from_disk, from_wandb = _row(tmp_path, metrics), _row("entity/project/abc123", back, on_disk=False)
+    for key in ("test_error", "method", "family", "height", "lr", "momentum", "seed", "diverged", "miss"):
+        a, b = from_wandb[key], from_disk[key]
+        assert a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)), key

@@ -6,11 +6,35 @@ run summary). This needs network access to the W&B server and an API key in the 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import pandas as pd
 
 from bench.report.load import REQUIRED_KEYS, ReportInputError, Runs, _check_compatible, _row
 
-__all__ = ["load_wandb_runs"]
+__all__ = ["load_wandb_runs", "metrics_from_summary"]
+
+
+def metrics_from_summary(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's metrics.json content back from its W&B summary.
+
+    W&B summaries hold flat values, so the harness logs `init` as `init/<name>` and the final hyperparameters as
+    `final/L<level>.<name>`: they are nested again here.
+    """
+    metrics = {k: summary[k] for k in (*REQUIRED_KEYS, "val_error", "status", "steps", "optimizer") if k in summary}
+    init = {k.removeprefix("init/"): v for k, v in summary.items() if k.startswith("init/")}
+    if init:
+        metrics.setdefault("init", init)
+    levels: dict[int, dict[str, Any]] = {}
+    for key, value in summary.items():
+        if key.startswith("final/L") and "." in key:
+            level, name = key.removeprefix("final/L").split(".", 1)
+            if level.isdigit():
+                levels.setdefault(int(level), {})[name] = value
+    if levels:
+        metrics.setdefault("hyperparameters", [levels[k] for k in sorted(levels)])
+    return metrics
 
 
 def load_wandb_runs(projects: list[str]) -> Runs:
@@ -30,10 +54,9 @@ def load_wandb_runs(projects: list[str]) -> Runs:
             message = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ReportInputError(f"`input` must be a readable W&B project, but {project} gave: {message}") from None
         for wb_run in wb_runs:
-            if wb_run.job_type == "report":
+            if wb_run.job_type in ("report", "tune_summary"):  # summaries of other runs, not runs
                 continue
-            metrics = {k: wb_run.summary.get(k) for k in REQUIRED_KEYS if k in wb_run.summary}
-            metrics.update({k: wb_run.summary.get(k) for k in ("val_error", "status", "steps", "optimizer")})
+            metrics = metrics_from_summary({k: wb_run.summary[k] for k in wb_run.summary.keys()})  # noqa: SIM118
             row = _row(f"{project}/{wb_run.id}", metrics, on_disk=False)
             row["group"] = wb_run.group
             rows.append(row)
