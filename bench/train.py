@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, open_dict
 from tqdm.auto import tqdm
 
+import hypergrad
 from bench.config import validate
 from bench.data import Data, build_dataset
 from bench.io import atomic_save_torch, atomic_write_csv, atomic_write_json, to_jsonable
@@ -215,8 +216,6 @@ class _Trainer:
     # -- training ------------------------------------------------------------------------------
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        import hypergrad
-
         with self.amp:
             logits = self.forward(x)
         loss, _ = _loss_and_errors(logits, y)
