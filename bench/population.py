@@ -940,20 +940,15 @@ def population_members(cfg: Any) -> list[Member]:
 
 def _epoch_batches(data: Any, batch_size: int, seed: int) -> Batches:
     """Every member's batches, drawn exactly as a harness run with this seed draws them (bench.train)."""
-    from bench.train import _epoch_seed
+    from bench.train import epoch_batch, epoch_permutation
 
-    x_all, y_all = data.train
+    x_all = data.train[0]
 
     def batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         e = epoch - 1  # the harness counts completed epochs
-        perm = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(_epoch_seed(seed, e)))
-        perm = perm.to(x_all.device)
-        for b, i in enumerate(range(0, len(perm), batch_size)):
-            idx = perm[i : i + batch_size]
-            x = x_all[idx]
-            if data.augment is not None:
-                x = data.augment(x, torch.Generator().manual_seed(_epoch_seed(seed, e) * 100_003 + b))
-            yield x, y_all[idx]
+        perm = epoch_permutation(len(x_all), seed, e, x_all.device)
+        for b in range(-(-len(perm) // batch_size)):
+            yield epoch_batch(data, perm, b, batch_size, seed, e)
 
     return batches
 

@@ -108,6 +108,23 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
 
 
+def epoch_permutation(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
+    """The order of the `n` training examples in epoch `epoch` (0-based) of every run with this seed."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(_epoch_seed(seed, epoch))).to(device)
+
+
+def epoch_batch(
+    data: Data, perm: torch.Tensor, batch: int, batch_size: int, seed: int, epoch: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch `batch` of that epoch, augmented as every run with this seed sees it (also a population's members)."""
+    x_train, y_train = data.train
+    idx = perm[batch * batch_size : (batch + 1) * batch_size]
+    x = x_train[idx]
+    if data.augment is not None:
+        x = data.augment(x, torch.Generator().manual_seed(_epoch_seed(seed, epoch) * 100_003 + batch))
+    return x, y_train[idx]
+
+
 def _loss_and_errors(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy and number of wrong predictions (text: per character)."""
     logits, y = logits.flatten(0, -2).float(), y.flatten()
@@ -243,7 +260,7 @@ class _Trainer:
             self.load_checkpoint()
             print(f"resuming {self.out} from epoch {self.epoch}, step {self.steps}")
         self.started = time.perf_counter()
-        x_train, y_train = self.data.train
+        x_train = self.data.train[0]
         bar = tqdm(
             total=self.total_steps,
             initial=self.steps,
@@ -255,23 +272,16 @@ class _Trainer:
         status, diverged, error = "completed", None, None
         try:
             while self.epoch < t.epochs and self.steps < self.total_steps:
-                perm = torch.randperm(
-                    len(x_train), generator=torch.Generator().manual_seed(_epoch_seed(cfg.seed, self.epoch))
-                )
-                perm = perm.to(self.device)
+                perm = epoch_permutation(len(x_train), cfg.seed, self.epoch, self.device)
                 self.model.train()
                 self.opt.train_mode()
                 while self.batch < self.steps_per_epoch and self.steps < self.total_steps:
-                    idx = perm[self.batch * t.batch_size : (self.batch + 1) * t.batch_size]
-                    x, y = x_train[idx], y_train[idx]
-                    if self.data.augment is not None:
-                        gen = torch.Generator().manual_seed(_epoch_seed(cfg.seed, self.epoch) * 100_003 + self.batch)
-                        x = self.data.augment(x, gen)
+                    x, y = epoch_batch(self.data, perm, self.batch, t.batch_size, cfg.seed, self.epoch)
                     value = self.train_step(x, y)
                     self.steps += 1
                     self.batch += 1
-                    self.loss_sum += value * len(idx)
-                    self.loss_count += len(idx)
+                    self.loss_sum += value * len(y)
+                    self.loss_count += len(y)
                     logger.log_step(self.steps, value, self.opt.hyperparameters)
                     bar.update()
                     if self.steps % 10 == 0:
