@@ -75,6 +75,11 @@ class Plan:
     def height(self) -> int:
         return len(self.rules) - 1
 
+    @property
+    def closed_form(self) -> bool:
+        """Whether every learning level's rule has a closed-form vjp (then the step records no autograd graph)."""
+        return self.height > 0 and all(rule.has_vjp for rule in self.rules[:-1])
+
 
 def make_plan(
     tower: Tower,
@@ -208,6 +213,21 @@ def update(
     top = len(plan.rules) - 1
     levels: list[LevelState | None] = [None] * (top + 1)
     new_hp: list[list[Tensor]] = [[] for _ in range(top + 1)]
+    if plan.closed_form:
+        # Every learning level has a closed-form vjp: nothing needs recording; each level keeps what its vjp reads.
+        trace: list[Any] = [None] * top
+        with torch.no_grad():
+            for k in range(top, -1, -1):
+                values = natural_values(plan, k, new_hp[k])
+                received = grads if k == 0 else hypergrads[k - 1]
+                groups = plan.group_of if k == 0 else (0,) * len(received)
+                deltas, rule_states = _apply(plan, k, received, state.levels[k].rule, values, groups, step)
+                if k > 0:
+                    new_hp[k - 1] = [h - d for h, d in zip(state.levels[k - 1].hp, deltas, strict=True)]
+                if k < top:
+                    trace[k] = (values, list(received), state.levels[k].rule, rule_states)
+                levels[k] = LevelState(new_hp[k], rule_states)
+        return TowerState(step, levels, _ClosedTrace(trace)), deltas  # type: ignore[arg-type]
     with torch.enable_grad():
         for k in range(top, 0, -1):
             below = state.levels[k - 1].hp
@@ -260,6 +280,44 @@ def _vjp_level0(plan: Plan, live: TowerState, grads: Sequence[Tensor | None]) ->
     return [(values[g][n], s) for g, acc in enumerate(sums) for n, s in acc.items()]
 
 
+class _ClosedTrace(NamedTuple):
+    levels: list[Any]  # per learning level: (natural values per group, gradients received, states before, after)
+
+
+def _closed_form_hypergradients(plan: Plan, live: TowerState, grads: Sequence[Tensor | None]) -> list[list[Tensor]]:
+    """The chain rule level by level: the loss's gradient with respect to what level k updated (level 0: the
+    weights), through level k's closed-form vjp and its transforms, is the gradient with respect to level k's raw
+    hyperparameters, which level k + 1 updated."""
+    dot = _reducer(plan)
+    upstream: Sequence[Tensor | None] = grads
+    out = []
+    for k, (values, received, before, after) in enumerate(live.trace.levels):
+        groups = plan.group_of if k == 0 else (0,) * len(received)
+        sums: list[dict[str, Tensor]] = [{} for _ in values]
+        for i, (u, g) in enumerate(zip(upstream, received, strict=True)):
+            if u is None or g is None:
+                continue
+            hp = _broadcast(plan, values[groups[i]], g)
+            for name, v in plan.rules[k].vjp(u, g, before[i], after[i], hp, live.step, dot).items():
+                if plan.batch_shape:
+                    v = v.reshape(plan.batch_shape)
+                sums[groups[i]][name] = v if name not in sums[groups[i]] else sums[groups[i]][name] + v
+        level = []
+        for g, raw in enumerate(live.levels[k].hp):
+            cols = []
+            for j, (name, t) in enumerate(zip(plan.learned[k], plan.transforms[k], strict=True)):
+                s = sums[g].get(name)
+                if s is None:  # this hyperparameter has not acted yet (e.g. momentum at the first step)
+                    cols.append(torch.zeros_like(raw[..., j]))
+                    continue
+                # What level k updated moved by -delta, so d loss / d value = -(upstream . d delta / d value).
+                cols.append(-s if t.derivative is None else -s * t.derivative(raw[..., j]))
+            level.append(torch.stack(cols, dim=-1))
+        out.append(level)
+        upstream = level
+    return out
+
+
 def hypergradients(
     plan: Plan, live: TowerState | None, deltas: Sequence[Tensor | None], grads: Sequence[Tensor | None]
 ) -> list[list[Tensor]]:
@@ -270,6 +328,8 @@ def hypergradients(
     """
     if live is None:
         raise ValueError("live must be the state returned by the previous update")
+    if isinstance(live.trace, _ClosedTrace):
+        return _closed_form_hypergradients(plan, live, grads)
     inputs = [h for level in live.levels[:-1] for h in level.hp]
     if live.trace is not None:
         pairs = _vjp_level0(plan, live, grads)

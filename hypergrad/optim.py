@@ -129,9 +129,10 @@ class HyperOptimizer(torch.optim.Optimizer):
             self._raise_if_not_finite(live)
         updated = [(p, d) for p, d in zip(params, deltas, strict=True) if d is not None]
         if updated:
-            torch._foreach_sub_([p for p, _ in updated], [d.detach() for _, d in updated])
+            torch._foreach_sub_([p for p, _ in updated], [d.detach() if d.requires_grad else d for _, d in updated])
         self._live, self._deltas = live, deltas
-        self._tower = core.detach(live)
+        # The closed-form path records no graph: its state needs no detaching, only dropping the vjp's trace.
+        self._tower = live._replace(trace=None) if self._plan.closed_form else core.detach(live)
         self._prev = (before, grads, hyper)
         self._grad_versions = [None if g is None else g._version for g in grads]
         return loss

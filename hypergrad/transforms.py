@@ -22,6 +22,7 @@ class Transform(NamedTuple):
     name: str
     forward: Callable[[Tensor], Tensor]  # raw -> natural value
     inverse: Callable[[Tensor], Tensor]  # natural value -> raw
+    derivative: Callable[[Tensor], Tensor] | None = None  # d forward / d raw at raw; None for the identity
 
 
 def _half_tanh(x: Tensor) -> Tensor:
@@ -35,6 +36,7 @@ def _half_tanh_inverse(y: Tensor) -> Tensor:
 
 
 IDENTITY = Transform("identity", lambda x: x, lambda y: y)
-SQUARE = Transform("square", torch.square, torch.sqrt)  # reference RMSProp stores sqrt(lr)
-HALF_TANH = Transform("half_tanh", _half_tanh, _half_tanh_inverse)  # reference betas and gamma live in (0, 1)
-EXP = Transform("exp", torch.exp, torch.log)  # opt-in: a step size stored as its log stays positive
+SQUARE = Transform("square", torch.square, torch.sqrt, lambda x: 2.0 * x)  # reference RMSProp stores sqrt(lr)
+# Reference betas and gamma live in (0, 1).
+HALF_TANH = Transform("half_tanh", _half_tanh, _half_tanh_inverse, lambda x: (1.0 - x.tanh().square()) / 2.0)
+EXP = Transform("exp", torch.exp, torch.log, torch.exp)  # opt-in: a step size stored as its log stays positive

@@ -234,8 +234,18 @@ FD_SPECS = [
 
 @pytest.mark.parametrize("spec", FD_SPECS)
 @pytest.mark.parametrize("parameterization", ["reference", "log"])
-def test_every_hypergradient_equals_central_finite_differences(spec, parameterization) -> None:
-    """d loss_t / d h_(t-1) through one step, for every learned hyperparameter of every level, in float64."""
+@pytest.mark.parametrize("path", ["closed form", "autograd chain", "autograd"])
+def test_every_hypergradient_equals_central_finite_differences(spec, parameterization, path, monkeypatch) -> None:
+    """d loss_t / d h_(t-1) through one step, for every learned hyperparameter of every level, in float64.
+
+    Three ways to the same numbers: all levels' closed-form vjps (the default for built-in rules); level 0's
+    closed form with autograd through the hyper levels (a user's rule above); autograd throughout (a user's rule).
+    """
+    if path != "closed form":
+        monkeypatch.setattr(core.Plan, "closed_form", property(lambda self: False))
+    if path == "autograd":
+        for rule in {level.rule for level in hypergrad.parse_spec(spec).levels}:
+            monkeypatch.setattr(type(rule), "has_vjp", False)
     model = make_mlp(dtype=torch.float64)
     opt = hypergrad.tower(spec, model.parameters(), parameterization=parameterization)
     data = batches(4, torch.float64)
