@@ -10,9 +10,11 @@ are fixed. One call of :func:`update` is one step of the paper's method:
 The hyperparameter updates are recorded by autograd, and so is the weight update, so that at the next step
 :func:`hypergradients` takes one vector-Jacobian product with the new gradients: ``d loss_t / d h_(t-1)`` through one
 step only, previous weights, gradients and states held constant, exactly as the reference obtains with
-``loss.backward(create_graph=True)``, but without differentiating the model. For the built-in rules the weight update
-runs without recording and its vector-Jacobian product comes from the rule's closed form (``Rule.vjp``, tested against
-autograd): the weight-sized work is then a handful of dot products instead of a backward pass through the update.
+``loss.backward(create_graph=True)``, but without differentiating the model. When every learning level's rule has a
+closed-form vector-Jacobian product (``Rule.vjp``, all built-in rules; tested against autograd and finite
+differences), nothing is recorded at all: the chain rule runs level by level through the rules' vjps and the
+transforms' derivatives, and the weight-sized work is a handful of dot products. A user's rule without ``vjp`` is
+differentiated by autograd, which remains the reference.
 
 Hyperparameter tensors may carry leading batch dimensions (``batch_shape``): then every model parameter carries the
 same leading dimensions and each batch entry is an independent member of a population.

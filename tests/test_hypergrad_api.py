@@ -111,6 +111,14 @@ def test_transform_inverse_is_exact_to_round_off(transform, values) -> None:
     torch.testing.assert_close(transform.forward(transform.inverse(v)), v, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("transform", [IDENTITY, SQUARE, HALF_TANH, EXP], ids=lambda t: t.name)
+def test_transform_derivative_equals_autograd(transform) -> None:
+    raw = torch.tensor([-2.0, -0.3, 0.0, 0.7, 3.0], dtype=torch.float64, requires_grad=True)
+    (expected,) = torch.autograd.grad(transform.forward(raw).sum(), raw)
+    got = torch.ones_like(raw) if transform.derivative is None else transform.derivative(raw.detach())
+    torch.testing.assert_close(got, expected, rtol=1e-14, atol=0)
+
+
 # -- conformance: every optimizer ---------------------------------------------------------------------------------
 CONFORMANCE = [
     "sgd(0.05)/sgd(1e-3)",
