@@ -36,7 +36,7 @@ class HyperOptimizer(torch.optim.Optimizer):
     not finite raises :class:`NonFiniteHyperparameterError` and leaves weights and state untouched.
 
     Memory: besides its rule's state, the optimizer keeps one copy of the gradients and of the previous state (the
-    inputs of the last step, from which the hypergradient graph is rebuilt after ``load_state_dict``).
+    inputs of the last step, replayed by ``load_state_dict`` so that the next hypergradient is exact).
     """
 
     def __init__(
