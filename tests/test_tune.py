@@ -232,3 +232,28 @@ def test_trials_trained_as_populations_fill_the_budget_and_record_the_batch_size
         assert record["population_size"] in (3, 2)  # two batches: 3 trials, then the remaining 2
         if trial["state"] == "complete":
             assert trial["value"] == metrics["val_error"]
+
+
+def test_reruns_belong_to_the_best_trial_so_a_continued_study_never_reuses_stale_ones(tmp_path) -> None:
+    common = ["optimizer=sgd", "dataset=digits", "trainer.epochs=1", "trainer.max_steps=3", "tune.pruner=none"]
+    first = tune(compose_tune_config([*common, "tune.n_trials=2", "tune.reruns=1"]), output_dir=tmp_path)
+    more = tune(compose_tune_config([*common, "tune.n_trials=4", "tune.reruns=1"]), output_dir=tmp_path)
+    assert more["n_trials"] == 4 and first["n_trials"] == 2  # the second call continued the same study
+    for summary in (first, more):
+        (rerun,) = summary["reruns"]
+        assert Path(rerun["run_dir"]).parent.name == f"trial_{summary['best_trial']}"
+        metrics = json.loads((Path(rerun["run_dir"]) / "metrics.json").read_text())
+        assert metrics["test_error"] == rerun["test_error"]
+
+
+def test_population_trials_that_cannot_train_are_told_failed_not_left_running(tmp_path) -> None:
+    from bench.config import ConfigError
+
+    cfg = compose_tune_config(
+        ["optimizer=sgd", "model=resnet20", "dataset=digits", "trainer.max_steps=2", "tune.n_trials=2",
+         "tune.population_size=2", "tune.reruns=0", f"tune.storage=sqlite:///{tmp_path}/study.db"]
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="BatchNorm"):  # resnet20's running statistics cannot be vectorized
+        tune(cfg, output_dir=tmp_path)
+    study = optuna.load_study(study_name="sgd-resnet20-digits", storage=f"sqlite:///{tmp_path}/study.db")
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.FAIL]
