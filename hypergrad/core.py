@@ -206,7 +206,10 @@ def update(
     grads: Sequence[Tensor | None],
     hypergrads: Sequence[Sequence[Tensor]],
 ) -> tuple[TowerState, list[Tensor | None]]:
-    """One step: returns the new state and the weight updates (``param -= delta``), both graph-carrying.
+    """One step: returns the new state and the weight updates (``param -= delta``).
+
+    What the next :func:`hypergradients` needs rides along in the returned state: the rules' closed-form inputs
+    (``trace``) or, for a rule without ``vjp``, the autograd graph of this step.
 
     ``grads`` are the model gradients (None for a parameter without one); ``hypergrads[k]`` the gradients of the loss
     with respect to level k's raw hyperparameters, as returned by :func:`hypergradients`.
@@ -323,7 +326,7 @@ def _closed_form_hypergradients(plan: Plan, live: TowerState, grads: Sequence[Te
 def hypergradients(
     plan: Plan, live: TowerState | None, deltas: Sequence[Tensor | None], grads: Sequence[Tensor | None]
 ) -> list[list[Tensor]]:
-    """``d loss / d raw hyperparameters`` of every learned level, from the last step's graph and the new gradients.
+    """``d loss / d raw hyperparameters`` of every learned level, from the last step and the new gradients.
 
     ``live`` and ``deltas`` are what the previous :func:`update` returned (None before the first step, when every
     hypergradient is zero); ``grads`` the gradients of the current loss with respect to the weights.
