@@ -596,19 +596,20 @@ def run(
         for name in ("metrics.json", "history.csv", "checkpoint.pt"):
             (out / name).unlink(missing_ok=True)
     global _preempted
-    trainer = _Trainer(cfg, out, epoch_callback)
-    logger = build_logger(cfg, out)
-    try:
-        with _stop_on_signals():
+    # From here on a signal asks for a checkpoint (saved after the first step when it arrives while data loads).
+    with _stop_on_signals():
+        trainer = _Trainer(cfg, out, epoch_callback)
+        logger = build_logger(cfg, out)
+        try:
             metrics = trainer.fit(logger)
-        _preempted = _preempted or metrics.get("status") == "preempted"
-        if metrics.get("status") == "preempted" and _interrupted_by is not None:
-            raise Interrupted(metrics["steps"], _interrupted_by)
-        return metrics
-    finally:
-        logger.finish({})
-        # Cleared at the end, not the start: a preemption signal that arrives while the data loads still counts.
-        _checkpoint_requested = False
+            _preempted = _preempted or metrics.get("status") == "preempted"
+            if metrics.get("status") == "preempted" and _interrupted_by is not None:
+                raise Interrupted(metrics["steps"], _interrupted_by)
+            return metrics
+        finally:
+            logger.finish({})
+            # Cleared at the end, not the start: a preemption signal that arrives while the data loads still counts.
+            _checkpoint_requested = False
 
 
 def format_summary(metrics: dict[str, Any]) -> str:
