@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from bench.config import ConfigError
 from bench.io import mask_secrets
+from bench.rundir import discard_if_unused
 from bench.train import Interrupted, format_summary, run
 
 # Our conf/hydra/launcher/submitit_slurm.yaml deliberately keeps the plugin's preset name (the documented override is
@@ -33,6 +34,7 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as e:
         # Bad input is the user's to fix: one line, no traceback, no metrics.json.
         print(f"error: {mask_secrets(str(e))}", file=sys.stderr)
+        discard_if_unused()
         sys.exit(2)
     except Interrupted as e:
         # SIGINT/SIGTERM: the checkpoint is saved; 128 + signal number, as a shell reports a killed command.

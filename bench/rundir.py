@@ -18,6 +18,8 @@ second differ (`hydra.run.dir` ends with it).
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -27,9 +29,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from bench.io import atomic_write, mask_secrets
 
-__all__ = ["RunDirRecord", "register_resolvers", "write_masked_yaml"]
+__all__ = ["RunDirRecord", "discard_if_unused", "register_resolvers", "write_masked_yaml"]
 
 _TOKEN = uuid.uuid4().hex[:6]
+_written: set[Path] = set()  # .hydra/ directories this process wrote (the only ones `discard_if_unused` may remove)
 
 
 def register_resolvers() -> None:
@@ -68,6 +71,7 @@ class RunDirRecord(Callback):
         write_masked_yaml(out / "config.yaml", task)
         write_masked_yaml(out / "hydra.yaml", {"hydra": OmegaConf.to_container(config.hydra, resolve=False)})
         write_masked_yaml(out / "overrides.yaml", list(hydra_cfg.overrides.task))
+        _written.add(out.resolve())
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_record = Path(str(config.hydra.sweep.dir)) / "multirun.yaml"
@@ -87,3 +91,33 @@ def _valid(task: DictConfig) -> bool:
     except Exception:
         return True
     return True
+
+
+def discard_if_unused(directory: str | Path | None = None) -> None:
+    """Remove a run directory that Hydra created for a run that never started (only empty log files in it).
+
+    Bad input then leaves nothing behind. A directory holding anything else is left as it is.
+    """
+    if directory is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return
+        directory = HydraConfig.get().runtime.output_dir
+    path = Path(directory)
+    if not path.is_dir():
+        return
+    entries = list(path.iterdir())
+    ours = (path / ".hydra").resolve() in _written
+
+    def unused(p: Path) -> bool:
+        return (p.is_file() and p.suffix == ".log" and p.stat().st_size == 0) or (p.name == ".hydra" and ours)
+
+    if all(unused(p) for p in entries):
+        for p in entries:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.rmdir()
