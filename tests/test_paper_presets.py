@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import yaml
@@ -42,7 +43,7 @@ def test_mnist_table_preset_has_the_papers_setup_and_leaves_the_dataset_to_the_u
 
 def test_every_rerun_row_follows_its_tower_and_its_learned_values_are_a_valid_base_optimizer() -> None:
     rows = PAPER["experiments"]["mnist_table"]["rows"]
-    for previous, row in zip(rows, rows[1:]):
+    for previous, row in itertools.pairwise(rows):
         if "rerun_of" in row:
             assert row["rerun_of"] == previous["spec"]
             tower = parse_spec(row["rerun_of"])

@@ -10,7 +10,50 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["bootstrap_ci", "expected_best_of_n", "robust_range_decades"]
+__all__ = ["bootstrap_ci", "expected_best_of_n", "robust_range_decades", "t_interval", "welch"]
+
+
+def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Student-t confidence interval of the mean: mean +- t_{(1+c)/2, n-1} * sd / sqrt(n) (scipy.stats.t).
+
+    With 3 seeds the percentile bootstrap can only return [min, max]; the t-interval widens with few seeds
+    as it should. One value (or identical values) gives a degenerate interval; none gives (nan, nan).
+
+    >>> [round(v, 4) for v in t_interval([0.068, 0.068, 0.064])]
+    [0.0609, 0.0724]
+    """
+    from scipy import stats
+
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"`confidence` must be in (0, 1), but got {confidence}")
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        return (math.nan, math.nan)
+    mean = float(x.mean())
+    sd = float(x.std(ddof=1)) if x.size > 1 else 0.0
+    if sd == 0.0:
+        return (mean, mean)
+    half = float(stats.t.ppf((1.0 + confidence) / 2.0, x.size - 1)) * sd / math.sqrt(x.size)
+    return (mean - half, mean + half)
+
+
+def welch(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """Mean of `a` minus mean of `b` and the two-sided p-value of Welch's t-test (scipy.stats.ttest_ind).
+
+    p is nan when either side has fewer than two values; 0 or 1 when both have zero variance (the means
+    differ or not: with no spread there is no noise to be within).
+    """
+    from scipy import stats
+
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.size == 0 or y.size == 0:
+        return (math.nan, math.nan)
+    diff = float(x.mean() - y.mean())
+    if x.size < 2 or y.size < 2:
+        return (diff, math.nan)
+    if x.std() == 0.0 and y.std() == 0.0:
+        return (diff, 1.0 if diff == 0.0 else 0.0)
+    return (diff, float(stats.ttest_ind(x, y, equal_var=False).pvalue))
 
 
 def bootstrap_ci(
