@@ -214,7 +214,7 @@ def claims(
     # 5. Taller towers are less sensitive to the initial step size (needs a sensitivity sweep).
     verdict, ours = "not evaluated", "no sweep over initial step sizes among the inputs"
     if robustness is not None and not robustness.empty and "height" in robustness:
-        by_h = robustness.groupby("height")["decades"].max().sort_index()
+        by_h = robustness.groupby("height")["decades_own"].max().sort_index()
         if len(by_h) > 1:
             ours = ", ".join(f"height {h}: {d:g} decades" for h, d in by_h.items())
             verdict = "holds" if by_h.is_monotonic_increasing and by_h.iloc[-1] > by_h.iloc[0] else "fails"

@@ -12,7 +12,7 @@ import pandas as pd
 import yaml
 
 from bench.report.load import Runs
-from bench.report.stats import bootstrap_ci, expected_best_of_n, robust_range_decades, t_interval
+from bench.report.stats import bootstrap_ci, expected_best_of_n, robust_range, t_interval
 
 __all__ = [
     "SUMMARY_COLUMNS",
@@ -211,12 +211,19 @@ def reference_error(summary: pd.DataFrame) -> Reference | None:
 
 
 def robustness(summary: pd.DataFrame, reference: Reference | None, tolerance: float) -> pd.DataFrame:
-    """Per untuned method (and initial momentum): the widest range of initial step sizes within tolerance.
+    """Per untuned method (and initial momentum): how wide a range of initial step sizes still ends well.
 
-    A step size qualifies when its mean test error over seeds is at most reference + tolerance; the figure
-    is log10(largest/smallest) over the longest run of neighbouring qualifying grid points, in decades.
+    Three measures, each over the longest run of neighbouring grid points (contiguous, in decades =
+    log10(largest/smallest step size of the run)):
+    - `decades_own`: mean test error within `tolerance` of the method's own best grid point (flatness);
+    - `decades` (vs the overall reference): within `tolerance` of `reference` (as good as the best);
+    - `worst`: the highest mean test error anywhere on the grid, and `best`: the lowest.
+    `lr_low`/`lr_high` bound the contiguous run of `decades`; `own_low`/`own_high` that of `decades_own`.
     """
-    columns = ["method", "momentum", "decades", "n_within", "n_lr", "lr_low", "lr_high", "reference", "tolerance"]
+    columns = [
+        "method", "height", "momentum", "decades", "n_within", "n_lr", "lr_low", "lr_high", "decades_own",
+        "own_low", "own_high", "best", "worst", "reference", "tolerance",
+    ]  # fmt: skip
     rows = []
     swept = summary[~fixed_setting(summary) & summary["lr"].notna()]
     # Only a method started from several step sizes has a range; a table of one setting per method has none.
@@ -228,17 +235,24 @@ def robustness(summary: pd.DataFrame, reference: Reference | None, tolerance: fl
         group = group.sort_values("lr")
         lrs = group["lr"].to_numpy()
         errors = group["test_error_mean"].to_numpy()
-        decades, n_within = robust_range_decades(lrs, errors, reference.error, tolerance)
-        ok = errors <= reference.error + tolerance
+        decades, n_within, low, high = robust_range(lrs, errors, reference.error, tolerance)
+        best = float(np.nanmin(errors))
+        own, _, own_low, own_high = robust_range(lrs, errors, best, tolerance)
         rows.append(
             {
                 "method": method,
+                "height": int(group["height"].iloc[0]),
                 "momentum": momentum,
                 "decades": decades,
                 "n_within": n_within,
                 "n_lr": len(group),
-                "lr_low": float(lrs[ok].min()) if ok.any() else math.nan,
-                "lr_high": float(lrs[ok].max()) if ok.any() else math.nan,
+                "lr_low": low,
+                "lr_high": high,
+                "decades_own": own,
+                "own_low": own_low,
+                "own_high": own_high,
+                "best": best,
+                "worst": float(np.nanmax(errors)),
                 "reference": reference.error,
                 "tolerance": tolerance,
             }
