@@ -44,6 +44,24 @@ def _pct(x: float) -> str:
     return "–" if x is None or math.isnan(x) else f"{100 * x:.2f}%"
 
 
+def _best_config(study: str, summary: dict[str, Any], runs: pd.DataFrame) -> dict[str, Any]:
+    """A tune study's best configuration in full: searched values, the rest of the optimizer, the schedule."""
+    reruns = runs[(runs["role"] == "rerun") & (runs["study"] == study)]
+    config: dict[str, Any] = {}
+    if len(reruns) and isinstance(reruns["start"].iloc[0], dict):
+        config.update({k.removeprefix("L1."): v for k, v in reruns["start"].iloc[0].items()})
+    config.update(summary.get("best_params") or {})
+    schedule = reruns["schedule"].iloc[0] if len(reruns) and "schedule" in reruns else None
+    config.setdefault("schedule", schedule if isinstance(schedule, str) else "constant")
+    return {
+        "study": summary.get("study_name", Path(study).name),
+        "baseline": summary.get("baseline"),
+        "best configuration": ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(config.items())
+        ),
+    }
+
+
 def _g(x: float) -> str:
     return "–" if x is None or math.isnan(x) else f"{x:g}"
 
@@ -249,6 +267,11 @@ def render_report(
             " expected test error of the trial with the lowest validation error among n drawn at random.",
             "",
             markdown_table(pd.DataFrame(rows)),
+            "",
+            "Best configuration of each study (every hyperparameter the re-run used: the searched ones from the"
+            " best trial, the others as started, and the step-size schedule):",
+            "",
+            markdown_table(pd.DataFrame([_best_config(study, s, runs) for study, s in studies.items()])),
         ]
     if paper is not None and paper_meta is not None:
         out += ["", "## The paper's published numbers", "", f"Source: {paper_meta.get('source', 'unknown')}."]
