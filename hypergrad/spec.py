@@ -13,6 +13,8 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from hypergrad.rules import Rule, rules
 
 __all__ = ["Level", "Tower", "format_spec", "parse_spec", "validate_value"]
@@ -28,10 +30,12 @@ _RANGES = {
 }
 
 
-def validate_value(name: str, value: float, where: str = "") -> float:
+def validate_value(name: str, value: object, where: str = "") -> float:
     """Return ``value`` as float, or raise ValueError naming the key, the value and the allowed range."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.requires_grad:
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{where}{name} must be a number, but got {value!r}")
+        raise TypeError(f"{where}{name} must be a number, but got {value!r}")
     value = float(value)
     low, high, low_in, high_in = _RANGES.get(name, (-math.inf, math.inf, False, False))
     ok = math.isfinite(value) and (value > low or (low_in and value == low)) and (value < high or high_in)
