@@ -355,9 +355,19 @@ def _unpack(packed: dict[str, Any], fresh: core.TowerState, like: Tensor) -> cor
 def _level_factory(rule_cls: type, doc: str) -> Callable[..., Level]:
     rule = rule_cls()
 
-    def make(lr: float | None = None, *, learn: Iterable[str] | None = None, **values: float) -> Level:
+    def make(*args: float, learn: Iterable[str] | None = None, **values: float) -> Level:
+        # *args, not lr=None: Adam(model.parameters(), lr=1e-3) must reach the clear error below.
+        lr = args[0] if args else values.pop("lr", None)
+        if len(args) > 1 or (args and "lr" in values) or (lr is not None and not isinstance(lr, int | float)):
+            raise TypeError(
+                f"{make.__name__}(...) builds one level of a tower, not an optimizer, so its first argument is the "
+                f"step size, but got {type(args[0] if args else lr).__name__}; build the optimizer with "
+                f"hypergrad.tower(hypergrad.{make.__name__}(1e-3) / hypergrad.SGD(1e-5), model.parameters())"
+            )
         if lr is not None:
             values["lr"] = lr
+        if isinstance(learn, str):
+            raise TypeError(f"learn must be a list of hyperparameter names, e.g. learn=['lr'], but got {learn!r}")
         return Level(rule, values, None if learn is None else tuple(learn))
 
     make.__name__ = make.__qualname__ = rule_cls.__name__.removesuffix("Rule")

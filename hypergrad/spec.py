@@ -64,6 +64,13 @@ class Level:
         merged = {k: validate_value(k, self.values.get(k, d), where) for k, d in self.rule.defaults.items()}
         object.__setattr__(self, "values", merged)
         if self.learned is not None:
+            if isinstance(self.learned, str) or not all(isinstance(n, str) for n in self.learned):
+                raise TypeError(
+                    f"{where}learn must be a list of hyperparameter names, e.g. ['lr'], but got {self.learned!r}"
+                )
+            twice = sorted({n for n in self.learned if self.learned.count(n) > 1})
+            if twice:
+                raise ValueError(f"{where}{twice[0]!r} is named twice in the learned subset {list(self.learned)!r}")
             learnable = self.rule.learnable(merged)
             for name in self.learned:
                 if name not in learnable:
@@ -132,7 +139,8 @@ def format_spec(tower: Tower) -> str:
 
 
 _TOKEN = re.compile(
-    r"\s*(?:(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<num>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)|(?P<sym>[/()\[\],=]))"
+    r"\s*(?:(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<num>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)|(?P<sym>[/()\[\],=]))",
+    re.ASCII,  # "\d" would otherwise read full-width and other Unicode digits as numbers
 )
 
 
@@ -198,6 +206,9 @@ class _Parser:
                     key, raw = "lr", m.group("num")
                 else:
                     key = self.take("name", expected="a number or key=value")
+                    if key.lower() in ("nan", "inf", "infinity") and not self.at("="):
+                        self.pos = arg_pos
+                        raise self.error(f"the step size must be a finite number, but got {key!r}")
                     self.take("sym", "=", expected="'='")
                     raw = self.take("num", expected="a number")
                 if key in values:
