@@ -10,7 +10,7 @@ The contract of the functional core is in :mod:`hypergrad.rules` (one update rul
 (the tower over explicit state).
 """
 
-from hypergrad.errors import NonFiniteHyperparameterError
+from hypergrad.errors import NonFiniteGradientError, NonFiniteHyperparameterError
 from hypergrad.optim import SGD, AdaGrad, Adam, HyperOptimizer, RMSProp, tower
 from hypergrad.rules import Rule, register, rules
 from hypergrad.spec import Level, Tower, format_spec, parse_spec
@@ -21,6 +21,7 @@ __all__ = [
     "Adam",
     "HyperOptimizer",
     "Level",
+    "NonFiniteGradientError",
     "NonFiniteHyperparameterError",
     "RMSProp",
     "Rule",

@@ -131,7 +131,8 @@ class SGDRule(Rule):
         momentum = hp["momentum"]
         if isinstance(momentum, float) and momentum == 0.0:
             return grad * hp["lr"], state
-        buf = grad if state.momentum_buffer is None else state.momentum_buffer * momentum + grad
+        # The first buffer is a copy, never the gradient itself, which its owner may zero or reuse in place.
+        buf = grad.clone() if state.momentum_buffer is None else state.momentum_buffer * momentum + grad
         return buf * hp["lr"], SGDState(buf)
 
     has_vjp = True
