@@ -12,7 +12,6 @@ from hypergrad import core
 from hypergrad.errors import NonFiniteHyperparameterError
 from hypergrad.rules import AdaGradRule, AdamRule, RMSPropRule, SGDRule
 from hypergrad.spec import Level, Tower, format_spec, parse_spec
-from hypergrad.stable import stabilize
 
 __all__ = ["SGD", "AdaGrad", "Adam", "HyperOptimizer", "RMSProp", "tower"]
 
@@ -20,25 +19,26 @@ __all__ = ["SGD", "AdaGrad", "Adam", "HyperOptimizer", "RMSProp", "tower"]
 class HyperOptimizer(torch.optim.Optimizer):
     """Trains the weights with a tower of optimizers, each learning the hyperparameters of the one below it.
 
-        The loop is the usual one (no ``create_graph``, no wrapper around the model)::
+    The loop is the usual one (no ``create_graph``, no wrapper around the model)::
 
-            >>> import torch, hypergrad
-            >>> model = torch.nn.Linear(3, 1)
-            >>> opt = hypergrad.tower("adam(0.01)/sgd(1e-4)", model.parameters())
-            >>> for _ in range(3):
-            ...     loss = model(torch.ones(4, 3)).pow(2).mean()
-            ...     loss.backward(); opt.step(); opt.zero_grad()
-            >>> sorted(opt.hyperparameters()[0])
-            ['beta1', 'beta2', 'lr']
+        >>> import torch, hypergrad
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = hypergrad.tower("adam(0.01)/sgd(1e-4)", model.parameters())
+        >>> for _ in range(3):
+        ...     loss = model(torch.ones(4, 3)).pow(2).mean()
+        ...     loss.backward(); opt.step(); opt.zero_grad()
+        >>> sorted(opt.hyperparameters()[0])
+        ['beta1', 'beta2', 'lr']
 
-        Param groups may override level 1's initial values (``{"params": ..., "lr": 0.1}``); each group then learns its
-        own. ``parameterization="log"`` stores step sizes as their logarithm so they can never turn negative (the paper's
-        reference stores them raw, the default here). ``stable=True`` is the opt-in mode of docs/stable.md (log step sizes,
-    normalized hyper-updates bounded per step). With ``check_finite`` (default) a step whose new hyperparameters are
-        not finite raises :class:`NonFiniteHyperparameterError` and leaves weights and state untouched.
+    Param groups may override level 1's initial values (``{"params": ..., "lr": 0.1}``); each group then learns its
+    own. ``parameterization="log"`` stores step sizes as their logarithm so they can never turn negative (the paper's
+    reference stores them raw, the default here). ``stable=True`` is the opt-in mode of docs/stable.md (log step
+    sizes, normalized hyper-updates bounded per step). With ``check_finite`` (default) a step whose new
+    hyperparameters are not finite raises :class:`NonFiniteHyperparameterError` and leaves weights and state
+    untouched.
 
-        Memory: besides its rule's state, the optimizer keeps one copy of the gradients and of the previous state (the
-        inputs of the last step, replayed by ``load_state_dict`` so that the next hypergradient is exact).
+    Memory: besides its rule's state, the optimizer keeps one copy of the gradients and of the previous state (the
+    inputs of the last step, replayed by ``load_state_dict`` so that the next hypergradient is exact).
     """
 
     def __init__(
@@ -48,14 +48,8 @@ class HyperOptimizer(torch.optim.Optimizer):
         *,
         parameterization: str = "reference",
         check_finite: bool = True,
-        stable: bool = False,
     ) -> None:
         self.spec = parse_spec(spec)
-        if stable:  # docs/stable.md: log step sizes, scale-free and bounded hyper-updates
-            if parameterization not in ("reference", "log"):
-                raise ValueError(f"parameterization must be 'reference' or 'log', but got {parameterization!r}")
-            self.spec, parameterization = stabilize(self.spec), "log"
-        self.stable = stable
         self.parameterization = parameterization
         self.check_finite = check_finite
         self._tower: core.TowerState | None = None

@@ -58,7 +58,7 @@ class StableRule(Rule):
     [0.001, -0.001]
     """
 
-    def __init__(self, inner: Rule, *, beta: float = 0.99, eps: float = 1e-30, radius: float = RADIUS) -> None:
+    def __init__(self, inner: Rule, *, beta: float = 0.99, eps: float = 1e-300, radius: float = RADIUS) -> None:
         if isinstance(inner, StableRule):
             raise ValueError("StableRule must wrap a plain rule, but got another StableRule")
         if not 0.0 < beta < 1.0:
