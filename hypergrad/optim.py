@@ -12,6 +12,7 @@ from hypergrad import core
 from hypergrad.errors import NonFiniteHyperparameterError
 from hypergrad.rules import AdaGradRule, AdamRule, RMSPropRule, SGDRule
 from hypergrad.spec import Level, Tower, format_spec, parse_spec
+from hypergrad.stable import stabilize
 
 __all__ = ["SGD", "AdaGrad", "Adam", "HyperOptimizer", "RMSProp", "tower"]
 
@@ -48,8 +49,14 @@ class HyperOptimizer(torch.optim.Optimizer):
         *,
         parameterization: str = "reference",
         check_finite: bool = True,
+        stable: bool = False,
     ) -> None:
         self.spec = parse_spec(spec)
+        if stable:  # docs/stable.md: log step sizes, scale-free and bounded hyper-updates
+            if parameterization not in ("reference", "log"):
+                raise ValueError(f"parameterization must be 'reference' or 'log', but got {parameterization!r}")
+            self.spec, parameterization = stabilize(self.spec), "log"
+        self.stable = stable
         self.parameterization = parameterization
         self.check_finite = check_finite
         self._tower: core.TowerState | None = None
