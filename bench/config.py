@@ -157,6 +157,8 @@ def _validate_model(cfg: DictConfig) -> None:
 
 
 def _validate_tower(o: DictConfig) -> None:
+    if not isinstance(o.get("stable", False), bool):
+        raise _fail("optimizer.stable", "true or false", o.get("stable"))
     if not o.get("spec"):
         for key in ("base", "hyper"):
             if o.get(key) not in TOWER_BASES:

@@ -13,6 +13,7 @@ from hypergrad import core
 from hypergrad.errors import NonFiniteGradientError, NonFiniteHyperparameterError
 from hypergrad.rules import AdaGradRule, AdamRule, RMSPropRule, SGDRule
 from hypergrad.spec import Level, Tower, format_spec, parse_spec, validate_value
+from hypergrad.stable import stabilize
 
 __all__ = ["SGD", "AdaGrad", "Adam", "HyperOptimizer", "RMSProp", "tower"]
 
@@ -33,8 +34,10 @@ class HyperOptimizer(torch.optim.Optimizer):
 
     Param groups may override level 1's initial values (``{"params": ..., "lr": 0.1}``); each group then learns its
     own. ``parameterization="log"`` stores step sizes as their logarithm so they can never turn negative (the paper's
-    reference stores them raw, the default here). With ``check_finite`` (default) a step whose new hyperparameters are
-    not finite raises :class:`NonFiniteHyperparameterError` and leaves weights and state untouched.
+    reference stores them raw, the default here). ``stable=True`` is the opt-in mode of docs/stable.md (log step
+    sizes, normalized hyper-updates bounded per step). With ``check_finite`` (default) a step whose new
+    hyperparameters are not finite raises :class:`NonFiniteHyperparameterError` and leaves weights and state
+    untouched.
 
     Memory: besides its rule's state, the optimizer keeps its own copy of the gradients and of the previous state
     (the inputs of the last step, replayed by ``load_state_dict`` so that the next hypergradient is exact). Owning
@@ -49,10 +52,16 @@ class HyperOptimizer(torch.optim.Optimizer):
         *,
         parameterization: str = "reference",
         check_finite: bool = True,
+        stable: bool = False,
     ) -> None:
         if not _is_spec(spec) and _is_spec(params):
             spec, params = params, spec  # the torch.optim order, HyperOptimizer(params, spec), kept working
         self.spec = parse_spec(spec)
+        if stable:  # docs/stable.md: log step sizes, scale-free and bounded hyper-updates
+            if parameterization not in ("reference", "log"):
+                raise ValueError(f"parameterization must be 'reference' or 'log', but got {parameterization!r}")
+            self.spec, parameterization = stabilize(self.spec), "log"
+        self.stable = stable
         self.parameterization = parameterization
         self.check_finite = check_finite
         self._tower: core.TowerState | None = None
