@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 import sys
 import time
@@ -31,7 +32,10 @@ import optuna
 from omegaconf import DictConfig, OmegaConf, open_dict
 from optuna.trial import TrialState
 
+from bench.logger import backends
 from bench.tune_storage import StorageSpec, parse_storage
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "PRUNERS",
@@ -418,7 +422,7 @@ class _Objective:
 
 def _logger_overrides(cfg: DictConfig, plan: _Plan, job_type: str) -> dict[str, Any]:
     """W&B: every trial and rerun of a study in one group named after the study."""
-    if cfg.logger.get("name") != "wandb":
+    if "wandb" not in backends(cfg.logger):
         return {}
     return {"logger.group": plan.study_name, "logger.job_type": f"tune_{job_type}"}
 
@@ -641,7 +645,7 @@ def tune(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any
     summary = _summary(cfg, plan, study, reruns)
     summary["worker"] = cfg.tune.worker
     _write_json(run_dir / "study_summary.json", summary)
-    if cfg.logger.get("name") == "wandb" and cfg.tune.worker == 0:
+    if "wandb" in backends(cfg.logger) and cfg.tune.worker == 0:
         _log_summary_to_wandb(cfg, plan, summary, run_dir)
     return summary
 
@@ -694,11 +698,11 @@ def main(argv: list[str] | None = None) -> None:
         except ConfigError as e:
             _error(str(e))
         if summary.get("status") == "preempted":
-            print("preempted during the reruns of the best trial; run the same command again to finish them")
+            log.info("preempted during the reruns of the best trial; run the same command again to finish them")
             return
         best = summary["best_value"]
         errors = [r["test_error"] for r in summary["reruns"]]
-        print(
+        log.info(
             f"study {summary['study_name']}: {summary['n_trials']} trials "
             f"({summary['n_complete']} complete, {summary['n_pruned']} pruned, {summary['n_failed']} failed), "
             f"best val_error {best}, best params {summary['best_params']}, rerun test errors {errors}, "
