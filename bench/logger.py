@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -56,25 +57,34 @@ class WandbLogger(RunLogger):
     def __init__(self, cfg: DictConfig, output_dir: Path) -> None:
         self.every = cfg.logger.log_every_n_steps
         self.run = None
+        self.output_dir = output_dir
         lg = cfg.logger
+        group, tags = _sweep_group_and_tags(lg)
 
         def init() -> Any:
             import wandb
 
-            return wandb.init(
+            run = wandb.init(
                 project=lg.project,
                 entity=lg.entity,
-                group=lg.group,
-                tags=list(lg.tags or []),
+                group=group,
+                tags=tags,
                 job_type=lg.job_type,
                 mode=lg.mode,
                 dir=str(output_dir),
-                name=f"{cfg.optimizer.name}-{output_dir.name}",
+                # Unique within a sweep, readable across sweeps (the group tells sweeps apart).
+                name=f"{run_name(cfg)}-seed{cfg.seed}",
                 # One W&B run per run directory, so a resumed run continues its W&B run.
                 id=hashlib.sha1(str(output_dir.resolve()).encode()).hexdigest()[:16],
                 resume="allow",
                 config=OmegaConf.to_container(cfg, resolve=True),
+                # No banner (about 34 lines per run); warnings and errors still show.
+                settings=wandb.Settings(silent=True),
             )
+            # Charts over optimizer steps (our `step`), not W&B's `_step` (which counts log calls).
+            run.define_metric("step")
+            run.define_metric("*", step_metric="step")
+            return run
 
         self.run = self._safe(init)
 
@@ -105,8 +115,42 @@ class WandbLogger(RunLogger):
             return
         summary = summary_of(metrics)
         self._safe(lambda: self.run.summary.update(summary))
+        # Copies in the run's files directory are uploaded with the run (run.save would symlink and warn per file).
+        for name in ("metrics.json", "history.csv"):
+            if (self.output_dir / name).is_file():
+                self._safe(lambda n=name: shutil.copy2(self.output_dir / n, Path(self.run.dir) / n))
         self._safe(lambda: self.run.finish(exit_code=0))
         self.run = None
+
+
+def run_name(cfg: DictConfig) -> str:
+    """The optimizer as the paper writes it: a tower's spec (`adam(0.001)/sgd(1e-05)`), or a baseline's name."""
+    if cfg.optimizer.get("name") == "tower":
+        from bench.optim import tower_spec
+
+        return tower_spec(cfg.optimizer)
+    return str(cfg.optimizer.get("name"))
+
+
+def _sweep_group_and_tags(lg: DictConfig) -> tuple[str | None, list[str]]:
+    """`logger.group`, else the sweep's directory (every job of one `-m` sweep, one group); tags plus the preset."""
+    group, tags = lg.group, list(lg.tags or [])
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return group, tags
+        hc = HydraConfig.get()
+    except ImportError:
+        return group, tags
+    if group is None and str(hc.mode) == "RunMode.MULTIRUN":
+        sweep = Path(str(hc.sweep.dir))
+        group = f"sweep-{sweep.parent.name}-{sweep.name}"
+    for choice in ("experiment", "debug"):
+        preset = hc.runtime.choices.get(choice)
+        if preset and preset not in tags:
+            tags.append(preset)
+    return group, tags
 
 
 def summary_of(metrics: Mapping[str, Any]) -> dict[str, Any]:
