@@ -1,10 +1,12 @@
-"""`python -m bench [overrides]`: one run (or a sweep with `-m`) of the Hydra harness.
+"""`hypergrad-bench [overrides]` (or `python -m bench`): one run (or a sweep with `-m`) of the Hydra harness.
 
 A thin shell over `bench.train.run`; see conf/config.yaml for the defaults and the README for examples.
+Output goes through `logging`, so Hydra's job log (`<run dir>/__main__.log`) holds what the console showed.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 import warnings
 
@@ -20,6 +22,8 @@ from bench.train import Interrupted, format_summary, run
 # `hydra/launcher=submitit_slurm`); Hydra 1.3 warns about that on every sweep, which says nothing to our users.
 warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
 
+log = logging.getLogger(__name__)
+
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
@@ -28,7 +32,7 @@ def main(cfg: DictConfig) -> float | None:
         if cfg.get("population") is not None:  # +population=NAME: the whole grid in this one process
             from bench.population import format_population_summary, run_population
 
-            print(format_population_summary(run_population(cfg)))
+            log.info("%s", format_population_summary(run_population(cfg)))
             return None
         metrics = run(cfg)
     except ConfigError as e:
@@ -52,7 +56,9 @@ def main(cfg: DictConfig) -> float | None:
             file=sys.stderr,
         )
         sys.exit(1)
-    print(format_summary(metrics))
+    from hydra.core.hydra_config import HydraConfig
+
+    log.info("%s", format_summary(metrics, HydraConfig.get().runtime.output_dir))
     return metrics.get("val_error")
 
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from bench.data import DATASETS, KINDS
 from bench.models import MODELS
@@ -277,15 +277,22 @@ def _validate_trainer(cfg: DictConfig) -> None:
 
 
 def _validate_logger(cfg: DictConfig) -> None:
+    from bench.logger import BACKENDS, backends
+
     lg = cfg.logger
-    if lg.get("name") not in ("none", "wandb"):
-        raise _fail("logger.name", "one of ['none', 'wandb']", lg.get("name"))
-    if lg.name == "wandb":
+    allowed = ["none", *BACKENDS]
+    if lg.get("name") not in allowed:
+        raise _fail("logger.name", f"one of {allowed}", lg.get("name"))
+    chosen = lg.get("backends")
+    if chosen is not None and any(k not in BACKENDS for k in chosen):
+        raise _fail("logger.backends", f"keys among {list(BACKENDS)}", OmegaConf.to_container(chosen))
+    if backends(lg):
+        _int(lg, "log_every_n_steps", 1, prefix="logger.")
+    if "wandb" in backends(lg):
         if lg.get("mode") not in ("offline", "online", "disabled"):
             raise _fail("logger.mode", "one of ['offline', 'online', 'disabled']", lg.get("mode"))
         if not all(isinstance(t, str) for t in lg.get("tags") or []):
             raise _fail("logger.tags", "a list of strings", lg.get("tags"))
-        _int(lg, "log_every_n_steps", 1, prefix="logger.")
 
 
 def validate(cfg: DictConfig) -> None:

@@ -19,6 +19,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import logging
 import math
 import signal
 import threading
@@ -66,6 +67,8 @@ FINISHED = ("completed", "diverged")
 EpochCallback = Callable[[int, dict[str, Any]], None]
 
 _checkpoint_requested = False
+
+log = logging.getLogger(__name__)
 
 
 def request_checkpoint() -> None:
@@ -279,6 +282,21 @@ def _resolve_output_dir(output_dir: str | Path | None) -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
+def _show_progress(wanted: bool) -> bool:
+    """A progress bar only where it stays readable: not in a job of a parallel launcher.
+
+    Parallel workers (joblib, submitit) would draw over each other's line; they log one line per epoch instead.
+    """
+    if not wanted:
+        return False
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return True
+    hc = HydraConfig.get()
+    return str(hc.mode) != "RunMode.MULTIRUN" or "BasicLauncher" in str(hc.launcher.get("_target_", ""))
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -447,13 +465,13 @@ class _Trainer:
         cfg, t = self.cfg, self.cfg.trainer
         if t.resume and self.checkpoint_path.is_file():
             self.load_checkpoint()
-            print(f"resuming {self.out} from epoch {self.epoch}, step {self.steps}")
+            log.info("resuming %s from epoch %d, step %d", self.out, self.epoch, self.steps)
         self.started = time.perf_counter()
         x_train = self.data.train[0]
         bar = tqdm(
             total=self.total_steps,
             initial=self.steps,
-            disable=not t.progress,
+            disable=not _show_progress(t.progress),
             desc=f"{cfg.model.name}/{cfg.dataset.name} {self.opt.name}",
             unit="step",
             dynamic_ncols=True,
@@ -522,6 +540,14 @@ class _Trainer:
         row = self.history[-1]
         self.epoch, self.batch, self.loss_sum, self.loss_count = self.epoch + 1, 0, 0.0, 0
         logger.log_epoch(row)
+        log.info(
+            "epoch %d: train loss %.4f, val error %.2f%%, test error %.2f%%, %d steps",
+            row["epoch"],
+            row["train_loss"],
+            100 * row["val_error"],
+            100 * row["test_error"],
+            row["steps"],
+        )
         if not math.isfinite(row["val_loss"]):
             # Training losses were finite, yet the weights now give non-finite outputs: as diverged as it gets.
             raise _Diverged(self.steps, f"non-finite validation loss ({row['val_loss']})")
@@ -588,7 +614,7 @@ def run(
     if not cfg.trainer.force:
         stored = check_run_dir(out, cfg, hydra_dir=output_dir is None)
         if stored is not None:
-            print(f"skipping {out}: metrics.json records a {stored['status']} run (trainer.force=true reruns it)")
+            log.info("skipping %s: metrics.json records a %s run (trainer.force=true reruns it)", out, stored["status"])
             return stored
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(out)
@@ -612,8 +638,8 @@ def run(
             _checkpoint_requested = False
 
 
-def format_summary(metrics: dict[str, Any]) -> str:
-    """A short human-readable table of a run's result: errors, learned hyperparameters per level, time."""
+def format_summary(metrics: dict[str, Any], output_dir: str | Path | None = None) -> str:
+    """A short human-readable table of a run's result: errors, seed and directory, learned hyperparameters, time."""
     import pandas as pd
 
     if metrics.get("status") == "preempted":
@@ -628,6 +654,7 @@ def format_summary(metrics: dict[str, Any]) -> str:
         f"test error {pct(metrics['test_error'])}, val error {pct(metrics['val_error'])}, "
         f"{metrics['epochs']} epochs, {metrics['steps']} steps, {metrics['wall_time_s']:.1f} s",
     ]
+    lines.append(f"seed {metrics.get('seed')}, dir {output_dir or metrics.get('output_dir') or 'n/a'}")
     rows = {"L1 initial": metrics["init"]}
     rows.update({f"L{i} final": hp for i, hp in enumerate(metrics["hyperparameters"], start=1)})
     table = pd.DataFrame.from_dict(rows, orient="index")

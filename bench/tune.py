@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
+import logging
 import math
 import sys
 import time
@@ -30,8 +32,13 @@ import numpy as np
 import optuna
 from omegaconf import DictConfig, OmegaConf, open_dict
 from optuna.trial import TrialState
+from tqdm.auto import tqdm
 
+from bench.io import to_jsonable
+from bench.logger import backends
 from bench.tune_storage import StorageSpec, parse_storage
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "PRUNERS",
@@ -192,6 +199,20 @@ def _rerun_seeds(cfg: DictConfig) -> list[int]:
     return [int(s) for s in reruns]
 
 
+def default_storage_path(cfg: DictConfig, study_name: str) -> Path:
+    """Where `tune.storage=null` keeps a study: `<paths.log_dir>/studies/<study name>.db` (SQLite)."""
+    return Path(cfg.paths.log_dir) / "studies" / f"{study_name}.db"
+
+
+def study_identity(cfg: DictConfig, plan: _Plan) -> dict[str, Any]:
+    """What a study is about; stored as study attributes, and a worker asking for something else is refused."""
+    return {
+        "task": f"{cfg.model.name}/{cfg.dataset.name}",
+        "optimizer": plan.baseline,
+        "search_space": {p.name: {"key": p.key, "distribution": repr(p.distribution())} for p in plan.space},
+    }
+
+
 @dataclass(frozen=True)
 class _Plan:
     """Everything `tune` needs, checked before the storage is opened."""
@@ -244,9 +265,12 @@ def validate_tune(cfg: DictConfig, output_dir: str | Path) -> _Plan:
         except ImportError:
             msg = "`tune.sampler` must not be 'cmaes' without the cmaes package (pip install cmaes), but got 'cmaes'"
             raise ConfigError(msg) from None
+    study_name = t.study_name or f"{name}-{cfg.model.name}-{cfg.dataset.name}"
     try:
         space = parse_search_space(cfg.search_space)
-        storage = parse_storage(t.storage, Path(output_dir) / "study.db")
+        # One database per study name, outside the timestamped run directories: running the same command again
+        # continues the study (its trials, the sampler's history) instead of starting a new one.
+        storage = parse_storage(t.storage, default_storage_path(cfg, study_name))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     run_cfg = _run_config(cfg)
@@ -257,7 +281,6 @@ def validate_tune(cfg: DictConfig, output_dir: str | Path) -> _Plan:
     for extreme in ("low", "high"):
         values = {p.name: (p.choices[-1] if p.type == "categorical" else getattr(p, extreme)) for p in space}
         validate(_apply(run_cfg, space, values))
-    study_name = t.study_name or f"{name}-{cfg.model.name}-{cfg.dataset.name}"
     # Distinct, reproducible seeds per worker: equal seeds would make workers propose the same first trials.
     sampler_seed = int(np.random.SeedSequence([cfg.seed, t.worker]).generate_state(1)[0])
     try:
@@ -317,9 +340,27 @@ class _BoundedStudy(optuna.Study):
 def _open_study(cfg: DictConfig, plan: _Plan) -> _BoundedStudy:
     from bench.config import ConfigError
 
+    if plan.storage.kind == "rdb" and plan.storage.target.startswith("sqlite:///"):
+        Path(plan.storage.target.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     storage = plan.storage.open(cfg.tune.heartbeat_interval_s, cfg.tune.grace_period_s)
+    identity = json.loads(json.dumps(study_identity(cfg, plan)))  # as the storage gives it back
     with plan.storage.lock("open"):  # workers starting together must not both create the study
-        optuna.create_study(storage=storage, study_name=plan.study_name, direction="minimize", load_if_exists=True)
+        created = optuna.create_study(
+            storage=storage, study_name=plan.study_name, direction="minimize", load_if_exists=True
+        )
+        stored = {k: created.user_attrs[k] for k in identity if k in created.user_attrs}
+        if not stored:  # a new study (or one made before studies recorded what they are about)
+            for key, value in identity.items():
+                created.set_user_attr(key, value)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                created.set_metric_names(["val_error"])  # the dashboard's axis, instead of "Objective 0"
+    for key, value in stored.items():
+        if value != identity[key]:
+            raise ConfigError(
+                f"`tune.study_name` {plan.study_name!r} names a study whose {key} is {value!r}, "
+                f"but this worker asks for {identity[key]!r} (choose another tune.study_name)"
+            )
     study = _BoundedStudy(
         study_name=plan.study_name,
         storage=storage,
@@ -333,6 +374,14 @@ def _open_study(cfg: DictConfig, plan: _Plan) -> _BoundedStudy:
             f"`tune.study_name` must name a study that minimizes validation error, but got {plan.study_name!r}"
         )
     return study
+
+
+def _record_config(trial: optuna.Trial, plan: _Plan, run_cfg: DictConfig) -> None:
+    """The trial's concrete values (as the run config holds them, e.g. beta1 and not one_minus_beta1) and the
+    overrides that reproduce the trial as a plain `hypergrad-bench` run."""
+    values = {p.key: OmegaConf.select(run_cfg, p.key) for p in plan.space}
+    trial.set_user_attr("values", to_jsonable(values))
+    trial.set_user_attr("overrides", [f"{k}={v}" for k, v in values.items()])
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -356,6 +405,7 @@ class _Objective:
         run_cfg = _apply(self.plan.run_cfg, self.plan.space, params, **_logger_overrides(self.cfg, self.plan, "trial"))
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("worker", self.cfg.tune.worker)
+        _record_config(trial, self.plan, run_cfg)
         progress = {"epochs": 0, "steps": 0}
         start = time.perf_counter()
 
@@ -389,6 +439,7 @@ class _Objective:
                 outcome = {"state": "fail", "fail_reason": reason}
                 raise TrialFailed(reason)
             outcome = {"state": "complete", "value": metrics["val_error"]}
+            trial.set_user_attr("test_error", metrics.get("test_error"))
             return metrics["val_error"]
         except optuna.TrialPruned as e:
             outcome = {"state": "pruned", "reason": str(e)}
@@ -418,7 +469,7 @@ class _Objective:
 
 def _logger_overrides(cfg: DictConfig, plan: _Plan, job_type: str) -> dict[str, Any]:
     """W&B: every trial and rerun of a study in one group named after the study."""
-    if cfg.logger.get("name") != "wandb":
+    if "wandb" not in backends(cfg.logger):
         return {}
     return {"logger.group": plan.study_name, "logger.job_type": f"tune_{job_type}"}
 
@@ -584,10 +635,13 @@ def _optimize_in_populations(cfg: DictConfig, plan: _Plan, study: optuna.Study, 
                 study.tell(trial, state=TrialState.FAIL)
             raise
         share = (time.perf_counter() - batch_start) / len(trials)  # the batch's cost, split evenly over its trials
-        for trial, ps, run_dir, m in zip(trials, params, dirs, metrics, strict=True):
+        for trial, ps, run_dir, m, run_cfg in zip(trials, params, dirs, metrics, cfgs, strict=True):
             trial.set_user_attr("run_dir", str(run_dir))
             trial.set_user_attr("worker", cfg.tune.worker)
             trial.set_user_attr("wall_time_s", share)
+            _record_config(trial, plan, run_cfg)
+            if m.get("status") == "completed":
+                trial.set_user_attr("test_error", m.get("test_error"))
             _write_json(
                 run_dir / "trial.json",
                 {
@@ -627,8 +681,29 @@ def tune(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any
     if cfg.tune.population_size > 1:
         _optimize_in_populations(cfg, plan, study, trials_dir)
     else:
-        with contextlib.suppress(_StudyFull):  # the study holds n_trials: this worker's part is done
-            study.optimize(objective, timeout=cfg.tune.timeout_s, catch=(TrialFailed,))
+        # A bar over the study's trials (all workers'), advanced as this worker's trials finish.
+        bar = tqdm(
+            total=cfg.tune.n_trials,
+            initial=min(len(study.get_trials(deepcopy=False)), cfg.tune.n_trials),
+            desc=f"study {plan.study_name}",
+            unit="trial",
+            disable=not cfg.trainer.progress,
+            dynamic_ncols=True,
+        )
+
+        def advance(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            trials = study.get_trials(deepcopy=False)
+            bar.n = min(sum(t.state.is_finished() for t in trials), cfg.tune.n_trials)
+            complete = [t.value for t in trials if t.state == TrialState.COMPLETE]
+            best = min(complete) if complete else None
+            bar.set_postfix(best_val_error=best, refresh=False)
+            bar.refresh()
+
+        try:
+            with contextlib.suppress(_StudyFull):  # the study holds n_trials: this worker's part is done
+                study.optimize(objective, timeout=cfg.tune.timeout_s, catch=(TrialFailed,), callbacks=[advance])
+        finally:
+            bar.close()
     reruns: list[dict[str, Any]] = []
     if cfg.tune.worker == 0 and not objective.preempted:
         _wait_for_workers(study, cfg.tune.wait_for_workers_s)
@@ -641,7 +716,7 @@ def tune(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any
     summary = _summary(cfg, plan, study, reruns)
     summary["worker"] = cfg.tune.worker
     _write_json(run_dir / "study_summary.json", summary)
-    if cfg.logger.get("name") == "wandb" and cfg.tune.worker == 0:
+    if "wandb" in backends(cfg.logger) and cfg.tune.worker == 0:
         _log_summary_to_wandb(cfg, plan, summary, run_dir)
     return summary
 
@@ -698,11 +773,11 @@ def main(argv: list[str] | None = None) -> None:
         except ConfigError as e:
             _error(str(e))
         if summary.get("status") == "preempted":
-            print("preempted during the reruns of the best trial; run the same command again to finish them")
+            log.info("preempted during the reruns of the best trial; run the same command again to finish them")
             return
         best = summary["best_value"]
         errors = [r["test_error"] for r in summary["reruns"]]
-        print(
+        log.info(
             f"study {summary['study_name']}: {summary['n_trials']} trials "
             f"({summary['n_complete']} complete, {summary['n_pruned']} pruned, {summary['n_failed']} failed), "
             f"best val_error {best}, best params {summary['best_params']}, rerun test errors {errors}, "

@@ -111,7 +111,7 @@ def test_every_experiment_preset_has_a_test_entry() -> None:
 
 @pytest.mark.parametrize("preset", sorted(PRESET_RUNS))
 def test_every_experiment_preset_sweeps_the_papers_grid_and_each_run_is_valid(preset: str, data_dir: Path) -> None:
-    composed = compose_config([f"+experiment={preset}", f"paths.data_dir={data_dir}"], return_hydra_config=True)
+    composed = compose_config([f"experiment={preset}", f"paths.data_dir={data_dir}"], return_hydra_config=True)
     combos = _sweep(composed)
     assert len(combos) == PRESET_RUNS[preset]
     runs = set()
@@ -126,10 +126,10 @@ def test_every_experiment_preset_sweeps_the_papers_grid_and_each_run_is_valid(pr
 
 @pytest.mark.parametrize("preset", sorted(PRESET_RUNS))
 def test_every_experiment_preset_trains_a_few_steps(preset: str, data_dir: Path, tmp_path: Path) -> None:
-    cfg = compose_config([f"+experiment={preset}", f"paths.data_dir={data_dir}"])
+    cfg = compose_config([f"experiment={preset}", f"paths.data_dir={data_dir}"])
     dataset = cfg.dataset.name
     metrics = run(
-        compose_config([f"+experiment={preset}", f"paths.data_dir={data_dir}", *QUICK, *TINY.get(dataset, [])]),
+        compose_config([f"experiment={preset}", f"paths.data_dir={data_dir}", *QUICK, *TINY.get(dataset, [])]),
         tmp_path,
     )
     assert _finite_result(metrics), metrics
@@ -137,21 +137,21 @@ def test_every_experiment_preset_trains_a_few_steps(preset: str, data_dir: Path,
 
 
 def test_paper_settings_of_the_presets() -> None:
-    table = compose_config(["+experiment=mnist_table"])
+    table = compose_config(["experiment=mnist_table"])
     assert (table.trainer.batch_size, table.trainer.epochs, table.model.name, table.dataset.name) == (
         256,
         30,
         "mlp",
         "mnist",
     )
-    cifar = compose_config(["+experiment=cifar_resnet20"])
+    cifar = compose_config(["experiment=cifar_resnet20"])
     assert (cifar.trainer.epochs, cifar.model.name, cifar.optimizer.base, cifar.optimizer.height) == (
         200,
         "resnet20",
         "sgd",
         1,
     )
-    he = compose_config(["+experiment=cifar_resnet20_step_decay"])
+    he = compose_config(["experiment=cifar_resnet20_step_decay"])
     assert (he.optimizer.lr, he.optimizer.momentum, he.optimizer.weight_decay) == (0.1, 0.9, 1e-4)
     assert (he.optimizer.schedule, list(he.optimizer.milestones), he.optimizer.gamma) == ("step", [100, 150], 0.1)
 

@@ -33,6 +33,12 @@ SUMMARY_KEYS = {
 
 
 @pytest.fixture(autouse=True)
+def _studies_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # tune.storage=null keeps each study in <paths.log_dir>/studies/ (relative to the working directory).
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(autouse=True)
 def _one_thread() -> None:
     torch.set_num_threads(1)  # the machine's cores are shared; tiny models gain nothing from more threads
 
@@ -53,7 +59,7 @@ def test_tiny_study_writes_summary_with_honest_compute_accounting(tmp_path: Path
     assert on_disk == json.loads(json.dumps(summary))
     assert set(on_disk) >= SUMMARY_KEYS
     assert summary["n_trials"] == 3 == summary["n_complete"] + summary["n_pruned"] + summary["n_failed"]
-    assert summary["storage"] == f"sqlite:///{tmp_path / 'run' / 'study.db'}"
+    assert summary["storage"] == f"sqlite:///{tmp_path / 'outputs' / 'studies' / 'adam-mlp-digits.db'}"
     assert (summary["sampler"], summary["pruner"]) == ("random", "median")
 
     # Every trial is an ordinary harness run; the best value is the best complete trial's validation error.

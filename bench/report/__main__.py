@@ -42,6 +42,11 @@ def main(cfg: DictConfig) -> None:
     print(f"  {result['output_dir'] / 'report.md'}")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `hypergrad-report` console script (and `python -m bench.report`)."""
     sys.argv = [sys.argv[0], *merge_input_overrides(sys.argv[1:])]
     main()
+
+
+if __name__ == "__main__":
+    cli()

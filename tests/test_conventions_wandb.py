@@ -1,0 +1,38 @@
+"""W&B conventions, checked on real offline runs (their directories in the test's tmp dir): charts over optimizer
+steps, runs named by optimizer and seed, grouped by sweep, tagged by preset, results saved, no banner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.harness_helpers import QUICK, run_bench
+
+
+def _record_bytes(run_dir: Path) -> bytes:
+    """The run's offline `.wandb` file (protobuf records; wandb 0.31 ships no public reader for it)."""
+    [path] = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    return path.read_bytes()
+
+
+def test_sweep_runs_are_named_grouped_tagged_charted_by_step_and_keep_their_results(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    proc = run_bench(
+        ["-m", "seed=0,1", "logger=wandb", "debug=steps", *QUICK, f"hydra.sweep.dir={sweep}"], tmp_path,
+        extra_env={"WANDB_SILENT": "false"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "wandb: " not in proc.stdout + proc.stderr  # the banner is silenced by the logger, not by the test's env
+    from wandb.proto import wandb_internal_pb2
+
+    # `define_metric("*", step_metric="step")` as W&B serializes it: every chart's x axis is the optimizer step.
+    step_axis = wandb_internal_pb2.MetricRecord(glob_name="*", step_metric="step").SerializeToString()
+    for job, seed in (("0", 0), ("1", 1)):
+        content = _record_bytes(sweep / job)
+        assert f"adam(0.001)/sgd(1e-05)-seed{seed}".encode() in content  # the run's name
+        assert f"sweep-{sweep.parent.name}-{sweep.name}".encode() in content  # its group: the sweep
+        assert b"steps" in content  # tagged with the debug preset
+        assert step_axis in content
+        files = sweep / job / "wandb"
+        assert list(files.glob("offline-run-*/files/metrics.json")) and list(
+            files.glob("offline-run-*/files/history.csv")
+        )
