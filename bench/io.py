@@ -108,9 +108,17 @@ def remove_stale_temp_files(directory: str | Path) -> list[Path]:
     return removed
 
 
-_SECRET_KEY = re.compile(r"(password|passwd|secret|token|api[_-]?key|credential)", re.IGNORECASE)
-# scheme://user:PASSWORD@host
-_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s'\"]*:)(?P<pw>[^@\s'\"]+)(?P<at>@)")
+_SECRET_WORDS = r"(?:password|passwd|secret|token|api[_-]?key|credential)"
+_SECRET_KEY = re.compile(_SECRET_WORDS, re.IGNORECASE)
+# scheme://user:PASSWORD@host (Hydra escapes the colon as "\:" when it logs an override)
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*\\?://[^:/@\s'\"]*\\?:)(?P<pw>[^@\s'\"]+)(?P<at>@)")
+# key=value inside a line (overrides, as typed or as Hydra logs them), the key's last part named like a secret
+_SECRET_OVERRIDE = re.compile(
+    r"(?P<key>(?:^|(?<=[\s\[,'\"]))[+~]{0,2}(?:[\w\-/@]+\.)*[\w\-]*"
+    + _SECRET_WORDS
+    + r"[\w\-]*=)(?P<value>[^\s,'\"\]]+)",
+    re.IGNORECASE,
+)
 MASK = "***"
 
 
@@ -125,8 +133,5 @@ def mask_secrets(value: Any, key: str = "") -> Any:
         return MASK
     if isinstance(value, str):
         text = _URL_PASSWORD.sub(lambda m: m["head"] + MASK + m["at"], value)
-        override = re.match(r"^([+~]{0,2}[\w.\-/@]+)=(.*)$", text, re.DOTALL)
-        if override and _SECRET_KEY.search(override.group(1).rsplit(".", 1)[-1]) and override.group(2):
-            return f"{override.group(1)}={MASK}"
-        return text
+        return _SECRET_OVERRIDE.sub(lambda m: m["key"] + MASK, text)
     return value

@@ -19,6 +19,7 @@ second differ (`hydra.run.dir` ends with it).
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 import uuid
 from pathlib import Path
@@ -49,10 +50,37 @@ def write_masked_yaml(path: Path, data: Any) -> None:
     atomic_write(path, lambda f: f.write(text))
 
 
+_plain_record_factory = logging.getLogRecordFactory()
+
+
+def _masked_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+    record = _plain_record_factory(*args, **kwargs)
+    message = record.getMessage()
+    masked = mask_secrets(message)
+    if masked != message:
+        record.msg, record.args = masked, None
+    return record
+
+
+def mask_log_handlers() -> None:
+    """Mask secrets in every log record of this process from now on (Hydra logs a sweep's overrides verbatim).
+
+    A record factory, not a handler filter: Hydra's launchers reconfigure logging (new handlers) after callbacks ran.
+    """
+    logging.setLogRecordFactory(_masked_record)
+
+
 class RunDirRecord(Callback):
     """Hydra callback: write `.hydra/{config,hydra,overrides}.yaml` once per run directory, with secrets masked."""
 
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        mask_log_handlers()
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        mask_log_handlers()
+
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        mask_log_handlers()  # the job's own log file handler is configured just before this
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
