@@ -173,7 +173,7 @@ def claims(
         rows.append(
             {
                 "claim": f"learning Adam's betas as well as its step size {'helps' if want else 'does not help'}"
-                f" with an {top.split('(')[0].upper()} top",
+                f" with an {'SGD' if top.startswith('sgd') else 'Adam'} top",
                 "verdict": verdict,
                 "ours": f"{_pct(ea.mean() if ea.size else math.nan)} vs {_pct(eb.mean() if eb.size else math.nan)}",
                 "paper": paper_text,

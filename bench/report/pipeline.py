@@ -113,7 +113,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     if paper_rows and any("spec" in r for r in paper_rows):
         claims_table, claims_detail = claims.claims(runs.table, paper_rows, robust, float(cfg.get("alpha", 0.05)))
         finals = runs.table[runs.table["role"] == "run"]
-        n_seeds = finals.groupby("optimizer")["seed"].nunique()
+        n_seeds = finals.groupby("method")["seed"].nunique()
         answer = claims.answer(
             summary,
             claims_table,
@@ -126,11 +126,12 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
         paper_meta = {"source": paper.get("source"), "note": paper["experiments"][experiment].get("note")}
 
     colors = plots.method_colors(list(dict.fromkeys(summary["method"])))
+    context = _context(runs)
     figures = {
-        "sensitivity": plots.sensitivity_figure(summary, colors, reference, tolerance, confidence),
-        "tuning_curve": plots.tuning_curve_figure(summary, curves, colors, f"cost_{cfg.tuning_cost}"),
+        "sensitivity": plots.sensitivity_figure(summary, colors, reference, tolerance, confidence, context),
+        "tuning_curve": plots.tuning_curve_figure(summary, curves, colors, f"cost_{cfg.tuning_cost}", context),
         "trajectories": plots.trajectories_figure(
-            plots.select_trajectory_runs(runs.table, int(cfg.trajectories.per_method)), colors, _read_history
+            plots.select_trajectory_runs(runs.table, int(cfg.trajectories.per_method)), colors, _read_history, context
         ),
     }
 
@@ -140,7 +141,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     for name, fig in figures.items():
         if fig is None:
             continue
-        for suffix in (".png", ".svg") if name == "sensitivity" else (".png",):
+        for suffix in (".svg", ".pdf", ".png"):
             fig_path = out / f"{name}{suffix}"
             plots.save_figure(fig, fig_path, close=suffix == ".png")
             written[fig_path.name] = fig_path
@@ -186,6 +187,24 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
         "n_diverged": n_miss,
         "reference": None if reference is None or math.isnan(reference.error) else reference,
     }
+
+
+def _context(runs: Runs) -> str:
+    """A figure title naming the task: dataset, model, epochs and the hyper-step sizes of the towers."""
+    table = runs.table
+    epochs = table["planned_epochs"].dropna().unique() if "planned_epochs" in table else []
+    epochs = epochs if len(epochs) else table["epochs"].dropna().unique()
+    hyper = set()
+    for spec in table.loc[table["family"] == "tower", "optimizer"].unique():
+        for level in str(spec).split("/")[1:]:
+            hyper.add(level.strip())
+    parts = [f"{table['dataset'].iloc[0]}, {table['model'].iloc[0]}"]
+    if len(epochs):
+        parts.append(f"{', '.join(f'{float(e):g}' for e in sorted(epochs))} epochs")
+    if hyper:
+        shown = sorted(hyper)
+        parts.append("hyper levels " + ", ".join(shown[:4]) + (f" (+{len(shown) - 4} more)" if len(shown) > 4 else ""))
+    return "; ".join(parts)
 
 
 def _hydra_output_dir() -> str:
