@@ -11,11 +11,11 @@ from torch import Tensor
 
 from hypergrad import core
 from hypergrad.errors import NonFiniteGradientError, NonFiniteHyperparameterError
-from hypergrad.rules import AdaGradRule, AdamRule, RMSPropRule, SGDRule
+from hypergrad.rules import AdaGradRule, AdamRule, AdamWRule, RMSPropRule, SGDRule
 from hypergrad.spec import Level, Tower, format_spec, parse_spec, validate_value
 from hypergrad.stable import stabilize
 
-__all__ = ["SGD", "AdaGrad", "Adam", "HyperOptimizer", "RMSProp", "tower"]
+__all__ = ["SGD", "AdaGrad", "Adam", "AdamW", "HyperOptimizer", "RMSProp", "tower"]
 
 
 class HyperOptimizer(torch.optim.Optimizer):
@@ -53,6 +53,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         parameterization: str = "reference",
         check_finite: bool = True,
         stable: bool = False,
+        per_tensor: bool = False,
     ) -> None:
         if not _is_spec(spec) and _is_spec(params):
             spec, params = params, spec  # the torch.optim order, HyperOptimizer(params, spec), kept working
@@ -69,6 +70,11 @@ class HyperOptimizer(torch.optim.Optimizer):
         self._deltas: list[Tensor | None] = []
         self._prev: tuple[core.TowerState, list[Tensor | None], list[list[Tensor]]] | None = None
         self._published: list[dict[str, float]] = []
+        if not isinstance(per_tensor, bool):
+            raise TypeError(f"per_tensor must be True or False, but got {per_tensor!r}")
+        self.per_tensor = per_tensor
+        if per_tensor:
+            params = _split_per_tensor(params)
         super().__init__(params, dict(self.spec.levels[0].values))
         self._plan = self._make_plan()  # validates every group's values now, not at the first step
         self._published = [self._group_values(g) for g in self.param_groups]
@@ -331,6 +337,21 @@ class HyperOptimizer(torch.optim.Optimizer):
         self._published = [self._group_values(g) for g in self.param_groups]
 
 
+def _split_per_tensor(params: Iterable[Tensor] | Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One param group per tensor, each with its group's values: each tensor then learns its own step size."""
+    if isinstance(params, Tensor):
+        params = [params]
+    out = []
+    for item in params:
+        if isinstance(item, dict):
+            tensors = item["params"]
+            tensors = [tensors] if isinstance(tensors, Tensor) else list(tensors)
+            out += [{**item, "params": [p]} for p in tensors]
+        else:
+            out.append({"params": [item]})
+    return out
+
+
 def _is_spec(x: object) -> bool:
     return isinstance(x, str | Tower | Level)
 
@@ -391,6 +412,10 @@ SGD = _level_factory(
 Adam = _level_factory(
     AdamRule,
     """A level of Adam: ``Adam(1e-3, beta1=0.9, beta2=0.999)``; ``Adam(learn=["lr"])`` is the paper's Adam^alpha.""",
+)
+AdamW = _level_factory(
+    AdamWRule,
+    """A level of AdamW (decoupled weight decay, learnable too): ``AdamW(1e-3, weight_decay=0.01)``.""",
 )
 AdaGrad = _level_factory(AdaGradRule, """A level of AdaGrad: ``AdaGrad(0.01)``.""")
 RMSProp = _level_factory(

@@ -27,6 +27,7 @@ _RANGES = {
     "beta2": (0.0, 1.0, False, False),
     "gamma": (0.0, 1.0, False, False),
     "eps": (0.0, math.inf, True, False),
+    "weight_decay": (0.0, math.inf, True, False),
 }
 
 

@@ -65,7 +65,7 @@ def test_towers_built_in_code_equal_parsed_ones() -> None:
 
 
 BAD_SPECS = [
-    ("adamw/sgd", r"unknown optimizer 'adamw' \(known: adagrad, adam, rmsprop, sgd\) at position 0"),
+    ("adamax/sgd", r"unknown optimizer 'adamax' \(known: adagrad, adam, adamw, rmsprop, sgd\) at position 0"),
     ("adam/sgd(1e-5", r"expected ',' or '\)', found end of spec at position 13"),
     ("adam//sgd", r"expected an optimizer name, found '/' at position 5"),
     ("sgd(-0.1)", r"lr must be in \[0, inf\), but got -0.1"),
