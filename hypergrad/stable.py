@@ -27,9 +27,19 @@ from torch import Tensor
 
 from hypergrad.rules import HP, AdamRule, Rule, SGDRule
 from hypergrad.spec import Level, Tower
-from hypergrad.transforms import HALF_TANH, IDENTITY, Transform
+from hypergrad.transforms import EXP, HALF_TANH, IDENTITY, Transform
 
-__all__ = ["RADIUS", "StableAdamRule", "StableAdamState", "StableRule", "StableSGDRule", "StableState", "stabilize"]
+__all__ = [
+    "RADIUS",
+    "StableAdamRule",
+    "StableAdamState",
+    "StableRule",
+    "StableSGDRule",
+    "StableState",
+    "TrustRegionRule",
+    "TrustState",
+    "stabilize",
+]
 
 #: Largest change of a raw hyperparameter per step: a step size changes by at most a factor e^0.1 ~ 1.105 per step.
 RADIUS = 0.1
@@ -147,18 +157,101 @@ class StableAdamRule(AdamRule):
         return hp["lr"] * (m_hat / (v_hat**0.5 + hp["eps"])), new
 
 
+class TrustState(NamedTuple):
+    inner: Any  # the wrapped rule's state
+    raw: Tensor  # the stored (raw) values of the hyperparameters this level updates: it is their only updater
+
+
+class TrustRegionRule(Rule):
+    """A hyper level that takes the paper's step, measured in the reference's parameterization, but moves each stored
+    value (a log step size, a beta's raw value) by at most ``radius`` per step.
+
+    For the hyperparameter ``y`` below, stored as ``x`` (``y = S(x)``, e.g. ``exp``) where the reference stores
+    ``z`` (``y = R(z)``, e.g. the identity), the wrapped rule receives the reference's hypergradient
+    ``g_z = g_x R'(z) / S'(x)`` and returns the reference's update ``u_z``; the stored value moves by
+    ``radius * tanh(u_z S'(x)^-1 R'(z) / radius)``: to first order the reference's step, never more than
+    ``radius``. Since this level is the only one that updates ``x``, its state tracks ``x`` exactly.
+    """
+
+    def __init__(self, inner: Rule, below: tuple[tuple[Transform, Transform], ...], *, radius: float = RADIUS) -> None:
+        if not (radius > 0.0 and math.isfinite(radius)):
+            raise ValueError(f"radius must be a finite number > 0, but got {radius!r}")
+        self.inner, self.below, self.radius = inner, below, radius
+        self.name = inner.name  # type: ignore[misc]
+        self.defaults = inner.defaults  # type: ignore[misc]
+        self.transforms = _bounded(inner.transforms)  # type: ignore[misc]
+
+    def learnable(self, values: Mapping[str, float]) -> tuple[str, ...]:
+        return self.inner.learnable(values)
+
+    def init(self, param: Tensor, hp: HP) -> TrustState:
+        return TrustState(self.inner.init(param, hp), param.detach().clone())
+
+    def _ratio(self, x: Tensor) -> Tensor:
+        # dz/dx = S'(x) / R'(z), per stored column, held constant (it is a function of what this level updated).
+        cols = []
+        for i, (stored, ref) in enumerate(self.below):
+            xi = x[..., i]
+            s = torch.ones_like(xi) if stored.derivative is None else stored.derivative(xi)
+            z = ref.inverse(stored.forward(xi))
+            r = torch.ones_like(xi) if ref.derivative is None else ref.derivative(z)
+            cols.append(s / r)
+        return torch.stack(cols, dim=-1)
+
+    def update(self, grad: Tensor, state: TrustState, hp: HP, step: int) -> tuple[Tensor, TrustState]:
+        with torch.no_grad():
+            dz_dx = self._ratio(state.raw).clamp_min(1e-300 if state.raw.dtype == torch.float64 else 1e-37)
+            g_ref = grad / dz_dx
+        u_ref, inner = self.inner.update(g_ref, state.inner, hp, step)
+        delta = self.radius * torch.tanh(u_ref / dz_dx / self.radius)
+        return delta, TrustState(inner, (state.raw - delta).detach())
+
+    def __repr__(self) -> str:
+        return f"TrustRegionRule({self.inner!r}, radius={self.radius})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TrustRegionRule) and (other.inner, other.below, other.radius) == (
+            self.inner,
+            self.below,
+            self.radius,
+        )
+
+    def __hash__(self) -> int:
+        return hash((TrustRegionRule, self.inner, self.radius))
+
+
 _STABLE_BASES: dict[type, type] = {AdamRule: StableAdamRule, SGDRule: StableSGDRule}
 
 
-def stabilize(tower: Tower, **kw: float) -> Tower:
+def stabilize(tower: Tower, method: str = "trust", **kw: float) -> Tower:
     """The same tower with every level above the weights' optimizer wrapped in a :class:`StableRule`, an Adam
     base bias-corrected with the products of its betas (:class:`StableAdamRule`) and an SGD base's momentum kept
     in (0, 1) (:class:`StableSGDRule`)."""
+    if method not in ("trust", "normalized"):
+        raise ValueError(f"method must be 'trust' or 'normalized', but got {method!r}")
     base = tower.levels[0]
     if type(base.rule) in _STABLE_BASES:
         base = Level(_STABLE_BASES[type(base.rule)](), dict(base.values), base.learned)
     levels = [base]
     for level in tower.levels[1:]:
-        rule = level.rule if isinstance(level.rule, StableRule) else StableRule(level.rule, **kw)
+        below = levels[-1]
+        if isinstance(level.rule, StableRule | TrustRegionRule):
+            rule = level.rule
+        elif method == "normalized":
+            rule = StableRule(level.rule, **kw)
+        else:
+            stored = _bounded(below.rule.transforms)
+            pairs = tuple(
+                (EXP if n == "lr" else stored[n], _reference_transform(below.rule, n)) for n in below.learned_names()
+            )
+            rule = TrustRegionRule(level.rule, pairs, **kw)
         levels.append(Level(rule, dict(level.values), level.learned))
     return Tower(tuple(levels))
+
+
+def _reference_transform(rule: Rule, name: str) -> Transform:
+    inner = rule.inner if isinstance(rule, StableRule | TrustRegionRule) else rule
+    for cls in type(inner).__mro__:  # the stable bases subclass the reference rules: use the reference's storage
+        if cls in _STABLE_BASES:
+            return cls.transforms[name]
+    return inner.transforms[name]

@@ -14,7 +14,7 @@ from torch import nn
 import hypergrad
 from hypergrad import core
 from hypergrad.rules import AdamRule
-from hypergrad.stable import RADIUS, StableAdamRule, StableRule, stabilize
+from hypergrad.stable import RADIUS, StableAdamRule, StableRule, TrustRegionRule, stabilize
 from tests.test_hypergrad_exact import REFERENCE_TOWERS, batches, make_mlp, reference_losses, train
 
 BASES = ["sgd({lr})", "sgd({lr}, momentum=0.9)", "adam({lr})", "adagrad({lr})", "rmsprop({lr})"]
@@ -179,7 +179,7 @@ def test_the_harness_key_reaches_the_library(stable: bool) -> None:
     opt = built.optimizer
     assert opt.stable is stable
     assert opt.parameterization == ("log" if stable else "reference")
-    assert all(isinstance(lv.rule, StableRule) == stable for lv in opt.spec.levels[1:])
+    assert all(isinstance(lv.rule, TrustRegionRule) == stable for lv in opt.spec.levels[1:])
 
 
 def test_a_non_boolean_stable_key_is_one_clear_line() -> None:
@@ -194,5 +194,18 @@ def test_stabilize_keeps_the_spelling_and_wraps_only_hyper_levels() -> None:
     stable = stabilize(tower)
     assert hypergrad.format_spec(stable) == hypergrad.format_spec(tower)
     assert isinstance(stable.levels[0].rule, StableAdamRule)
-    assert [type(lv.rule) for lv in stable.levels[1:]] == [StableRule, StableRule]
+    assert [type(lv.rule) for lv in stable.levels[1:]] == [TrustRegionRule, TrustRegionRule]
+    assert [type(lv.rule) for lv in stabilize(tower, "normalized").levels[1:]] == [StableRule, StableRule]
+    with pytest.raises(ValueError, match="method must be 'trust' or 'normalized', but got 'sign'"):
+        stabilize(tower, "sign")
     assert OmegaConf.create({"s": hypergrad.format_spec(stable)}).s == "adam(0.001)/sgd(1e-05)/adam(1e-05)"
+
+
+@pytest.mark.parametrize("spec", ["sgd(0.1)/sgd(1e-4)", "adam(0.01)/sgd(1e-6)", "rmsprop(0.01)/sgd(1e-5)"])
+def test_where_the_reference_is_mild_the_stable_mode_follows_it(spec: str) -> None:
+    # Small hyper-updates are far inside the trust region: the stable step is the reference's to first order.
+    reference, _, ref_opt = train(spec, steps=20)
+    stable, _, st_opt = train(spec, steps=20, stable=True)
+    assert stable == pytest.approx(reference, rel=1e-4)
+    for name, value in ref_opt.hyperparameters()[0].items():
+        assert st_opt.hyperparameters()[0][name] == pytest.approx(value, rel=1e-3), name
