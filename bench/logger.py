@@ -4,7 +4,7 @@
 `csv` writes `steps.csv`, `tensorboard` writes event files under `tensorboard/`, both in the run directory,
 with the optimizer step as x axis.
 
-W&B runs offline by default (no account needed; `wandb sync <run dir>/wandb` uploads later) and keeps
+W&B runs offline by default (no account needed; the README's `wandb sync` command uploads later) and keeps
 its files inside the run directory. Tracking never stops training: any W&B error prints one warning
 line and turns the logger off for the rest of the run. The API key is never put into the config or
 the logs: W&B reads it from its own login or WANDB_API_KEY.

@@ -152,7 +152,8 @@ def test_an_interrupted_run_resumes_to_the_metrics_of_an_uninterrupted_one(
     (array_task,) = [f for f in interrupted_sweep.jobs if f.name.endswith(f"_{num}")]
     log = job_logs({array_task})
     assert "saving a checkpoint after this step" in log, log[-3000:]
-    resumed = [line for line in log.splitlines() if line.startswith("resuming ")]
+    # A log record: "[time][bench.train][INFO] - resuming ..."
+    resumed = [line for line in log.splitlines() if line.split("] - ")[-1].startswith("resuming ")]
     assert len(resumed) == 1 and not resumed[0].endswith(" step 0"), log[-3000:]
     (job,) = [j for j in slurm.jobs() if f"{j.get('ArrayJobId')}_{j.get('ArrayTaskId')}" == array_task.name]
     assert int(job["Restarts"]) == 1

@@ -36,3 +36,21 @@ def test_sweep_runs_are_named_grouped_tagged_charted_by_step_and_keep_their_resu
         assert list(files.glob("offline-run-*/files/metrics.json")) and list(
             files.glob("offline-run-*/files/history.csv")
         )
+
+
+def test_report_logs_native_tables_and_charts(tmp_path: Path, monkeypatch) -> None:
+    from tests.test_report import _report, _sensitivity_tree
+
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb_home" / var.lower()))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    _sensitivity_tree(tmp_path / "results")
+    _report(tmp_path, "logger=wandb", "logger.group=sens-1")
+    import wandb
+
+    wandb.teardown()  # the W&B service writes the run's files asynchronously; this waits for them
+    [run] = list((tmp_path / "report" / "wandb").glob("offline-run-*"))
+    files = {p.name for p in run.rglob("*.table.json")}
+    # The summary as a W&B table, and the sensitivity curve as a native line chart (a vega spec over its own table).
+    assert any(f.startswith("summary_") for f in files) and any(f.startswith("sensitivity_chart_table") for f in files)
+    assert b"test error by initial step size" in next(run.glob("*.wandb")).read_bytes()

@@ -6,6 +6,7 @@ These call `run` directly on composed configs (the CLI is covered in test_harnes
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +106,7 @@ def _interrupt_at(epoch: int):
     ids=["tower", "scheduled_adam"],
 )
 def test_resume_from_an_epoch_checkpoint_ends_with_the_uninterrupted_metrics(
-    tmp_path: Path, optimizer: list[str], capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, optimizer: list[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     overrides = [*FAST, *optimizer, "trainer.epochs=3", "dataset.train_size=512", "trainer.checkpoint_every=1"]
     whole = run(compose_config(overrides), tmp_path / "whole")
@@ -113,10 +114,11 @@ def test_resume_from_an_epoch_checkpoint_ends_with_the_uninterrupted_metrics(
     with pytest.raises(KeyboardInterrupt):
         run(compose_config(overrides), tmp_path / "cut", epoch_callback=_interrupt_at(2))
     assert not (tmp_path / "cut" / "metrics.json").exists()
-    capsys.readouterr()
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="bench.train")  # these notes are log records (the job log)
     resumed = run(compose_config(overrides), tmp_path / "cut")
     # It continued from the checkpoint of epoch 2 (rather than quietly starting over).
-    assert f"resuming {tmp_path / 'cut'} from epoch 2, step 4" in capsys.readouterr().out
+    assert f"resuming {tmp_path / 'cut'} from epoch 2, step 4" in caplog.text
 
     assert _without_time(resumed) == _without_time(whole)
     cut_history = pd.read_csv(tmp_path / "cut" / "history.csv").drop(columns="wall_time_s")
@@ -125,7 +127,7 @@ def test_resume_from_an_epoch_checkpoint_ends_with_the_uninterrupted_metrics(
 
 
 def test_preemption_request_saves_mid_epoch_and_the_rerun_finishes_identically(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     overrides = [*FAST, "trainer.epochs=2", "dataset.train_size=512"]
     whole = run(compose_config(overrides), tmp_path / "whole")
@@ -138,9 +140,10 @@ def test_preemption_request_saves_mid_epoch_and_the_rerun_finishes_identically(
     assert stopped["steps"] == 3  # one step into epoch 2 (2 batches of 256 per epoch)
     assert (tmp_path / "cut" / "checkpoint.pt").is_file() and not (tmp_path / "cut" / "metrics.json").exists()
 
-    capsys.readouterr()
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="bench.train")  # these notes are log records (the job log)
     resumed = run(compose_config(overrides), tmp_path / "cut")
-    assert f"resuming {tmp_path / 'cut'} from epoch 1, step 3" in capsys.readouterr().out
+    assert f"resuming {tmp_path / 'cut'} from epoch 1, step 3" in caplog.text
     assert _without_time(resumed) == _without_time(whole)
 
 
@@ -177,7 +180,8 @@ def test_a_run_no_longer_than_its_warmup_completes(tmp_path: Path) -> None:
     assert metrics["status"] == "completed" and metrics["steps"] == 1
 
 
-def test_a_finished_run_is_skipped_unless_forced(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_finished_run_is_skipped_unless_forced(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="bench.train")
     cfg = compose_config(QUICK)
     first = run(cfg, tmp_path)
     stamp = (tmp_path / "metrics.json").stat().st_mtime_ns
@@ -185,7 +189,7 @@ def test_a_finished_run_is_skipped_unless_forced(tmp_path: Path, capsys: pytest.
     again = run(cfg, tmp_path)
     assert again == first
     assert (tmp_path / "metrics.json").stat().st_mtime_ns == stamp
-    assert f"skipping {tmp_path}" in capsys.readouterr().out
+    assert f"skipping {tmp_path}" in caplog.text
 
     forced = run(compose_config([*QUICK, "trainer.force=true"]), tmp_path)
     assert (tmp_path / "metrics.json").stat().st_mtime_ns != stamp

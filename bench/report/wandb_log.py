@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
@@ -38,6 +39,7 @@ def log_report(
     )
     try:
         payload: dict[str, object] = {name: wandb.Table(dataframe=df) for name, df in tables.items() if not df.empty}
+        payload.update(_native_charts(wandb, tables))
         for name, path in files.items():
             if name.endswith(".png"):
                 payload[Path(name).stem] = wandb.Image(str(path))
@@ -46,3 +48,23 @@ def log_report(
         return run.dir
     finally:
         run.finish()
+
+
+def _native_charts(wandb: Any, tables: Mapping[str, pd.DataFrame]) -> dict[str, object]:
+    """The report's curves as W&B charts (interactive, filterable), next to the static PNGs."""
+    charts: dict[str, object] = {}
+    summary = tables.get("summary")
+    if summary is not None and not summary.empty and {"lr", "test_error_mean", "method"} <= set(summary.columns):
+        points = summary.dropna(subset=["lr", "test_error_mean"])[["method", "lr", "test_error_mean"]]
+        if not points.empty:
+            table = wandb.Table(dataframe=points.astype({"method": str}))
+            charts["sensitivity_chart"] = wandb.plot.line(
+                table, "lr", "test_error_mean", stroke="method", title="test error by initial step size"
+            )
+    curves = tables.get("tuning_curves")
+    if curves is not None and not curves.empty:
+        table = wandb.Table(dataframe=curves.astype({"study": str}))
+        charts["tuning_curve_chart"] = wandb.plot.line(
+            table, "cost_wall_time_s", "expected_test_error", stroke="study", title="tuning curve"
+        )
+    return charts
