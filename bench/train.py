@@ -176,11 +176,20 @@ def fingerprint(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def refuse_other_config(out: Path, source: str, stored: dict[str, Any] | None, current: dict[str, Any]) -> None:
-    """Raise `RunDirError` naming the keys where the run directory's recorded config differs from this one."""
+def refuse_other_config(
+    out: Path, source: str, stored: dict[str, Any] | None, current: dict[str, Any], recorded_only: bool = False
+) -> None:
+    """Raise `RunDirError` naming the keys where the run directory's recorded config differs from this one.
+
+    `recorded_only`: compare only the keys the record has (a .hydra/config.yaml from before a setting existed).
+    """
     if not isinstance(stored, dict) or stored == current:
         return
-    keys = sorted(k for k in stored.keys() | current.keys() if stored.get(k) != current.get(k))
+    keys = sorted(
+        k
+        for k in (stored.keys() if recorded_only else stored.keys() | current.keys())
+        if stored.get(k) != current.get(k)
+    )
     if not keys:
         return
     shown = ", ".join(f"{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in keys[:4])
@@ -218,7 +227,8 @@ def check_run_dir(out: Path, cfg: DictConfig, hydra_dir: bool) -> dict[str, Any]
     saved = out / ".hydra" / "config.yaml"
     if hydra_dir and saved.is_file():
         try:
-            refuse_other_config(out, ".hydra/config.yaml", run_identity(OmegaConf.load(saved)), current)
+            recorded = run_identity(OmegaConf.load(saved))
+            refuse_other_config(out, ".hydra/config.yaml", recorded, current, recorded_only=True)
         except RunDirError:
             raise
         except Exception:

@@ -93,6 +93,21 @@ def missing_files(cfg: DictConfig) -> list[Path]:
     return [p for p in needed if not p.is_file()]
 
 
+def _torchvision(cls: type, cfg: DictConfig, train: bool) -> tvd.VisionDataset:
+    """torchvision's dataset, with a failed download or a corrupt file reported in one line."""
+    from bench.config import ConfigError
+
+    try:
+        return cls(str(Path(cfg.data_dir).expanduser()), train=train, download=cfg.download)
+    except (OSError, RuntimeError, ValueError) as e:  # URLError is an OSError; torchvision's checks raise RuntimeError
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        hint = "check the network, or put the files there by hand" if cfg.download else "pass dataset.download=true"
+        raise ConfigError(
+            f"`dataset.data_dir` must provide the {cfg.name} files, but loading {cfg.data_dir} failed ({reason}); "
+            f"{hint}"
+        ) from None
+
+
 def _with_val(name: str, train: tuple[torch.Tensor, torch.Tensor], test, cfg: DictConfig, **kw) -> Data:
     # The validation split is carved out of the official training set, so the test set stays untouched.
     tr, val, _ = split_indices(len(train[0]), cfg.val_size, 0, cfg.split_seed)  # the test split is official
@@ -111,7 +126,7 @@ def _with_val(name: str, train: tuple[torch.Tensor, torch.Tensor], test, cfg: Di
 
 def _mnist_like(cls: type[tvd.MNIST], name: str, cfg: DictConfig) -> Data:
     def load(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        ds = cls(str(Path(cfg.data_dir).expanduser()), train=train, download=cfg.download)
+        ds = _torchvision(cls, cfg, train)
         return ds.data.unsqueeze(1).float() / 255.0, ds.targets.long()
 
     return _with_val(name, load(True), load(False), cfg)
@@ -155,7 +170,7 @@ def cifar10(cfg: DictConfig) -> Data:
         root = Path(cfg.data_dir).expanduser()
         if cfg.get("verify_checksums", True):
             # torchvision checks every batch file against its official md5 before unpickling it.
-            ds = tvd.CIFAR10(str(root), train=train, download=cfg.download)
+            ds = _torchvision(tvd.CIFAR10, cfg, train)
             data, targets = ds.data, ds.targets
         else:
             data, targets = _load_repacked_cifar(root, train)

@@ -163,6 +163,53 @@ def _setting(x: Any) -> float:
     return v if math.isnan(v) else float(f"{v:.6g}")
 
 
+_NUMBER_KEYS = ("test_error", "val_error", "test_loss", "val_loss", "train_loss", "wall_time_s", "epochs", "steps")
+_TEXT_KEYS = ("method", "family", "dataset", "model", "optimizer", "status")
+
+
+def _check_types(run_dir: Path, metrics: dict[str, Any]) -> None:
+    """A field of the wrong type is a damaged file, not a miss: say which field, and what to do."""
+
+    def bad(key: str, expected: str) -> ReportInputError:
+        return ReportInputError(
+            f"`{run_dir / 'metrics.json'}` field `{key}` must be {expected}, but got {metrics[key]!r}; "
+            "rerun that run directory (trainer.force=true) or leave it out of `input`"
+        )
+
+    for key in _NUMBER_KEYS:
+        v = metrics.get(key)
+        if key in metrics and v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise bad(key, "a number or null")
+    for key in ("seed", "height"):
+        if key in metrics and (isinstance(metrics[key], bool) or not isinstance(metrics[key], int)):
+            raise bad(key, "an integer")
+    for key in _TEXT_KEYS:
+        if key in metrics and not isinstance(metrics[key], str):
+            raise bad(key, "a string")
+    if "diverged" in metrics and not isinstance(metrics["diverged"], bool):
+        raise bad("diverged", "true or false")
+    if "init" in metrics and not isinstance(metrics["init"], dict):
+        raise bad("init", "a mapping of hyperparameters")
+
+
+def _check_history(run_dir: Path) -> None:
+    path = run_dir / "history.csv"
+    if not path.is_file():
+        return
+    try:
+        history = pd.read_csv(path)
+        ok = "epoch" in history.columns
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as e:
+        ok, reason = False, str(e).splitlines()[0] if str(e) else type(e).__name__
+    else:
+        reason = "no `epoch` column"
+    if not ok:
+        raise ReportInputError(
+            f"`{path}` must be the harness's history table, but cannot be read ({reason}); "
+            "rerun that run directory (trainer.force=true) or leave it out of `input`"
+        )
+
+
 def _row(run_dir: Path | str, metrics: dict[str, Any], on_disk: bool = True) -> dict[str, Any]:
     """One table row from a metrics.json; `on_disk=False` for runs that have no directory (read from W&B)."""
     run_dir = Path(run_dir)
@@ -171,6 +218,9 @@ def _row(run_dir: Path | str, metrics: dict[str, Any], on_disk: bool = True) -> 
         raise ReportInputError(
             f"`{run_dir / 'metrics.json'}` must have the harness's keys, but is missing: {', '.join(missing)}"
         )
+    _check_types(run_dir, metrics)
+    if on_disk:
+        _check_history(run_dir)
     init = metrics["init"] if isinstance(metrics["init"], dict) else {}
     raw_test = _finite(metrics["test_error"])
     diverged = bool(metrics["diverged"]) or metrics.get("status") == "diverged"
