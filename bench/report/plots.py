@@ -169,7 +169,11 @@ def tuning_curve_figure(
 ) -> Figure:
     """Expected best-of-n test error of each tuned baseline against its compute; single runs as points."""
     fig, ax = plt.subplots(figsize=(8.5, 5.2))
-    unit = "wall-clock seconds" if cost == "cost_wall_time_s" else "epochs"
+    unit = {
+        "cost_wall_time_s": "wall-clock seconds",
+        "cost_epochs": "epochs",
+        "cost_compute": "compute: steps x batch x calibrated step cost (SGD-equivalent examples)",
+    }[cost]
     for _study, group in curves.groupby("study", sort=False):
         label = f"{group['method'].iloc[0]} (tuned): expected best of n trials"
         color = colors.get(f"{group['method'].iloc[0]} (tuned)", "0.2")
@@ -185,7 +189,7 @@ def tuning_curve_figure(
         label = f"{row['method']}: best trial re-run, tuning included"
         ax.errorbar(row[cost], mean, yerr=yerr, fmt="*", ms=12, capsize=3, color=colors[row["method"]], label=label)
     single = summary[~summary["tuned"]]
-    per_run_cost = "wall_time_s_mean" if cost == "cost_wall_time_s" else "epochs_mean"
+    per_run_cost = {"cost_wall_time_s": "wall_time_s_mean", "cost_epochs": "epochs_mean"}.get(cost, "compute_mean")
     # tab20 pairs similar shades once there are more than 10 methods: the marker tells them apart.
     markers = "osD^v<>phP*"
     for i, (method, group) in enumerate(single.groupby("method", sort=False)):
