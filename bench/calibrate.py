@@ -85,7 +85,7 @@ def _cache_key(cfg: DictConfig, optimizer: str) -> str:
 def calibrate(runs_dir: str | Path, cache: str | Path = DEFAULT_CACHE) -> dict[str, float]:
     """Relative step cost (vs SGD on the same model and batch) of every optimizer below `runs_dir`, cached.
 
-    Keys are metrics.json's `optimizer`; each is measured once per device, model, dataset and batch size.
+    Keys are metrics.json's `optimizer`; each method is measured once per device, model, dataset and batch size.
     """
     cache = Path(cache)
     stored: dict[str, Any] = json.loads(cache.read_text()) if cache.is_file() else {}
@@ -95,11 +95,14 @@ def calibrate(runs_dir: str | Path, cache: str | Path = DEFAULT_CACHE) -> dict[s
         cfg_path = metrics_path.parent / ".hydra" / "config.yaml"
         if not cfg_path.is_file():
             continue
-        optimizer = json.loads(metrics_path.read_text()).get("optimizer")
+        metrics = json.loads(metrics_path.read_text())
+        optimizer = metrics.get("optimizer")
         if optimizer in costs:
             continue
         cfg = OmegaConf.load(cfg_path)
-        key, ref_key = _cache_key(cfg, optimizer), _cache_key(cfg, _REFERENCE)
+        # Keyed by method (the optimizer without its weight level's values): a step costs the same whatever
+        # the step size, so re-runs at each seed's learned values share one measurement.
+        key, ref_key = _cache_key(cfg, str(metrics.get("method", optimizer))), _cache_key(cfg, _REFERENCE)
         if ref_key not in stored:
             stored[ref_key] = measure_step_seconds(cfg, _REFERENCE)
         if key not in stored:

@@ -41,7 +41,15 @@ def test_compute_uses_the_cached_calibration_not_wall_time(tmp_path: Path) -> No
     cfg = OmegaConf.load(tmp_path / "runs" / "b" / ".hydra" / "config.yaml")
     cache = tmp_path / "step_cost.json"
     # A calibration measured earlier on this device: the tower's step costs 3 SGD steps.
-    cache.write_text(json.dumps({_cache_key(cfg, "sgd(0.01)"): 0.002, _cache_key(cfg, "sgd(0.01)/sgd(0.01)"): 0.006}))
+    cache.write_text(
+        json.dumps(
+            {
+                _cache_key(cfg, "sgd(0.01)"): 0.002,
+                _cache_key(cfg, "sgd"): 0.002,
+                _cache_key(cfg, "sgd/sgd(0.01)"): 0.006,
+            }
+        )
+    )
     assert calibrate(tmp_path / "runs", cache) == {"sgd(0.01)": 1.0, "sgd(0.01)/sgd(0.01)": pytest.approx(3.0)}
     report(compose_report_config([f"input={tmp_path / 'runs'}", "progress=false", "tuning_cost=compute",
                                   f"calibration_cache={cache}"]), output_dir=tmp_path / "report")  # fmt: skip
