@@ -168,7 +168,7 @@ def tuning_curve_figure(
     context: str = "",
 ) -> Figure:
     """Expected best-of-n test error of each tuned baseline against its compute; single runs as points."""
-    fig, ax = plt.subplots(figsize=(8.5, 5.2))
+    fig, ax = plt.subplots(figsize=(9.5, 6.0))
     unit = {
         "cost_wall_time_s": "wall-clock seconds",
         "cost_epochs": "epochs",
@@ -213,9 +213,11 @@ def tuning_curve_figure(
         ax.set_title("tuning cost: expected best-of-n tuned baseline vs single runs")
     errors = [summary["test_error_mean"].to_numpy(float), curves["expected_test_error"].to_numpy(float)]
     _error_axis(ax, np.concatenate(errors))
-    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=8)
+    n_labels = len(ax.get_legend_handles_labels()[1])
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, fontsize=7 if n_labels > 12 else 8,
+              ncols=2 if n_labels > 16 else 1)  # fmt: skip
     if context:
-        fig.suptitle(context)
+        ax.set_title(f"{ax.get_title()}\n{context}", fontsize=10)
     fig.tight_layout()
     return fig
 
