@@ -92,7 +92,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _hydra_info(run_dir: Path) -> dict[str, Any]:
     """The sweep's W&B group, planned epochs, step-size schedule and experiment preset (runs launched by Hydra)."""
-    info: dict[str, Any] = {"group": None, "planned_epochs": None, "schedule": None, "experiment": None}
+    info: dict[str, Any] = {
+        "group": None, "planned_epochs": None, "schedule": None, "experiment": None, "batch_size": None,
+    }  # fmt: skip
     cfg_path = run_dir / ".hydra" / "config.yaml"
     if cfg_path.is_file():
         cfg = yaml.safe_load(cfg_path.read_text()) or {}
@@ -102,6 +104,7 @@ def _hydra_info(run_dir: Path) -> dict[str, Any]:
             info["group"] = logger.get("group")
         if isinstance(trainer, dict):
             info["planned_epochs"] = trainer.get("epochs")
+            info["batch_size"] = trainer.get("batch_size")
         optimizer = cfg.get("optimizer") or {}
         if isinstance(optimizer, dict):
             info["schedule"] = optimizer.get("schedule")
@@ -227,7 +230,11 @@ def _row(run_dir: Path | str, metrics: dict[str, Any], on_disk: bool = True) -> 
     # Counted as a miss both when the harness flagged divergence and when no finite error came out.
     miss = diverged or math.isnan(raw_test)
     raw_val = _finite(metrics.get("val_error"))
-    hydra = _hydra_info(run_dir) if on_disk else dict.fromkeys(("group", "planned_epochs", "schedule", "experiment"))
+    hydra = (
+        _hydra_info(run_dir)
+        if on_disk
+        else dict.fromkeys(("group", "planned_epochs", "schedule", "experiment", "batch_size"))
+    )
     method = str(metrics["method"])
     rerun = _rerun_of(run_dir) if on_disk else None
     if rerun is not None:

@@ -21,7 +21,7 @@ __all__ = ["CONF_DIR", "PAPER_NUMBERS", "compose_report_config", "run"]
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 PAPER_NUMBERS = Path(__file__).resolve().parent / "paper_numbers.yaml"
 _SOURCES = ("files", "wandb")
-_COSTS = ("wall_time_s", "epochs")
+_COSTS = ("compute", "wall_time_s", "epochs")
 
 
 def compose_report_config(overrides: list[str] | None = None) -> DictConfig:
@@ -96,6 +96,8 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
         runs = load_wandb_runs(inputs)
     else:
         runs = load_runs(inputs, progress=bool(cfg.progress))
+    if cfg.tuning_cost == "compute":
+        _add_compute(runs, inputs, cfg.get("calibration_cache"))
     confidence, n_resamples = float(cfg.confidence), int(cfg.n_bootstrap)
     tolerance = float(cfg.robustness.tolerance)
 
@@ -187,6 +189,20 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
         "n_diverged": n_miss,
         "reference": None if reference is None or math.isnan(reference.error) else reference,
     }
+
+
+def _add_compute(runs: Runs, inputs: list[str], cache: str | None) -> None:
+    """runs.table["compute"]: steps x batch size x the optimizer's calibrated step cost (bench.calibrate), never
+    wall time. A run whose optimizer could not be calibrated (no composed config on disk) counts cost 1."""
+    from bench.calibrate import DEFAULT_CACHE, calibrate, relative_cost
+
+    costs: dict[str, float] = {}
+    for raw in inputs:
+        costs.update(calibrate(raw, cache or DEFAULT_CACHE))
+    table = runs.table
+    batch = pd.to_numeric(table["batch_size"], errors="coerce").fillna(1.0)
+    weight = table["optimizer"].map(lambda o: relative_cost(costs, o))
+    table["compute"] = table["steps"].astype(float) * batch * weight
 
 
 def _context(runs: Runs) -> str:

@@ -168,8 +168,12 @@ def tuning_curve_figure(
     context: str = "",
 ) -> Figure:
     """Expected best-of-n test error of each tuned baseline against its compute; single runs as points."""
-    fig, ax = plt.subplots(figsize=(8.5, 5.2))
-    unit = "wall-clock seconds" if cost == "cost_wall_time_s" else "epochs"
+    fig, ax = plt.subplots(figsize=(9.5, 6.0))
+    unit = {
+        "cost_wall_time_s": "wall-clock seconds",
+        "cost_epochs": "epochs",
+        "cost_compute": "compute: steps x batch x calibrated step cost (SGD-equivalent examples)",
+    }[cost]
     for _study, group in curves.groupby("study", sort=False):
         label = f"{group['method'].iloc[0]} (tuned): expected best of n trials"
         color = colors.get(f"{group['method'].iloc[0]} (tuned)", "0.2")
@@ -185,7 +189,7 @@ def tuning_curve_figure(
         label = f"{row['method']}: best trial re-run, tuning included"
         ax.errorbar(row[cost], mean, yerr=yerr, fmt="*", ms=12, capsize=3, color=colors[row["method"]], label=label)
     single = summary[~summary["tuned"]]
-    per_run_cost = "wall_time_s_mean" if cost == "cost_wall_time_s" else "epochs_mean"
+    per_run_cost = {"cost_wall_time_s": "wall_time_s_mean", "cost_epochs": "epochs_mean"}.get(cost, "compute_mean")
     # tab20 pairs similar shades once there are more than 10 methods: the marker tells them apart.
     markers = "osD^v<>phP*"
     for i, (method, group) in enumerate(single.groupby("method", sort=False)):
@@ -209,9 +213,11 @@ def tuning_curve_figure(
         ax.set_title("tuning cost: expected best-of-n tuned baseline vs single runs")
     errors = [summary["test_error_mean"].to_numpy(float), curves["expected_test_error"].to_numpy(float)]
     _error_axis(ax, np.concatenate(errors))
-    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=8)
+    n_labels = len(ax.get_legend_handles_labels()[1])
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, fontsize=7 if n_labels > 12 else 8,
+              ncols=2 if n_labels > 16 else 1)  # fmt: skip
     if context:
-        fig.suptitle(context)
+        ax.set_title(f"{ax.get_title()}\n{context}", fontsize=10)
     fig.tight_layout()
     return fig
 

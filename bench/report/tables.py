@@ -48,6 +48,9 @@ SUMMARY_COLUMNS = [
     "tuning_wall_time_s",
     "cost_epochs",
     "cost_wall_time_s",
+    "compute_mean",
+    "tuning_compute",
+    "cost_compute",
     "study",
     "optimizer",
     "rerun_of",
@@ -101,9 +104,13 @@ def summarize(
             lo, hi = t_interval(errors, confidence)
         optimizers = group["optimizer"].unique()
         rerun_of = group["rerun_of"].dropna().unique() if "rerun_of" in group else []
-        tuning_epochs = tuning_wall = 0.0
+        tuning_epochs = tuning_wall = tuning_compute = 0.0
         if tuned:
             tuning_epochs, tuning_wall = _tuning_cost(table, study, runs.studies[study])
+            if "compute" in table:
+                trials = table[(table["study"] == study) & (table["role"] == "trial")]
+                tuning_compute = float(trials["compute"].sum())
+        compute_mean = float(group["compute"].mean()) if "compute" in group else math.nan
         epochs_mean = float(group["epochs"].mean())
         wall_mean = float(group["wall_time_s"].mean())
         rows.append(
@@ -127,6 +134,9 @@ def summarize(
                 "tuning_wall_time_s": tuning_wall,
                 "cost_epochs": epochs_mean + tuning_epochs,
                 "cost_wall_time_s": wall_mean + tuning_wall,
+                "compute_mean": compute_mean,
+                "tuning_compute": tuning_compute,
+                "cost_compute": compute_mean + tuning_compute,
                 "study": study or None,
                 "optimizer": str(optimizers[0]) if len(optimizers) == 1 else None,
                 "rerun_of": str(rerun_of[0]) if len(rerun_of) == 1 else None,
@@ -167,9 +177,10 @@ def tuning_curves(runs: Runs) -> pd.DataFrame:
                     "expected_test_error": expected_best_of_n(test, n, rank_by=val),
                     "cost_epochs": n * float(group["epochs"].mean()),
                     "cost_wall_time_s": n * float(group["wall_time_s"].mean()),
+                    "cost_compute": n * float(group["compute"].mean()) if "compute" in group else math.nan,
                 }
             )
-    columns = ["study", "method", "n", "expected_test_error", "cost_epochs", "cost_wall_time_s"]
+    columns = ["study", "method", "n", "expected_test_error", "cost_epochs", "cost_wall_time_s", "cost_compute"]
     return pd.DataFrame(rows, columns=columns)
 
 

@@ -87,6 +87,8 @@ def _summary_view(summary: pd.DataFrame, confidence: float) -> pd.DataFrame:
             ],
             "epochs/run": summary["epochs_mean"],
             "wall s/run": summary["wall_time_s_mean"],
+            "compute/run": summary["compute_mean"].map(lambda v: "–" if pd.isna(v) else f"{v:.3g}"),
+            "compute incl. tuning": summary["cost_compute"].map(lambda v: "–" if pd.isna(v) else f"{v:.3g}"),
             "tuning epochs": summary["tuning_epochs"],
             "wall s incl. tuning": summary["cost_wall_time_s"],
         }
