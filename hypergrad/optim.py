@@ -32,17 +32,43 @@ class HyperOptimizer(torch.optim.Optimizer):
         >>> sorted(opt.hyperparameters()[0])
         ['beta1', 'beta2', 'lr']
 
-    Param groups may override level 1's initial values (``{"params": ..., "lr": 0.1}``); each group then learns its
-    own. ``parameterization="log"`` stores step sizes as their logarithm so they can never turn negative (the paper's
-    reference stores them raw, the default here). ``stable=True`` is the opt-in mode of docs/stable.md (log step
-    sizes, normalized hyper-updates bounded per step). With ``check_finite`` (default) a step whose new
-    hyperparameters are not finite raises :class:`NonFiniteHyperparameterError` and leaves weights and state
-    untouched.
+    Arguments (spec first, as in :func:`tower`; the torch.optim order ``HyperOptimizer(params, spec)`` is accepted
+    too):
 
-    Memory: besides its rule's state, the optimizer keeps its own copy of the gradients and of the previous state
-    (the inputs of the last step, replayed by ``load_state_dict`` so that the next hypergradient is exact). Owning
-    them is what makes every torch.optim loop right: ``zero_grad(set_to_none=False)``, gradient accumulation,
-    ``step(closure)``, ``GradScaler``, DDP with ``gradient_as_bucket_view=True`` and compiled models.
+    - ``spec``: the tower, a string in the paper's notation (grammar in :func:`tower`), a :class:`Tower` or a
+      :class:`Level` (``hypergrad.Adam(1e-3) / hypergrad.SGD(1e-5)``).
+    - ``params``: tensors or param groups, as for any ``torch.optim`` optimizer. A group may override level 1's
+      initial values (``{"params": ..., "lr": 0.1}``) and then learns its own. Floating-point tensors only.
+    - ``parameterization``: ``"reference"`` (default) stores learned values as the paper's reference does;
+      ``"log"`` stores step sizes as their logarithm so that they can never turn negative.
+    - ``check_finite`` (default True): a step whose new hyperparameters are not finite raises
+      :class:`NonFiniteHyperparameterError` (or :class:`NonFiniteGradientError` when a gradient was the cause) and
+      leaves weights and state untouched.
+    - ``per_tensor`` (default False): every parameter tensor gets its own param group, so that each learns its own
+      step size (the reference's ``SGDPerParam``); ``param_groups[i]`` is then tensor ``i``.
+    - ``stable`` (default False): the opt-in mode of docs/stable.md (log step sizes, hyper-updates bounded per
+      step); False follows the paper's reference exactly.
+
+    **param_groups and schedulers.** After every step, ``param_groups[i][key]`` holds the current learned value of
+    every level-1 hyperparameter (what LR monitors log). A write to it, by a ``torch.optim.lr_scheduler`` or by hand,
+    *sets* that hyperparameter at the next step; a learned one goes on learning from the written value. So a
+    chainable scheduler (``StepLR``, ``ExponentialLR``, ``LinearLR``, ``ReduceLROnPlateau``) multiplies the learned
+    step size, exactly as it multiplies torch.optim.SGD's; a warmup that leaves the tower free afterwards::
+
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = hypergrad.tower("adam(0.01)/sgd(1e-4)", model.parameters())
+        >>> warmup = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=3)
+        >>> for _ in range(5):
+        ...     model(torch.ones(4, 3)).pow(2).mean().backward(); opt.step(); opt.zero_grad(); warmup.step()
+        >>> opt.param_groups[0]["lr"] == opt.hyperparameters()[0]["lr"]
+        True
+
+    ``LambdaLR`` and ``OneCycleLR`` write ``initial_lr * factor`` at each of their steps, so they dictate the step
+    size while they run (learning happens only between their writes). A written value is validated like a spec's.
+
+    Precision: the learned hyperparameters, the towers' state and the optimizer's copies of the gradients are
+    float32 (float64 when a parameter is float64), whatever the parameters' dtype; bfloat16 and float16 weights
+    receive the update cast to their dtype.
     """
 
     def __init__(
@@ -78,6 +104,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         super().__init__(params, dict(self.spec.levels[0].values))
         self._plan = self._make_plan()  # validates every group's values now, not at the first step
         self._published = [self._group_values(g) for g in self.param_groups]
+        self._compute_dtype = self._dtype()
 
     # -- torch.optim plumbing -------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -108,6 +135,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         if hasattr(self, "_plan"):
             self._plan = self._make_plan()
             self._published = [self._group_values(g) for g in self.param_groups]
+            self._compute_dtype = self._dtype()
 
     def _make_plan(self) -> core.Plan:
         names = self.spec.levels[0].rule.defaults
@@ -179,7 +207,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         self._take_writes()
         before = self._ensure_state()
         params = self._params()
-        dtype = self._dtype()
+        dtype = self._compute_dtype
         # Own copies: the user may zero p.grad in place, or DDP may reuse it as a bucket view, before the next step
         # reads this step's gradients again for its hypergradient.
         grads = [None if p.grad is None else p.grad.detach().to(dtype, copy=True) for p in params]
@@ -427,9 +455,27 @@ RMSProp = _level_factory(
 def tower(spec: str | Tower | Level, params: Iterable[Tensor] | Iterable[dict[str, Any]], **kw: Any) -> HyperOptimizer:
     """A hyperoptimizer for ``params`` from a tower in the paper's notation.
 
+    Grammar of ``spec`` (spaces allowed anywhere, names case-insensitive, numbers ASCII)::
+
+        tower   := level ("/" level)*
+        level   := NAME ["[" HP ("," HP)* "]"] ["(" [args] ")"]
+        args    := NUMBER ("," HP "=" NUMBER)* | HP "=" NUMBER ("," HP "=" NUMBER)*
+        NAME    := sgd | adam | adamw | adagrad | rmsprop | a name given to hypergrad.register
+
+    The leftmost level updates the weights; each level to its right updates the hyperparameters of the one on its
+    left by gradient descent on the loss (the paper's hypergradient); the rightmost level is fixed. A positional
+    number is the step size ``lr``; keywords set the others (sgd: lr, momentum; adam: lr, beta1, beta2, eps; adamw:
+    those and weight_decay; adagrad: lr, eps, initial_accumulator_value; rmsprop: lr, gamma, eps); unspecified ones
+    take PyTorch's defaults. Brackets choose which hyperparameters the level above learns (all learnable ones when
+    absent): ``adam[lr]/sgd(1e-5)`` is the paper's Adam^alpha. Every value is checked against its range here.
+
+    Keywords (``**kw``) go to :class:`HyperOptimizer`: ``parameterization``, ``check_finite``, ``per_tensor``.
+
     >>> import torch, hypergrad
     >>> opt = hypergrad.tower("sgd(0.1)/sgd(1e-3)", torch.nn.Linear(2, 1).parameters())
     >>> str(opt), opt.height
     ('sgd(0.1)/sgd(0.001)', 1)
     """
+    if not _is_spec(spec) and _is_spec(params):
+        spec, params = params, spec
     return HyperOptimizer(spec, params, **kw)
