@@ -34,7 +34,7 @@ class HyperOptimizer(torch.optim.Optimizer):
     Param groups may override level 1's initial values (``{"params": ..., "lr": 0.1}``); each group then learns its
     own. ``parameterization="log"`` stores step sizes as their logarithm so they can never turn negative (the paper's
     reference stores them raw, the default here). ``stable=True`` is the opt-in mode of docs/stable.md (log step
-    sizes, normalized hyper-updates bounded per step). With ``check_finite`` (default) a step whose new
+    sizes, hyper-updates bounded per step). With ``check_finite`` (default) a step whose new
     hyperparameters are not finite raises :class:`NonFiniteHyperparameterError` and leaves weights and state
     untouched.
 
