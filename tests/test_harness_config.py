@@ -89,6 +89,7 @@ PRESET_RUNS = {
     "tower_height_sensitivity": 4 * 9,  # heights 0-3 x step sizes 1e-8..1
     "tower_runtime": 8,
     "sensitivity_mnist5k": 4 * 9 * 3,  # heights 0-3 x step sizes 1e-8..1 x 3 seeds, offline
+    "stability": 2 * 4 * 4 * 7 * 4,  # modes x bases x heights 0-3 x step sizes 1e-7..1e-1 x top hyper-steps
 }
 
 
