@@ -87,8 +87,8 @@ cd "$repo"
 inputs=()
 for preset in "${presets[@]}"; do
     runs="$out/runs/$preset"
-    echo "== sweep: +experiment=$preset -> $runs"
-    "$python" -m bench -m "+experiment=$preset" "hydra.sweep.dir=$runs" "${sweep_args[@]}" "${extra[@]}"
+    echo "== sweep: experiment=$preset -> $runs"
+    "$python" -m bench -m "experiment=$preset" "hydra.sweep.dir=$runs" "${sweep_args[@]}" "${extra[@]}"
     inputs+=("input=$runs")
 done
 
