@@ -3,7 +3,7 @@
 #
 #   scripts/reproduce_paper.sh EXPERIMENT [--smoke] [--out DIR] [--jobs N] [-- HYDRA_OVERRIDES...]
 #
-# EXPERIMENT is a preset of conf/experiment/ (the paper's experiments):
+# EXPERIMENT is a preset of bench/conf/experiment/ (the paper's experiments):
 #   mnist_table               the MNIST table: 13 towers x 3 seeds, 30 epochs (needs the MNIST files)
 #   tower_height_sensitivity  SGD towers of height 0-3 x initial step sizes 1e-8..1 (needs the MNIST files)
 #   sensitivity_mnist5k       the same question on the embedded MNIST subset: runs offline on CPU
@@ -58,8 +58,8 @@ case "$experiment" in
     *) presets=("$experiment") ;;
 esac
 for preset in "${presets[@]}"; do
-    if [[ ! -f "$repo/conf/experiment/$preset.yaml" ]]; then
-        known="$(cd "$repo/conf/experiment" && ls -- *.yaml | sed 's/\.yaml$//' | tr '\n' ' ')"
+    if [[ ! -f "$repo/bench/conf/experiment/$preset.yaml" ]]; then
+        known="$(cd "$repo/bench/conf/experiment" && ls -- *.yaml | sed 's/\.yaml$//' | tr '\n' ' ')"
         die "\`EXPERIMENT\` must be one of: ${known}but got $experiment"
     fi
 done
