@@ -68,13 +68,24 @@ def _int(cfg: DictConfig, key: str, minimum: int, *, optional: bool = False, pre
         raise _fail(prefix + key, what + (" or null" if optional else ""), v)
 
 
-def _number(cfg: DictConfig, key: str, low: float, high: float, *, prefix: str, open_low: bool = False) -> None:
-    if key not in cfg:
+def _number(
+    cfg: DictConfig,
+    key: str,
+    low: float,
+    high: float,
+    *,
+    prefix: str,
+    open_low: bool = False,
+    open_high: bool = False,
+    optional: bool = False,
+) -> None:
+    if key not in cfg or (optional and cfg[key] is None):
         return
     v = cfg[key]
-    ok = _is_number(v) and (v > low if open_low else v >= low) and v <= high
+    ok = _is_number(v) and (v > low if open_low else v >= low) and (v < high if open_high else v <= high)
     if not ok:
-        bounds = f"{'(' if open_low else '['}{low:g}, {high:g}]".replace("inf]", "inf)")
+        bounds = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}".replace("inf]", "inf)")
+        bounds += " or null" if optional else ""
         raise _fail(prefix + key, f"a number in {bounds}", v)
 
 
@@ -111,6 +122,19 @@ def _validate_dataset(cfg: DictConfig) -> None:
                     str(d.data_dir),
                     f"missing {names}{more} (pass dataset.download=true to fetch them)",
                 )
+    if d.name == "cifar10":
+        _bool(d, "verify_checksums", "dataset.")
+        if d.verify_checksums:
+            from bench.data.vision import cifar_checksum_mismatches
+
+            bad = cifar_checksum_mismatches(d)
+            if bad:
+                raise _fail(
+                    "dataset.data_dir",
+                    "a directory holding the official CIFAR-10 files (torchvision's md5 checksums)",
+                    str(d.data_dir),
+                    f"{bad[0].name} does not match; for re-packed files pass dataset.verify_checksums=false",
+                )
     if d.name == "war_and_peace":
         _bool(d, "download", "dataset.")
         if not d.download and not Path(d.path).expanduser().is_file():
@@ -133,6 +157,8 @@ def _validate_model(cfg: DictConfig) -> None:
 
 
 def _validate_tower(o: DictConfig) -> None:
+    if not isinstance(o.get("stable", False), bool):
+        raise _fail("optimizer.stable", "true or false", o.get("stable"))
     if not o.get("spec"):
         for key in ("base", "hyper"):
             if o.get(key) not in TOWER_BASES:
@@ -158,19 +184,57 @@ def _validate_tower(o: DictConfig) -> None:
         ) from None
 
 
+def _group_defaults(group: str, name: str) -> list[dict[str, Any]]:
+    """The bench/conf/<group>/*.yaml files whose `name` is `name`, as plain dicts (what that choice may set)."""
+    from omegaconf import OmegaConf
+
+    found = []
+    for path in sorted((CONF_DIR / group).glob("*.yaml")):
+        data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        if isinstance(data, dict) and data.get("name") == name:
+            found.append(data)
+    return found
+
+
+def _unknown_keys(node: DictConfig, group: str, allowed: set[str]) -> None:
+    unknown = sorted(set(node.keys()) - allowed)
+    if unknown:
+        raise _fail(
+            f"{group}.{unknown[0]}",
+            f"absent: it is not a {group} setting here (the settings are {sorted(allowed)})",
+            node[unknown[0]],
+            "a misspelt or ignored key would silently change nothing",
+        )
+
+
 def _validate_optimizer(cfg: DictConfig) -> None:
     o = cfg.optimizer
     names = ["tower", *BASELINES, *TUNING_FREE]
     if o.get("name") not in names:
         raise _fail("optimizer.name", f"one of {names}", o.get("name"))
+    presets = _group_defaults("optimizer", o.name)
+    if presets:
+        _unknown_keys(o, "optimizer", set().union(*(p.keys() for p in presets)))
+    if o.name == "tower" and o.get("spec") and presets:
+        # The spec gives every level's optimizer and values; the separate keys would be ignored without a word.
+        defaults = presets[0]
+        for key in ("base", "hyper", "lr", "hyper_lr", "height", "momentum"):
+            if key in o and key in defaults and o[key] != defaults[key]:
+                raise _fail(
+                    f"optimizer.{key}",
+                    f"left at its default {defaults[key]!r} when optimizer.spec is set (the spec decides it)",
+                    o[key],
+                    "put the value into optimizer.spec instead",
+                )
     if o.name == "tower":
         _validate_tower(o)
         return
     p = "optimizer."
     _number(o, "lr", 0.0, math.inf, prefix=p, open_low=True)
     _number(o, "weight_decay", 0.0, math.inf, prefix=p)
-    for key in ("momentum", "beta1", "beta2", "alpha"):
-        _number(o, key, 0.0, 1.0, prefix=p)
+    _number(o, "momentum", 0.0, 1.0, prefix=p)
+    for key in ("beta1", "beta2", "alpha"):
+        _number(o, key, 0.0, 1.0, prefix=p, open_high=True)  # torch requires < 1 (a moment that never decays)
     for key in ("eps", "d_coef", "reps_rel"):
         _number(o, key, 0.0, math.inf, prefix=p, open_low=True)
     if "warmup_steps" in o:
@@ -195,6 +259,12 @@ def _validate_trainer(cfg: DictConfig) -> None:
     _int(t, "max_steps", 1, optional=True, prefix=p)
     _int(t, "num_threads", 1, optional=True, prefix=p)
     _int(t, "checkpoint_every", 0, prefix=p)
+    _number(t, "checkpoint_minutes", 0.0, math.inf, prefix=p, open_low=True, optional=True)
+    _number(t, "diverge_factor", 1.0, math.inf, prefix=p, open_low=True, optional=True)
+    from omegaconf import OmegaConf
+
+    known = set(OmegaConf.load(CONF_DIR / "trainer" / "default.yaml").keys())
+    _unknown_keys(t, "trainer", known)
     for key in ("resume", "force", "amp", "compile", "progress"):
         _bool(t, key, p)
     if t.device not in ("auto", "cpu", "cuda"):
@@ -227,8 +297,9 @@ def _validate_logger(cfg: DictConfig) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Check the whole run config; raise `ConfigError` ("`key` must be Y, but got Z") on the first bad value."""
-    if not _is_int(cfg.get("seed")):
-        raise _fail("seed", "an integer", cfg.get("seed"))
+    seed = cfg.get("seed")
+    if not _is_int(seed) or not 0 <= seed < 2**32:
+        raise _fail("seed", "an integer in [0, 2**32)", seed)
     _validate_trainer(cfg)
     _validate_dataset(cfg)
     _validate_model(cfg)

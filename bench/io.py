@@ -9,12 +9,23 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_save_torch", "atomic_write", "atomic_write_csv", "atomic_write_json", "to_jsonable"]
+__all__ = [
+    "atomic_save_torch",
+    "atomic_write",
+    "atomic_write_csv",
+    "atomic_write_json",
+    "mask_secrets",
+    "remove_stale_temp_files",
+    "to_jsonable",
+]
+
+_TMP = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{32}\.tmp$")
 
 
 def atomic_write(path: str | Path, write: Callable[[Any], None], *, binary: bool = False) -> Path:
@@ -67,3 +78,60 @@ def atomic_save_torch(path: str | Path, obj: Any) -> Path:
     import torch  # here: the report and other readers of results never need torch
 
     return atomic_write(path, lambda f: torch.save(obj, f), binary=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temp_files(directory: str | Path) -> list[Path]:
+    """Delete the temporary files of writes that a killed process left in `directory`; return them.
+
+    Only files named as `atomic_write` names them, and only those of a process that no longer runs: a concurrent
+    writer's file in progress stays.
+    """
+    removed = []
+    directory = Path(directory)
+    if not directory.is_dir():
+        return removed
+    for path in directory.iterdir():
+        match = _TMP.match(path.name)
+        if match and int(match.group(1)) != os.getpid() and not _alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+_SECRET_WORDS = r"(?:password|passwd|secret|token|api[_-]?key|credential)"
+_SECRET_KEY = re.compile(_SECRET_WORDS, re.IGNORECASE)
+# scheme://user:PASSWORD@host (Hydra escapes the colon as "\:" when it logs an override)
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*\\?://[^:/@\s'\"]*\\?:)(?P<pw>[^@\s'\"]+)(?P<at>@)")
+# key=value inside a line (overrides, as typed or as Hydra logs them), the key's last part named like a secret
+_SECRET_OVERRIDE = re.compile(
+    r"(?P<key>(?:^|(?<=[\s\[,'\"]))[+~]{0,2}(?:[\w\-/@]+\.)*[\w\-]*"
+    + _SECRET_WORDS
+    + r"[\w\-]*=)(?P<value>[^\s,'\"\]]+)",
+    re.IGNORECASE,
+)
+MASK = "***"
+
+
+def mask_secrets(value: Any, key: str = "") -> Any:
+    """`value` with secrets replaced by "***": passwords inside URLs, and any value under a key named like a
+    password, token, secret or API key. Strings such as Hydra overrides (`a.password=x`) are masked too."""
+    if isinstance(value, Mapping):
+        return {k: mask_secrets(v, str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(mask_secrets(v, key) for v in value)
+    if key and _SECRET_KEY.search(key.rsplit(".", 1)[-1]) and value is not None and not isinstance(value, bool):
+        return MASK
+    if isinstance(value, str):
+        text = _URL_PASSWORD.sub(lambda m: m["head"] + MASK + m["at"], value)
+        return _SECRET_OVERRIDE.sub(lambda m: m["key"] + MASK, text)
+    return value

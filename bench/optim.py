@@ -196,7 +196,7 @@ def build_optimizer(
     if cfg.name == "tower":
         import hypergrad
 
-        opt = hypergrad.tower(tower_spec(cfg), params)
+        opt = hypergrad.tower(tower_spec(cfg), params, stable=bool(cfg.get("stable", False)))
         return BuiltOptimizer(opt, None, "tower", str(opt), method_of(str(opt)), opt.height)
     family = "tuning_free" if cfg.name in TUNING_FREE else "baseline"
     built = BuiltOptimizer(_baseline(cfg, params), None, family, cfg.name, cfg.name, 0)

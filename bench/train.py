@@ -15,12 +15,17 @@ metrics.json says "completed" or "diverged" is not run again unless `trainer.for
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
 import json
 import logging
 import math
+import signal
+import threading
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -31,14 +36,30 @@ from omegaconf import DictConfig, open_dict
 from tqdm.auto import tqdm
 
 import hypergrad
-from bench.config import validate
+from bench.config import ConfigError, validate
 from bench.data import Data, build_dataset
-from bench.io import atomic_save_torch, atomic_write_csv, atomic_write_json, to_jsonable
+from bench.io import (
+    atomic_save_torch,
+    atomic_write_csv,
+    atomic_write_json,
+    remove_stale_temp_files,
+    to_jsonable,
+)
 from bench.logger import RunLogger, build_logger
 from bench.models import build_model
 from bench.optim import BuiltOptimizer, build_optimizer
 
-__all__ = ["FINISHED", "format_summary", "request_checkpoint", "run"]
+__all__ = [
+    "FINISHED",
+    "Interrupted",
+    "RunDirError",
+    "fingerprint",
+    "format_summary",
+    "read_checkpoint",
+    "request_checkpoint",
+    "run",
+    "run_identity",
+]
 
 FINISHED = ("completed", "diverged")
 """Statuses of a run directory that a resubmitted sweep must not run again."""
@@ -90,6 +111,167 @@ class _Diverged(Exception):
         self.step, self.reason = step, reason
 
 
+# -- the identity of a run directory ------------------------------------------------------------------------------
+
+# Keys that do not change a run's result: where files live, how fast or how visibly it runs, when it saves.
+_NOT_IDENTITY = {
+    "trainer": {
+        "device",
+        "num_threads",
+        "eval_batch_size",
+        "checkpoint_every",
+        "checkpoint_minutes",
+        "resume",
+        "force",
+        "progress",
+    },
+    "dataset": {"data_dir", "download", "path", "verify_checksums"},
+}
+_IDENTITY_GROUPS = ("dataset", "model", "optimizer", "trainer")
+
+
+class RunDirError(ConfigError):
+    """A run directory that cannot be used as asked (another config's results, a corrupt file); one line."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped the run after it saved a checkpoint; rerunning the same command resumes it."""
+
+    def __init__(self, step: int, signum: int) -> None:
+        super().__init__(f"interrupted at step {step}; rerun the same command to resume")
+        self.step, self.signum = step, signum
+
+
+def _flatten(prefix: str, value: Any, into: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}", v, into)
+    else:
+        into[prefix] = value
+
+
+def run_identity(cfg: DictConfig) -> dict[str, Any]:
+    """Every config value that changes a run's result, flat ("optimizer.lr": 0.01); what a run directory is for."""
+    from omegaconf import OmegaConf
+
+    identity: dict[str, Any] = {"seed": cfg.get("seed")}
+    for group in _IDENTITY_GROUPS:
+        node = cfg.get(group)
+        if node is None:
+            continue
+        skip = _NOT_IDENTITY.get(group, set())
+        for key in node:
+            if key in skip:
+                continue
+            try:
+                value = OmegaConf.to_container(node, resolve=True)[key]
+            except Exception:  # an interpolation that cannot resolve here (e.g. in a saved .hydra/config.yaml)
+                value = OmegaConf.to_container(node, resolve=False)[key]
+            _flatten(f"{group}.{key}", value, identity)
+    return to_jsonable(identity)
+
+
+def fingerprint(identity: dict[str, Any]) -> str:
+    """A short hash of a run identity, stored in metrics.json next to the identity itself."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def refuse_other_config(out: Path, source: str, stored: dict[str, Any] | None, current: dict[str, Any]) -> None:
+    """Raise `RunDirError` naming the keys where the run directory's recorded config differs from this one."""
+    if not isinstance(stored, dict) or stored == current:
+        return
+    keys = sorted(k for k in stored.keys() | current.keys() if stored.get(k) != current.get(k))
+    if not keys:
+        return
+    shown = ", ".join(f"{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in keys[:4])
+    more = f" and {len(keys) - 4} more" if len(keys) > 4 else ""
+    raise RunDirError(
+        f"`{out}` holds a run with another config ({source}: {shown}{more}); pass trainer.force=true to start over, "
+        "or use another run directory"
+    )
+
+
+def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Load a checkpoint as tensors and plain containers only (`weights_only=True`: a crafted file runs no code)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. torch's note on a foreign pickle protocol: the error says enough
+            state = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(state, dict) or not {"model", "optimizer", "progress"} <= state.keys():
+            raise ValueError("not a bench checkpoint")
+    except Exception as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        # torch's weights-only refusal names the offending global on a later line; that is the reason to show.
+        reason = next((line for line in lines if "Unsupported" in line), lines[0])
+        raise RunDirError(
+            f"`{path}` cannot be resumed ({reason[:200]}); move it aside and rerun, or pass trainer.force=true to "
+            "start over"
+        ) from None
+    return state
+
+
+def check_run_dir(out: Path, cfg: DictConfig, hydra_dir: bool) -> dict[str, Any] | None:
+    """Refuse a run directory recorded under another config; return its metrics when it already finished."""
+    from omegaconf import OmegaConf
+
+    current = run_identity(cfg)
+    saved = out / ".hydra" / "config.yaml"
+    if hydra_dir and saved.is_file():
+        try:
+            refuse_other_config(out, ".hydra/config.yaml", run_identity(OmegaConf.load(saved)), current)
+        except RunDirError:
+            raise
+        except Exception:
+            pass  # unreadable: the recorded results below still decide
+    metrics_path = out / "metrics.json"
+    if not metrics_path.is_file():
+        return None
+    try:
+        stored = json.loads(metrics_path.read_text())
+        if not isinstance(stored, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RunDirError(
+            f"`{metrics_path}` is not valid JSON ({e}); move it aside and rerun, or pass trainer.force=true to start "
+            "over"
+        ) from None
+    refuse_other_config(out, "metrics.json", stored.get("config"), current)
+    return stored if stored.get("status") in FINISHED else None
+
+
+# -- stopping on SIGINT / SIGTERM ---------------------------------------------------------------------------------
+
+_interrupted_by: int | None = None
+
+
+def _on_stop_signal(signum: int, frame: Any) -> None:
+    global _interrupted_by
+    if _interrupted_by is not None:
+        raise KeyboardInterrupt  # a second Ctrl-C: stop now, without waiting for the step to end
+    _interrupted_by = signum
+    request_checkpoint()
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """While training: SIGINT and SIGTERM save a checkpoint after the current step, then the run stops.
+
+    Handlers that others installed (submitit's, bench.cluster's) are left alone; so is a non-main thread.
+    """
+    global _interrupted_by
+    _interrupted_by = None
+    installed = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler):
+                installed[signum] = signal.signal(signum, _on_stop_signal)
+    try:
+        yield
+    finally:
+        for signum, previous in installed.items():
+            signal.signal(signum, previous)
+
+
 def _resolve_output_dir(output_dir: str | Path | None) -> Path:
     if output_dir is not None:
         return Path(output_dir)
@@ -122,8 +304,9 @@ def _device(name: str) -> torch.device:
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
-    # Batches are a function of (seed, epoch) alone, so a resumed run draws the very same batches.
-    return seed * 1_000_003 + epoch
+    # Batches are a function of (seed, epoch) alone, so a resumed run draws the very same batches. The modulus only
+    # keeps seeds up to 2**32 within torch's 64-bit seed range (smaller values are unchanged).
+    return (seed * 1_000_003 + epoch) % 2**63
 
 
 def epoch_permutation(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
@@ -139,7 +322,7 @@ def epoch_batch(
     idx = perm[batch * batch_size : (batch + 1) * batch_size]
     x = x_train[idx]
     if data.augment is not None:
-        x = data.augment(x, torch.Generator().manual_seed(_epoch_seed(seed, epoch) * 100_003 + batch))
+        x = data.augment(x, torch.Generator().manual_seed((_epoch_seed(seed, epoch) * 100_003 + batch) % 2**63))
     return x, y_train[idx]
 
 
@@ -177,6 +360,8 @@ class _Trainer:
         self.loss_sum, self.loss_count = 0.0, 0
         self.elapsed = 0.0
         self.history: list[dict[str, Any]] = []
+        self.initial_loss: float | None = None  # the run's first training loss, for the divergence rule
+        self.saved_at = time.monotonic()
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -198,12 +383,16 @@ class _Trainer:
             },
             "history": self.history,
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()},
+            "config": run_identity(self.cfg),
+            "initial_loss": self.initial_loss,
         }
         atomic_save_torch(self.checkpoint_path, state)
+        self.saved_at = time.monotonic()
 
     def load_checkpoint(self) -> None:
-        # Our own file, holding optimizer states of third-party classes: a full unpickle is needed.
-        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        state = read_checkpoint(self.checkpoint_path, self.device)
+        refuse_other_config(self.out, self.checkpoint_path.name, state.get("config"), run_identity(self.cfg))
+        self.initial_loss = state.get("initial_loss")
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         p = state["progress"]
@@ -296,6 +485,7 @@ class _Trainer:
                 while self.batch < self.steps_per_epoch and self.steps < self.total_steps:
                     x, y = epoch_batch(self.data, perm, self.batch, t.batch_size, cfg.seed, self.epoch)
                     value = self.train_step(x, y)
+                    self.check_explosion(value)
                     self.steps += 1
                     self.batch += 1
                     self.loss_sum += value * len(y)
@@ -307,6 +497,9 @@ class _Trainer:
                     if _checkpoint_requested:
                         self.save_checkpoint()
                         return {"status": "preempted", "steps": self.steps, "output_dir": str(self.out)}
+                    minutes = t.get("checkpoint_minutes")
+                    if minutes and time.monotonic() - self.saved_at >= 60 * minutes:
+                        self.save_checkpoint()
                 # When max_steps stops the run inside an epoch, that partial epoch is the run's last row: it is
                 # evaluated and reported like any other (a pruner then sees the final value of a finished trial).
                 self.end_epoch(logger)
@@ -328,6 +521,19 @@ class _Trainer:
         if error is not None:
             raise error
         return metrics
+
+    def check_explosion(self, value: float) -> None:
+        """The divergence rule for finite losses: a training loss above `trainer.diverge_factor` times the run's
+        first training loss means the run exploded (a step size of 2e9 can keep every number finite)."""
+        if self.initial_loss is None:
+            self.initial_loss = value
+        factor = self.cfg.trainer.get("diverge_factor")
+        if factor is not None and value > factor * max(self.initial_loss, 1e-12):
+            raise _Diverged(
+                self.steps + 1,
+                f"training loss {value:.4g} exceeded trainer.diverge_factor={factor:g} times its initial value "
+                f"{self.initial_loss:.4g}",
+            )
 
     def end_epoch(self, logger: RunLogger, callback: bool = True) -> None:
         self.history.append(self.epoch_row(self.epoch + 1))
@@ -376,6 +582,8 @@ class _Trainer:
             model=self.cfg.model.name,
             dataset=self.cfg.dataset.name,
             status=status,
+            config=run_identity(self.cfg),
+            config_fingerprint=fingerprint(run_identity(self.cfg)),
         )
         if error is not None:
             metrics["error"] = f"{type(error).__name__}: {error}"
@@ -403,27 +611,31 @@ def run(
     with open_dict(cfg):
         cfg.paths.output_dir = str(out)
     validate(cfg)
-    metrics_path = out / "metrics.json"
-    if metrics_path.is_file() and not cfg.trainer.force:
-        stored = json.loads(metrics_path.read_text())
-        if stored.get("status") in FINISHED:
+    if not cfg.trainer.force:
+        stored = check_run_dir(out, cfg, hydra_dir=output_dir is None)
+        if stored is not None:
             log.info("skipping %s: metrics.json records a %s run (trainer.force=true reruns it)", out, stored["status"])
             return stored
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out)
     if cfg.trainer.force:
         for name in ("metrics.json", "history.csv", "checkpoint.pt"):
             (out / name).unlink(missing_ok=True)
     global _preempted
-    trainer = _Trainer(cfg, out, epoch_callback)
-    logger = build_logger(cfg, out)
-    try:
-        metrics = trainer.fit(logger)
-        _preempted = _preempted or metrics.get("status") == "preempted"
-        return metrics
-    finally:
-        logger.finish({})
-        # Cleared at the end, not the start: a preemption signal that arrives while the data loads still counts.
-        _checkpoint_requested = False
+    # From here on a signal asks for a checkpoint (saved after the first step when it arrives while data loads).
+    with _stop_on_signals():
+        trainer = _Trainer(cfg, out, epoch_callback)
+        logger = build_logger(cfg, out)
+        try:
+            metrics = trainer.fit(logger)
+            _preempted = _preempted or metrics.get("status") == "preempted"
+            if metrics.get("status") == "preempted" and _interrupted_by is not None:
+                raise Interrupted(metrics["steps"], _interrupted_by)
+            return metrics
+        finally:
+            logger.finish({})
+            # Cleared at the end, not the start: a preemption signal that arrives while the data loads still counts.
+            _checkpoint_requested = False
 
 
 def format_summary(metrics: dict[str, Any], output_dir: str | Path | None = None) -> str:

@@ -722,7 +722,11 @@ def tune(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any
 
 
 def _error(message: str) -> None:
-    print(f"error: {message.splitlines()[0]}", file=sys.stderr)
+    from bench.io import mask_secrets
+    from bench.rundir import discard_if_unused
+
+    print(f"error: {mask_secrets(message.splitlines()[0])}", file=sys.stderr)
+    discard_if_unused()  # bad input leaves no run directory behind
     sys.exit(2)
 
 

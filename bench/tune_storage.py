@@ -24,11 +24,21 @@ import sqlalchemy
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-__all__ = ["RDB_BACKENDS", "StorageSpec", "parse_storage"]
+__all__ = ["RDB_BACKENDS", "StorageSpec", "StorageUnavailableError", "parse_storage"]
 
 # The RDB backends the project tests against (SQLite embedded, PostgreSQL for clusters).
 RDB_BACKENDS = ("sqlite", "postgresql")
 _JOURNAL_PREFIX = "journal:"
+
+
+def _config_error() -> type[ValueError]:
+    from bench.config import ConfigError
+
+    return ConfigError
+
+
+class StorageUnavailableError(_config_error()):  # a ConfigError: the CLIs print its one line and exit 2
+    """`tune.storage` is well formed but cannot be opened (server down, path not writable)."""
 
 
 @dataclass(frozen=True)
@@ -52,8 +62,20 @@ class StorageSpec:
         """Open (creating if needed) the storage."""
         # Workers of a job array start together; Optuna's table creation is not safe against that
         # (PostgreSQL: "duplicate key ... pg_type_typname_nsp_index" on CREATE TYPE), so one at a time.
-        with self.lock("open"):
-            return self._open(heartbeat_interval_s, grace_period_s)
+        try:
+            with self.lock("open"):
+                return self._open(heartbeat_interval_s, grace_period_s)
+        except (sqlalchemy.exc.SQLAlchemyError, OSError) as e:
+            raise StorageUnavailableError(self.unavailable(e)) from None
+
+    def unavailable(self, error: BaseException) -> str:
+        """One line saying that this storage cannot be opened, why, and what to check (no password in it)."""
+        from bench.io import mask_secrets
+
+        lines = [line.strip() for line in str(getattr(error, "orig", None) or error).splitlines() if line.strip()]
+        reason = mask_secrets(lines[0] if lines else type(error).__name__)[:240]
+        what = "a reachable server" if self.backend == "postgresql" else "a path this user can write"
+        return f"`tune.storage` must be {what}, but {self.display()} could not be opened: {reason}"
 
     def _open(self, heartbeat_interval_s: int, grace_period_s: int | None) -> optuna.storages.BaseStorage:
         if self.kind == "journal":
@@ -67,7 +89,10 @@ class StorageSpec:
             # Heartbeats are marked experimental, but they are the documented way to fail a killed worker's trial.
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(
-                self.target, heartbeat_interval=heartbeat_interval_s, grace_period=grace_period_s
+                self.target,
+                heartbeat_interval=heartbeat_interval_s,
+                grace_period=grace_period_s,
+                engine_kwargs=_engine_kwargs(self.backend),
             )
 
     @contextlib.contextmanager
@@ -81,7 +106,9 @@ class StorageSpec:
         if self.backend == "postgresql":
             digest = hashlib.sha256(f"hypergrad.tune:{name}".encode()).digest()
             key = int.from_bytes(digest[:8], "big", signed=True)
-            engine = sqlalchemy.create_engine(self.target, poolclass=sqlalchemy.pool.NullPool)
+            engine = sqlalchemy.create_engine(
+                self.target, poolclass=sqlalchemy.pool.NullPool, **_engine_kwargs(self.backend)
+            )
             try:
                 with engine.connect() as conn:
                     conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
@@ -111,6 +138,14 @@ class StorageSpec:
         return self.lock(f"trials:{study_name}")
 
 
+# An unreachable server fails within this many seconds instead of waiting for the OS's TCP timeout (minutes).
+CONNECT_TIMEOUT_S = 10
+
+
+def _engine_kwargs(backend: str) -> dict:
+    return {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}} if backend == "postgresql" else {}
+
+
 def _safe(name: str) -> str:
     """A file-name-safe, collision-free stand-in for a study name."""
     return hashlib.sha256(name.encode()).hexdigest()[:16]
@@ -131,7 +166,9 @@ def parse_storage(value: str | None, default_sqlite: str | Path) -> StorageSpec:
     try:
         url = make_url(value)
     except ArgumentError:
-        raise ValueError(f"`tune.storage` must be {allowed}, but got {value!r}") from None
+        from bench.io import mask_secrets
+
+        raise ValueError(f"`tune.storage` must be {allowed}, but got {mask_secrets(value)!r}") from None
     backend = url.get_backend_name()
     if backend not in RDB_BACKENDS:
         shown = url.render_as_string(hide_password=True)

@@ -10,17 +10,20 @@ The contract of the functional core is in :mod:`hypergrad.rules` (one update rul
 (the tower over explicit state).
 """
 
-from hypergrad.errors import NonFiniteHyperparameterError
-from hypergrad.optim import SGD, AdaGrad, Adam, HyperOptimizer, RMSProp, tower
-from hypergrad.rules import Rule, register, rules
+from hypergrad import rules  # the module (the registry is hypergrad.rules.rules())
+from hypergrad.errors import NonFiniteGradientError, NonFiniteHyperparameterError
+from hypergrad.optim import SGD, AdaGrad, Adam, AdamW, HyperOptimizer, RMSProp, tower
+from hypergrad.rules import Rule, register
 from hypergrad.spec import Level, Tower, format_spec, parse_spec
 
 __all__ = [
     "SGD",
     "AdaGrad",
     "Adam",
+    "AdamW",
     "HyperOptimizer",
     "Level",
+    "NonFiniteGradientError",
     "NonFiniteHyperparameterError",
     "RMSProp",
     "Rule",

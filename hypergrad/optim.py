@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -9,11 +10,12 @@ import torch
 from torch import Tensor
 
 from hypergrad import core
-from hypergrad.errors import NonFiniteHyperparameterError
-from hypergrad.rules import AdaGradRule, AdamRule, RMSPropRule, SGDRule
-from hypergrad.spec import Level, Tower, format_spec, parse_spec
+from hypergrad.errors import NonFiniteGradientError, NonFiniteHyperparameterError
+from hypergrad.rules import AdaGradRule, AdamRule, AdamWRule, RMSPropRule, SGDRule
+from hypergrad.spec import Level, Tower, format_spec, parse_spec, validate_value
+from hypergrad.stable import stabilize
 
-__all__ = ["SGD", "AdaGrad", "Adam", "HyperOptimizer", "RMSProp", "tower"]
+__all__ = ["SGD", "AdaGrad", "Adam", "AdamW", "HyperOptimizer", "RMSProp", "tower"]
 
 
 class HyperOptimizer(torch.optim.Optimizer):
@@ -32,36 +34,56 @@ class HyperOptimizer(torch.optim.Optimizer):
 
     Param groups may override level 1's initial values (``{"params": ..., "lr": 0.1}``); each group then learns its
     own. ``parameterization="log"`` stores step sizes as their logarithm so they can never turn negative (the paper's
-    reference stores them raw, the default here). With ``check_finite`` (default) a step whose new hyperparameters are
-    not finite raises :class:`NonFiniteHyperparameterError` and leaves weights and state untouched.
+    reference stores them raw, the default here). ``stable=True`` is the opt-in mode of docs/stable.md (log step
+    sizes, normalized hyper-updates bounded per step). With ``check_finite`` (default) a step whose new
+    hyperparameters are not finite raises :class:`NonFiniteHyperparameterError` and leaves weights and state
+    untouched.
 
-    Memory: besides its rule's state, the optimizer keeps one copy of the gradients and of the previous state (the
-    inputs of the last step, replayed by ``load_state_dict`` so that the next hypergradient is exact).
+    Memory: besides its rule's state, the optimizer keeps its own copy of the gradients and of the previous state
+    (the inputs of the last step, replayed by ``load_state_dict`` so that the next hypergradient is exact). Owning
+    them is what makes every torch.optim loop right: ``zero_grad(set_to_none=False)``, gradient accumulation,
+    ``step(closure)``, ``GradScaler``, DDP with ``gradient_as_bucket_view=True`` and compiled models.
     """
 
     def __init__(
         self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
         spec: str | Tower | Level,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
         *,
         parameterization: str = "reference",
         check_finite: bool = True,
+        stable: bool = False,
+        per_tensor: bool = False,
     ) -> None:
+        if not _is_spec(spec) and _is_spec(params):
+            spec, params = params, spec  # the torch.optim order, HyperOptimizer(params, spec), kept working
         self.spec = parse_spec(spec)
+        if stable:  # docs/stable.md: log step sizes, scale-free and bounded hyper-updates
+            if parameterization not in ("reference", "log"):
+                raise ValueError(f"parameterization must be 'reference' or 'log', but got {parameterization!r}")
+            self.spec, parameterization = stabilize(self.spec), "log"
+        self.stable = stable
         self.parameterization = parameterization
         self.check_finite = check_finite
         self._tower: core.TowerState | None = None
         self._live: core.TowerState | None = None
         self._deltas: list[Tensor | None] = []
         self._prev: tuple[core.TowerState, list[Tensor | None], list[list[Tensor]]] | None = None
-        self._grad_versions: list[int | None] = []
+        self._published: list[dict[str, float]] = []
+        if not isinstance(per_tensor, bool):
+            raise TypeError(f"per_tensor must be True or False, but got {per_tensor!r}")
+        self.per_tensor = per_tensor
+        if per_tensor:
+            params = _split_per_tensor(params)
         super().__init__(params, dict(self.spec.levels[0].values))
         self._plan = self._make_plan()  # validates every group's values now, not at the first step
+        self._published = [self._group_values(g) for g in self.param_groups]
 
     # -- torch.optim plumbing -------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if getattr(self, "_tower", None) is not None:
+        if getattr(self, "_live", None) is not None:
             raise ValueError("add_param_group must be called before the first step of a HyperOptimizer")
+        self._tower = None  # a state made before any step (e.g. by hyperparameters()) is rebuilt with the new group
         rule = self.spec.levels[0].rule
         unknown = sorted(set(param_group) - {"params", *rule.defaults})
         if unknown:
@@ -69,26 +91,61 @@ class HyperOptimizer(torch.optim.Optimizer):
                 f"param group key {unknown[0]!r} is not a hyperparameter of {rule.name}; "
                 f"allowed: {', '.join(rule.defaults)}"
             )
+        param_group = dict(param_group)
+        for name in rule.defaults:
+            if name in param_group:
+                param_group[name] = validate_value(name, param_group[name], f"param group {name!r}: ")
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        for i, p in enumerate(params):
+            if isinstance(p, Tensor) and not p.is_floating_point():
+                raise TypeError(
+                    f"params[{i}] must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+                    f"but got dtype {p.dtype}"
+                )
+        param_group["params"] = params
         super().add_param_group(param_group)
         if hasattr(self, "_plan"):
             self._plan = self._make_plan()
+            self._published = [self._group_values(g) for g in self.param_groups]
 
     def _make_plan(self) -> core.Plan:
         names = self.spec.levels[0].rule.defaults
-        return core.make_plan(
+        plan = core.make_plan(
             self.spec,
             [{k: v for k, v in g.items() if k in names} for g in self.param_groups],
             [len(g["params"]) for g in self.param_groups],
             self.parameterization,
         )
+        # A value that overflows the dtype the hyperparameters live in would make the first step non-finite.
+        dtype = self._dtype()
+        for k, per_group in enumerate(plan.initial):
+            for values in per_group:
+                for name, v in values.items():
+                    if isinstance(v, float) and not math.isfinite(float(torch.tensor(v, dtype=dtype))):
+                        raise ValueError(
+                            f"{plan.rules[k].name}: {name} must be finite in {dtype} (the dtype of the learned "
+                            f"hyperparameters), but got {v!r}"
+                        )
+        return plan
 
     def _params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
+    def _dtype(self) -> torch.dtype:
+        """The dtype of the hyperparameters, the towers' state and the gradients' copies: float64 when any
+        parameter is float64, else float32 (bfloat16 and float16 cannot hold betas such as 0.999)."""
+        params = self._params()
+        return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+
     def _ensure_state(self) -> core.TowerState:
         if self._tower is None:
-            self._tower = core.init(self._plan, self._params())
+            dtype = self._dtype()
+            self._tower = core.init(self._plan, [p.detach().to(dtype) for p in self._params()])
         return self._tower
+
+    def _group_values(self, group: Mapping[str, Any]) -> dict[str, float]:
+        return {n: group[n] for n in self.spec.levels[0].rule.defaults}
 
     @property
     def height(self) -> int:
@@ -99,7 +156,18 @@ class HyperOptimizer(torch.optim.Optimizer):
         return format_spec(self.spec)
 
     def __repr__(self) -> str:
-        return f"HyperOptimizer({format_spec(self.spec)!r})"
+        learned = self._plan.learned[0]
+        lines = [f"HyperOptimizer {format_spec(self.spec)!r} ("]
+        for i, group in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {i}")
+            for name in self.spec.levels[0].rule.defaults:
+                lines.append(f"    {name}: {group[name]:.6g}" + (" (learned)" if name in learned else ""))
+        if self.height:
+            for k, values in enumerate(self.hyperparameters()[1:], start=2):
+                shown = ", ".join(f"{n}={v:.6g}" for n, v in values.items())
+                lines.append(f"Level {k} ({self._plan.rules[k - 1].name}): {shown}")
+        lines.append(")")
+        return "\n".join(lines)
 
     # -- the step ---------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -108,44 +176,88 @@ class HyperOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._take_writes()
         before = self._ensure_state()
         params = self._params()
-        # Not copied: autograd's version counter catches a gradient zeroed in place before the next step uses it.
-        grads = [None if p.grad is None else p.grad.detach() for p in params]
+        dtype = self._dtype()
+        # Own copies: the user may zero p.grad in place, or DDP may reuse it as a bucket view, before the next step
+        # reads this step's gradients again for its hypergradient.
+        grads = [None if p.grad is None else p.grad.detach().to(dtype, copy=True) for p in params]
         if self._live is None:
             hyper = core.zero_hypergradients(before)
         else:
-            try:
-                hyper = core.hypergradients(self._plan, self._live, self._deltas, grads)
-            except RuntimeError as e:
-                if "modified by an inplace operation" not in str(e):
-                    raise
-                raise RuntimeError(
-                    "the previous step's gradients were modified in place (zero_grad(set_to_none=False)?); a "
-                    "HyperOptimizer needs them for the next hypergradient: use zero_grad() with set_to_none=True"
-                ) from None
+            hyper = core.hypergradients(self._plan, self._live, self._deltas, grads)
         live, deltas = core.update(self._plan, before, grads, hyper)
         if self.check_finite:
-            self._raise_if_not_finite(live)
+            self._raise_if_not_finite(live, grads)
         updated = [(p, d) for p, d in zip(params, deltas, strict=True) if d is not None]
         if updated:
-            torch._foreach_sub_([p for p, _ in updated], [d.detach() if d.requires_grad else d for _, d in updated])
+            torch._foreach_sub_(
+                [p for p, _ in updated],
+                [(d.detach() if d.requires_grad else d).to(p.dtype) for p, d in updated],
+            )
         self._live, self._deltas = live, deltas
         # The closed-form path records no graph: its state needs no detaching, only dropping the vjp's trace.
         self._tower = live._replace(trace=None) if self._plan.closed_form else core.detach(live)
         self._prev = (before, grads, hyper)
-        self._grad_versions = [None if g is None else g._version for g in grads]
+        self._publish()
         return loss
 
-    def _raise_if_not_finite(self, live: core.TowerState) -> None:
+    def _publish(self) -> None:
+        """Write the learned level-1 values into ``param_groups`` (what LR monitors and schedulers read)."""
+        learned = self._plan.learned[0]
+        if not learned or self._tower is None:
+            return
+        values = core.natural_values(self._plan, 0, self._tower.levels[0].hp)
+        flat = torch.stack([values[g][n].detach().reshape(()) for g in range(len(values)) for n in learned]).tolist()
+        for g, group in enumerate(self.param_groups):
+            for i, name in enumerate(learned):
+                group[name] = flat[g * len(learned) + i]
+            self._published[g] = self._group_values(group)
+
+    def _take_writes(self) -> None:
+        """A value written into ``param_groups`` (by a scheduler or by hand) since the last step becomes the
+        hyperparameter's current value; a learned one then goes on learning from there."""
+        learned = self._plan.learned[0]
+        rebuild = False
+        for g, group in enumerate(self.param_groups):
+            for name, old in self._published[g].items():
+                new = group[name]
+                if new is old or (isinstance(new, float) and new == old):
+                    continue
+                new = group[name] = validate_value(name, new, f"param_groups[{g}][{name!r}]: ")
+                if name not in learned or self._tower is None:
+                    rebuild = True
+                    continue
+                i = learned.index(name)
+                raw = self._plan.transforms[0][i].inverse(torch.tensor(new, dtype=self._dtype()))
+                if not bool(torch.isfinite(raw)):
+                    raise ValueError(
+                        f"param_groups[{g}][{name!r}] must be > 0 with parameterization="
+                        f"{self.parameterization!r}, but got {new!r}"
+                    )
+                hp = list(self._tower.levels[0].hp)
+                hp[g] = hp[g].detach().clone()
+                hp[g][..., i] = raw.to(hp[g].device)
+                levels = [self._tower.levels[0]._replace(hp=hp), *self._tower.levels[1:]]
+                self._tower = self._tower._replace(levels=levels)
+        if rebuild:
+            self._plan = self._make_plan()
+        self._published = [self._group_values(g) for g in self.param_groups]
+
+    def _raise_if_not_finite(self, live: core.TowerState, grads: list[Tensor | None]) -> None:
         hps = [h.detach().reshape(-1) for lv in live.levels for h in lv.hp]
         if not hps or bool(torch.isfinite(torch.cat(hps)).all()):
             return
+        # A non-finite gradient makes every hypergradient non-finite: name the cause, not its consequence.
+        for i, g in enumerate(grads):
+            if g is not None and not bool(torch.isfinite(g).all()):
+                raise NonFiniteGradientError(i, tuple(g.shape), live.step)
         for k, lv in enumerate(live.levels):
             for raw in lv.hp:
                 for i, name in enumerate(self._plan.learned[k]):
                     value = float(self._plan.transforms[k][i].forward(raw[..., i].detach()))
-                    if not torch.isfinite(torch.tensor(value)):
+                    if not math.isfinite(value):
                         raise NonFiniteHyperparameterError(k + 1, name, value, live.step)
         raise NonFiniteHyperparameterError(0, "?", float("nan"), live.step)  # unreachable: some value was non-finite
 
@@ -155,6 +267,7 @@ class HyperOptimizer(torch.optim.Optimizer):
 
         Level 1 is reported for param group ``group``; levels above are shared by all groups.
         """
+        self._take_writes()
         state = self._ensure_state()
         out = []
         for k, level in enumerate(state.levels):
@@ -166,13 +279,6 @@ class HyperOptimizer(torch.optim.Optimizer):
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        if self._prev is not None and any(
-            g is not None and g._version != v for g, v in zip(self._prev[1], self._grad_versions, strict=True)
-        ):
-            raise RuntimeError(
-                "the last step's gradients were modified in place (zero_grad(set_to_none=False)?), so this state "
-                "cannot be continued exactly; use zero_grad() with set_to_none=True"
-            )
         sd = super().state_dict()
         sd["tower"] = {
             "spec": format_spec(self.spec),
@@ -187,30 +293,67 @@ class HyperOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         state_dict = dict(state_dict)
         saved = state_dict.pop("tower", None)
-        if saved is None:
+        if not isinstance(saved, Mapping):
             raise ValueError("state_dict has no 'tower' entry: it was not saved by a HyperOptimizer")
+        missing = [k for k in ("spec", "parameterization", "state", "prev") if k not in saved]
+        if missing:
+            raise ValueError(
+                f"state_dict['tower'] must have the keys spec, parameterization, state and prev, but {missing[0]!r} "
+                "is missing"
+            )
         if saved["spec"] != format_spec(self.spec) or saved["parameterization"] != self.parameterization:
             raise ValueError(
                 f"state_dict is for tower {saved['spec']!r} ({saved['parameterization']}), "
                 f"but this optimizer is {format_spec(self.spec)!r} ({self.parameterization})"
             )
+        params = self._params()
+        if saved["prev"] is not None:
+            grads = saved["prev"]["grads"]
+            if len(grads) != len(params):
+                raise ValueError(f"state_dict is for {len(grads)} parameters, but this optimizer has {len(params)}")
+            for i, (g, p) in enumerate(zip(grads, params, strict=True)):
+                if g is not None and tuple(g.shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"state_dict parameter {i} has shape {tuple(g.shape)}, but this optimizer's parameter {i} "
+                        f"has shape {tuple(p.shape)}: was it saved for another model?"
+                    )
         super().load_state_dict(state_dict)
         self._plan = self._make_plan()
-        fresh = core.init(self._plan, self._params())
-        like = self._params()[0]
+        dtype = self._dtype()
+        fresh = core.init(self._plan, [p.detach().to(dtype) for p in params])
+        like = params[0]
         self._tower = None if saved["state"] is None else _unpack(saved["state"], fresh, like)
         self._live, self._deltas, self._prev = None, [], None
         if saved["prev"] is not None:
             before = _unpack(saved["prev"]["state"], fresh, like)
             grads = [
-                None if g is None else g.to(p.device, p.dtype)
-                for g, p in zip(saved["prev"]["grads"], self._params(), strict=True)
+                None if g is None else g.to(p.device, dtype)
+                for g, p in zip(saved["prev"]["grads"], params, strict=True)
             ]
-            hyper = [[h.to(like.device, like.dtype) for h in lv] for lv in saved["prev"]["hyper"]]
-            # Replaying the last step rebuilds the graph that the next hypergradient differentiates.
+            hyper = [[h.to(like.device, dtype) for h in lv] for lv in saved["prev"]["hyper"]]
+            # Replaying the last step rebuilds what the next hypergradient differentiates.
             self._live, self._deltas = core.update(self._plan, before, grads, hyper)
             self._prev = (before, grads, hyper)
-            self._grad_versions = [None if g is None else g._version for g in grads]
+        self._published = [self._group_values(g) for g in self.param_groups]
+
+
+def _split_per_tensor(params: Iterable[Tensor] | Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One param group per tensor, each with its group's values: each tensor then learns its own step size."""
+    if isinstance(params, Tensor):
+        params = [params]
+    out = []
+    for item in params:
+        if isinstance(item, dict):
+            tensors = item["params"]
+            tensors = [tensors] if isinstance(tensors, Tensor) else list(tensors)
+            out += [{**item, "params": [p]} for p in tensors]
+        else:
+            out.append({"params": [item]})
+    return out
+
+
+def _is_spec(x: object) -> bool:
+    return isinstance(x, str | Tower | Level)
 
 
 def _pack(state: core.TowerState) -> dict[str, Any]:
@@ -242,9 +385,19 @@ def _unpack(packed: dict[str, Any], fresh: core.TowerState, like: Tensor) -> cor
 def _level_factory(rule_cls: type, doc: str) -> Callable[..., Level]:
     rule = rule_cls()
 
-    def make(lr: float | None = None, *, learn: Iterable[str] | None = None, **values: float) -> Level:
+    def make(*args: float, learn: Iterable[str] | None = None, **values: float) -> Level:
+        # *args, not lr=None: Adam(model.parameters(), lr=1e-3) must reach the clear error below.
+        lr = args[0] if args else values.pop("lr", None)
+        if len(args) > 1 or (args and "lr" in values) or (lr is not None and not isinstance(lr, int | float)):
+            raise TypeError(
+                f"{make.__name__}(...) builds one level of a tower, not an optimizer, so its first argument is the "
+                f"step size, but got {type(args[0] if args else lr).__name__}; build the optimizer with "
+                f"hypergrad.tower(hypergrad.{make.__name__}(1e-3) / hypergrad.SGD(1e-5), model.parameters())"
+            )
         if lr is not None:
             values["lr"] = lr
+        if isinstance(learn, str):
+            raise TypeError(f"learn must be a list of hyperparameter names, e.g. learn=['lr'], but got {learn!r}")
         return Level(rule, values, None if learn is None else tuple(learn))
 
     make.__name__ = make.__qualname__ = rule_cls.__name__.removesuffix("Rule")
@@ -259,6 +412,10 @@ SGD = _level_factory(
 Adam = _level_factory(
     AdamRule,
     """A level of Adam: ``Adam(1e-3, beta1=0.9, beta2=0.999)``; ``Adam(learn=["lr"])`` is the paper's Adam^alpha.""",
+)
+AdamW = _level_factory(
+    AdamWRule,
+    """A level of AdamW (decoupled weight decay, learnable too): ``AdamW(1e-3, weight_decay=0.01)``.""",
 )
 AdaGrad = _level_factory(AdaGradRule, """A level of AdaGrad: ``AdaGrad(0.01)``.""")
 RMSProp = _level_factory(
@@ -275,4 +432,4 @@ def tower(spec: str | Tower | Level, params: Iterable[Tensor] | Iterable[dict[st
     >>> str(opt), opt.height
     ('sgd(0.1)/sgd(0.001)', 1)
     """
-    return HyperOptimizer(params, spec, **kw)
+    return HyperOptimizer(spec, params, **kw)

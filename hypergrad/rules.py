@@ -42,6 +42,8 @@ __all__ = [
     "AdaGradRule",
     "AdamRule",
     "AdamState",
+    "AdamWRule",
+    "AdamWState",
     "EmptyState",
     "RMSPropRule",
     "Rule",
@@ -71,6 +73,12 @@ class AdamState(NamedTuple):
 
 class SumState(NamedTuple):
     sum: Tensor
+
+
+class AdamWState(NamedTuple):
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    param: Tensor  # the rule's own copy of the weights, which the decoupled decay reads
 
 
 class Rule:
@@ -131,7 +139,8 @@ class SGDRule(Rule):
         momentum = hp["momentum"]
         if isinstance(momentum, float) and momentum == 0.0:
             return grad * hp["lr"], state
-        buf = grad if state.momentum_buffer is None else state.momentum_buffer * momentum + grad
+        # The first buffer is a copy, never the gradient itself, which its owner may zero or reuse in place.
+        buf = grad.clone() if state.momentum_buffer is None else state.momentum_buffer * momentum + grad
         return buf * hp["lr"], SGDState(buf)
 
     has_vjp = True
@@ -193,6 +202,40 @@ class AdamRule(Rule):
             w_v = b2 * w_v0 + (1.0 - b2) * w_g2
             out["beta2"] = -0.5 * lr / c1 * ((w_v0 - w_g2) / c2 + w_v * t * b2 ** (t - 1.0) / (c2 * c2))
         return out
+
+
+class AdamWRule(Rule):
+    """Adam with decoupled weight decay (Loshchilov & Hutter): ``delta = lr * wd * param + lr * m_hat / (sqrt(v_hat)
+    + eps)``, as ``torch.optim.AdamW``; ``weight_decay`` is learnable like the rest. The second moment starts at eps,
+    as in :class:`AdamRule`.
+
+    The update rule sees only gradients, so the state keeps its own copy of the weights (updated with the same delta
+    the optimizer applies; one weight-sized tensor). Weights changed outside ``step()`` after the optimizer was built
+    are not seen by the decay: load them before building it, or with ``load_state_dict``.
+    """
+
+    name = "adamw"
+    defaults: ClassVar[Mapping[str, float]] = {
+        "lr": 0.001,
+        "beta1": 0.9,
+        "beta2": 0.999,
+        "eps": 1e-8,
+        "weight_decay": 0.01,
+    }
+    transforms: ClassVar[Mapping[str, Transform]] = {
+        "lr": IDENTITY,
+        "beta1": HALF_TANH,
+        "beta2": HALF_TANH,
+        "weight_decay": IDENTITY,
+    }
+
+    def init(self, param: Tensor, hp: HP) -> AdamWState:
+        return AdamWState(torch.zeros_like(param), torch.zeros_like(param) + hp["eps"], param.detach().clone())
+
+    def update(self, grad: Tensor, state: AdamWState, hp: HP, step: int) -> tuple[Tensor, AdamWState]:
+        delta, adam = AdamRule.update(self, grad, AdamState(state.exp_avg, state.exp_avg_sq), hp, step)  # type: ignore[arg-type]
+        delta = delta + hp["lr"] * hp["weight_decay"] * state.param
+        return delta, AdamWState(adam.exp_avg, adam.exp_avg_sq, state.param - delta)
 
 
 class AdaGradRule(Rule):
@@ -260,5 +303,5 @@ def rules() -> Mapping[str, Rule]:
     return dict(_RULES)
 
 
-for _rule in (SGDRule(), AdamRule(), AdaGradRule(), RMSPropRule()):
+for _rule in (SGDRule(), AdamRule(), AdamWRule(), AdaGradRule(), RMSPropRule()):
     register(_rule)

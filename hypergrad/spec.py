@@ -13,6 +13,8 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from hypergrad.rules import Rule, rules
 
 __all__ = ["Level", "Tower", "format_spec", "parse_spec", "validate_value"]
@@ -25,13 +27,16 @@ _RANGES = {
     "beta2": (0.0, 1.0, False, False),
     "gamma": (0.0, 1.0, False, False),
     "eps": (0.0, math.inf, True, False),
+    "weight_decay": (0.0, math.inf, True, False),
 }
 
 
-def validate_value(name: str, value: float, where: str = "") -> float:
+def validate_value(name: str, value: object, where: str = "") -> float:
     """Return ``value`` as float, or raise ValueError naming the key, the value and the allowed range."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.requires_grad:
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{where}{name} must be a number, but got {value!r}")
+        raise TypeError(f"{where}{name} must be a number, but got {value!r}")
     value = float(value)
     low, high, low_in, high_in = _RANGES.get(name, (-math.inf, math.inf, False, False))
     ok = math.isfinite(value) and (value > low or (low_in and value == low)) and (value < high or high_in)
@@ -60,6 +65,13 @@ class Level:
         merged = {k: validate_value(k, self.values.get(k, d), where) for k, d in self.rule.defaults.items()}
         object.__setattr__(self, "values", merged)
         if self.learned is not None:
+            if isinstance(self.learned, str) or not all(isinstance(n, str) for n in self.learned):
+                raise TypeError(
+                    f"{where}learn must be a list of hyperparameter names, e.g. ['lr'], but got {self.learned!r}"
+                )
+            twice = sorted({n for n in self.learned if self.learned.count(n) > 1})
+            if twice:
+                raise ValueError(f"{where}{twice[0]!r} is named twice in the learned subset {list(self.learned)!r}")
             learnable = self.rule.learnable(merged)
             for name in self.learned:
                 if name not in learnable:
@@ -128,7 +140,8 @@ def format_spec(tower: Tower) -> str:
 
 
 _TOKEN = re.compile(
-    r"\s*(?:(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<num>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)|(?P<sym>[/()\[\],=]))"
+    r"\s*(?:(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<num>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)|(?P<sym>[/()\[\],=]))",
+    re.ASCII,  # "\d" would otherwise read full-width and other Unicode digits as numbers
 )
 
 
@@ -194,6 +207,9 @@ class _Parser:
                     key, raw = "lr", m.group("num")
                 else:
                     key = self.take("name", expected="a number or key=value")
+                    if key.lower() in ("nan", "inf", "infinity") and not self.at("="):
+                        self.pos = arg_pos
+                        raise self.error(f"the step size must be a finite number, but got {key!r}")
                     self.take("sym", "=", expected="'='")
                     raw = self.take("num", expected="a number")
                 if key in values:

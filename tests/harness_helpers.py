@@ -111,3 +111,17 @@ def run_bench(
         text=True,
         timeout=timeout,
     )
+
+
+def run_module(
+    module: str, args: list[str], tmp_path: Path, timeout: float = 240, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run `python -m module args` (bench, bench.tune, bench.report) like `run_bench`."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=bench_env(tmp_path, extra_env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

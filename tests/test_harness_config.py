@@ -1,4 +1,4 @@
-"""conf/ and bench.config: every option and preset composes into a run that trains; bad values get one clear line."""
+"""bench/conf/ and bench.config: every option and preset composes into a run that trains; bad values get one clear line."""
 
 from __future__ import annotations
 
@@ -160,7 +160,7 @@ BAD = [
     (["trainer.epochs=-1"], "`trainer.epochs` must be a positive integer, but got -1"),
     (["trainer.batch_size=0"], "`trainer.batch_size` must be a positive integer, but got 0"),
     (["trainer.device=tpu"], "`trainer.device` must be one of ['auto', 'cpu', 'cuda'], but got 'tpu'"),
-    (["seed=abc"], "`seed` must be an integer, but got 'abc'"),
+    (["seed=abc"], "`seed` must be an integer in [0, 2**32), but got 'abc'"),
     (['optimizer.spec="adam("'], "`optimizer.spec` must be a tower in the paper's notation such as 'adam(0.001)/sgd(1e-05)', but got 'adam('"),
     (['optimizer.spec="lion(0.1)"'], "but got 'lion(0.1)'; spec 'lion(0.1)': unknown optimizer 'lion'"),
     (["optimizer.lr=-0.1"], "`optimizer.lr` must be a number in (0, inf), but got -0.1"),
@@ -169,7 +169,7 @@ BAD = [
     (["optimizer.momentum=0.9"], "`optimizer.momentum` must be null for base 'adam' (only sgd has momentum), but got 0.9"),
     (["optimizer=sgd", "optimizer.schedule=linear"], "`optimizer.schedule` must be one of ['constant', 'cosine', 'warmup_cosine', 'step'], but got 'linear'"),
     (["optimizer=schedulefree_sgd", "optimizer.schedule=cosine"], "`optimizer.schedule` must be 'constant' for schedulefree_sgd"),
-    (["optimizer=adam", "optimizer.beta1=1.5"], "`optimizer.beta1` must be a number in [0, 1], but got 1.5"),
+    (["optimizer=adam", "optimizer.beta1=1.5"], "`optimizer.beta1` must be a number in [0, 1), but got 1.5"),
     (["dataset.name=imagenet"], "`dataset.name` must be one of ['mnist5k', 'digits', 'synthetic', 'pydoc_text', 'war_and_peace', 'mnist', 'fashion_mnist', 'cifar10'], but got 'imagenet'"),
     (["model=char_lstm"], "`model` must be one of ['mlp', 'cnn', 'resnet20'] for the image dataset 'mnist5k', but got 'char_lstm'"),
     (["model=resnet20", "model.depth=21"], "`model.depth` must be 6n+2 for n >= 1 (20, 32, 44, 56, ...), but got 21"),

@@ -206,7 +206,7 @@ def test_a_pruned_run_records_pruned_and_the_exception_reaches_the_caller(tmp_pa
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert (metrics["status"], metrics["epochs"], metrics["diverged"]) == ("pruned", 1, False)
     # A pruned run is not a finished one: running the directory again trains it.
-    assert run(compose_config([*FAST, "trainer.epochs=1", "dataset.train_size=256"]), tmp_path)["status"] == "completed"
+    assert run(compose_config([*FAST, "trainer.epochs=3", "dataset.train_size=256"]), tmp_path)["status"] == "completed"
 
 
 def test_bfloat16_autocast_run_still_learns(tmp_path: Path) -> None:

@@ -229,6 +229,7 @@ FD_SPECS = [
     "adagrad(0.1)/rmsprop(1e-3)/sgd(1e-3)",
     "rmsprop(0.01, gamma=0.9)/adagrad(1e-2)/sgd(1e-3)",
     "adam(0.01)/sgd(1e-3)",
+    "adamw(0.01, weight_decay=0.1)/sgd(1e-3)",  # no closed form: autograd on its update on every path
 ]
 
 

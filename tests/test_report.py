@@ -321,7 +321,8 @@ def test_report_writes_every_file_and_a_miss_is_visible(tmp_path: Path) -> None:
     assert len(csv) == 12 and csv["n_diverged"].sum() == 1
     report = (out / "report.md").read_text()
     assert "diverged: 1, counted as misses" in report
-    assert "| sgd/sgd(1e-05) | 2 | 3 of 5 |" in report  # the robustness table: method, decades, points within
+    # The robustness table: method, decades vs own best and vs the overall best (with their ranges), points within.
+    assert "| sgd/sgd(1e-05) | 2 (0.001-0.1) | 2 (0.001-0.1) | 3 of 5 | 4.00% | 90.00% |" in report
     assert result["n_diverged"] == 1
 
 

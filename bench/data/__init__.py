@@ -62,6 +62,13 @@ def split_indices(n: int, val_size: int, test_size: int, seed: int) -> tuple[tor
 
 def _cap(split: Split, size: int | None) -> Split:
     """Keep the first `size` training examples, for quick runs (image splits are already shuffled)."""
+    if size is not None and size > len(split[0]):
+        from bench.config import ConfigError
+
+        raise ConfigError(
+            f"`dataset.train_size` must be at most the {len(split[0])} training examples of this dataset "
+            f"(or null for all), but got {size}"
+        )
     return split if size is None else (split[0][:size], split[1][:size])
 
 

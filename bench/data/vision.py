@@ -3,42 +3,89 @@
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torchvision.datasets as tvd
 from omegaconf import DictConfig
 
 from bench.data import Data, split_indices
 
-__all__ = ["cifar10", "fashion_mnist", "missing_files", "mnist", "random_crop_flip"]
+__all__ = ["cifar10", "cifar_checksum_mismatches", "fashion_mnist", "missing_files", "mnist", "random_crop_flip"]
 
 # CIFAR-10's per-channel mean and standard deviation over its training set.
 _CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 _CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 
-class _CIFAR10Files(tvd.CIFAR10):
-    """CIFAR10 that checks the batch files exist instead of their checksums.
+class _SafeUnpickler(pickle.Unpickler):
+    """An unpickler that rebuilds numpy arrays, lists, dicts and strings, and refuses every other global.
 
-    torchvision pins the md5 of each official batch file, which rejects any re-packed or
-    shrunk copy in the same pickle format (a subset on a cluster's scratch disk, a test's tiny
-    files). A corrupt file still fails when it is unpickled; a download is still checked
-    against the archive's md5 (`tgz_md5`), which this class keeps.
+    A crafted pickle runs code through the globals it names (os.system, builtins.eval, ...); the CIFAR-10 batch
+    format needs only numpy's array reconstruction, so nothing else may be named.
     """
 
-    train_list: ClassVar[list[list[str | None]]] = [[name, None] for name, _ in tvd.CIFAR10.train_list]
-    test_list: ClassVar[list[list[str | None]]] = [[name, None] for name, _ in tvd.CIFAR10.test_list]
-    meta: ClassVar[dict[str, str | None]] = {**tvd.CIFAR10.meta, "md5": None}
+    _ALLOWED: ClassVar[set[tuple[str, str]]] = {
+        (module, name)
+        for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+        for name in ("_reconstruct", "scalar")
+    } | {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays are allowed")
+        return super().find_class(module, name)
+
+
+def _cifar_files() -> list[tuple[str, str]]:
+    """(file name, official md5) of every CIFAR-10 file torchvision reads."""
+    return [*tvd.CIFAR10.train_list, *tvd.CIFAR10.test_list, (tvd.CIFAR10.meta["filename"], tvd.CIFAR10.meta["md5"])]
+
+
+def cifar_checksum_mismatches(cfg: DictConfig) -> list[Path]:
+    """The CIFAR-10 files under `dataset.data_dir` whose md5 differs from the official one (torchvision's list)."""
+    from torchvision.datasets.utils import check_integrity
+
+    folder = Path(cfg.data_dir).expanduser() / tvd.CIFAR10.base_folder
+    return [folder / n for n, md5 in _cifar_files() if (folder / n).is_file() and not check_integrity(folder / n, md5)]
+
+
+def _load_repacked_cifar(root: Path, train: bool) -> tuple[np.ndarray, list[int]]:
+    """CIFAR-10 batches that are not the official files (`dataset.verify_checksums=false`), read without pickle's
+    power to run code: only numpy arrays, lists, dicts and strings are rebuilt."""
+    names = [n for n, _ in (tvd.CIFAR10.train_list if train else tvd.CIFAR10.test_list)]
+    data, labels = [], []
+    for name in names:
+        path = root / tvd.CIFAR10.base_folder / name
+        try:
+            with open(path, "rb") as f:
+                entry = _SafeUnpickler(f, encoding="latin1").load()
+            data.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.extend(int(v) for v in entry["labels"])
+        except Exception as e:
+            from bench.config import ConfigError
+
+            raise ConfigError(
+                f"`dataset.data_dir` must hold CIFAR-10 batches, but {path} is not one ({str(e)[:160]}); "
+                "replace it with the official file"
+            ) from None
+    return np.concatenate(data).transpose(0, 2, 3, 1), labels
 
 
 def missing_files(cfg: DictConfig) -> list[Path]:
     """The files a torchvision dataset needs under `dataset.data_dir` that are not there."""
     root = Path(cfg.data_dir).expanduser()
     if cfg.name == "cifar10":
-        names = [n for n, _ in _CIFAR10Files.train_list + _CIFAR10Files.test_list] + [_CIFAR10Files.meta["filename"]]
-        needed = [root / _CIFAR10Files.base_folder / n for n in names]
+        needed = [root / tvd.CIFAR10.base_folder / n for n, _ in _cifar_files()]
     else:
         cls = tvd.MNIST if cfg.name == "mnist" else tvd.FashionMNIST
         # torchvision reads the uncompressed IDX files from <root>/<ClassName>/raw/.
@@ -105,8 +152,14 @@ def cifar10(cfg: DictConfig) -> Data:
     std = torch.tensor(_CIFAR_STD).view(1, 3, 1, 1)
 
     def load(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        ds = _CIFAR10Files(str(Path(cfg.data_dir).expanduser()), train=train, download=cfg.download)
-        x = torch.as_tensor(ds.data).permute(0, 3, 1, 2).float() / 255.0
-        return (x - mean) / std, torch.as_tensor(ds.targets, dtype=torch.long)
+        root = Path(cfg.data_dir).expanduser()
+        if cfg.get("verify_checksums", True):
+            # torchvision checks every batch file against its official md5 before unpickling it.
+            ds = tvd.CIFAR10(str(root), train=train, download=cfg.download)
+            data, targets = ds.data, ds.targets
+        else:
+            data, targets = _load_repacked_cifar(root, train)
+        x = torch.as_tensor(data).permute(0, 3, 1, 2).float() / 255.0
+        return (x - mean) / std, torch.as_tensor(targets, dtype=torch.long)
 
     return _with_val("cifar10", load(True), load(False), cfg, augment=random_crop_flip if cfg.augment else None)

@@ -50,6 +50,8 @@ class Runs:
 
     table: pd.DataFrame
     studies: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Re-runs bench.rerun could not train (a learned value the base optimizer cannot use): rerun.json records.
+    unusable: list[dict[str, Any]] = field(default_factory=list)
 
 
 def find_run_dirs(inputs: list[str | Path]) -> tuple[list[Path], list[Path]]:
@@ -138,6 +140,22 @@ def _start(metrics: dict[str, Any], init: dict[str, Any]) -> dict[str, float]:
     return start
 
 
+def _rerun_of(run_dir: Path) -> str | None:
+    """The tower spec a re-run directory (with bench.rerun's rerun.json) was built from, normalized; else None."""
+    path = run_dir / "rerun.json"
+    if not path.is_file():
+        return None
+    tower = _read_json(path).get("rerun_of")
+    if not tower:
+        return None
+    from hypergrad import format_spec, parse_spec
+
+    try:
+        return format_spec(parse_spec(str(tower)))
+    except ValueError:
+        return str(tower)
+
+
 def _setting(x: Any) -> float:
     """An initial hyperparameter as a grid coordinate: a tower stores 0.01 as float32 0.009999999776, and
     the same grid point must group with the baseline's float64 0.01, so round to 6 significant digits."""
@@ -161,6 +179,11 @@ def _row(run_dir: Path | str, metrics: dict[str, Any], on_disk: bool = True) -> 
     raw_val = _finite(metrics.get("val_error"))
     hydra = _hydra_info(run_dir) if on_disk else dict.fromkeys(("group", "planned_epochs", "schedule", "experiment"))
     method = str(metrics["method"])
+    rerun = _rerun_of(run_dir) if on_disk else None
+    if rerun is not None:
+        # A re-run (bench.rerun) of a tower's base at its learned values: each seed has its own values, so
+        # the row groups by the tower it came from, not by an initial step size.
+        method = f"{method} re-run of {rerun}"
     if hydra["schedule"] not in (None, "constant") and metrics["family"] != "tower":
         # He et al.'s step decay is another method than the same optimizer at a constant step size.
         method = f"{method} + {hydra['schedule']} schedule"
@@ -170,8 +193,9 @@ def _row(run_dir: Path | str, metrics: dict[str, Any], on_disk: bool = True) -> 
         "family": str(metrics["family"]),
         "height": int(metrics["height"]),
         "optimizer": str(metrics.get("optimizer", metrics["method"])),
-        "lr": _setting(init.get("lr")),
-        "momentum": _setting(init.get("momentum")),
+        "lr": math.nan if rerun is not None else _setting(init.get("lr")),
+        "momentum": math.nan if rerun is not None else _setting(init.get("momentum")),
+        "rerun_of": rerun,
         "seed": metrics["seed"],
         "test_error": MISS_ERROR if miss else raw_test,
         "test_error_raw": raw_test,
@@ -255,4 +279,10 @@ def load_runs(inputs: list[str | Path], progress: bool = True) -> Runs:
             table.loc[mask, "role"] = role
             table.loc[mask, "study"] = str(study_dir)
     _check_compatible(table)
-    return Runs(table=table, studies=studies)
+    unusable = [
+        record
+        for raw in inputs
+        for path in sorted(Path(raw).expanduser().rglob("rerun.json"))
+        if not (path.parent / "metrics.json").is_file() and (record := _read_json(path)).get("status") == "unusable"
+    ]
+    return Runs(table=table, studies=studies, unusable=unusable)

@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from bench.report import plots, tables, write
+from bench.report import claims, plots, tables, write
 from bench.report.load import ReportInputError, Runs, load_runs
 
 __all__ = ["CONF_DIR", "PAPER_NUMBERS", "compose_report_config", "run"]
@@ -50,6 +50,8 @@ def validate(cfg: DictConfig) -> None:
         raise ReportInputError(f"`n_bootstrap` must be >= 1, but got {cfg.n_bootstrap}")
     if not float(cfg.robustness.tolerance) >= 0.0:
         raise ReportInputError(f"`robustness.tolerance` must be >= 0, but got {cfg.robustness.tolerance}")
+    if cfg.get("interval", "t") not in ("t", "bootstrap"):
+        raise ReportInputError(f"`interval` must be t or bootstrap, but got {cfg.interval}")
     if cfg.tuning_cost not in _COSTS:
         raise ReportInputError(f"`tuning_cost` must be one of {', '.join(_COSTS)}, but got {cfg.tuning_cost}")
     if _logger_name(cfg) not in ("none", "wandb"):
@@ -97,23 +99,39 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     confidence, n_resamples = float(cfg.confidence), int(cfg.n_bootstrap)
     tolerance = float(cfg.robustness.tolerance)
 
-    summary = tables.summarize(runs, confidence, n_resamples, int(cfg.seed))
+    summary = tables.summarize(runs, confidence, n_resamples, int(cfg.seed), str(cfg.get("interval", "t")))
     curves = tables.tuning_curves(runs)
     reference = tables.reference_error(summary)
     robust = tables.robustness(summary, reference, tolerance)
     paper = tables.load_paper_numbers(cfg.paper_numbers or PAPER_NUMBERS)
     experiment = _experiment(cfg, runs, paper)
+    summary = claims.attach_paper(summary, paper, experiment)
     comparison = tables.paper_comparison(summary, paper, experiment) if experiment else None
+    claims_table = claims_detail = None
+    answer = None
+    paper_rows = (paper["experiments"].get(experiment) or {}).get("rows") if experiment else None
+    if paper_rows and any("spec" in r for r in paper_rows):
+        claims_table, claims_detail = claims.claims(runs.table, paper_rows, robust, float(cfg.get("alpha", 0.05)))
+        finals = runs.table[runs.table["role"] == "run"]
+        n_seeds = finals.groupby("method")["seed"].nunique()
+        answer = claims.answer(
+            summary,
+            claims_table,
+            str(runs.table["dataset"].iloc[0]),
+            float(finals["epochs"].mean()),
+            f"{n_seeds.min()}" if n_seeds.min() == n_seeds.max() else f"{n_seeds.min()}-{n_seeds.max()}",
+        )
     paper_meta = None
     if comparison is not None:
         paper_meta = {"source": paper.get("source"), "note": paper["experiments"][experiment].get("note")}
 
     colors = plots.method_colors(list(dict.fromkeys(summary["method"])))
+    context = _context(runs)
     figures = {
-        "sensitivity": plots.sensitivity_figure(summary, colors, reference, tolerance, confidence),
-        "tuning_curve": plots.tuning_curve_figure(summary, curves, colors, f"cost_{cfg.tuning_cost}"),
+        "sensitivity": plots.sensitivity_figure(summary, colors, reference, tolerance, confidence, context),
+        "tuning_curve": plots.tuning_curve_figure(summary, curves, colors, f"cost_{cfg.tuning_cost}", context),
         "trajectories": plots.trajectories_figure(
-            plots.select_trajectory_runs(runs.table, int(cfg.trajectories.per_method)), colors, _read_history
+            plots.select_trajectory_runs(runs.table, int(cfg.trajectories.per_method)), colors, _read_history, context
         ),
     }
 
@@ -123,7 +141,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     for name, fig in figures.items():
         if fig is None:
             continue
-        for suffix in (".png", ".svg") if name == "sensitivity" else (".png",):
+        for suffix in (".svg", ".pdf", ".png"):
             fig_path = out / f"{name}{suffix}"
             plots.save_figure(fig, fig_path, close=suffix == ".png")
             written[fig_path.name] = fig_path
@@ -144,6 +162,11 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
         paper=comparison,
         paper_meta=paper_meta,
         experiment=experiment,
+        answer=answer,
+        claims=claims_table,
+        claims_detail=claims_detail,
+        unusable=runs.unusable,
+        interval=str(cfg.get("interval", "t")),
     )
     write.write_text(out / "report.md", report)
     written["report.md"] = out / "report.md"
@@ -164,6 +187,24 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
         "n_diverged": n_miss,
         "reference": None if reference is None or math.isnan(reference.error) else reference,
     }
+
+
+def _context(runs: Runs) -> str:
+    """A figure title naming the task: dataset, model, epochs and the hyper-step sizes of the towers."""
+    table = runs.table
+    epochs = table["planned_epochs"].dropna().unique() if "planned_epochs" in table else []
+    epochs = epochs if len(epochs) else table["epochs"].dropna().unique()
+    hyper = set()
+    for spec in table.loc[table["family"] == "tower", "optimizer"].unique():
+        for level in str(spec).split("/")[1:]:
+            hyper.add(level.strip())
+    parts = [f"{table['dataset'].iloc[0]}, {table['model'].iloc[0]}"]
+    if len(epochs):
+        parts.append(f"{', '.join(f'{float(e):g}' for e in sorted(epochs))} epochs")
+    if hyper:
+        shown = sorted(hyper)
+        parts.append("hyper levels " + ", ".join(shown[:4]) + (f" (+{len(shown) - 4} more)" if len(shown) > 4 else ""))
+    return "; ".join(parts)
 
 
 def _hydra_output_dir() -> str:

@@ -48,16 +48,12 @@ def _label(method: str, family: str, height: int) -> str:
 
 
 def _error_axis(ax, values: np.ndarray) -> None:
-    """Test error on a log axis when it spans a decade (a diverged 100% next to a 3% error), else linear."""
-    finite = values[np.isfinite(values) & (values > 0)]
-    if finite.size and finite.max() / finite.min() >= 10:
-        ax.set_yscale("log")
-        ax.set_ylabel("final test error (log scale)")
-        # Labels at 1-2-5 steps: a log axis over 3%..100% otherwise shows only "10%" and "100%".
-        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-        ax.yaxis.set_minor_formatter(NullFormatter())
-    else:
-        ax.set_ylabel("final test error")
+    """Test error always on a log axis (the same axes in every report: a 3% next to a 90% error stays
+    readable), with labels at 1-2-5 steps; test errors are never negative, and a zero is clipped."""
+    ax.set_yscale("log", nonpositive="clip")
+    ax.set_ylabel("final test error (log scale)")
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.yaxis.set_major_formatter(_PERCENT)
     ax.grid(True, which="major", alpha=0.3)
 
@@ -87,7 +83,12 @@ def _curves(ax, data: pd.DataFrame, x: str, colors: dict[str, tuple]) -> None:
 
 
 def sensitivity_figure(
-    summary: pd.DataFrame, colors: dict[str, tuple], reference: Reference | None, tolerance: float, confidence: float
+    summary: pd.DataFrame,
+    colors: dict[str, tuple],
+    reference: Reference | None,
+    tolerance: float,
+    confidence: float,
+    context: str = "",
 ) -> Figure | None:
     """Final test error against initial step size (log axis), one curve per tower height, CI bands.
 
@@ -142,8 +143,11 @@ def sensitivity_figure(
         if not ax.has_data():
             ax.set_visible(False)
     handles, labels = _unique_legend(axes)
-    title = f"mean over seeds, {100 * confidence:g}% bootstrap CI\n× = a seed diverged (counted as 100%)"
-    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, title=title)
+    title = f"mean over seeds, band: {100 * confidence:g}% CI\n× = a seed diverged (counted as 100%)"
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, title=title,
+               fontsize=8, ncols=2 if len(labels) > 12 else 1)  # fmt: skip
+    if context:
+        fig.suptitle(context)
     fig.tight_layout()
     return fig
 
@@ -157,7 +161,11 @@ def _unique_legend(axes) -> tuple[list, list[str]]:
 
 
 def tuning_curve_figure(
-    summary: pd.DataFrame, curves: pd.DataFrame, colors: dict[str, tuple], cost: str = "cost_wall_time_s"
+    summary: pd.DataFrame,
+    curves: pd.DataFrame,
+    colors: dict[str, tuple],
+    cost: str = "cost_wall_time_s",
+    context: str = "",
 ) -> Figure:
     """Expected best-of-n test error of each tuned baseline against its compute; single runs as points."""
     fig, ax = plt.subplots(figsize=(8.5, 5.2))
@@ -202,6 +210,8 @@ def tuning_curve_figure(
     errors = [summary["test_error_mean"].to_numpy(float), curves["expected_test_error"].to_numpy(float)]
     _error_axis(ax, np.concatenate(errors))
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=8)
+    if context:
+        fig.suptitle(context)
     fig.tight_layout()
     return fig
 
@@ -234,7 +244,10 @@ def _with_start(history: pd.DataFrame, start: object) -> pd.DataFrame:
 
 
 def trajectories_figure(
-    selected: pd.DataFrame, colors: dict[str, tuple], read_history: Callable[[str], pd.DataFrame]
+    selected: pd.DataFrame,
+    colors: dict[str, tuple],
+    read_history: Callable[[str], pd.DataFrame],
+    context: str = "",
 ) -> Figure | None:
     """Each level's learned hyperparameters over training (history.csv columns L1.lr, L2.lr, ...)."""
     histories = {r.run_dir: _with_start(read_history(r.run_dir), r.start) for r in selected.itertuples()}
@@ -262,8 +275,12 @@ def trajectories_figure(
                     label=label)  # fmt: skip
         values = pd.concat([h[column] for h in histories.values() if column in h.columns]).to_numpy(float)
         positive = values[np.isfinite(values) & (values > 0)]
-        if positive.size and positive.max() / positive.min() >= 10:
-            ax.set_yscale("log", nonpositive="mask")  # a step size learned or scheduled down to 0 is not drawn
+        finite = values[np.isfinite(values)]
+        if finite.size and (finite <= 0).any() and positive.size and np.ptp(finite) > 0:
+            # A learned step size can reach 0 or go negative: symlog shows it where a log axis would drop it.
+            ax.set_yscale("symlog", linthresh=float(positive.min()) if positive.size else 1e-6)
+        elif positive.size and positive.max() / positive.min() >= 10:
+            ax.set_yscale("log")
         if ax.get_yscale() == "linear":
             ax.ticklabel_format(axis="y", useOffset=False)  # "0.9000012", not "1.2 + 9e-1 offset"
         level_name = "weights' optimizer" if level == "1" else f"hyper level {int(level) - 1}"
@@ -271,21 +288,32 @@ def trajectories_figure(
         ax.set_xlabel("epoch (0: initial value)")
         ax.tick_params(labelbottom=True)  # shared x, but a panel with no panel below must still show its epochs
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(f"{name}" + (" (log scale)" if ax.get_yscale() == "log" else ""))
+        scale = {"log": " (log scale)", "symlog": " (symlog scale)"}.get(ax.get_yscale(), "")
+        ax.set_ylabel(f"{name}{scale}")
         ax.grid(True, alpha=0.3)
     for ax in list(axes.flat)[len(columns) :]:
         ax.set_visible(False)
     handles, labels = _unique_legend(axes)
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=8)
-    fig.suptitle("learned hyperparameters over training (one line per selected run)")
+    fig.suptitle(
+        "learned hyperparameters over training (one line per selected run)" + (f"\n{context}" if context else "")
+    )
     fig.tight_layout()
     return fig
 
 
 def save_figure(fig: Figure, path: Path, close: bool = True) -> None:
-    """Save atomically (a reader never sees half an image); `close` releases the figure's memory after."""
+    """Save atomically (a reader never sees half an image); `close` releases the figure's memory after.
+
+    PNG at 200 dpi; SVG keeps its text as text (svg.fonttype none), so labels stay editable.
+    """
+
+    def save(f) -> None:
+        with plt.rc_context({"svg.fonttype": "none", "pdf.fonttype": 42}):
+            fig.savefig(f, dpi=200, bbox_inches="tight", format=path.suffix[1:])
+
     try:
-        atomic_write(path, lambda f: fig.savefig(f, dpi=130, bbox_inches="tight", format=path.suffix[1:]), binary=True)
+        atomic_write(path, save, binary=True)
     finally:
         if close:
             plt.close(fig)

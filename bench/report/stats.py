@@ -10,7 +10,50 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["bootstrap_ci", "expected_best_of_n", "robust_range_decades"]
+__all__ = ["bootstrap_ci", "expected_best_of_n", "robust_range", "robust_range_decades", "t_interval", "welch"]
+
+
+def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Student-t confidence interval of the mean: mean +- t_{(1+c)/2, n-1} * sd / sqrt(n) (scipy.stats.t).
+
+    With 3 seeds the percentile bootstrap can only return [min, max]; the t-interval widens with few seeds
+    as it should. One value (or identical values) gives a degenerate interval; none gives (nan, nan).
+
+    >>> [round(v, 4) for v in t_interval([0.068, 0.068, 0.064])]
+    [0.0609, 0.0724]
+    """
+    from scipy import stats
+
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"`confidence` must be in (0, 1), but got {confidence}")
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        return (math.nan, math.nan)
+    mean = float(x.mean())
+    sd = float(x.std(ddof=1)) if x.size > 1 else 0.0
+    if sd == 0.0:
+        return (mean, mean)
+    half = float(stats.t.ppf((1.0 + confidence) / 2.0, x.size - 1)) * sd / math.sqrt(x.size)
+    return (mean - half, mean + half)
+
+
+def welch(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """Mean of `a` minus mean of `b` and the two-sided p-value of Welch's t-test (scipy.stats.ttest_ind).
+
+    p is nan when either side has fewer than two values; 0 or 1 when both have zero variance (the means
+    differ or not: with no spread there is no noise to be within).
+    """
+    from scipy import stats
+
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.size == 0 or y.size == 0:
+        return (math.nan, math.nan)
+    diff = float(x.mean() - y.mean())
+    if x.size < 2 or y.size < 2:
+        return (diff, math.nan)
+    if x.std() == 0.0 and y.std() == 0.0:
+        return (diff, 1.0 if diff == 0.0 else 0.0)
+    return (diff, float(stats.ttest_ind(x, y, equal_var=False).pvalue))
 
 
 def bootstrap_ci(
@@ -75,12 +118,24 @@ def expected_best_of_n(values: Sequence[float], n: int, rank_by: Sequence[float]
 def robust_range_decades(
     step_sizes: Sequence[float], errors: Sequence[float], reference: float, tolerance: float
 ) -> tuple[float, int]:
+    """(decades, points) of `robust_range`: the widest contiguous run of step sizes within tolerance."""
+    decades, n, _, _ = robust_range(step_sizes, errors, reference, tolerance)
+    return decades, n
+
+
+def robust_range(
+    step_sizes: Sequence[float], errors: Sequence[float], reference: float, tolerance: float
+) -> tuple[float, int, float, float]:
     """Widest contiguous range of initial step sizes, in decades, whose error is within `tolerance` of `reference`.
 
     The grid points are sorted by step size; a point qualifies when its (mean) error is <= reference +
     tolerance. Returns (log10(largest / smallest) over the longest run of neighbouring qualifying points,
-    number of points in that run). No qualifying point gives (nan, 0); a single one gives (0.0, 1): the
-    figure is measured between grid points, so it is a lower bound of the true range.
+    number of points in that run, its smallest and largest step size). No qualifying point gives
+    (nan, 0, nan, nan); a single one gives (0.0, 1, s, s): the figure is measured between grid points, so it
+    is a lower bound of the true range.
+
+    >>> robust_range([1e-3, 1e-2, 1e-1, 1.0], [0.3, 0.1, 0.12, 0.6], reference=0.1, tolerance=0.02)
+    (1.0, 2, 0.01, 0.1)
     """
     s = np.asarray(step_sizes, dtype=np.float64)
     e = np.asarray(errors, dtype=np.float64)
@@ -92,7 +147,7 @@ def robust_range_decades(
     s, e = s[order], e[order]
     # NaN errors (no finite result) never qualify.
     ok = np.nan_to_num(e, nan=np.inf) <= reference + tolerance
-    best: tuple[float, int] = (math.nan, 0)
+    best: tuple[float, int, float, float] = (math.nan, 0, math.nan, math.nan)
     i = 0
     while i < s.size:
         if not ok[i]:
@@ -101,7 +156,7 @@ def robust_range_decades(
         j = i
         while j + 1 < s.size and ok[j + 1]:
             j += 1
-        span = (float(np.log10(s[j] / s[i])), j - i + 1)
+        span = (float(np.log10(s[j] / s[i])), j - i + 1, float(s[i]), float(s[j]))
         if best[1] == 0 or span[0] > best[0]:
             best = span
         i = j + 1

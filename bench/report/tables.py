@@ -12,7 +12,7 @@ import pandas as pd
 import yaml
 
 from bench.report.load import Runs
-from bench.report.stats import bootstrap_ci, expected_best_of_n, robust_range_decades
+from bench.report.stats import bootstrap_ci, expected_best_of_n, robust_range, t_interval
 
 __all__ = [
     "SUMMARY_COLUMNS",
@@ -36,8 +36,12 @@ SUMMARY_COLUMNS = [
     "seeds",
     "n_diverged",
     "test_error_mean",
+    "test_error_std",
     "test_error_ci_low",
     "test_error_ci_high",
+    "paper_test_error",
+    "paper_test_error_std",
+    "paper_row",
     "epochs_mean",
     "wall_time_s_mean",
     "tuning_epochs",
@@ -45,6 +49,8 @@ SUMMARY_COLUMNS = [
     "cost_epochs",
     "cost_wall_time_s",
     "study",
+    "optimizer",
+    "rerun_of",
 ]
 
 
@@ -68,8 +74,13 @@ def _tuning_cost(table: pd.DataFrame, study: str, summary: dict[str, Any]) -> tu
     )
 
 
-def summarize(runs: Runs, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
-    """One row per method and initial setting (lr, momentum): seeds, mean test error, bootstrap CI, compute.
+def summarize(
+    runs: Runs, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0, interval: str = "t"
+) -> pd.DataFrame:
+    """One row per method and initial setting (lr, momentum): seeds, mean, std and CI of the test error, compute.
+
+    The CI of the mean over seeds is a Student-t interval (`interval="t"`) or a percentile bootstrap
+    (`interval="bootstrap"`). Re-runs of a tower (bench.rerun) form one row per tower, "<base> re-run of <tower>".
 
     Trials of a tune study are not rows: its reruns form one row, "<baseline> (tuned)", whose cost adds the
     whole study's tuning compute (every trial, pruned and failed ones included) to one run's compute.
@@ -83,7 +94,13 @@ def summarize(runs: Runs, confidence: float = 0.95, n_resamples: int = 2000, see
     keys = ["method", "family", "height", "tuned", "study_key", "lr", "momentum"]
     for key, group in finals.groupby(keys, dropna=False, sort=True):
         method, family, height, tuned, study, lr, momentum = key
-        lo, hi = bootstrap_ci(group["test_error"].to_numpy(), confidence, n_resamples, seed)
+        errors = group["test_error"].to_numpy()
+        if interval == "bootstrap":
+            lo, hi = bootstrap_ci(errors, confidence, n_resamples, seed)
+        else:
+            lo, hi = t_interval(errors, confidence)
+        optimizers = group["optimizer"].unique()
+        rerun_of = group["rerun_of"].dropna().unique() if "rerun_of" in group else []
         tuning_epochs = tuning_wall = 0.0
         if tuned:
             tuning_epochs, tuning_wall = _tuning_cost(table, study, runs.studies[study])
@@ -101,6 +118,7 @@ def summarize(runs: Runs, confidence: float = 0.95, n_resamples: int = 2000, see
                 "seeds": _seed_list(group["seed"]),
                 "n_diverged": int(group["diverged"].sum()),
                 "test_error_mean": float(group["test_error"].mean()),
+                "test_error_std": float(group["test_error"].std(ddof=1)) if len(group) > 1 else math.nan,
                 "test_error_ci_low": lo,
                 "test_error_ci_high": hi,
                 "epochs_mean": epochs_mean,
@@ -110,6 +128,11 @@ def summarize(runs: Runs, confidence: float = 0.95, n_resamples: int = 2000, see
                 "cost_epochs": epochs_mean + tuning_epochs,
                 "cost_wall_time_s": wall_mean + tuning_wall,
                 "study": study or None,
+                "optimizer": str(optimizers[0]) if len(optimizers) == 1 else None,
+                "rerun_of": str(rerun_of[0]) if len(rerun_of) == 1 else None,
+                "paper_test_error": math.nan,
+                "paper_test_error_std": math.nan,
+                "paper_row": None,
             }
         )
     summary = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
@@ -188,12 +211,19 @@ def reference_error(summary: pd.DataFrame) -> Reference | None:
 
 
 def robustness(summary: pd.DataFrame, reference: Reference | None, tolerance: float) -> pd.DataFrame:
-    """Per untuned method (and initial momentum): the widest range of initial step sizes within tolerance.
+    """Per untuned method (and initial momentum): how wide a range of initial step sizes still ends well.
 
-    A step size qualifies when its mean test error over seeds is at most reference + tolerance; the figure
-    is log10(largest/smallest) over the longest run of neighbouring qualifying grid points, in decades.
+    Three measures, each over the longest run of neighbouring grid points (contiguous, in decades =
+    log10(largest/smallest step size of the run)):
+    - `decades_own`: mean test error within `tolerance` of the method's own best grid point (flatness);
+    - `decades` (vs the overall reference): within `tolerance` of `reference` (as good as the best);
+    - `worst`: the highest mean test error anywhere on the grid, and `best`: the lowest.
+    `lr_low`/`lr_high` bound the contiguous run of `decades`; `own_low`/`own_high` that of `decades_own`.
     """
-    columns = ["method", "momentum", "decades", "n_within", "n_lr", "lr_low", "lr_high", "reference", "tolerance"]
+    columns = [
+        "method", "height", "momentum", "decades", "n_within", "n_lr", "lr_low", "lr_high", "decades_own",
+        "own_low", "own_high", "best", "worst", "reference", "tolerance",
+    ]  # fmt: skip
     rows = []
     swept = summary[~fixed_setting(summary) & summary["lr"].notna()]
     # Only a method started from several step sizes has a range; a table of one setting per method has none.
@@ -205,17 +235,24 @@ def robustness(summary: pd.DataFrame, reference: Reference | None, tolerance: fl
         group = group.sort_values("lr")
         lrs = group["lr"].to_numpy()
         errors = group["test_error_mean"].to_numpy()
-        decades, n_within = robust_range_decades(lrs, errors, reference.error, tolerance)
-        ok = errors <= reference.error + tolerance
+        decades, n_within, low, high = robust_range(lrs, errors, reference.error, tolerance)
+        best = float(np.nanmin(errors))
+        own, _, own_low, own_high = robust_range(lrs, errors, best, tolerance)
         rows.append(
             {
                 "method": method,
+                "height": int(group["height"].iloc[0]),
                 "momentum": momentum,
                 "decades": decades,
                 "n_within": n_within,
                 "n_lr": len(group),
-                "lr_low": float(lrs[ok].min()) if ok.any() else math.nan,
-                "lr_high": float(lrs[ok].max()) if ok.any() else math.nan,
+                "lr_low": low,
+                "lr_high": high,
+                "decades_own": own,
+                "own_low": own_low,
+                "own_high": own_high,
+                "best": best,
+                "worst": float(np.nanmax(errors)),
                 "reference": reference.error,
                 "tolerance": tolerance,
             }
@@ -242,21 +279,36 @@ def paper_comparison(summary: pd.DataFrame, paper: dict[str, Any], experiment: s
         return None
     rows = []
     for published in entry.get("rows") or []:
-        method = str(published["method"])
-        lr = published.get("lr")
-        ours = summary[(summary["method"] == method) & ~summary["tuned"]]
-        if lr is not None:
-            ours = ours[np.isclose(ours["lr"].astype(float), float(lr), rtol=1e-6)]
+        if "spec" in published:  # Table 1 style: matched by spec (towers) or by the tower re-run (re-runs)
+            from bench.report.claims import _norm
+
+            if published.get("rerun_of"):
+                ours = summary[summary["rerun_of"] == _norm(str(published["rerun_of"]))]
+                method = f"re-run of {_norm(str(published['rerun_of']))}"
+            else:
+                spec = _norm(str(published["spec"]))
+                ours = summary[(summary["optimizer"] == spec) & summary["rerun_of"].isna() & ~summary["tuned"]]
+                method = spec
+            lr = None
+        else:
+            method = str(published["method"])
+            lr = published.get("lr")
+            ours = summary[(summary["method"] == method) & ~summary["tuned"]]
+            if lr is not None:
+                ours = ours[np.isclose(ours["lr"].astype(float), float(lr), rtol=1e-6)]
+        one = len(ours) == 1
         rows.append(
             {
                 "method": method,
+                "paper_row": published.get("paper_row"),
                 "lr": lr,
                 "paper_test_error": published.get("test_error"),
                 "paper_test_error_std": published.get("test_error_std"),
-                "ours_test_error_mean": float(ours["test_error_mean"].iloc[0]) if len(ours) == 1 else math.nan,
-                "ours_ci_low": float(ours["test_error_ci_low"].iloc[0]) if len(ours) == 1 else math.nan,
-                "ours_ci_high": float(ours["test_error_ci_high"].iloc[0]) if len(ours) == 1 else math.nan,
-                "ours_n_seeds": int(ours["n_seeds"].iloc[0]) if len(ours) == 1 else 0,
+                "ours_test_error_mean": float(ours["test_error_mean"].iloc[0]) if one else math.nan,
+                "ours_test_error_std": float(ours["test_error_std"].iloc[0]) if one else math.nan,
+                "ours_ci_low": float(ours["test_error_ci_low"].iloc[0]) if one else math.nan,
+                "ours_ci_high": float(ours["test_error_ci_high"].iloc[0]) if one else math.nan,
+                "ours_n_seeds": int(ours["n_seeds"].iloc[0]) if one else 0,
             }
         )
     return pd.DataFrame(rows)

@@ -44,6 +44,28 @@ def _pct(x: float) -> str:
     return "–" if x is None or math.isnan(x) else f"{100 * x:.2f}%"
 
 
+def _best_config(study: str, summary: dict[str, Any], runs: pd.DataFrame) -> dict[str, Any]:
+    """A tune study's best configuration in full: searched values, the rest of the optimizer, the schedule."""
+    reruns = runs[(runs["role"] == "rerun") & (runs["study"] == study)]
+    config: dict[str, Any] = {}
+    if len(reruns) and isinstance(reruns["start"].iloc[0], dict):
+        config.update({k.removeprefix("L1."): v for k, v in reruns["start"].iloc[0].items()})
+    config.update(summary.get("best_params") or {})
+    schedule = reruns["schedule"].iloc[0] if len(reruns) and "schedule" in reruns else None
+    config.setdefault("schedule", schedule if isinstance(schedule, str) else "constant")
+    return {
+        "study": summary.get("study_name", Path(study).name),
+        "baseline": summary.get("baseline"),
+        "best configuration": ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(config.items())
+        ),
+    }
+
+
+def _g(x: float) -> str:
+    return "–" if x is None or math.isnan(x) else f"{x:g}"
+
+
 def _intervals(low: pd.Series, high: pd.Series) -> list[str]:
     return [f"[{_pct(lo)}, {_pct(hi)}]" for lo, hi in zip(low, high, strict=True)]
 
@@ -57,7 +79,12 @@ def _summary_view(summary: pd.DataFrame, confidence: float) -> pd.DataFrame:
             "seeds": summary["n_seeds"],
             "diverged": summary["n_diverged"],
             "mean test error": summary["test_error_mean"].map(_pct),
+            "std": summary["test_error_std"].map(_pct),
             f"{100 * confidence:g}% CI": _intervals(summary["test_error_ci_low"], summary["test_error_ci_high"]),
+            "paper": [
+                "–" if pd.isna(m) else f"{_pct(m)} ± {_pct(s)}"
+                for m, s in zip(summary["paper_test_error"], summary["paper_test_error_std"], strict=True)
+            ],
             "epochs/run": summary["epochs_mean"],
             "wall s/run": summary["wall_time_s_mean"],
             "tuning epochs": summary["tuning_epochs"],
@@ -66,6 +93,8 @@ def _summary_view(summary: pd.DataFrame, confidence: float) -> pd.DataFrame:
     )
     if view["initial momentum"].isna().all():
         view = view.drop(columns="initial momentum")
+    if summary["paper_test_error"].isna().all():
+        view = view.drop(columns="paper")
     return view
 
 
@@ -85,22 +114,63 @@ def render_report(
     paper: pd.DataFrame | None,
     paper_meta: dict[str, Any] | None,
     experiment: str | None,
+    answer: str | None = None,
+    claims: pd.DataFrame | None = None,
+    claims_detail: pd.DataFrame | None = None,
+    unusable: Sequence[dict[str, Any]] = (),
+    interval: str = "t",
 ) -> str:
     """The report as markdown: what was read, the tables, the figures, and how to read them."""
     finals = runs[runs["role"].isin(["run", "rerun"])]
-    out = [
-        "# Sensitivity and tuning-cost report",
-        "",
+    out = ["# Sensitivity and tuning-cost report", ""]
+    if answer:
+        out += ["## The answer", "", answer, ""]
+    if claims is not None and not claims.empty:
+        out += [
+            "### The paper's claims on these runs",
+            "",
+            "holds: the difference has the claimed sign and Welch's t-test (two-sided, on per-seed test errors)"
+            " rejects equality; fails: the opposite sign, rejected; within noise: not rejected.",
+            "",
+            markdown_table(claims),
+            "",
+        ]
+        if claims_detail is not None and not claims_detail.empty:
+            view = claims_detail.assign(
+                a_mean=claims_detail["a_mean"].map(_pct),
+                b_mean=claims_detail["b_mean"].map(_pct),
+                diff=claims_detail["diff"].map(lambda d: f"{100 * d:+.2f} pt"),
+                p=claims_detail["p"].map(lambda p: f"{p:.3g}"),
+            )
+            out += ["<details><summary>Every comparison behind the claims</summary>", "", markdown_table(view), "",
+                    "</details>", ""]  # fmt: skip
+    out += [
         f"- Inputs: {', '.join(f'`{i}`' for i in inputs)}",
         f"- Task: model `{runs['model'].iloc[0]}` on dataset `{runs['dataset'].iloc[0]}`"
         + (f" (experiment preset `{experiment}`)" if experiment else ""),
         f"- Runs read: {len(runs)} ({len(finals)} final runs, {int((runs['role'] == 'trial').sum())} tuning trials);"
         f" diverged: {int(runs['diverged'].sum())}, counted as misses (test error 100%), never dropped.",
-        f"- Confidence intervals: {100 * confidence:g}% percentile bootstrap of the mean over seeds"
-        f" ({n_resamples} resamples, seeded). One seed gives a zero-width interval.",
+        (
+            f"- Confidence intervals: {100 * confidence:g}% Student-t interval of the mean over seeds"
+            " (mean +- t(n-1) x sd / sqrt(n), n = seeds, printed per row); std is the sample standard deviation"
+            " (n-1). One seed gives no std and a zero-width interval."
+            if interval == "t"
+            else f"- Confidence intervals: {100 * confidence:g}% percentile bootstrap of the mean over seeds"
+            f" ({n_resamples} resamples, seeded). One seed gives a zero-width interval."
+        ),
         "",
         "## Summary",
         "",
+        *(
+            [
+                f"Re-runs whose learned values the base optimizer cannot use ({len(unusable)}), recorded by"
+                " bench.rerun instead of trained: "
+                + "; ".join(f"{u.get('rerun_of')} seed {u.get('seed')}: {u.get('reason')}" for u in unusable),
+                "",
+            ]
+            if unusable
+            else []
+        ),
         "One row per method and initial setting. Tuned baselines are the study's best configuration re-run on"
         " the test split; their total compute adds every tuning trial.",
         "",
@@ -113,18 +183,62 @@ def render_report(
         out.append("No method was swept over its initial step size, so there is no robustness figure.")
     else:
         out += [
-            f"Widest range of initial step sizes (in decades, measured between grid points) whose mean final test"
-            f" error stays within {100 * tolerance:g} percentage point(s) of the {reference.label}"
-            f" ({_pct(reference.error)}).",
+            "Per method, over its grid of initial step sizes (mean test error over seeds at each point), each"
+            " range the longest run of neighbouring grid points, in decades = log10(largest / smallest step size"
+            " of the run), measured between grid points (a lower bound):",
+            "",
+            f"- **decades (own best)**: mean error within {100 * tolerance:g} pt of the method's own best grid"
+            " point: how flat the method is;",
+            f"- **decades (overall best)**: within {100 * tolerance:g} pt of the {reference.label}"
+            f" ({_pct(reference.error)}), i.e. at most {_pct(reference.error + tolerance)}: as good as the best;",
+            "- **worst**: the highest mean error anywhere on the grid (how badly a bad start ends).",
             "",
             markdown_table(
-                robustness.assign(
+                robustness.drop(columns=["best", "worst"])
+                .assign(
+                    own=[
+                        f"{d:g} ({_g(lo)}-{_g(hi)})"
+                        for d, lo, hi in zip(
+                            robustness["decades_own"], robustness["own_low"], robustness["own_high"], strict=True
+                        )
+                    ],
+                    overall=[
+                        f"{d:g} ({_g(lo)}-{_g(hi)})"
+                        for d, lo, hi in zip(
+                            robustness["decades"], robustness["lr_low"], robustness["lr_high"], strict=True
+                        )
+                    ],
+                    best_=robustness["best"].map(_pct).to_numpy(),
+                    worst_=robustness["worst"].map(_pct).to_numpy(),
                     within=[f"{w} of {n}" for w, n in zip(robustness["n_within"], robustness["n_lr"], strict=True)],
-                    threshold=[_pct(reference.error + tolerance)] * len(robustness),
+                )
+                .rename(
+                    columns={
+                        "own": "decades (own best)",
+                        "overall": "decades (overall best)",
+                        "best_": "best",
+                        "worst_": "worst",
+                        "within": "points within (overall)",
+                    }
                 ),
-                ["method", "momentum", "decades", "within", "lr_low", "lr_high", "threshold"]
+                [
+                    "method",
+                    "momentum",
+                    "decades (own best)",
+                    "decades (overall best)",
+                    "points within (overall)",
+                    "best",
+                    "worst",
+                ]
                 if robustness["momentum"].notna().any()
-                else ["method", "decades", "within", "lr_low", "lr_high", "threshold"],
+                else [
+                    "method",
+                    "decades (own best)",
+                    "decades (overall best)",
+                    "points within (overall)",
+                    "best",
+                    "worst",
+                ],
             ),
         ]
     out += ["", "## Tuning", ""]
@@ -153,6 +267,11 @@ def render_report(
             " expected test error of the trial with the lowest validation error among n drawn at random.",
             "",
             markdown_table(pd.DataFrame(rows)),
+            "",
+            "Best configuration of each study (every hyperparameter the re-run used: the searched ones from the"
+            " best trial, the others as started, and the step-size schedule):",
+            "",
+            markdown_table(pd.DataFrame([_best_config(study, s, runs) for study, s in studies.items()])),
         ]
     if paper is not None and paper_meta is not None:
         out += ["", "## The paper's published numbers", "", f"Source: {paper_meta.get('source', 'unknown')}."]
@@ -163,10 +282,18 @@ def render_report(
         else:
             view = paper.assign(
                 paper=paper["paper_test_error"].map(lambda v: _pct(float(v)) if v is not None else "–"),
+                paper_std=paper["paper_test_error_std"].map(
+                    lambda v: _pct(float(v)) if v is not None and not pd.isna(v) else "–"
+                ),
                 ours=paper["ours_test_error_mean"].map(_pct),
+                ours_std=paper.get("ours_test_error_std", pd.Series(math.nan, index=paper.index)).map(_pct),
                 ours_ci=_intervals(paper["ours_ci_low"], paper["ours_ci_high"]),
             )
-            out += ["", markdown_table(view, ["method", "lr", "paper", "ours", "ours_ci", "ours_n_seeds"])]
+            if paper["paper_row"].notna().any() if "paper_row" in paper else False:
+                columns = ["paper_row", "method", "paper", "paper_std", "ours", "ours_std", "ours_ci", "ours_n_seeds"]
+            else:
+                columns = ["method", "lr", "paper", "ours", "ours_ci", "ours_n_seeds"]
+            out += ["", markdown_table(view, columns)]
     out += ["", "## Figures", ""]
     captions = {
         "sensitivity.png": "Final test error against the initial step size, one curve per tower height"
