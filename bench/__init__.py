@@ -2,5 +2,5 @@
 
 from bench.rundir import register_resolvers
 
-# Before Hydra composes any config: conf/config.yaml's run directories use ${unique:}.
+# Before Hydra composes any config: bench/conf/config.yaml's run directories use ${unique:}.
 register_resolvers()

@@ -1,6 +1,6 @@
 """`hypergrad-bench [overrides]` (or `python -m bench`): one run (or a sweep with `-m`) of the Hydra harness.
 
-A thin shell over `bench.train.run`; see conf/config.yaml for the defaults and the README for examples.
+A thin shell over `bench.train.run`; see bench/conf/config.yaml for the defaults and the README for examples.
 Output goes through `logging`, so Hydra's job log (`<run dir>/__main__.log`) holds what the console showed.
 """
 
@@ -18,14 +18,15 @@ from bench.io import mask_secrets
 from bench.rundir import discard_if_unused
 from bench.train import Interrupted, format_summary, run
 
-# Our conf/hydra/launcher/submitit_slurm.yaml deliberately keeps the plugin's preset name (the documented override is
-# `hydra/launcher=submitit_slurm`); Hydra 1.3 warns about that on every sweep, which says nothing to our users.
+# Our bench/conf/hydra/launcher/submitit_slurm.yaml deliberately keeps the plugin's preset name (the documented
+# override is `hydra/launcher=submitit_slurm`); Hydra 1.3 warns about that on every sweep, which says nothing to users.
 warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
 
 log = logging.getLogger(__name__)
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+# Found through Hydra's package search path, so it works from a checkout and from an installed wheel alike.
+@hydra.main(config_path="pkg://bench.conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     """Run one composed config; return the validation error (for Hydra sweepers that minimize it)."""
     try:

@@ -1,4 +1,4 @@
-"""Hydra callbacks of the harness (`hydra.callbacks` in conf/config.yaml and conf/debug/profile.yaml).
+"""Hydra callbacks of the harness (`hydra.callbacks` in bench/conf/config.yaml and bench/conf/debug/profile.yaml).
 
 - `SweepSummary`: at the end of every `-m` sweep, one table naming each job (its overrides, seed, status,
   errors and directory), printed and written to `<sweep dir>/summary.csv`. It reads what the jobs left on

@@ -1,6 +1,6 @@
 """Runs on a SLURM cluster: Hydra's submitit launcher, made safe for preemption and time limits.
 
-`hydra/launcher=submitit_slurm` (conf/hydra/launcher/submitit_slurm.yaml) is Hydra's own submitit launcher plus
+`hydra/launcher=submitit_slurm` (bench/conf/hydra/launcher/submitit_slurm.yaml) is Hydra's own submitit launcher plus
 the `CheckpointOnPreemption` job callback below, which changes how a job reacts to SLURM's warning signals.
 
 submitit's handler requeues the job the moment its signal (USR2, sent `signal_delay_s` before the time limit)
@@ -14,7 +14,7 @@ checkpoint-then-stop treatment; the job then exits without a result, and SLURM r
 preemption mode says. A run that has already finished is never trained again: `bench.train.run` returns the
 metrics its `metrics.json` holds.
 
-`python -m bench.cluster sbatch-options conf/local/slurm.yaml` prints the site settings of that file as sbatch
+`python -m bench.cluster sbatch-options bench/conf/local/slurm.yaml` prints the site settings of that file as sbatch
 options, one a line, for scripts that call sbatch themselves (scripts/slurm/submit_tune_workers.sh).
 """
 
@@ -35,7 +35,7 @@ from omegaconf import DictConfig
 __all__ = ["SITE_KEYS", "CheckpointOnPreemption", "sbatch_options"]
 
 SITE_KEYS = ("partition", "account", "qos", "constraint", "exclude", "gres", "comment")
-"""Keys of conf/local/slurm.yaml that `sbatch_options` passes on, with `additional_parameters`; resources (time,
+"""Keys of bench/conf/local/slurm.yaml that `sbatch_options` passes on, with `additional_parameters`; resources (time,
 CPUs, memory, GPUs) are each script's own choice."""
 
 
@@ -102,7 +102,7 @@ def _stopped_for_checkpoint(ret: JobReturn) -> bool:
 
 
 def sbatch_options(site_file: str | Path) -> list[str]:
-    """The site settings of a conf/local/slurm.yaml as sbatch options (none when the file does not exist)."""
+    """The site settings of a bench/conf/local/slurm.yaml as sbatch options (none when the file does not exist)."""
     from omegaconf import OmegaConf
 
     path = Path(site_file)
@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`python -m bench.cluster sbatch-options FILE`: print FILE's site settings as sbatch options."""
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 2 or args[0] != "sbatch-options":
-        print("usage: python -m bench.cluster sbatch-options conf/local/slurm.yaml", file=sys.stderr)
+        print("usage: python -m bench.cluster sbatch-options bench/conf/local/slurm.yaml", file=sys.stderr)
         return 2
     try:
         options = sbatch_options(args[1])

@@ -20,8 +20,8 @@ from bench.optim import BASELINES, SCHEDULES, TOWER_BASES, TUNING_FREE, tower_sp
 
 __all__ = ["CONF_DIR", "ConfigError", "compose_config", "validate"]
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-"""The config directory, `conf/` at the repository root."""
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+"""The config directory, `bench/conf/`: shipped inside the package, so an installed wheel finds it."""
 
 
 class ConfigError(ValueError):
@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 
 
 def compose_config(overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
-    """Compose `conf/config.yaml` with command-line style `overrides`, as `python -m bench` would.
+    """Compose `bench/conf/config.yaml` with command-line style `overrides`, as `python -m bench` would.
 
     Works both outside Hydra (tests, scripts) and inside a running Hydra app (which already owns the
     global Hydra state, so its compose is used directly).
@@ -185,7 +185,7 @@ def _validate_tower(o: DictConfig) -> None:
 
 
 def _group_defaults(group: str, name: str) -> list[dict[str, Any]]:
-    """The conf/<group>/*.yaml files whose `name` is `name`, as plain dicts (what that choice may set)."""
+    """The bench/conf/<group>/*.yaml files whose `name` is `name`, as plain dicts (what that choice may set)."""
     from omegaconf import OmegaConf
 
     found = []

@@ -3,7 +3,7 @@
 Hydra's own `.hydra/` writer (`hydra.output_subdir`) rewrites `config.yaml`, `hydra.yaml` and `overrides.yaml` on
 every start, before the application can look at the directory: a rerun of a finished directory with other
 overrides would leave a record that contradicts its results, and a password in an override would land on disk.
-conf/config.yaml therefore switches that writer off (`hydra.output_subdir: null`) and installs `RunDirRecord`,
+bench/conf/config.yaml therefore switches that writer off (`hydra.output_subdir: null`) and installs `RunDirRecord`,
 which writes the same three files itself, at the same point of the job, but
 
 - only when the config is valid (bad input leaves no record behind),

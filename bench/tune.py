@@ -1,6 +1,6 @@
 """Tune a baseline with Optuna, then rerun its best configuration on fresh seeds: `python -m bench.tune [overrides]`.
 
-One invocation is one worker on one study (`conf/tune.yaml` = the harness config + `tune:` + the baseline's
+One invocation is one worker on one study (`bench/conf/tune.yaml` = the harness config + `tune:` + the baseline's
 `search_space:`). Each trial is an ordinary harness run (`bench.train.run`) with the suggested values written
 into the config; it reports the validation error after every epoch so the pruner can stop it, and a diverged
 trial is recorded as FAIL with its reason while the study goes on. `tune.n_trials` is the study's total over
@@ -105,7 +105,7 @@ class SearchParam:
 
 
 def parse_search_space(space: DictConfig | dict | None) -> list[SearchParam]:
-    """Read a `conf/search_space/*.yaml` mapping `name: {type, low, high, log, step, choices, key, one_minus}`.
+    """Read a `bench/conf/search_space/*.yaml` mapping `name: {type, low, high, log, step, choices, key, one_minus}`.
 
     `key` defaults to `optimizer.<name>` (or `optimizer.<name without one_minus_>` for `one_minus` params).
     """
@@ -148,7 +148,7 @@ def parse_search_space(space: DictConfig | dict | None) -> list[SearchParam]:
 
 
 def compose_tune_config(overrides: Sequence[str] = ()) -> DictConfig:
-    """Compose `conf/tune.yaml` with command-line style `overrides`, as `python -m bench.tune` would."""
+    """Compose `bench/conf/tune.yaml` with command-line style `overrides`, as `python -m bench.tune` would."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 

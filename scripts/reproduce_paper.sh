@@ -3,7 +3,7 @@
 #
 #   scripts/reproduce_paper.sh EXPERIMENT [--smoke] [--out DIR] [--jobs N] [-- HYDRA_OVERRIDES...]
 #
-# EXPERIMENT is a preset of conf/experiment/ (the paper's experiments):
+# EXPERIMENT is a preset of bench/conf/experiment/ (the paper's experiments):
 #   mnist_table               Table 1: 18 towers x 3 seeds, 30 epochs, then the 14 re-run rows (each tower's
 #                             base optimizer fixed at the values it learned, bench.rerun); dataset=mnist by
 #                             default; offline: scripts/reproduce_paper.sh mnist_table -- dataset=mnist5k
@@ -60,8 +60,8 @@ case "$experiment" in
     *) presets=("$experiment") ;;
 esac
 for preset in "${presets[@]}"; do
-    if [[ ! -f "$repo/conf/experiment/$preset.yaml" ]]; then
-        known="$(cd "$repo/conf/experiment" && ls -- *.yaml | sed 's/\.yaml$//' | tr '\n' ' ')"
+    if [[ ! -f "$repo/bench/conf/experiment/$preset.yaml" ]]; then
+        known="$(cd "$repo/bench/conf/experiment" && ls -- *.yaml | sed 's/\.yaml$//' | tr '\n' ' ')"
         die "\`EXPERIMENT\` must be one of: ${known}but got $experiment"
     fi
 done
@@ -98,8 +98,8 @@ stage_done() {
 inputs=()
 for preset in "${presets[@]}"; do
     runs="$out/runs/$preset"
-    echo "== sweep: +experiment=$preset -> $runs"
-    "$python" -m bench -m "+experiment=$preset" "hydra.sweep.dir=$runs" "${sweep_args[@]}" "${extra[@]}"
+    echo "== sweep: experiment=$preset -> $runs"
+    "$python" -m bench -m "experiment=$preset" "hydra.sweep.dir=$runs" "${sweep_args[@]}" "${extra[@]}"
     inputs+=("input=$runs")
     stage_done "sweep $preset"
 done

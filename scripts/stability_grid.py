@@ -1,4 +1,4 @@
-"""Run the `+experiment=stability` grid in ONE process (no Hydra launcher start-up per run) and append one JSON line
+"""Run the `experiment=stability` grid in ONE process (no Hydra launcher start-up per run) and append one JSON line
 per run to RESULTS; runs already in RESULTS are skipped, so the script resumes after an interruption.
 
     python scripts/stability_grid.py RESULTS.jsonl OUT_DIR [override ...]
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[1] / "bench" / "conf"
 BASES = ["sgd", "momentum", "adam", "adagrad", "rmsprop"]
 HEIGHTS = [3, 1, 5]
 LRS = ["1e-7", "1e-6", "1e-5", "1e-4", "1e-3", "1e-2", "1e-1"]
@@ -48,7 +48,7 @@ def main(results: Path, out_dir: Path, extra: list[str]) -> None:
                 continue
             base = "sgd" if c["base"] == "momentum" else c["base"]
             overrides = [
-                "+experiment=stability",
+                "experiment=stability",
                 f"optimizer.base={base}",
                 f"optimizer.height={c['height']}",
                 f"optimizer.lr={c['lr']}",

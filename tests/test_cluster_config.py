@@ -19,7 +19,7 @@ from bench.config import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 
-# conf/hydra/launcher/submitit_slurm.yaml keeps the plugin's preset name (the documented `hydra/launcher=
+# bench/conf/hydra/launcher/submitit_slurm.yaml keeps the plugin's preset name (the documented `hydra/launcher=
 # submitit_slurm`), so Hydra validates it against the plugin's schema of that name and says this is deprecated.
 pytestmark = pytest.mark.filterwarnings(
     "ignore:(?s).*is validated against ConfigStore schema with the same name:UserWarning"

@@ -18,7 +18,7 @@ from tests.harness_helpers import QUICK, REPO, bench_env, run_bench
 
 def test_experiment_preset_is_selected_without_plus() -> None:
     cfg = compose_config(["experiment=mnist_table"])
-    assert cfg.dataset.name == "mnist" and cfg.trainer.epochs == 30
+    assert cfg.trainer.epochs == 30 and cfg.logger.group == "mnist_table"
 
 
 @pytest.mark.parametrize(

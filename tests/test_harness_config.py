@@ -1,4 +1,4 @@
-"""conf/ and bench.config: every option and preset composes into a run that trains; bad values get one clear line."""
+"""bench/conf/ and bench.config: every option and preset composes into a run that trains; bad values get one clear line."""
 
 from __future__ import annotations
 

@@ -15,8 +15,8 @@ PAPER = yaml.safe_load((ROOT / "bench/report/paper_numbers.yaml").read_text())
 
 
 def _sweep_specs(preset: str) -> list[str]:
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        cfg = compose("config", overrides=[f"+experiment={preset}"], return_hydra_config=True)
+    with initialize_config_dir(config_dir=str(ROOT / "bench" / "conf"), version_base=None):
+        cfg = compose("config", overrides=[f"experiment={preset}"], return_hydra_config=True)
     raw = cfg.hydra.sweeper.params["optimizer.spec"]
     return [s.strip().strip("'") for s in raw.split("',")]
 
@@ -32,9 +32,9 @@ def test_mnist_table_preset_runs_every_tower_of_table_1_and_nothing_else() -> No
 
 
 def test_mnist_table_preset_has_the_papers_setup_and_leaves_the_dataset_to_the_user() -> None:
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        cfg = compose("config", overrides=["+experiment=mnist_table"], return_hydra_config=True)
-        offline = compose("config", overrides=["+experiment=mnist_table", "dataset=mnist5k"])
+    with initialize_config_dir(config_dir=str(ROOT / "bench" / "conf"), version_base=None):
+        cfg = compose("config", overrides=["experiment=mnist_table"], return_hydra_config=True)
+        offline = compose("config", overrides=["experiment=mnist_table", "dataset=mnist5k"])
     assert (cfg.trainer.epochs, cfg.trainer.batch_size, cfg.model.name) == (30, 256, "mlp")
     assert cfg.hydra.sweeper.params.seed == "0,1,2"
     assert cfg.dataset.name == "mnist5k"  # the default dataset, not one the preset forces

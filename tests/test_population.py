@@ -424,7 +424,8 @@ def test_command_line_bad_input_is_one_line_and_exit_2(tmp_path, overrides, mess
 
 
 @pytest.mark.parametrize(
-    "preset", sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "population").glob("*.yaml"))
+    "preset",
+    sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "bench" / "conf" / "population").glob("*.yaml")),
 )
 def test_every_preset_composes_into_a_valid_grid(preset):
     cfg = compose_config([f"+population={preset}"])

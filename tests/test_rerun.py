@@ -24,9 +24,9 @@ def _tower_run(out: Path, spec: str, seed: int) -> dict:
         "trainer.max_steps=4",
         "trainer.progress=false",
         "dataset.train_size=512",
-        "+experiment=mnist_table",
+        "experiment=mnist_table",
     ]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+    with initialize_config_dir(config_dir=str(ROOT / "bench" / "conf"), version_base=None):
         cfg = compose("config", overrides=overrides)
     (out / ".hydra").mkdir(parents=True)
     (out / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
@@ -48,10 +48,9 @@ def test_a_rerun_starts_at_and_keeps_the_values_its_tower_learned(tmp_path: Path
             assert rerun["init"][name] == pytest.approx(learned[name], rel=1e-6)
             assert rerun["hyperparameters"][0][name] == pytest.approx(learned[name], rel=1e-6)  # fixed: not learned
         assert learned["lr"] != pytest.approx(0.01, rel=1e-3)
-        # The report sees the preset: the re-run's Hydra overrides keep +experiment=mnist_table.
+        # The report sees the preset: the re-run's Hydra overrides keep experiment=mnist_table.
         assert (
-            "+experiment=mnist_table"
-            in (tmp_path / "reruns" / f"runs_{seed}" / ".hydra" / "overrides.yaml").read_text()
+            "experiment=mnist_table" in (tmp_path / "reruns" / f"runs_{seed}" / ".hydra" / "overrides.yaml").read_text()
         )
 
 

@@ -2,7 +2,7 @@
 
 Small datasets live on the device as whole tensors and are batched by a seeded index
 permutation: no per-batch DataLoader overhead, and a run is reproducible from (seed, epoch).
-`dataset=NAME` in the config (conf/dataset/NAME.yaml) selects the loader registered here.
+`dataset=NAME` in the config (bench/conf/dataset/NAME.yaml) selects the loader registered here.
 """
 
 from __future__ import annotations

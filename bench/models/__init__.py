@@ -1,4 +1,4 @@
-"""Models selected by `model=NAME` (conf/model/NAME.yaml); shapes adapt to the dataset."""
+"""Models selected by `model=NAME` (bench/conf/model/NAME.yaml); shapes adapt to the dataset."""
 
 from __future__ import annotations
 

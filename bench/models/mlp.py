@@ -10,7 +10,7 @@ class MLP(nn.Module):
     """784-128-10 with tanh, as in the paper; any input is flattened.
 
     The reference implementation also applies tanh to the output logits before the softmax;
-    `output_tanh=True` (the default in conf/model/mlp.yaml) keeps that, so results are comparable.
+    `output_tanh=True` (the default in bench/conf/model/mlp.yaml) keeps that, so results are comparable.
     """
 
     def __init__(self, n_in: int, hidden: int, n_out: int, output_tanh: bool = True) -> None:

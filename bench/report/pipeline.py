@@ -18,14 +18,14 @@ from bench.report.load import ReportInputError, Runs, load_runs
 
 __all__ = ["CONF_DIR", "PAPER_NUMBERS", "compose_report_config", "run"]
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 PAPER_NUMBERS = Path(__file__).resolve().parent / "paper_numbers.yaml"
 _SOURCES = ("files", "wandb")
 _COSTS = ("compute", "wall_time_s", "epochs")
 
 
 def compose_report_config(overrides: list[str] | None = None) -> DictConfig:
-    """Compose conf/report.yaml with Hydra overrides, as `python -m bench.report` does (for tests and scripts)."""
+    """Compose bench/conf/report.yaml with Hydra overrides, as `python -m bench.report` does (for tests and scripts)."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

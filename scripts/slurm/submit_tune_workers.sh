@@ -13,7 +13,7 @@
 # through the job's environment, never written into the job script; keep the password in ~/.pgpass rather than in
 # the URL. Worker logs and run directories: $TUNE_ROOT/STUDY/worker_<i>/ (default TUNE_ROOT: outputs/tune).
 # Resources per worker: WORKER_GPUS (1), WORKER_CPUS (4), WORKER_MEM (16G), WORKER_TIME_MIN (240); site settings
-# (partition, account, qos, ...) come from conf/local/slurm.yaml like the sweep launcher's; SBATCH_ARGS adds any
+# (partition, account, qos, ...) come from bench/conf/local/slurm.yaml like the sweep launcher's; SBATCH_ARGS adds any
 # other sbatch option. Environment: PYTHON (default: the repository's .venv/bin/python).
 set -euo pipefail
 
@@ -46,7 +46,7 @@ python="${PYTHON:-$repo/.venv/bin/python}"
 study_dir="$(realpath -m "${TUNE_ROOT:-outputs/tune}/$study")"
 mkdir -p "$study_dir"
 # partition/account/qos... from the git-ignored site file, as sbatch options.
-site_options="$("$python" -m bench.cluster sbatch-options "$repo/conf/local/slurm.yaml")"
+site_options="$("$python" -m bench.cluster sbatch-options "$repo/bench/conf/local/slurm.yaml")"
 site=()
 if [[ -n "$site_options" ]]; then
     mapfile -t site <<<"$site_options"
