@@ -73,7 +73,7 @@ def test_the_reference_mode_explodes_where_the_stable_mode_does_not() -> None:
 
 
 def test_a_stable_hyper_update_is_bounded_and_independent_of_the_hypergradient_scale() -> None:
-    rule = StableRule(hypergrad.rules()["sgd"])
+    rule = StableRule(hypergrad.rules.rules()["sgd"])
     hp = {"lr": 1e3, "momentum": 0.0}
     state = rule.init(torch.zeros(3), hp)
     delta, _ = rule.update(torch.tensor([1e-30, 1.0, -1e30]), state, hp, 1)
