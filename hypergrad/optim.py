@@ -96,6 +96,8 @@ class HyperOptimizer(torch.optim.Optimizer):
         self._deltas: list[Tensor | None] = []
         self._prev: tuple[core.TowerState, list[Tensor | None], list[list[Tensor]]] | None = None
         self._published: list[dict[str, float]] = []
+        self._grad_buffers: tuple[list[Tensor | None], list[Tensor | None]] = ([], [])
+        self._flip = 0
         if not isinstance(per_tensor, bool):
             raise TypeError(f"per_tensor must be True or False, but got {per_tensor!r}")
         self.per_tensor = per_tensor
@@ -210,7 +212,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         dtype = self._compute_dtype
         # Own copies: the user may zero p.grad in place, or DDP may reuse it as a bucket view, before the next step
         # reads this step's gradients again for its hypergradient.
-        grads = [None if p.grad is None else p.grad.detach().to(dtype, copy=True) for p in params]
+        grads = self._copy_grads(params, dtype)
         if self._live is None:
             hyper = core.zero_hypergradients(before)
         else:
@@ -230,6 +232,27 @@ class HyperOptimizer(torch.optim.Optimizer):
         self._prev = (before, grads, hyper)
         self._publish()
         return loss
+
+    def _copy_grads(self, params: list[Tensor], dtype: torch.dtype) -> list[Tensor | None]:
+        if not all(type(rule) in _OWN_RULES for rule in self._plan.rules):
+            # A user's rule may keep the gradient in its state: each step gets fresh copies.
+            return [None if p.grad is None else p.grad.detach().to(dtype, copy=True) for p in params]
+        # The built-in rules keep no reference to a gradient, and only the last step's copies are read again (by the
+        # next hypergradient): two sets of buffers used in turn save an allocation per tensor and step.
+        self._flip ^= 1
+        bufs = self._grad_buffers[self._flip]
+        if len(bufs) != len(params):
+            bufs[:] = [None] * len(params)
+        out: list[Tensor | None] = []
+        for i, p in enumerate(params):
+            if p.grad is None:
+                out.append(None)
+                continue
+            b = bufs[i]
+            if b is None or b.shape != p.shape or b.device != p.device or b.dtype != dtype:
+                b = bufs[i] = torch.empty_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+            out.append(b.copy_(p.grad))
+        return out
 
     def _publish(self) -> None:
         """Write the learned level-1 values into ``param_groups`` (what LR monitors and schedulers read)."""
@@ -363,6 +386,9 @@ class HyperOptimizer(torch.optim.Optimizer):
             self._live, self._deltas = core.update(self._plan, before, grads, hyper)
             self._prev = (before, grads, hyper)
         self._published = [self._group_values(g) for g in self.param_groups]
+
+
+_OWN_RULES = (SGDRule, AdamRule, AdamWRule, AdaGradRule, RMSPropRule)
 
 
 def _split_per_tensor(params: Iterable[Tensor] | Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
