@@ -20,7 +20,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from bench.io import atomic_write, atomic_write_csv
+from bench.io import atomic_write, atomic_write_csv, mask_secrets
 
 __all__ = ["Profile", "SweepSummary", "sweep_rows"]
 
@@ -41,7 +41,9 @@ def _job_row(job_dir: Path, sweep_dir: Path) -> dict[str, Any]:
     config_path = job_dir / ".hydra" / "config.yaml"
     seed = OmegaConf.load(config_path).get("seed") if config_path.is_file() else None
     row: dict[str, Any] = dict.fromkeys(_COLUMNS)
-    row.update(job=str(job_dir.relative_to(sweep_dir)), overrides=" ".join(overrides), seed=seed, dir=str(job_dir))
+    # Overrides may carry a storage URL's password or a token: masked like everything else a sweep writes.
+    shown = " ".join(mask_secrets(list(overrides)))
+    row.update(job=str(job_dir.relative_to(sweep_dir)), overrides=shown, seed=seed, dir=str(job_dir))
     metrics_path, study_path = job_dir / "metrics.json", job_dir / "study_summary.json"
     if metrics_path.is_file():
         m = json.loads(metrics_path.read_text())

@@ -22,6 +22,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from bench.io import mask_secrets
+
 __all__ = ["BACKENDS", "CsvLogger", "RunLogger", "TensorBoardLogger", "WandbLogger", "backends", "build_logger"]
 
 BACKENDS = ("csv", "tensorboard", "wandb")
@@ -77,7 +79,7 @@ class WandbLogger(RunLogger):
                 # One W&B run per run directory, so a resumed run continues its W&B run.
                 id=hashlib.sha1(str(output_dir.resolve()).encode()).hexdigest()[:16],
                 resume="allow",
-                config=OmegaConf.to_container(cfg, resolve=True),
+                config=mask_secrets(OmegaConf.to_container(cfg, resolve=True)),  # a storage URL's password stays home
                 # No banner (about 34 lines per run); warnings and errors still show.
                 settings=wandb.Settings(silent=True),
             )
