@@ -341,7 +341,14 @@ def _open_study(cfg: DictConfig, plan: _Plan) -> _BoundedStudy:
     from bench.config import ConfigError
 
     if plan.storage.kind == "rdb" and plan.storage.target.startswith("sqlite:///"):
-        Path(plan.storage.target.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(plan.storage.target.removeprefix("sqlite:///")).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(
+                f"tune.storage: cannot create the folder `{folder}` of the SQLite file ({e.strerror}); "
+                "pick a writable path"
+            ) from None
     storage = plan.storage.open(cfg.tune.heartbeat_interval_s, cfg.tune.grace_period_s)
     identity = json.loads(json.dumps(study_identity(cfg, plan)))  # as the storage gives it back
     with plan.storage.lock("open"):  # workers starting together must not both create the study

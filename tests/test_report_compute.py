@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _run(out: Path, spec: str, seed: int = 0) -> None:
     overrides = [f"optimizer.spec='{spec}'", f"seed={seed}", "trainer.epochs=1", "trainer.max_steps=3",
                  "trainer.batch_size=64", "trainer.progress=false", "dataset.train_size=256"]  # fmt: skip
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+    with initialize_config_dir(config_dir=str(ROOT / "bench" / "conf"), version_base=None):
         cfg = compose("config", overrides=overrides)
     (out / ".hydra").mkdir(parents=True)
     (out / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
