@@ -769,6 +769,7 @@ def main(argv: list[str] | None = None) -> None:
     import hydra
 
     from bench.config import CONF_DIR, ConfigError
+    from bench.train import Interrupted
 
     argv = sys.argv[1:] if argv is None else argv
     _precheck(argv)
@@ -779,6 +780,15 @@ def main(argv: list[str] | None = None) -> None:
             summary = tune(cfg)
         except ConfigError as e:
             _error(str(e))
+        except Interrupted as e:  # the trial's checkpoint is saved; the study keeps its finished trials
+            print(f"{e}; the study keeps its finished trials", file=sys.stderr)
+            sys.exit(128 + e.signum)
+        except KeyboardInterrupt:
+            print(
+                "interrupted; the study keeps its finished trials: rerun the same command to continue it",
+                file=sys.stderr,
+            )
+            sys.exit(130)
         if summary.get("status") == "preempted":
             log.info("preempted during the reruns of the best trial; run the same command again to finish them")
             return
