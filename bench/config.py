@@ -267,6 +267,8 @@ def _validate_trainer(cfg: DictConfig) -> None:
     _unknown_keys(t, "trainer", known)
     for key in ("resume", "force", "amp", "compile", "progress"):
         _bool(t, key, p)
+    if t.get("dtype", "float32") not in ("float32", "float64"):
+        raise _fail("trainer.dtype", "one of ['float32', 'float64']", t.get("dtype"))
     if t.device not in ("auto", "cpu", "cuda"):
         raise _fail("trainer.device", "one of ['auto', 'cpu', 'cuda']", t.device)
     if t.device == "cuda":

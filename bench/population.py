@@ -71,6 +71,8 @@ Batches = Callable[[int], Iterator[tuple[Tensor, Tensor]]]
 
 
 _VALIDATION = -1  # diverged_code of a member whose validation loss, not its training loss, went non-finite
+_EXPLODED = -2  # a finite training loss above trainer.diverge_factor times the member's first one
+_OVERFLOWED = -3  # torch.optim refused a baseline's step size (e.g. Adam with lr=1e38)
 
 
 class PopulationError(ConfigError):
@@ -336,8 +338,12 @@ class _Vectorized:
         models: Sequence[nn.Module],
         members: Sequence[Member],
         make_optimizer: Callable[[Member, Sequence[Tensor]], SequentialOptimizer] | None = None,
+        diverge_factor: float | None = None,
     ) -> None:
         self.members = list(members)
+        self.diverge_factor = diverge_factor
+        self.initial_loss: Tensor | None = None  # every member's first training loss (the harness's divergence rule)
+        self.overflow: dict[int, str] = {}  # a baseline member's refused step, in torch.optim's words
         self.K = len(members)
         params, buffers = stack_module_state(list(models))
         self.names = list(params)
@@ -376,20 +382,25 @@ class _Vectorized:
             return functional_call(self.skeleton, tensors, (x,))
 
         self._forward = torch.vmap(member_forward, in_dims=(0, 0, None))
+        self._forward_each = torch.vmap(member_forward, in_dims=(0, 0, 0))
 
-    def outputs(self, x: Tensor) -> Tensor:
-        """Every member's model output on the shared batch ``x``: K x (the model's output shape)."""
-        return self._forward(self.params, self.buffers, x)
+    def outputs(self, x: Tensor, per_member: bool = False) -> Tensor:
+        """Every member's model output: K x (the model's output shape).
 
-    def _member_losses(self, logits: Tensor, y: Tensor) -> Tensor:
+        ``x`` is one batch for all members, or with ``per_member`` a K x (batch) stack, one batch per member.
+        """
+        return (self._forward_each if per_member else self._forward)(self.params, self.buffers, x)
+
+    def _member_losses(self, logits: Tensor, y: Tensor, per_member: bool = False) -> Tensor:
         # One cross-entropy call over all K x N predictions (under vmap, against an unbatched target, the loss takes
         # a slow gather path), summed per member as the harness sums a batch.
-        per = F.cross_entropy(logits.flatten(0, 1), y.flatten().repeat(self.K), reduction="none")
+        target = y.flatten() if per_member else y.flatten().repeat(self.K)
+        per = F.cross_entropy(logits.flatten(0, 1), target, reduction="none")
         return per.view(self.K, -1).sum(1)
 
-    def _logits(self, x: Tensor) -> Tensor:
+    def _logits(self, x: Tensor, per_member: bool = False) -> Tensor:
         """K x N x C logits (N: every prediction of a member, characters included for text)."""
-        out = self.outputs(x)
+        out = self.outputs(x, per_member)
         return _logits(out.reshape(self.K, -1, out.shape[-1]))
 
     def losses(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -413,14 +424,16 @@ class _Vectorized:
         first = (~finite).to(torch.uint8).argmax(1)
         return finite.all(1), first, stacked.gather(1, first[:, None])[:, 0]
 
-    def step(self, x: Tensor, y: Tensor) -> Tensor:
+    def step(self, x: Tensor, y: Tensor, per_member: bool = False) -> Tensor:
         """One training step of every live member; returns the (K,) losses (non-finite for a diverging member).
 
+        ``per_member``: ``x`` and ``y`` hold one batch per member (leading dimension K), each member's own draw.
         Frozen members are masked by row index, and only when there are any: in the common case (nobody frozen)
         the step costs what K single runs' arithmetic costs, plus two tiny host synchronizations.
         """
         self.train_mode()
-        losses = self._member_losses(self._logits(x), y) / y.numel()
+        n = y[0].numel() if per_member else y.numel()
+        losses = self._member_losses(self._logits(x, per_member), y, per_member) / n
         grads = list(torch.autograd.grad(losses.sum(), self.params))
         losses = losses.detach()
         self.step_count += 1
@@ -452,6 +465,8 @@ class _Vectorized:
             newly, torch.where(loss_ok, bad_value.to(losses.dtype), losses), self.diverged_value
         )
         self.alive = self.alive & ~newly
+        # Exploded members keep this step's update (the harness checks the loss after its step), then stop.
+        self._check_explosion(losses, keep)
         held = (~keep).nonzero().flatten()
         with torch.no_grad():
             for p, d in zip(self.params, deltas, strict=True):
@@ -463,6 +478,18 @@ class _Vectorized:
         self.live, self.deltas = live, deltas
         return losses
 
+    def _check_explosion(self, losses: Tensor, stepped: Tensor) -> None:
+        """The harness's rule for finite losses: above ``diverge_factor`` times the member's first loss, it diverged."""
+        if self.initial_loss is None:
+            self.initial_loss = losses.double().clone()
+        if self.diverge_factor is None:
+            return
+        over = stepped & (losses.double() > self.diverge_factor * self.initial_loss.clamp(min=1e-12))
+        self.diverged_step = torch.where(over, self.step_count, self.diverged_step)
+        self.diverged_code = torch.where(over, _EXPLODED, self.diverged_code)
+        self.diverged_value = torch.where(over, losses, self.diverged_value)
+        self.alive = self.alive & ~over
+
     def _padded_rows(self, frozen: Tensor) -> list[Tensor]:
         """Per hyper level k: the members whose hypergradients into level k + 1 must be zero."""
         return [torch.cat([rows, frozen]) if len(frozen) else rows for rows in self._pad_rows]
@@ -473,11 +500,23 @@ class _Vectorized:
         self.diverged_code = torch.where(newly, 1, self.diverged_code)
         self.diverged_value = torch.where(newly, losses, self.diverged_value)
         self.alive = self.alive & ~newly
+        stepped = moving.clone()
         for k, go in enumerate(moving.tolist()):  # one Python step per member anyway, so one sync costs nothing
             if go:
                 for view, g in zip(self.views[k], grads, strict=True):
                     view.grad = g[k]
-                self.opts[k].step()  # type: ignore[index]
+                try:
+                    self.opts[k].step()  # type: ignore[index]
+                except RuntimeError as e:
+                    # torch.optim refuses a step size that overflows the parameters' dtype: diverged, not crashed.
+                    if "without overflow" not in str(e):
+                        raise
+                    self.overflow[k] = f"optimizer step overflowed: {e}"
+                    stepped[k] = False
+                    self.diverged_step[k] = self.step_count
+                    self.diverged_code[k] = _OVERFLOWED
+                    self.alive[k] = False
+        self._check_explosion(losses, stepped)
         return losses
 
     def train_mode(self) -> None:
@@ -539,6 +578,14 @@ class _Vectorized:
             return f"non-finite training loss ({value})"
         if code == _VALIDATION:
             return f"non-finite validation loss ({value})"
+        if code == _EXPLODED:
+            initial = float(self.initial_loss[i])  # type: ignore[index]
+            return (
+                f"training loss {value:.4g} exceeded trainer.diverge_factor={self.diverge_factor:g} times its initial "
+                f"value {initial:.4g}"
+            )
+        if code == _OVERFLOWED:
+            return self.overflow[i]
         k, name = self.hp_names[code - 2]
         error = hypergrad.NonFiniteHyperparameterError(k + 1, name, value, int(self.diverged_step[i]))
         return f"non-finite hyperparameter: {error}"
@@ -654,8 +701,12 @@ def _train_vectorized(
     epoch_callback: EpochCallback | None,
     make_optimizer: Callable[[Member, Sequence[Tensor]], SequentialOptimizer] | None = None,
     model_name: str = "model",
+    per_member: bool = False,
+    diverge_factor: float | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> list[MemberResult]:
-    pop = _Vectorized(models, members, make_optimizer)
+    """``per_member``: ``batches`` yields one batch per member, stacked (each member's own seed draws its batches)."""
+    pop = _Vectorized(models, members, make_optimizer, diverge_factor)
     K = pop.K
     results = [MemberResult(m, init=dict(hps[0])) for m, hps in zip(members, pop.hyperparameters(), strict=True)]
     step_losses: list[Tensor] = []
@@ -674,7 +725,7 @@ def _train_vectorized(
                 break
             was_moving = pop.alive & ~pop.stopped
             try:
-                losses = pop.step(x, y)
+                losses = pop.step(x, y, per_member)
             except RuntimeError as e:
                 if steps or "atching rule" not in str(e):
                     raise
@@ -684,11 +735,14 @@ def _train_vectorized(
                     f"({str(e).splitlines()[0]}); use population.mode=sequential"
                 ) from None
             steps += 1
+            if on_step is not None:
+                on_step()
             step_losses.append(losses)
             counted = was_moving & pop.alive
             # Weighted by batch size, as the harness's epoch mean: a short last batch counts less.
-            total += torch.where(counted, losses.double() * len(y), 0.0)
-            count += counted.double() * len(y)
+            size = y.shape[1] if per_member else len(y)
+            total += torch.where(counted, losses.double() * size, 0.0)
+            count += counted.double() * size
         val_l, val_e = pop.evaluate(*splits["val"], eval_chunk)
         test_l, test_e = pop.evaluate(*splits["test"], eval_chunk)
         wall = time.perf_counter() - start
@@ -700,6 +754,9 @@ def _train_vectorized(
             if r.status == "pruned" or reported[i]:
                 continue
             own_steps = steps if diverged_step[i] < 0 else diverged_step[i] - 1
+            if diverged_step[i] >= 0 and r.history and r.history[-1]["steps"] == own_steps:
+                reported[i] = True  # it diverged at its epoch's first step: that epoch's row is the last one
+                continue
             row = _epoch_row(
                 epoch, own_steps, train_loss[i], (val_l[i], val_e[i]), (test_l[i], test_e[i]), wall, hps[i]
             )
