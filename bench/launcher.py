@@ -170,10 +170,22 @@ def member_batches(data: Any, batch_size: int, seeds: Sequence[int]) -> Callable
     return batches
 
 
-def train_jobs(tasks: Sequence[DictConfig], names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+def checkpoint_path(folder: Path, names: Sequence[str]) -> Path:
+    """Where the population of these members keeps its checkpoint (one file per population)."""
+    import hashlib
+
+    digest = hashlib.sha256(",".join(names).encode()).hexdigest()[:12]
+    return folder / f"population-{names[0]}-{names[-1]}-{digest}.pt"
+
+
+def train_jobs(
+    tasks: Sequence[DictConfig], names: Sequence[str] | None = None, checkpoints: Path | None = None
+) -> list[dict[str, Any]]:
     """Train the stackable configs `tasks` as populations; return each one's `{"metrics", "history"}`.
 
-    Raises `bench.population.PopulationError` when the model cannot be stacked (BatchNorm, dropout, an RNN).
+    `checkpoints`: a folder for the populations' checkpoints (saved every epoch and on a stop request; a rerun
+    resumes from them). Raises `bench.population.PopulationError` when the model cannot be stacked (BatchNorm,
+    dropout, an RNN) and `bench.population.PopulationStopped` when a stop was requested.
     """
     from bench.data import build_dataset
     from bench.models import build_model
@@ -234,6 +246,7 @@ def train_jobs(tasks: Sequence[DictConfig], names: Sequence[str] | None = None) 
                 per_member=True,
                 diverge_factor=t.get("diverge_factor"),
                 on_step=bar.update,
+                checkpoint=None if checkpoints is None else checkpoint_path(checkpoints, [names[i] for i in plan]),
             )
             wall = time.perf_counter() - start
             for k, (i, r) in enumerate(zip(plan, results, strict=True)):
@@ -293,12 +306,13 @@ def launch_population(launcher: Any, job_overrides: Sequence[Sequence[str]], ini
         HydraConfig.instance().set_config(sweep_config)  # ${hydra:...} in the task config resolves per job
         jobs.append(Job(num, overrides, sweep_config, _task_config(sweep_config)))
     chunks, alone = plan_jobs(jobs, launcher.max_members)
+    checkpoints = Path(str(config.hydra.sweep.dir)) / ".population"
     for chunk in chunks:
         nums = [job.num for job in chunk]
         log.info("population of %d: jobs %s", len(chunk), ", ".join(f"#{n}" for n in nums))
         HydraConfig.instance().set_config(chunk[0].config)
         try:
-            results = train_jobs([job.task for job in chunk], [str(n) for n in nums])
+            results = _train_until_stopped([job.task for job in chunk], [str(n) for n in nums], checkpoints)
         except PopulationError as e:
             for job in chunk:
                 alone[job.num] = str(e).split(": ", 1)[-1].split("; use ")[0]
@@ -320,4 +334,27 @@ def launch_population(launcher: Any, job_overrides: Sequence[Sequence[str]], ini
             )
         )
         configure_log(config.hydra.hydra_logging, config.hydra.verbose)
+    for path in checkpoints.glob("population-*.pt"):  # every job landed: nothing left to resume
+        path.unlink(missing_ok=True)
     return runs
+
+
+def _train_until_stopped(tasks: Sequence[DictConfig], names: Sequence[str], checkpoints: Path) -> list[dict[str, Any]]:
+    """`train_jobs`, where SIGINT or SIGTERM saves the checkpoint and ends the sweep (128 + signal, one line)."""
+    import sys
+
+    import bench.train
+    from bench.population import PopulationStopped
+
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    with bench.train._stop_on_signals():
+        try:
+            return train_jobs(tasks, names, checkpoints)
+        except PopulationStopped as e:
+            signum = bench.train._interrupted_by
+            if signum is None:
+                raise  # a preemption (submitit's handler asked): the caller requeues
+            print(f"{e}: rerun the same command (same hydra.sweep.dir)", file=sys.stderr)
+            sys.exit(128 + signum)
+        finally:
+            bench.train._checkpoint_requested = False

@@ -14,16 +14,16 @@ populations, trained one after another.
 Plain per-parameter baselines (sgd, momentum, adam, ...) are vectorized too: the forward and backward run stacked,
 and each member keeps its own torch.optim optimizer over views into the stack. Optimizers that reduce over all
 parameters (Prodigy, D-Adaptation, DoG), Schedule-Free, BatchNorm running statistics, dropout and fused RNN kernels
-are refused with the reason and the fallback, ``population.mode=sequential`` (the same grid, one ordinary run after
-another).
+are refused with the reason (``mode="sequential"`` trains such members one ordinary run after another).
 
-Every member sees the same batches in the same order, drawn from the run's ``seed`` exactly as a harness run draws
-them; a member's own seed sets its model's initialization, so the member whose seed is the run's seed reproduces
-``python -m bench`` with its configuration. A member whose loss or hyperparameters become non-finite is frozen from
-that step on (its updates masked to zero, its state kept) and recorded as diverged, as a single run records it;
-members never interact, so the others are unaffected.
+Batches: either one batch for all members, or (``per_member``) one per member, each drawn from the member's own seed
+exactly as its harness run draws them; a member's seed also sets its model's initialization, so every member
+reproduces ``python -m bench`` with its configuration. A member whose loss or hyperparameters become non-finite, or
+whose loss exceeds ``diverge_factor`` times its first one, is frozen from that step on (its updates masked to zero,
+its state kept) and recorded as diverged, as a single run records it; members never interact, so the others are
+unaffected.
 
-    python -m bench.population +population=sensitivity_mnist5k      # or python -m bench +population=... (hook)
+Users reach this through a sweep: ``python -m bench -m ... hydra/launcher=population`` (bench/launcher.py).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from tqdm import tqdm
 import hypergrad
 from bench.config import ConfigError
 from hypergrad import core
-from hypergrad.spec import Level, Tower, format_spec, parse_spec
+from hypergrad.spec import Tower, format_spec, parse_spec
 
 __all__ = [
     "Member",
@@ -54,16 +54,10 @@ __all__ = [
     "check_baseline_vectorizable",
     "check_vectorizable",
     "evaluate_trials_as_population",
-    "format_population_summary",
-    "grid_members",
     "group_members",
-    "member_tower",
-    "population_members",
     "population_plan",
-    "run_population",
     "tell_trials",
     "train_population",
-    "validate_population",
 ]
 
 Batches = Callable[[int], Iterator[tuple[Tensor, Tensor]]]
@@ -114,54 +108,6 @@ class MemberResult:
     steps: int = 0
     hyperparameters: list[dict[str, float]] = field(default_factory=list)  # final values, level 1 first
     init: dict[str, float] = field(default_factory=dict)  # the weight optimizer's initial hyperparameters
-
-
-# -- the grid ------------------------------------------------------------------------------------------------------
-def _with_lr(level: Level, lr: float | None, top: bool) -> Level:
-    values = dict(level.values)
-    if lr is not None:
-        values["lr"] = lr
-    # A tower's top level learns nothing, so it carries no learned subset.
-    return Level(level.rule, values, None if top else level.learned)
-
-
-def member_tower(template: Tower, lr: float | None, height: int | None) -> Tower:
-    """The tower ``template`` with the base step size ``lr`` and ``height`` hyper levels (copies of its top level).
-
-    ``height=None`` keeps the template's own levels.
-    """
-    if height is None:
-        levels = list(template.levels)
-    else:
-        if height < 0:
-            raise PopulationError(f"`population.heights` must be >= 0, but got {height}")
-        if height > 0 and template.height == 0:
-            raise PopulationError(
-                f"`population.heights` asks for height {height}, but the tower {format_spec(template)!r} has no hyper "
-                "level to repeat; give one, e.g. 'sgd/sgd(1e-05)'"
-            )
-        levels = [template.levels[0]] + [template.levels[-1]] * height
-    out = [_with_lr(lv, lr if k == 0 else None, k == len(levels) - 1) for k, lv in enumerate(levels)]
-    return Tower(tuple(out))
-
-
-def grid_members(
-    template: str | Tower, lrs: Sequence[float | None], heights: Sequence[int | None], seeds: Sequence[int]
-) -> list[Member]:
-    """Every (lr, height, seed) combination, in that nesting order, each with a directory-friendly name."""
-    template = parse_spec(template)
-    members = []
-    for lr in lrs:
-        for height in heights:
-            tower = member_tower(template, None if lr is None else float(lr), height)
-            for seed in seeds:
-                name = f"lr={tower.levels[0].values['lr']:g}_h={tower.height}_seed={int(seed)}"
-                members.append(Member(tower, int(seed), name))
-    names = [m.name for m in members]
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise PopulationError(f"the population grid repeats a configuration ({dup}); list each value once")
-    return members
 
 
 # -- sharing one plan ----------------------------------------------------------------------------------------------
@@ -367,6 +313,7 @@ class _Vectorized:
         # Level k + 1 is padding for the members whose tower is at most k levels high.
         self._pad_rows = [(self.heights <= k).nonzero().flatten() for k in range(len(self.plan.rules) - 1)]
         self.live: core.TowerState | None = None
+        self.prev: tuple[Any, list[Tensor], list[list[Tensor]]] | None = None
         self.deltas: list[Tensor | None] = []
         self.alive = torch.ones(self.K, dtype=torch.bool, device=like.device)
         self.stopped = torch.zeros(self.K, dtype=torch.bool, device=like.device)  # pruned from outside
@@ -476,6 +423,8 @@ class _Vectorized:
         if len(held):
             self.state = _restore_rows(held, self.state, before)
         self.live, self.deltas = live, deltas
+        # What a checkpoint needs to rebuild the next hypergradient's graph: replaying this step.
+        self.prev = (before, [g.detach() for g in grads], [[h.detach() for h in level] for level in hyper])
         return losses
 
     def _check_explosion(self, losses: Tensor, stepped: Tensor) -> None:
@@ -689,6 +638,78 @@ def _epoch_row(
     }
 
 
+class PopulationStopped(Exception):
+    """A stop was requested (SIGTERM, SIGINT, SLURM's warning): the checkpoint is saved; rerunning resumes it."""
+
+    def __init__(self, steps: int) -> None:
+        super().__init__(f"population stopped after step {steps}; its checkpoint is saved, rerun to resume")
+        self.steps = steps
+
+
+_COUNTERS = ("alive", "stopped", "diverged_step", "diverged_code", "diverged_value")
+
+
+def _state_classes() -> list[type]:
+    """The NamedTuple types a population's optimizer state is made of (allowed when a checkpoint is read)."""
+    import hypergrad.rules
+    import hypergrad.stable
+
+    found = []
+    for module in (core, hypergrad.rules, hypergrad.stable):
+        found += [
+            v for v in vars(module).values() if isinstance(v, type) and issubclass(v, tuple) and hasattr(v, "_fields")
+        ]
+    return found
+
+
+def _save_checkpoint(path: Path, pop: _Vectorized, progress: dict[str, Any]) -> None:
+    from bench.io import atomic_save_torch
+
+    state = {
+        "names": [m.name for m in pop.members],
+        "params": [p.detach() for p in pop.params],
+        "buffers": pop.buffers,
+        "tower": pop.state,
+        "prev": pop.prev,
+        "opts": None if pop.opts is None else [o.state_dict() for o in pop.opts],  # type: ignore[attr-defined]
+        "counters": {k: getattr(pop, k) for k in _COUNTERS},
+        "initial_loss": pop.initial_loss,
+        "step_count": pop.step_count,
+        "overflow": dict(pop.overflow),
+        "progress": progress,
+    }
+    atomic_save_torch(path, state)
+
+
+def _load_checkpoint(path: Path, pop: _Vectorized) -> dict[str, Any] | None:
+    """Restore ``pop`` from ``path``; return the loop's progress, or None when the file is another population's."""
+    with torch.serialization.safe_globals(_state_classes()):
+        state = torch.load(path, map_location=pop.params[0].device, weights_only=True)
+    if state.get("names") != [m.name for m in pop.members]:
+        return None
+    with torch.no_grad():
+        for p, saved in zip(pop.params, state["params"], strict=True):
+            p.copy_(saved)  # in place: the baseline optimizers' views share this storage
+    pop.buffers = state["buffers"]
+    pop.state, pop.prev = state["tower"], state["prev"]
+    if pop.opts is not None:
+        for opt, saved in zip(pop.opts, state["opts"], strict=True):
+            opt.load_state_dict(saved)  # type: ignore[attr-defined]
+    for k in _COUNTERS:
+        setattr(pop, k, state["counters"][k])
+    pop.initial_loss, pop.step_count, pop.overflow = state["initial_loss"], state["step_count"], state["overflow"]
+    if pop.prev is not None and pop.opts is None:
+        # Replaying the last step rebuilds what the next hypergradient differentiates (as HyperOptimizer does).
+        pop.live, pop.deltas = core.update(pop.plan, *pop.prev)
+    return state["progress"]
+
+
+def _stop_requested() -> bool:
+    import bench.train
+
+    return bench.train._checkpoint_requested
+
+
 def _train_vectorized(
     models: Sequence[nn.Module],
     members: Sequence[Member],
@@ -704,22 +725,60 @@ def _train_vectorized(
     per_member: bool = False,
     diverge_factor: float | None = None,
     on_step: Callable[[], None] | None = None,
+    checkpoint: Path | None = None,
 ) -> list[MemberResult]:
-    """``per_member``: ``batches`` yields one batch per member, stacked (each member's own seed draws its batches)."""
+    """``per_member``: ``batches`` yields one batch per member, stacked (each member's own seed draws its batches).
+
+    ``checkpoint``: saved after every epoch and when a stop is requested (``bench.train.request_checkpoint``, which
+    SIGTERM, SIGINT and SLURM's warning signal call; then ``PopulationStopped`` is raised); a population that finds
+    its own checkpoint there resumes from it, mid-epoch included, to the same results.
+    """
     pop = _Vectorized(models, members, make_optimizer, diverge_factor)
     K = pop.K
     results = [MemberResult(m, init=dict(hps[0])) for m, hps in zip(members, pop.hyperparameters(), strict=True)]
     step_losses: list[Tensor] = []
-    start = time.perf_counter()
+    elapsed = 0.0
     steps = 0
     reported = [False] * K  # a diverged member gets one last row, as a single run does
-    for epoch in range(1, epochs + 1):
+    first_epoch, skip, partial = 1, 0, None
+    if checkpoint is not None and checkpoint.is_file():
+        progress = _load_checkpoint(checkpoint, pop)
+        if progress is not None:
+            first_epoch, skip, partial = progress["epoch"], progress["batch"], progress["sums"]
+            steps, elapsed, reported = progress["steps"], progress["elapsed"], progress["reported"]
+            step_losses = list(progress["step_losses"])
+            for r, history, status in zip(results, progress["history"], progress["status"], strict=True):
+                r.history, r.status = history, status
+    start = time.perf_counter() - elapsed
+
+    def save(epoch: int, batch: int, sums: Any) -> None:
+        if checkpoint is None:
+            return
+        progress = {
+            "epoch": epoch,
+            "batch": batch,
+            "sums": sums,
+            "steps": steps,
+            "elapsed": time.perf_counter() - start,
+            "reported": list(reported),
+            "step_losses": torch.stack(step_losses) if step_losses else [],
+            "history": [r.history for r in results],
+            "status": [r.status for r in results],
+        }
+        _save_checkpoint(checkpoint, pop, progress)
+
+    for epoch in range(first_epoch, epochs + 1):
         if max_steps is not None and steps >= max_steps:  # the cap fell on an epoch's end: nothing more to record
             break
         total = torch.zeros(K, dtype=torch.float64, device=pop.alive.device)
         count = torch.zeros_like(total)
+        if partial is not None:
+            total, count = partial
+            partial = None
         complete = True
-        for x, y in batches(epoch):
+        for b, (x, y) in enumerate(batches(epoch)):
+            if b < skip:  # done before the checkpoint this run resumed from
+                continue
             if max_steps is not None and steps >= max_steps:
                 complete = False
                 break
@@ -743,6 +802,10 @@ def _train_vectorized(
             size = y.shape[1] if per_member else len(y)
             total += torch.where(counted, losses.double() * size, 0.0)
             count += counted.double() * size
+            if _stop_requested():
+                save(epoch, b + 1, (total, count))
+                raise PopulationStopped(steps)
+        skip = 0
         val_l, val_e = pop.evaluate(*splits["val"], eval_chunk)
         test_l, test_e = pop.evaluate(*splits["test"], eval_chunk)
         wall = time.perf_counter() - start
@@ -771,6 +834,7 @@ def _train_vectorized(
             if complete and epoch_callback is not None and epoch_callback(indices[i], epoch, row):
                 pop.stopped[i] = True
                 r.status = "pruned"
+        save(epoch + 1, 0, None)
         if not bool((pop.alive & ~pop.stopped).any()) or not complete:
             break
     all_losses = torch.stack(step_losses).T.tolist() if step_losses else [[] for _ in range(K)]
@@ -889,9 +953,6 @@ def _train_alone(
 
 
 # -- the harness entry point: `python -m bench +population=NAME` ------------------------------------------------------
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
 def _fail(key: str, expected: str, got: Any) -> ValueError:
     from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -900,25 +961,6 @@ def _fail(key: str, expected: str, got: Any) -> ValueError:
     if isinstance(got, (DictConfig, ListConfig)):
         got = OmegaConf.to_container(got)
     return ConfigError(f"`{key}` must be {expected}, but got {got!r}")
-
-
-def _list(p: Any, key: str, ok: Callable[[Any], bool], expected: str) -> list[Any] | None:
-    from omegaconf import ListConfig
-
-    value = p.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, (list, ListConfig)) or not value or not all(ok(v) for v in value):
-        raise _fail(f"population.{key}", expected, value)
-    return list(value)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _check_run_settings(cfg: Any) -> None:
@@ -934,65 +976,6 @@ def _check_run_settings(cfg: Any) -> None:
                     cfg.trainer.checkpoint_every)  # fmt: skip
     if cfg.logger.get("name", "none") != "none":
         raise _fail("logger", "none for a population (members write run directories, not W&B runs)", cfg.logger.name)
-
-
-def validate_population(cfg: Any) -> None:
-    """Check the `population` keys; raise ``bench.config.ConfigError`` with one line on the first bad value."""
-    p = cfg.population
-    if p.get("mode", "vectorized") not in ("vectorized", "sequential"):
-        raise _fail("population.mode", "one of ['vectorized', 'sequential']", p.get("mode"))
-    if p.get("dtype", "float32") not in _DTYPES:
-        raise _fail("population.dtype", f"one of {list(_DTYPES)}", p.get("dtype"))
-    _check_run_settings(cfg)
-    _list(p, "lr", lambda v: _is_number(v) and v > 0, "a non-empty list of step sizes > 0")
-    _list(p, "heights", lambda v: _is_int(v) and v >= 0, "a non-empty list of integers >= 0")
-    _list(p, "seeds", _is_int, "a non-empty list of integers")
-    if p.get("spec") is not None:
-        if cfg.optimizer.name != "tower":
-            raise _fail("population.spec", f"null with optimizer={cfg.optimizer.name} (a spec is a tower)", p.spec)
-        try:
-            parse_spec(str(p.spec))
-        except ValueError as e:
-            expected = f"a tower in the paper's notation ({str(e).splitlines()[0]})"
-            raise _fail("population.spec", expected, p.spec) from None
-    name = cfg.optimizer.name
-    if name != "tower":
-        if p.get("heights") not in (None, [0]) and list(p.get("heights")) != [0]:
-            raise _fail("population.heights", f"null for optimizer={name} (a baseline has no hyper levels)", p.heights)
-        problem = _baseline_problem(name)
-        if p.get("mode", "vectorized") == "vectorized" and problem is not None:
-            raise _fail(
-                "optimizer",
-                f"a per-parameter optimizer for a vectorized population ({problem}; use population.mode=sequential)",
-                name,
-            )
-
-
-def population_members(cfg: Any) -> list[Member]:
-    """The grid of ``cfg.population`` over the run's optimizer: lr x heights x seeds, in that nesting order."""
-    from omegaconf import OmegaConf
-
-    from bench.optim import tower_spec
-
-    p = cfg.population
-    lrs = _list(p, "lr", lambda v: True, "") or [None]
-    seeds = _list(p, "seeds", lambda v: True, "") or [int(cfg.seed)]
-    if cfg.optimizer.name != "tower":
-        members = []
-        for lr in lrs:
-            opt = OmegaConf.merge(cfg.optimizer, {} if lr is None else {"lr": float(lr)})
-            members += [Member(None, int(s), f"lr={float(opt.lr):g}_seed={int(s)}", opt) for s in seeds]
-        return members
-    heights = _list(p, "heights", lambda v: True, "")
-    if p.get("spec") is not None:
-        template = str(p.spec)
-    elif cfg.optimizer.get("spec"):
-        template = str(cfg.optimizer.spec)
-    else:
-        # The optimizer group's tower with one hyper level: the level that every height repeats.
-        o = OmegaConf.merge(cfg.optimizer, {"height": 1 if heights is not None else cfg.optimizer.height})
-        template = tower_spec(o)
-    return grid_members(template, lrs, heights or [None], seeds)
 
 
 def _epoch_batches(data: Any, batch_size: int, seed: int) -> Batches:
@@ -1042,18 +1025,6 @@ def member_metrics(cfg: Any, result: MemberResult, wall_time_s: float, extra: Ma
         "status": result.status,
         "population": dict(extra),
     }
-
-
-def _member_config(cfg: Any, member: Member) -> Any:
-    """The harness config that runs ``member`` alone (as `python -m bench` would)."""
-    from omegaconf import OmegaConf
-
-    if member.tower is not None:
-        lr = member.tower.levels[0].values["lr"]
-        own = {"seed": member.seed, "optimizer": {"spec": member.spec, "lr": lr, "height": member.height}}
-    else:
-        own = {"seed": member.seed, "optimizer": OmegaConf.to_container(member.baseline)}
-    return OmegaConf.merge(cfg, own)
 
 
 def write_member(member_cfg: Any, directory: Path, result: MemberResult, metrics: Mapping[str, Any]) -> None:
@@ -1132,65 +1103,6 @@ def _train_members(
             make_optimizer=make_optimizer,
         )
     return results, time.perf_counter() - start, device
-
-
-def run_population(
-    cfg: Any, output_dir: str | Path | None = None, epoch_callback: EpochCallback | None = None
-) -> list[dict[str, Any]]:
-    """Train the grid of ``cfg.population`` and write one harness-style run directory per member.
-
-    Member directories are ``<output_dir>/members/<name>/`` (metrics.json, history.csv, .hydra/config.yaml);
-    ``<output_dir>/population.json`` lists them. Returns each member's metrics, in grid order.
-    """
-    from omegaconf import OmegaConf
-
-    from bench.config import validate
-    from bench.io import atomic_write_json
-
-    validate(cfg)
-    validate_population(cfg)
-    if output_dir is None:
-        output_dir = cfg.paths.output_dir
-    output_dir = Path(output_dir)
-    p = cfg.population
-    mode, dtype = p.get("mode", "vectorized"), _DTYPES[p.get("dtype", "float32")]
-    members = population_members(cfg)
-    results, wall, device = _train_members(cfg, members, mode, dtype, epoch_callback)
-    out = []
-    for i, r in enumerate(results):
-        extra = {
-            "mode": mode,
-            "size": len(members),
-            "index": i,
-            "data_seed": int(cfg.seed),
-            "dtype": str(p.dtype),
-            "wall_time_s": wall,
-        }
-        # A member's own cost is its share of the job: the report adds wall times up as compute.
-        metrics = member_metrics(cfg, r, wall / len(members), extra)
-        write_member(_member_config(cfg, r.member), output_dir / "members" / r.member.name, r, metrics)
-        out.append(metrics)
-    summary = {
-        "mode": mode,
-        "size": len(members),
-        "wall_time_s": wall,
-        "device": str(device),
-        "dtype": str(p.dtype),
-        "data_seed": int(cfg.seed),
-        "population": OmegaConf.to_container(p),
-        "members": [
-            {
-                "name": r.member.name,
-                "dir": f"members/{r.member.name}",
-                "status": m["status"],
-                "test_error": m["test_error"],
-                "val_error": m["val_error"],
-            }
-            for r, m in zip(results, out, strict=True)
-        ],
-    }
-    atomic_write_json(output_dir / "population.json", summary)
-    return out
 
 
 # -- Optuna: a batch of trials as one population ------------------------------------------------------------------
@@ -1292,52 +1204,3 @@ def tell_trials(study: Any, trials: Sequence[Any], metrics: Sequence[Mapping[str
             study.tell(trial, state=TrialState.FAIL)
         else:
             study.tell(trial, m["val_error"])
-
-
-def format_population_summary(metrics: Sequence[Mapping[str, Any]]) -> str:
-    """A short table of a population's members: status, final errors and learned step size, best first."""
-    import pandas as pd
-
-    rows = [
-        {
-            "optimizer": m["optimizer"],
-            "seed": m["seed"],
-            "status": m["status"],
-            "val_error": m["val_error"],
-            "test_error": m["test_error"],
-            "final L1.lr": (m["hyperparameters"] or [{}])[0].get("lr", math.nan),
-        }
-        for m in metrics
-    ]
-    table = pd.DataFrame(rows).sort_values("val_error", na_position="last")
-    diverged = sum(m["status"] == "diverged" for m in metrics)
-    head = f"population of {len(metrics)} members ({diverged} diverged), best validation error first"
-    return head + "\n" + table.to_string(index=False, float_format=lambda v: f"{v:.4g}")
-
-
-def main() -> None:
-    """``python -m bench.population +population=NAME [overrides]``: what ``python -m bench +population=NAME`` runs."""
-    import sys
-
-    import hydra
-    from omegaconf import DictConfig
-
-    from bench.config import CONF_DIR
-
-    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
-    def app(cfg: DictConfig) -> None:
-        if cfg.get("population") is None:
-            print("error: `population` must be given, e.g. +population=grid, but got none", file=sys.stderr)
-            sys.exit(2)
-        try:
-            metrics = run_population(cfg)
-        except ConfigError as e:
-            print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)  # the user's to fix: one line
-            sys.exit(2)
-        print(format_population_summary(metrics))
-
-    app()
-
-
-if __name__ == "__main__":
-    main()

@@ -141,3 +141,89 @@ def test_max_members_splits_a_sweep_into_chunks_with_the_same_results(tmp_path):
     assert [line.split("population of ")[1].split(":")[0] for line in log.splitlines() if "population of " in line
             and "jobs #" in line] == ["5", "5", "2"]  # fmt: skip
     _assert_same_jobs(whole, chunked)
+
+
+def test_a_batchnorm_model_in_the_sweep_runs_alone_and_lands(tmp_path):
+    sweep = ["model=mlp,resnet20", "optimizer.lr=0.01,0.1", "trainer.max_steps=2"]
+    basic, _ = _sweep(tmp_path, "basic", *sweep)
+    population, log = _sweep(tmp_path, "population", *sweep, launcher="population")
+    assert "population of 2: jobs #0, #1" in log
+    alone = [line for line in log.splitlines() if "runs alone" in line]
+    assert [line.split("job ")[1].split(" ")[0] for line in alone] == ["#2", "#3"]
+    assert all("BatchNorm layer" in line and "running statistics" in line for line in alone)
+    _assert_same_jobs(basic, population)
+
+
+def test_max_steps_and_baseline_schedules_equal_the_basic_launcher(tmp_path):
+    # 8 steps per epoch: a cap at an epoch's end and one inside an epoch; momentum with a cosine schedule stacks
+    # (each member keeps its own torch.optim optimizer and scheduler).
+    sweep = ["optimizer=momentum", "optimizer.schedule=cosine", "optimizer.lr=0.05,0.2", "seed=0,1",
+             "trainer.max_steps=8,11", "dataset.train_size=1024"]  # fmt: skip
+    basic, _ = _sweep(tmp_path, "basic", *sweep)
+    population, log = _sweep(tmp_path, "population", *sweep, launcher="population")
+    assert log.count("population of 4") == 2  # max_steps differs: two populations
+    metrics = _assert_same_jobs(basic, population)
+    assert sorted({(m["steps"], m["epochs"]) for m in metrics}) == [(8, 1), (11, 2)]
+
+
+def test_weights_with_non_finite_outputs_are_a_diverged_member_as_in_the_harness(tmp_path):
+    # One float32 step of size 1e38 leaves a finite training loss but weights whose outputs overflow: the harness
+    # records that run as diverged at step 1 with a non-finite validation loss, and so does the population.
+    sweep = ["trainer.dtype=float32", "optimizer.base=sgd", "model.output_tanh=false", "trainer.max_steps=1",
+             "optimizer.lr=1e38,0.05", "optimizer.height=0,1"]  # fmt: skip
+    basic, _ = _sweep(tmp_path, "basic", *sweep)
+    population, _ = _sweep(tmp_path, "population", *sweep, launcher="population")
+    metrics = _assert_same_jobs(basic, population, tol=1e-5)
+    assert [m["status"] for m in metrics] == ["diverged", "diverged", "completed", "completed"]
+    assert all(m["diverged_reason"].startswith("non-finite validation loss") for m in metrics[:2])
+
+
+def test_bad_input_in_a_population_sweep_is_one_line_and_exit_2(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    args = [*BASE, "optimizer.lr=0.1,-1", f"hydra.sweep.dir={tmp_path / 's'}", "hydra/launcher=population"]
+    proc = subprocess.run([sys.executable, "-m", "bench", "-m", *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: `optimizer.lr` must be")
+
+
+def test_the_sensitivity_preset_is_one_population(tmp_path):
+    # Every job of `-m experiment=sensitivity_mnist5k` (4 heights x 11 step sizes x 3 seeds) stacks with every other.
+    import itertools
+
+    from bench.config import compose_config
+    from bench.launcher import stack_key, why_alone
+
+    params = compose_config(["experiment=sensitivity_mnist5k"], return_hydra_config=True).hydra.sweeper.params
+    grid = [[f"{k}={v}" for v in str(values).split(",")] for k, values in params.items()]
+    keys = set()
+    for combo in itertools.product(*grid):
+        cfg = compose_config(["experiment=sensitivity_mnist5k", f"paths.output_dir={tmp_path}", *combo])
+        assert why_alone(cfg, tmp_path / "job") is None
+        keys.add(stack_key(cfg))
+    assert len(list(itertools.product(*grid))) == 132 and len(keys) == 1
+
+
+def test_a_killed_population_resumes_to_the_same_results(tmp_path):
+    import signal
+    import time
+
+    sweep = ["optimizer.base=sgd", "optimizer.lr=0.03,0.3", "optimizer.height=0,2", "trainer.epochs=30"]
+    whole, _ = _sweep(tmp_path, "whole", *sweep, launcher="population")
+    out = tmp_path / "killed"
+    args = [*BASE, *sweep, f"hydra.sweep.dir={out}", "hydra/launcher=population"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "bench", "-m", *args]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list((out / ".population").glob("*.pt")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)  # the first epoch's checkpoint: training is under way
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "rerun the same command" in stderr.strip().splitlines()[-1]
+    assert list((out / ".population").glob("*.pt")) and not (out / "0" / "metrics.json").exists()
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    _assert_same_jobs(whole, out)
+    assert not list((out / ".population").glob("*.pt"))  # every job landed: the checkpoint is gone
