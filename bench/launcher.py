@@ -22,6 +22,7 @@ import copy
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -282,10 +283,40 @@ def _land(result: dict[str, Any]) -> Callable[[DictConfig], float | None]:
     return task
 
 
+def load_jobs(context: Any, config: DictConfig, jobs: Sequence[tuple[list[str], int]]) -> list[Job]:
+    """Each job's sweep config, as the basic launcher loads it, and its task config."""
+    from hydra.core.hydra_config import HydraConfig
+
+    out = []
+    for overrides, num in jobs:
+        sweep_config = context.config_loader.load_sweep_config(config, list(overrides))
+        with open_dict(sweep_config):
+            sweep_config.hydra.job.id = num
+            sweep_config.hydra.job.num = num
+            sweep_config.hydra.runtime.output_dir = str(_output_dir(sweep_config))
+        HydraConfig.instance().set_config(sweep_config)  # ${hydra:...} in the task config resolves per job
+        out.append(Job(num, overrides, sweep_config, _task_config(sweep_config)))
+    return out
+
+
+def land(context: Any, job: Job, task_function: Any) -> Any:
+    """Run one job through Hydra's run_job: its population's results, or (run alone) the ordinary task function."""
+    from hydra.core.utils import run_job
+
+    task = task_function if job.result is None else _land(job.result)
+    return run_job(
+        hydra_context=context,
+        task_function=task,
+        config=job.config,
+        job_dir_key="hydra.sweep.dir",
+        job_subdir_key="hydra.sweep.subdir",
+    )
+
+
 def launch_population(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[Any]:
     """What `PopulationLauncher.launch` does (hydra_plugins/bench_population_launcher)."""
     from hydra.core.hydra_config import HydraConfig
-    from hydra.core.utils import configure_log, filter_overrides, run_job, setup_globals
+    from hydra.core.utils import configure_log, filter_overrides, setup_globals
 
     from bench.population import PopulationError
 
@@ -294,17 +325,9 @@ def launch_population(launcher: Any, job_overrides: Sequence[Sequence[str]], ini
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
     Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
     log.info("Launching %d jobs as populations", len(job_overrides))
-    jobs = []
     for i, overrides in enumerate(job_overrides):
-        num = initial_job_idx + i
-        log.info("\t#%d : %s", num, " ".join(filter_overrides(overrides)))
-        sweep_config = context.config_loader.load_sweep_config(config, list(overrides))
-        with open_dict(sweep_config):
-            sweep_config.hydra.job.id = num
-            sweep_config.hydra.job.num = num
-            sweep_config.hydra.runtime.output_dir = str(_output_dir(sweep_config))
-        HydraConfig.instance().set_config(sweep_config)  # ${hydra:...} in the task config resolves per job
-        jobs.append(Job(num, overrides, sweep_config, _task_config(sweep_config)))
+        log.info("\t#%d : %s", initial_job_idx + i, " ".join(filter_overrides(overrides)))
+    jobs = load_jobs(context, config, [(list(o), initial_job_idx + i) for i, o in enumerate(job_overrides)])
     chunks, alone = plan_jobs(jobs, launcher.max_members)
     checkpoints = Path(str(config.hydra.sweep.dir)) / ".population"
     for chunk in chunks:
@@ -323,19 +346,9 @@ def launch_population(launcher: Any, job_overrides: Sequence[Sequence[str]], ini
     for job in jobs:
         if job.num in alone:
             log.info("job #%d runs alone: %s", job.num, alone[job.num])
-        task = launcher.task_function if job.result is None else _land(job.result)
-        runs.append(
-            run_job(
-                hydra_context=context,
-                task_function=task,
-                config=job.config,
-                job_dir_key="hydra.sweep.dir",
-                job_subdir_key="hydra.sweep.subdir",
-            )
-        )
+        runs.append(land(context, job, launcher.task_function))
         configure_log(config.hydra.hydra_logging, config.hydra.verbose)
-    for path in checkpoints.glob("population-*.pt"):  # every job landed: nothing left to resume
-        path.unlink(missing_ok=True)
+    shutil.rmtree(checkpoints, ignore_errors=True)  # every job landed: nothing left to resume
     return runs
 
 
@@ -358,3 +371,86 @@ def _train_until_stopped(tasks: Sequence[DictConfig], names: Sequence[str], chec
             sys.exit(128 + signum)
         finally:
             bench.train._checkpoint_requested = False
+
+
+# -- hydra/launcher=population_slurm: one array task per population ------------------------------------------------
+def launch_population_array(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[Any]:
+    """What `PopulationSlurmLauncher.launch` does: plan the populations here, train each as one array task."""
+    import submitit
+    from hydra.core.singleton import Singleton
+    from hydra.core.utils import filter_overrides, setup_globals
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+    setup_globals()
+    config = launcher.config
+    sweep_dir = Path(str(config.hydra.sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    for i, overrides in enumerate(job_overrides):
+        log.info("\t#%d : %s", initial_job_idx + i, " ".join(filter_overrides(overrides)))
+    jobs = load_jobs(
+        launcher.hydra_context, config, [(list(o), initial_job_idx + i) for i, o in enumerate(job_overrides)]
+    )
+    chunks, alone = plan_jobs(jobs, launcher.max_members)
+    units = [[(list(job.overrides), job.num) for job in chunk] for chunk in chunks]
+    for job in jobs:
+        if job.num in alone:
+            log.info("job #%d runs alone: %s", job.num, alone[job.num])
+            units.append([(list(job.overrides), job.num)])
+    for chunk in chunks:
+        log.info("population of %d: jobs %s", len(chunk), ", ".join(f"#{job.num}" for job in chunk))
+
+    # The executor exactly as hydra_submitit_launcher builds it (BaseSubmititLauncher.launch).
+    params = dict(launcher.params)
+    executor = submitit.AutoExecutor(
+        cluster="slurm", folder=params.pop("submitit_folder"), slurm_max_num_timeout=params.pop("max_num_timeout")
+    )
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
+    log.info("Submitit 'slurm': %d array tasks for %d jobs, sweep output dir %s", len(units), len(jobs), sweep_dir)
+    array = executor.map_array(launcher, units, [Singleton.get_state()] * len(units))
+    returns = {}
+    for unit, task in zip(units, array, strict=True):
+        for (_, num), ret in zip(unit, task.results()[0], strict=True):
+            returns[num] = ret
+    return [returns[initial_job_idx + i] for i in range(len(job_overrides))]
+
+
+def run_unit(launcher: Any, unit: Sequence[tuple[list[str], int]], singleton_state: dict[Any, Any]) -> list[Any]:
+    """One array task: a population trained and landed, or one job run alone (the ordinary task function)."""
+    from hydra.core.singleton import Singleton
+    from hydra.core.utils import JobReturn, JobStatus, setup_globals
+
+    import bench.train
+    from bench.cluster import CheckpointOnPreemption
+    from bench.population import PopulationStopped
+
+    Singleton.set_state(singleton_state)
+    setup_globals()
+    context = launcher.hydra_context
+    jobs = load_jobs(context, launcher.config, unit)
+    if len(jobs) > 1:
+        checkpoints = checkpoint_path(
+            Path(str(launcher.config.hydra.sweep.dir)) / ".population", [str(job.num) for job in jobs]
+        ).with_suffix("")
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        # SLURM's warning signal (or SIGTERM) asks for a checkpoint; once saved, submitit requeues this task, which
+        # then resumes from it (bench/cluster.py says how for single runs; this is the same callback).
+        preemption = CheckpointOnPreemption()
+        preemption.on_job_start(jobs[0].config)
+        ended = JobReturn()
+        ended.status = JobStatus.COMPLETED
+        try:
+            results = train_jobs([job.task for job in jobs], [str(job.num) for job in jobs], checkpoints)
+        except PopulationStopped:
+            bench.train._preempted = True
+            preemption.on_job_end(jobs[0].config, ended)  # requeues (USR2) or exits (SIGTERM)
+            raise
+        finally:
+            bench.train._checkpoint_requested = False
+        preemption.on_job_end(jobs[0].config, ended)
+        for job, result in zip(jobs, results, strict=True):
+            job.result = result
+    runs = [land(context, job, launcher.task_function) for job in jobs]
+    if len(jobs) > 1:
+        shutil.rmtree(checkpoints, ignore_errors=True)  # every job of it landed: nothing left to resume
+    return runs

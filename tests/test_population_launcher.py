@@ -226,4 +226,4 @@ def test_a_killed_population_resumes_to_the_same_results(tmp_path):
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     _assert_same_jobs(whole, out)
-    assert not list((out / ".population").glob("*.pt"))  # every job landed: the checkpoint is gone
+    assert not (out / ".population").exists()  # every job landed: the checkpoint is gone

@@ -33,3 +33,28 @@ class PopulationLauncher(Launcher):
         from bench.launcher import launch_population
 
         return launch_population(self, job_overrides, initial_job_idx)
+
+
+def _slurm_base() -> type:
+    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
+
+    return SlurmLauncher
+
+
+class PopulationSlurmLauncher(_slurm_base()):  # type: ignore[misc]
+    """`hydra/launcher=population_slurm`: each population (and each job that runs alone) is one task of a submitit
+    job array; a preempted population resumes from its checkpoint when SLURM requeues it."""
+
+    def __init__(self, max_members: int | None = None, **params: Any) -> None:
+        PopulationLauncher.__init__(self, max_members)  # checks max_members
+        super().__init__(**params)
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from bench.launcher import launch_population_array
+
+        return launch_population_array(self, job_overrides, initial_job_idx)
+
+    def __call__(self, unit: list[tuple[list[str], int]], singleton_state: dict[Any, Any]) -> list[JobReturn]:
+        from bench.launcher import run_unit
+
+        return run_unit(self, unit, singleton_state)
