@@ -255,8 +255,8 @@ def _loss_sums(out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 def _restore_rows(rows: Tensor, new: Any, old: Any) -> Any:
     """``new`` with the given member rows taken from ``old`` (every state tensor has a leading member dimension).
 
-    Walks TowerState, LevelState and the rules' NamedTuple states alike; out of place, since the new state's
-    tensors may be saved in the autograd graph of the next hypergradient."""
+    Walks LevelState and the rules' NamedTuple states alike; out of place, since the new state's tensors may be
+    referenced by the step's trace."""
     if isinstance(new, Tensor):
         # A momentum buffer is created at the first step: a member frozen then has nothing older to keep.
         return new if old is None else new.index_copy(0, rows, old.index_select(0, rows))
@@ -312,9 +312,6 @@ class _Vectorized:
         self.state = core.init(self.plan, self.params)
         # Level k + 1 is padding for the members whose tower is at most k levels high.
         self._pad_rows = [(self.heights <= k).nonzero().flatten() for k in range(len(self.plan.rules) - 1)]
-        self.live: core.TowerState | None = None
-        self.prev: tuple[Any, list[Tensor], list[list[Tensor]]] | None = None
-        self.deltas: list[Tensor | None] = []
         self.alive = torch.ones(self.K, dtype=torch.bool, device=like.device)
         self.stopped = torch.zeros(self.K, dtype=torch.bool, device=like.device)  # pruned from outside
         self.diverged_step = torch.full((self.K,), -1, dtype=torch.long, device=like.device)
@@ -356,12 +353,12 @@ class _Vectorized:
         wrong = (logits.argmax(-1) != y.flatten()) | ~torch.isfinite(logits).all(-1)
         return self._member_losses(logits, y), wrong.sum(1).to(logits.dtype)
 
-    def _hp_finite(self, live: core.TowerState) -> tuple[Tensor, Tensor, Tensor]:
+    def _hp_finite(self, state: core.TowerState) -> tuple[Tensor, Tensor, Tensor]:
         """(K,): whether every hyperparameter is finite, the index (in ``hp_names``) and value of the first that
         is not."""
         cols = []
         for k in range(len(self.plan.rules) - 1):
-            for values in core.natural_values(self.plan, k, live.levels[k].hp):
+            for values in core.natural_values(self.plan, k, state.levels[k].hp):
                 cols += [values[name].detach().reshape(self.K) for name in self.plan.learned[k]]
         if not cols:
             ok = torch.ones(self.K, dtype=torch.bool, device=self.alive.device)
@@ -392,18 +389,15 @@ class _Vectorized:
         frozen = (~moving).nonzero().flatten()
         if len(frozen):  # a frozen member's (possibly non-finite) gradients must not reach its optimizer state
             grads = [g.index_fill_(0, frozen, 0.0) for g in grads]
-        if self.live is None:
-            hyper = core.zero_hypergradients(self.state)
-        else:
-            hyper = core.hypergradients(self.plan, self.live, self.deltas, grads)
+        hyper = core.hypergradients(self.plan, self.state, grads)
         # Padded levels (above a member's own top) see zero hypergradients: with step size 0 they then leave the
         # level below exactly as it was, as a tower's top level is.
         hyper = [
             [h.index_fill(0, rows, 0.0) if len(rows) else h for h in level]
             for level, rows in zip(hyper, self._padded_rows(frozen), strict=True)
         ]
-        live, deltas = core.update(self.plan, self.state, grads, hyper)
-        hp_ok, first_bad, bad_value = self._hp_finite(live)
+        deltas, new = core.update(self.plan, self.state, grads, hyper)
+        hp_ok, first_bad, bad_value = self._hp_finite(new)
         keep = moving & hp_ok
         newly = active & ~keep
         self.diverged_step = torch.where(newly, self.step_count, self.diverged_step)
@@ -418,13 +412,10 @@ class _Vectorized:
         with torch.no_grad():
             for p, d in zip(self.params, deltas, strict=True):
                 if d is not None:
-                    p.sub_(d.detach().index_fill(0, held, 0.0) if len(held) else d.detach())
-        before, self.state = self.state, core.detach(live)
-        if len(held):
-            self.state = _restore_rows(held, self.state, before)
-        self.live, self.deltas = live, deltas
-        # What a checkpoint needs to rebuild the next hypergradient's graph: replaying this step.
-        self.prev = (before, [g.detach() for g in grads], [[h.detach() for h in level] for level in hyper])
+                    p.sub_(d.index_fill(0, held, 0.0) if len(held) else d)
+        if len(held):  # a held member's levels stay as they were (its hypergradients were zero, whatever the trace)
+            new = new._replace(levels=_restore_rows(held, new.levels, self.state.levels))
+        self.state = new
         return losses
 
     def _check_explosion(self, losses: Tensor, stepped: Tensor) -> None:
@@ -670,7 +661,6 @@ def _save_checkpoint(path: Path, pop: _Vectorized, progress: dict[str, Any]) -> 
         "params": [p.detach() for p in pop.params],
         "buffers": pop.buffers,
         "tower": pop.state,
-        "prev": pop.prev,
         "opts": None if pop.opts is None else [o.state_dict() for o in pop.opts],  # type: ignore[attr-defined]
         "counters": {k: getattr(pop, k) for k in _COUNTERS},
         "initial_loss": pop.initial_loss,
@@ -691,16 +681,13 @@ def _load_checkpoint(path: Path, pop: _Vectorized) -> dict[str, Any] | None:
         for p, saved in zip(pop.params, state["params"], strict=True):
             p.copy_(saved)  # in place: the baseline optimizers' views share this storage
     pop.buffers = state["buffers"]
-    pop.state, pop.prev = state["tower"], state["prev"]
+    pop.state = state["tower"]  # its trace is all the next hypergradient needs (hypergrad.core)
     if pop.opts is not None:
         for opt, saved in zip(pop.opts, state["opts"], strict=True):
             opt.load_state_dict(saved)  # type: ignore[attr-defined]
     for k in _COUNTERS:
         setattr(pop, k, state["counters"][k])
     pop.initial_loss, pop.step_count, pop.overflow = state["initial_loss"], state["step_count"], state["overflow"]
-    if pop.prev is not None and pop.opts is None:
-        # Replaying the last step rebuilds what the next hypergradient differentiates (as HyperOptimizer does).
-        pop.live, pop.deltas = core.update(pop.plan, *pop.prev)
     return state["progress"]
 
 
