@@ -74,8 +74,14 @@ def _experiment(cfg: DictConfig, runs: Runs, paper: dict[str, Any]) -> str | Non
             known = ", ".join(sorted(paper["experiments"]))
             raise ReportInputError(f"`paper` must be auto, none or one of {known}, but got {cfg.paper}")
         return str(cfg.paper)
-    found = runs.table["experiment"].dropna().unique()
-    return str(found[0]) if len(found) == 1 else None
+    found = set(runs.table["experiment"].dropna().unique())
+    if not found:
+        return None
+    # One experiment of the paper can be several presets (CIFAR-10: towers, fixed baseline, step decay).
+    for name, entry in paper["experiments"].items():
+        if found <= set(entry.get("presets") or [name]):
+            return str(name)
+    return found.pop() if len(found) == 1 else None
 
 
 def _read_history(run_dir: str) -> pd.DataFrame:
@@ -112,7 +118,8 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     claims_table = claims_detail = None
     answer = None
     paper_rows = (paper["experiments"].get(experiment) or {}).get("rows") if experiment else None
-    if paper_rows and any("spec" in r for r in paper_rows):
+    # The claims table tests Table 1's claims; other experiments have none it could test.
+    if paper_rows and (paper["experiments"][experiment].get("claims") == "table_1"):
         claims_table, claims_detail = claims.claims(runs.table, paper_rows, robust, float(cfg.get("alpha", 0.05)))
         finals = runs.table[runs.table["role"] == "run"]
         n_seeds = finals.groupby("method")["seed"].nunique()
@@ -194,11 +201,11 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
 def _add_compute(runs: Runs, inputs: list[str], cache: str | None) -> None:
     """runs.table["compute"]: steps x batch size x the optimizer's calibrated step cost (bench.calibrate), never
     wall time. A run whose optimizer could not be calibrated (no composed config on disk) counts cost 1."""
-    from bench.calibrate import DEFAULT_CACHE, calibrate, relative_cost
+    from bench.calibrate import calibrate, relative_cost
 
     costs: dict[str, float] = {}
     for raw in inputs:
-        costs.update(calibrate(raw, cache or DEFAULT_CACHE))
+        costs.update(calibrate(raw, cache))
     table = runs.table
     batch = pd.to_numeric(table["batch_size"], errors="coerce").fillna(1.0)
     weight = table["optimizer"].map(lambda o: relative_cost(costs, o))
