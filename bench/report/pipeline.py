@@ -134,13 +134,14 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     if comparison is not None:
         paper_meta = {"source": paper.get("source"), "note": paper["experiments"][experiment].get("note")}
 
-    colors = plots.method_colors(list(dict.fromkeys(summary["method"])))
+    styles = plots.method_styles(list(dict.fromkeys(summary["method"])))
     context = _context(runs)
+    cost = f"cost_{cfg.tuning_cost}"
     figures = {
-        "sensitivity": plots.sensitivity_figure(summary, colors, reference, tolerance, confidence, context),
-        "tuning_curve": plots.tuning_curve_figure(summary, curves, colors, f"cost_{cfg.tuning_cost}", context),
+        "sensitivity": plots.sensitivity_figure(summary, styles, reference, tolerance, confidence, context, runs.table),
+        "tuning_curve": plots.tuning_curve_figure(summary, curves, styles, cost, context, runs.table),
         "trajectories": plots.trajectories_figure(
-            plots.select_trajectory_runs(runs.table, int(cfg.trajectories.per_method)), colors, _read_history, context
+            plots.select_trajectory_runs(runs.table, int(cfg.trajectories.per_method)), styles, _read_history, context
         ),
     }
 
