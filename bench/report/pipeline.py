@@ -50,6 +50,12 @@ def validate(cfg: DictConfig) -> None:
         raise ReportInputError(f"`n_bootstrap` must be >= 1, but got {cfg.n_bootstrap}")
     if not float(cfg.robustness.tolerance) >= 0.0:
         raise ReportInputError(f"`robustness.tolerance` must be >= 0, but got {cfg.robustness.tolerance}")
+    for t in cfg.robustness.get("profile_absolute") or []:
+        if not float(t) >= 0.0:
+            raise ReportInputError(f"`robustness.profile_absolute` must hold numbers >= 0, but got {t}")
+    for f in cfg.robustness.get("profile_relative") or []:
+        if not float(f) >= 1.0:
+            raise ReportInputError(f"`robustness.profile_relative` must hold factors >= 1, but got {f}")
     if cfg.get("interval", "t") not in ("t", "bootstrap"):
         raise ReportInputError(f"`interval` must be t or bootstrap, but got {cfg.interval}")
     if cfg.tuning_cost not in _COSTS:
@@ -111,6 +117,11 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     curves = tables.tuning_curves(runs)
     reference = tables.reference_error(summary)
     robust = tables.robustness(summary, reference, tolerance)
+    profile = tables.robustness_profile(
+        summary,
+        [float(t) for t in cfg.robustness.get("profile_absolute") or []],
+        [float(f) for f in cfg.robustness.get("profile_relative") or []],
+    )
     paper = tables.load_paper_numbers(cfg.paper_numbers or PAPER_NUMBERS)
     experiment = _experiment(cfg, runs, paper)
     summary = claims.attach_paper(summary, paper, experiment)
@@ -162,6 +173,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
         runs=runs.table,
         summary=summary,
         robustness=robust,
+        profile=profile,
         reference=reference,
         tolerance=tolerance,
         confidence=confidence,
@@ -193,6 +205,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
         "files": written,
         "summary": summary,
         "robustness": robust,
+        "robustness_profile": profile,
         "n_runs": len(runs.table),
         "n_diverged": n_miss,
         "reference": None if reference is None or math.isnan(reference.error) else reference,
