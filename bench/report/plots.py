@@ -41,8 +41,8 @@ _HISTORY_COLUMN = re.compile(r"^L(\d+)\.(.+)$")
 
 
 # Ten colours (tab10) combined with twelve markers and four line styles: series i gets colour i % 10, marker
-# i % 12 and line style (i // 10) % 4, so past ten series a repeated colour always comes with another marker and
-# line style, and no two of the first 60 series look alike.
+# i % 12 and line style (i // 10) % 4, so past ten series a repeated colour comes with another marker (no two of
+# the first 60 series share colour and marker) and, among the first 40, also with another line style.
 _MARKERS = "osD^v<>pPXh*"
 _LINESTYLES = ("-", "--", ":", "-.")
 # Every test-error axis spans at least 1%-100%, so figures of different reports can be laid side by side.
