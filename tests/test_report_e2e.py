@@ -103,3 +103,4 @@ def test_cifar_presets_report_puts_the_figures_numbers_beside_each_grid_cell(tmp
     report = (out / "report.md").read_text()
     assert "| He et al. 2015 (step decay), every panel | momentum + step schedule | 12.50% |" in report
     assert "### The paper's claims" not in report  # Table 1's claims are not this experiment's
+    assert (out / "paper_vs_ours.png").stat().st_size > 0

@@ -111,3 +111,27 @@ def test_trajectories_band_the_seeds_and_leave_out_what_nothing_learned(tmp_path
     mean = next(line for line in ax.get_lines() if "α₀=0.01 (3 seeds)" in line.get_label())
     assert mean.get_ydata()[-1] == pytest.approx(0.03 * 2)  # epoch 3, mean over seeds 0, 1, 2 of 0.03 * (1 + s)
     plt.close(fig)
+
+
+def test_paper_figure_puts_each_published_row_beside_our_mean_and_seeds() -> None:
+    from bench.report.plots import paper_figure
+
+    runs = pd.DataFrame({"role": "run", "rerun_of": [None, None, None, "sgd(0.01)/sgd(0.01)"],
+                         "optimizer": ["sgd(0.01)/sgd(0.01)"] * 3 + ["sgd(0.13)"], "method": "x",
+                         "test_error": [0.10, 0.11, 0.12, 0.09]})  # fmt: skip
+    comparison = pd.DataFrame({
+        "method": ["sgd(0.01)/sgd(0.01)", "re-run of sgd(0.01)/sgd(0.01)", "adam(0.001)"],
+        "paper_row": ["SGD / SGD", "re-run after SGD / SGD", "Adam"],
+        "paper_test_error": [0.0481, 0.0544, 0.0467], "paper_test_error_std": [0.001, 0.001, 0.0006],
+        "ours_test_error_mean": [0.11, 0.09, float("nan")], "ours_ci_low": [0.085, 0.09, float("nan")],
+        "ours_ci_high": [0.135, 0.09, float("nan")],
+    })  # fmt: skip
+    fig = paper_figure(comparison, runs, 0.95, "ctx")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["SGD / SGD", "re-run after SGD / SGD", "Adam"]
+    assert ax.get_xscale() == "log" and ax.get_xlim()[0] == pytest.approx(ERROR_AXIS[0])
+    dots = sorted(np.concatenate([d.get_xdata() for d in _seed_dots(ax)]).tolist())
+    assert dots == pytest.approx([0.09, 0.10, 0.11, 0.12])  # every seed of the tower and of its re-run
+    assert "paper (mean ± std as published)" in ax.get_legend_handles_labels()[1]
+    plt.close(fig)
+    assert paper_figure(comparison.assign(ours_test_error_mean=float("nan")), runs, 0.95) is None

@@ -151,6 +151,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     figures = {
         "sensitivity": plots.sensitivity_figure(summary, styles, reference, tolerance, confidence, context, runs.table),
         "tuning_curve": plots.tuning_curve_figure(summary, curves, styles, cost, context, runs.table),
+        "paper_vs_ours": plots.paper_figure(comparison, runs.table, confidence, context),
         "trajectories": plots.trajectories_figure(
             plots.select_trajectory_runs(runs.table, int(cfg.trajectories.per_method)), styles, _read_history, context
         ),

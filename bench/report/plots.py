@@ -29,6 +29,7 @@ __all__ = [
     "Style",
     "method_colors",
     "method_styles",
+    "paper_figure",
     "save_figure",
     "select_trajectory_runs",
     "sensitivity_figure",
@@ -287,6 +288,64 @@ def tuning_curve_figure(
               title=title, title_fontsize=8)  # fmt: skip
     if context:
         ax.set_title(f"{ax.get_title()}\n{context}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def paper_figure(comparison: pd.DataFrame, runs: pd.DataFrame, confidence: float, context: str = "") -> Figure | None:
+    """The paper's published test error beside ours, one row per published row, in the paper's order.
+
+    Paper: open black diamond with +- its std (where published). Ours: filled circle at the mean over seeds with
+    its interval, each seed a small dot. Test error on the same log axis (1%-100%) as every other figure.
+    None when no published row has a result of ours.
+    """
+    if comparison is None or comparison.empty or comparison["ours_test_error_mean"].isna().all():
+        return None
+    finals = runs[runs["role"].isin(["run", "rerun"])]
+    n = len(comparison)
+    fig, ax = plt.subplots(figsize=(10.0, 1.2 + 0.32 * n))
+    y = np.arange(n)[::-1]
+    errors = []
+    for yi, row in zip(y, comparison.itertuples(), strict=True):
+        method = str(row.method)
+        if method.startswith("re-run of "):
+            seeds = finals[finals["rerun_of"] == method.removeprefix("re-run of ")]
+        else:
+            seeds = finals[((finals["optimizer"] == method) | (finals["method"] == method)) & finals["rerun_of"].isna()]
+        if row.paper_test_error is not None and not pd.isna(row.paper_test_error):
+            std = row.paper_test_error_std if not pd.isna(row.paper_test_error_std) else 0.0
+            ax.errorbar(row.paper_test_error, yi + 0.15, xerr=std, fmt="D", mfc="white", mec="black", color="black",
+                        ms=5, capsize=2, label="paper (mean ± std as published)")  # fmt: skip
+            errors.append(float(row.paper_test_error))
+        if not pd.isna(row.ours_test_error_mean):
+            low, high = row.ours_ci_low, row.ours_ci_high
+            xerr = [[max(0.0, row.ours_test_error_mean - low)], [max(0.0, high - row.ours_test_error_mean)]]
+            ax.errorbar(row.ours_test_error_mean, yi - 0.15, xerr=xerr, fmt="o", color="tab:red", ms=5, capsize=2,
+                        label=f"ours (mean, {100 * confidence:g}% CI over seeds)")  # fmt: skip
+            ax.plot(seeds["test_error"], np.full(len(seeds), yi - 0.15), ls="none", marker="o", color="tab:red",
+                    ms=2.5, alpha=0.5, label="ours, each seed")  # fmt: skip
+            errors += seeds["test_error"].tolist()
+    names = comparison["paper_row"].where(comparison["paper_row"].notna(), comparison["method"])
+    ax.set_yticks(y, [str(name) for name in names])
+    ax.tick_params(axis="y", labelsize=8)
+    ax.set_ylim(-0.7, n - 0.3)
+    # The error axis of every report, here horizontal.
+    ax.set_xscale("log", nonpositive="clip")
+    positive = [e for e in errors if e > 0]
+    low = (
+        ERROR_AXIS[0]
+        if not positive or min(positive) >= ERROR_AXIS[0]
+        else 10.0 ** math.floor(math.log10(min(positive)))
+    )
+    ax.set_xlim(low, ERROR_AXIS[1] * 1.05)
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.xaxis.set_major_formatter(_PERCENT)
+    ax.set_xlabel("final test error (log scale)")
+    ax.grid(True, axis="x", which="major", alpha=0.3)
+    handles, labels = _unique_legend([ax])
+    ax.legend(handles, labels, loc="lower right", fontsize=8, frameon=True)
+    ax.set_title("the paper's published numbers beside ours" + (f"\n{context}" if context else ""), fontsize=10)
     fig.tight_layout()
     return fig
 

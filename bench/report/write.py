@@ -336,11 +336,14 @@ def render_report(
         "sensitivity.png": "Final test error against the initial step size, one curve per tower height"
         " (vector version: sensitivity.svg).",
         "tuning_curve.png": "Expected best-of-n test error of tuned baselines against compute; single runs as points.",
-        "trajectories.png": "Learned hyperparameters of every level over training, for selected runs.",
+        "paper_vs_ours.png": "The paper's published test error (open diamond, +- its std) beside ours (mean over"
+        " seeds with its interval, each seed a dot), one row per published row.",
+        "trajectories.png": "Learned hyperparameters of every level over training, for selected runs: mean over"
+        " seeds, band from the lowest to the highest seed.",
     }
     for name in figures:
         out += [f"![{name}]({name})", "", captions.get(name, ""), ""]
-    missing = [n for n in captions if n not in figures]
+    missing = [n for n in captions if n not in figures and (n != "paper_vs_ours.png" or paper is not None)]
     if missing:
         out.append("Not drawn (no data for them): " + ", ".join(missing) + ".")
     return "\n".join(out).rstrip() + "\n"
