@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ __all__ = [
     "paper_comparison",
     "reference_error",
     "robustness",
+    "robustness_profile",
     "summarize",
     "tuning_curves",
 ]
@@ -269,6 +271,45 @@ def robustness(summary: pd.DataFrame, reference: Reference | None, tolerance: fl
             }
         )
     return pd.DataFrame(rows, columns=columns)
+
+
+def robustness_profile(summary: pd.DataFrame, absolute: Sequence[float], relative: Sequence[float]) -> pd.DataFrame:
+    """Per swept method (and initial momentum): decades of initial step size within several tolerances of the
+    method's own best grid point, so one arbitrary tolerance does not decide the answer.
+
+    For each `absolute` tolerance t (a fraction: 0.02 is 2 percentage points) a grid point qualifies when its mean
+    test error is <= best + t; for each `relative` factor f when it is <= f x best. Each count is the longest run
+    of neighbouring qualifying grid points, in decades (log10 of its largest / smallest step size), with its
+    bounds: columns `abs_<t>` / `rel_<f>` (decades) and `abs_<t>_range` / `rel_<f>_range` ("low-high").
+    `grid_mean` is the mean over the grid's points of their mean test error (the expected final error when the
+    initial step size is drawn log-uniformly from the grid): a summary that needs no tolerance at all.
+
+    >>> s = pd.DataFrame({"method": "sgd", "family": "tower", "height": 0, "tuned": False, "momentum": float("nan"),
+    ...                   "lr": [1e-3, 1e-2, 1e-1, 1.0], "test_error_mean": [0.5, 0.12, 0.1, 0.3]})
+    >>> row = robustness_profile(s, [0.01, 0.05], [2.0]).iloc[0]
+    >>> row["abs_0.05_range"], [float(row[c]) for c in ("abs_0.01", "abs_0.05", "rel_2", "grid_mean")]
+    ('0.01-0.1', [0.0, 1.0, 1.0, 0.255])
+    """
+    swept = summary[~fixed_setting(summary) & summary["lr"].notna()]
+    n_lrs = swept.groupby(["method", "momentum"], dropna=False)["lr"].transform("nunique")
+    swept = swept[n_lrs > 1]
+    rows = []
+    for (method, momentum), group in swept.groupby(["method", "momentum"], dropna=False, sort=False):
+        group = group.sort_values("lr")
+        lrs, errors = group["lr"].to_numpy(), group["test_error_mean"].to_numpy(dtype=float)
+        best = float(np.nanmin(errors))
+        row: dict[str, Any] = {"method": method, "height": int(group["height"].iloc[0]), "momentum": momentum}
+        margins = [(f"abs_{t:g}", float(t)) for t in absolute] + [
+            (f"rel_{f:g}", (float(f) - 1.0) * best) for f in relative
+        ]
+        for name, margin in margins:
+            decades, _, low, high = robust_range(lrs, errors, best, margin)
+            row[name] = float(decades)
+            row[f"{name}_range"] = f"{low:g}-{high:g}"
+        row["grid_mean"] = float(np.nanmean(errors))
+        row["best"], row["worst"] = best, float(np.nanmax(errors))
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def load_paper_numbers(path: str | Path) -> dict[str, Any]:
