@@ -5,7 +5,18 @@
     deltas, state = update(plan, state, grads)           # one step; the new weights are  param - delta
 
 This is optax's shape (``init(params) -> state``, ``update(grads, state) -> (updates, state)``), and
-:class:`hypergrad.HyperOptimizer` is a thin ``torch.optim.Optimizer`` shell over it.
+:class:`hypergrad.HyperOptimizer` is a thin ``torch.optim.Optimizer`` shell over it. Minimizing ``|w - 1|^2``:
+
+    >>> import torch, hypergrad
+    >>> from hypergrad import core
+    >>> plan = core.make_plan(hypergrad.parse_spec("sgd(0.1)/sgd(0.01)"), [{}], [1])
+    >>> w = torch.zeros(3)
+    >>> state = core.init(plan, [w])
+    >>> for _ in range(3):
+    ...     deltas, state = core.update(plan, state, [2 * (w - 1.0)])
+    ...     w = w - deltas[0]
+    >>> round(float(core.natural_values(plan, 0, state.levels[0].hp)[0]["lr"]), 4)  # learned from 0.1
+    0.2427
 
 **The tower.** A level's hyperparameters are the next level's parameters. Level 0 updates the model's weights with
 the gradients; level k > 0 updates the raw hyperparameters of level k - 1 with their hypergradients; the top level's
