@@ -199,7 +199,8 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
 
         groups = runs.table["group"].dropna().unique()
         group = cfg.logger.get("group") or (str(groups[0]) if len(groups) == 1 else None)
-        log_report(cfg.logger, out, group, {"summary": summary, "robustness": robust, "tuning_curves": curves}, written)
+        logged = {"summary": summary, "robustness": robust, "robustness_profile": profile, "tuning_curves": curves}
+        log_report(cfg.logger, out, group, logged, written)
     n_miss = int(runs.table["miss"].sum())
     return {
         "output_dir": out,
