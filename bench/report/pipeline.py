@@ -145,11 +145,16 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     if comparison is not None:
         paper_meta = {"source": paper.get("source"), "note": paper["experiments"][experiment].get("note")}
 
+    paper_curve = (
+        tables.paper_height_curve_points(paper["experiments"][experiment]) if experiment in paper["experiments"] else []
+    )
     styles = plots.method_styles(list(dict.fromkeys(summary["method"])))
     context = _context(runs)
     cost = f"cost_{cfg.tuning_cost}"
     figures = {
-        "sensitivity": plots.sensitivity_figure(summary, styles, reference, tolerance, confidence, context, runs.table),
+        "sensitivity": plots.sensitivity_figure(
+            summary, styles, reference, tolerance, confidence, context, runs.table, paper_curve
+        ),
         "tuning_curve": plots.tuning_curve_figure(summary, curves, styles, cost, context, runs.table),
         "paper_vs_ours": plots.paper_figure(comparison, runs.table, confidence, context),
         "trajectories": plots.trajectories_figure(
