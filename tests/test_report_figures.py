@@ -135,3 +135,22 @@ def test_paper_figure_puts_each_published_row_beside_our_mean_and_seeds() -> Non
     assert "paper (mean ± std as published)" in ax.get_legend_handles_labels()[1]
     plt.close(fig)
     assert paper_figure(comparison.assign(ours_test_error_mean=float("nan")), runs, 0.95) is None
+
+
+def test_a_height_figure_of_the_paper_is_drawn_and_tabled_beside_our_towers(tmp_path: Path) -> None:
+    from bench.report.tables import paper_comparison, paper_height_curve_points
+
+    runs, summary, styles = _inputs(_sweep(tmp_path / "sweep", n_methods=1))  # height-1 towers at 1e-3..1e-1
+    entry = {"log10_lr": [-3, -2], "heights": {1: [0.30, 0.125]}}
+    points = paper_height_curve_points(entry)
+    assert points == [(1, pytest.approx(1e-3), 0.30), (1, pytest.approx(1e-2), 0.125)]
+    fig = sensitivity_figure(summary, styles, reference_error(summary), 0.01, 0.95, "ctx", runs.table, points)
+    paper = next(line for line in fig.axes[0].get_lines() if line.get_label() == "paper, height 1 (read by eye)")
+    assert paper.get_ydata().tolist() == [0.30, 0.125] and paper.get_linestyle() == "--"
+    assert paper.get_color() == styles["sgd/sgd(1e-05)"].color  # the colour of our tower of the same height
+    plt.close(fig)
+    table = paper_comparison(summary, {"experiments": {"fig": entry}}, "fig")
+    assert table["paper_row"].tolist() == ["height 1, initial step 0.001", "height 1, initial step 0.01"]
+    # Ours at the same height and step size: seeds 0-2 add 0, 1, 2 points to 25% (1e-3) and 5% (1e-2).
+    assert table["ours_test_error_mean"].tolist() == pytest.approx([0.26, 0.06])
+    assert table["ours_n_seeds"].tolist() == [3, 3]

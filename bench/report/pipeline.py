@@ -145,11 +145,16 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     if comparison is not None:
         paper_meta = {"source": paper.get("source"), "note": paper["experiments"][experiment].get("note")}
 
+    paper_curve = (
+        tables.paper_height_curve_points(paper["experiments"][experiment]) if experiment in paper["experiments"] else []
+    )
     styles = plots.method_styles(list(dict.fromkeys(summary["method"])))
     context = _context(runs)
     cost = f"cost_{cfg.tuning_cost}"
     figures = {
-        "sensitivity": plots.sensitivity_figure(summary, styles, reference, tolerance, confidence, context, runs.table),
+        "sensitivity": plots.sensitivity_figure(
+            summary, styles, reference, tolerance, confidence, context, runs.table, paper_curve
+        ),
         "tuning_curve": plots.tuning_curve_figure(summary, curves, styles, cost, context, runs.table),
         "paper_vs_ours": plots.paper_figure(comparison, runs.table, confidence, context),
         "trajectories": plots.trajectories_figure(
@@ -199,7 +204,8 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
 
         groups = runs.table["group"].dropna().unique()
         group = cfg.logger.get("group") or (str(groups[0]) if len(groups) == 1 else None)
-        log_report(cfg.logger, out, group, {"summary": summary, "robustness": robust, "tuning_curves": curves}, written)
+        logged = {"summary": summary, "robustness": robust, "robustness_profile": profile, "tuning_curves": curves}
+        log_report(cfg.logger, out, group, logged, written)
     n_miss = int(runs.table["miss"].sum())
     return {
         "output_dir": out,

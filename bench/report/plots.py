@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,6 +132,16 @@ def _curves(ax, data: pd.DataFrame, x: str, styles: dict[str, Style], seeds: pd.
         ax.plot(bad[x], bad["test_error_mean"], "x", color=style.color, ms=9, mew=2)
 
 
+def _paper_curves(ax, data: pd.DataFrame, paper: Sequence[tuple[int, float, float]], styles: dict[str, Style]) -> None:
+    """The paper's curves (read by eye) as thin dashed lines with open markers, one per tower height."""
+    points = pd.DataFrame(list(paper), columns=["height", "lr", "error"])
+    for height, curve in points.groupby("height"):
+        towers = data[(data["family"] == "tower") & (data["height"] == height)]
+        style = styles[towers["method"].iloc[0]] if len(towers) else Style((0.4, 0.4, 0.4, 1.0), "o", "-")
+        ax.plot(curve["lr"], curve["error"], ls="--", lw=0.9, marker=style.marker, mfc="none", ms=5, color=style.color,
+                alpha=0.8, label=f"paper, height {height} (read by eye)")  # fmt: skip
+
+
 def sensitivity_figure(
     summary: pd.DataFrame,
     styles: dict[str, Style],
@@ -140,9 +150,12 @@ def sensitivity_figure(
     confidence: float,
     context: str = "",
     runs: pd.DataFrame | None = None,
+    paper: Sequence[tuple[int, float, float]] = (),
 ) -> Figure | None:
     """Final test error against initial step size (log axis), one curve per tower height, CI bands, and each
     seed's own result as a dot when `runs` (one row per run: method, lr, momentum, test_error) is given.
+    `paper`: (height, initial step size, test error) points of the paper's figure, drawn as thin dashed lines in
+    the colour of our tower of that height.
 
     When the sweep also varies the initial momentum, one panel per momentum value, and a second row of
     panels against momentum at each step size. None when no method was swept over its step size.
@@ -170,6 +183,7 @@ def sensitivity_figure(
         # Methods without a momentum (Adam, ...) belong in every momentum's panel.
         data = swept if momentum is None else swept[(swept["momentum"] == momentum) | swept["momentum"].isna()]
         _curves(ax, data, "lr", styles, seeds)
+        _paper_curves(ax, data, paper, styles)
         _reference_lines(ax, summary, styles)
         if reference is not None:
             ax.axhline(reference.error + tolerance, color="0.4", lw=0.8, ls="-.",
@@ -308,7 +322,11 @@ def paper_figure(comparison: pd.DataFrame, runs: pd.DataFrame, confidence: float
     errors = []
     for yi, row in zip(y, comparison.itertuples(), strict=True):
         method = str(row.method)
-        if method.startswith("re-run of "):
+        height = getattr(row, "height", None)
+        if height is not None and not pd.isna(height):
+            tower = finals[(finals["family"] == "tower") & (finals["height"] == height) & finals["rerun_of"].isna()]
+            seeds = tower[np.isclose(tower["lr"].astype(float), float(row.lr), rtol=1e-6)]
+        elif method.startswith("re-run of "):
             seeds = finals[finals["rerun_of"] == method.removeprefix("re-run of ")]
         else:
             seeds = finals[((finals["optimizer"] == method) | (finals["method"] == method)) & finals["rerun_of"].isna()]
@@ -344,7 +362,9 @@ def paper_figure(comparison: pd.DataFrame, runs: pd.DataFrame, confidence: float
     ax.set_xlabel("final test error (log scale)")
     ax.grid(True, axis="x", which="major", alpha=0.3)
     handles, labels = _unique_legend([ax])
-    ax.legend(handles, labels, loc="lower right", fontsize=8, frameon=True)
+    # Below the axes (inside, it would cover the bottom rows): about 0.7 inch under the axes, past the x label.
+    below = 0.7 / (0.32 * n + 0.6)
+    ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -below), ncols=3, fontsize=8, frameon=False)
     ax.set_title("the paper's published numbers beside ours" + (f"\n{context}" if context else ""), fontsize=10)
     fig.tight_layout()
     return fig

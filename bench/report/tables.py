@@ -20,6 +20,7 @@ __all__ = [
     "Reference",
     "fixed_setting",
     "paper_comparison",
+    "paper_height_curve_points",
     "reference_error",
     "robustness",
     "robustness_profile",
@@ -330,6 +331,11 @@ def paper_comparison(summary: pd.DataFrame, paper: dict[str, Any], experiment: s
     if entry is None:
         return None
     rows = []
+    for height, lr, error in paper_height_curve_points(entry):
+        # A figure of test error per tower height and initial step size: matched by height and step size.
+        ours = summary[(summary["family"] == "tower") & (summary["height"] == height) & ~summary["tuned"]]
+        ours = ours[np.isclose(ours["lr"].astype(float), lr, rtol=1e-6)]
+        rows.append(_comparison_row(f"height {height}", f"height {height}, initial step {lr:g}", lr, error, None, ours))
     for published in entry.get("rows") or []:
         if "spec" in published:  # Table 1 style: matched by spec (towers) or by the tower re-run (re-runs)
             from bench.report.claims import _norm
@@ -348,19 +354,41 @@ def paper_comparison(summary: pd.DataFrame, paper: dict[str, Any], experiment: s
             ours = summary[(summary["method"] == method) & ~summary["tuned"]]
             if lr is not None:
                 ours = ours[np.isclose(ours["lr"].astype(float), float(lr), rtol=1e-6)]
-        one = len(ours) == 1
         rows.append(
-            {
-                "method": method,
-                "paper_row": published.get("paper_row"),
-                "lr": lr,
-                "paper_test_error": published.get("test_error"),
-                "paper_test_error_std": published.get("test_error_std"),
-                "ours_test_error_mean": float(ours["test_error_mean"].iloc[0]) if one else math.nan,
-                "ours_test_error_std": float(ours["test_error_std"].iloc[0]) if one else math.nan,
-                "ours_ci_low": float(ours["test_error_ci_low"].iloc[0]) if one else math.nan,
-                "ours_ci_high": float(ours["test_error_ci_high"].iloc[0]) if one else math.nan,
-                "ours_n_seeds": int(ours["n_seeds"].iloc[0]) if one else 0,
-            }
+            _comparison_row(
+                method,
+                published.get("paper_row"),
+                lr,
+                published.get("test_error"),
+                published.get("test_error_std"),
+                ours,
+            )
         )
     return pd.DataFrame(rows)
+
+
+def _comparison_row(
+    method: str, paper_row: str | None, lr: float | None, error: float | None, std: float | None, ours: pd.DataFrame
+) -> dict[str, Any]:
+    one = len(ours) == 1
+    return {
+        "method": method,
+        "paper_row": paper_row,
+        "lr": lr,
+        "paper_test_error": error,
+        "paper_test_error_std": std,
+        "ours_test_error_mean": float(ours["test_error_mean"].iloc[0]) if one else math.nan,
+        "ours_test_error_std": float(ours["test_error_std"].iloc[0]) if one else math.nan,
+        "ours_ci_low": float(ours["test_error_ci_low"].iloc[0]) if one else math.nan,
+        "ours_ci_high": float(ours["test_error_ci_high"].iloc[0]) if one else math.nan,
+        "ours_n_seeds": int(ours["n_seeds"].iloc[0]) if one else 0,
+        # A tower's per-seed runs are matched by the same height and step size (see paper_figure).
+        "height": int(method.removeprefix("height ")) if method.startswith("height ") else None,
+    }
+
+
+def paper_height_curve_points(entry: dict[str, Any]) -> list[tuple[int, float, float]]:
+    """(height, initial step size, test error) of a paper figure given as `heights` over `log10_lr`, else []."""
+    heights = entry.get("heights") or {}
+    lrs = [10.0 ** float(k) for k in entry.get("log10_lr") or []]
+    return [(int(h), lr, float(e)) for h, errors in heights.items() for lr, e in zip(lrs, errors, strict=True)]

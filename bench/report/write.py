@@ -132,6 +132,15 @@ def _profile_section(profile: pd.DataFrame) -> list[str]:
     ]
 
 
+def _presets_note(runs: pd.DataFrame, experiment: str | None) -> str:
+    """ " (experiment preset `a`, `b`; the paper's `x`)": what ran, and which published experiment it is set beside."""
+    presets = sorted(runs["experiment"].dropna().unique()) if "experiment" in runs else []
+    parts = [f"experiment preset {', '.join(f'`{p}`' for p in presets)}"] if presets else []
+    if experiment and presets != [experiment]:
+        parts.append(f"compared with the paper's `{experiment}`")
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def render_report(
     *,
     inputs: Sequence[str],
@@ -182,7 +191,7 @@ def render_report(
     out += [
         f"- Inputs: {', '.join(f'`{i}`' for i in inputs)}",
         f"- Task: model `{runs['model'].iloc[0]}` on dataset `{runs['dataset'].iloc[0]}`"
-        + (f" (experiment preset `{experiment}`)" if experiment else ""),
+        + _presets_note(runs, experiment),
         f"- Runs read: {len(runs)} ({len(finals)} final runs, {int((runs['role'] == 'trial').sum())} tuning trials);"
         f" diverged: {int(runs['diverged'].sum())}, counted as misses (test error 100%), never dropped.",
         (
