@@ -43,7 +43,8 @@ from torch.func import functional_call, stack_module_state
 from tqdm import tqdm
 
 import hypergrad
-from bench.config import ConfigError
+from bench.errors import ConfigError
+from bench.schema import FINAL_KEYS, hyperparameter_columns
 from hypergrad import core
 from hypergrad.spec import Tower, format_spec, parse_spec
 
@@ -531,10 +532,6 @@ class _Vectorized:
         return f"non-finite hyperparameter: {error}"
 
 
-def _hp_columns(hps: Sequence[Mapping[str, float]]) -> dict[str, float]:
-    return {f"L{k + 1}.{name}": v for k, level in enumerate(hps) for name, v in level.items()}
-
-
 EpochCallback = Callable[[int, int, dict[str, Any]], bool]
 """``(member_index, epoch, metrics) -> stop``: called after each epoch's evaluation of each live member; returning
 True stops that member (recorded as pruned)."""
@@ -625,7 +622,7 @@ def _epoch_row(
         "test_loss": test[0],
         "test_error": test[1],
         "wall_time_s": wall,
-        **_hp_columns(hps),
+        **hyperparameter_columns(list(hps)),
     }
 
 
@@ -943,7 +940,7 @@ def _train_alone(
 def _fail(key: str, expected: str, got: Any) -> ValueError:
     from omegaconf import DictConfig, ListConfig, OmegaConf
 
-    from bench.config import ConfigError
+    from bench.errors import ConfigError
 
     if isinstance(got, (DictConfig, ListConfig)):
         got = OmegaConf.to_container(got)
@@ -993,7 +990,7 @@ def member_metrics(cfg: Any, result: MemberResult, wall_time_s: float, extra: Ma
         family = "tuning_free" if m.baseline.name in (*_COUPLING, *_SWAPPING) else "baseline"
         method = str(m.baseline.name)
     return {
-        **{key: last.get(key, math.nan) for key in ("test_error", "test_loss", "val_error", "val_loss", "train_loss")},
+        **{key: last.get(key, math.nan) for key in FINAL_KEYS},
         "diverged": result.status == "diverged",
         "diverged_step": result.diverged_step,
         "diverged_reason": result.diverged_reason,

@@ -48,6 +48,7 @@ from bench.io import (
 from bench.logger import RunLogger, build_logger
 from bench.models import build_model
 from bench.optim import BuiltOptimizer, build_optimizer
+from bench.schema import FINAL_KEYS, hyperparameter_columns
 
 __all__ = [
     "FINISHED",
@@ -462,8 +463,7 @@ class _Trainer:
             "test_error": test_error,
             "wall_time_s": self.elapsed + time.perf_counter() - self.started,
         }
-        for level, hp in enumerate(self.opt.hyperparameters(), start=1):
-            row.update({f"L{level}.{k}": v for k, v in hp.items()})
+        row.update(hyperparameter_columns(self.opt.hyperparameters()))
         return row
 
     # -- training ------------------------------------------------------------------------------
@@ -591,9 +591,7 @@ class _Trainer:
 
     def metrics(self, status: str, diverged: _Diverged | None, error: Exception | None) -> dict[str, Any]:
         last = self.history[-1] if self.history else {}
-        metrics = {
-            key: last.get(key, math.nan) for key in ("test_error", "test_loss", "val_error", "val_loss", "train_loss")
-        }
+        metrics = {key: last.get(key, math.nan) for key in FINAL_KEYS}
         metrics.update(
             diverged=diverged is not None,
             diverged_step=None if diverged is None else diverged.step,

@@ -178,11 +178,9 @@ def test_weights_with_non_finite_outputs_are_a_diverged_member_as_in_the_harness
     assert all(m["diverged_reason"].startswith("non-finite validation loss") for m in metrics[:2])
 
 
-def test_bad_input_in_a_population_sweep_is_one_line_and_exit_2(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+def test_bad_input_in_a_population_sweep_is_one_line_and_exit_2(tmp_path, bench_cli):
     args = [*BASE, "optimizer.lr=0.1,-1", f"hydra.sweep.dir={tmp_path / 's'}", "hydra/launcher=population"]
-    proc = subprocess.run([sys.executable, "-m", "bench", "-m", *args], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    proc = bench_cli("-m", *args, cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: `optimizer.lr` must be")
 
