@@ -57,6 +57,7 @@ that masks members passes its own ``hypergrads`` to :func:`update` (e.g. zeros f
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -95,9 +96,9 @@ class Trace(NamedTuple):
 
     hp: list[Tensor]  # the raw hyperparameters the level used
     values: list[dict[str, Value]]  # their natural values, per group
-    active: list[bool]  # per tensor: whether it received a gradient (and so moved)
-    grads: list[Tensor | None]  # per tensor: a copy of the gradient, where the rule's vjp reads it
-    before: list[Any]  # per tensor: the rule state before the step, where the rule's vjp reads it
+    moved: list[bool] | None  # per tensor: whether it received a gradient (None: all did)
+    grads: list[Tensor | None] | None  # per tensor: a copy of the gradient; None if the rule's vjp does not read it
+    before: list[Any] | None  # per tensor: the rule state before the step; None if the rule's vjp does not read it
 
 
 class TowerState(NamedTuple):
@@ -196,7 +197,7 @@ def update(
     with torch.no_grad():
         for k in range(top, -1, -1):
             values = natural_values(plan, k, hp)
-            received = list(grads) if k == 0 else list(hypergrads[k - 1])
+            received = grads if k == 0 else hypergrads[k - 1]
             groups = plan.group_of if k == 0 else (0,) * len(received)
             before = state.levels[k].rule
             deltas, rule_states = apply_rule(plan, k, received, before, values, groups, step)
@@ -204,7 +205,13 @@ def update(
                 rule_states = [_owned(s, g) for s, g in zip(rule_states, received, strict=True)]
             levels[k] = LevelState(hp, rule_states)
             if k < top:
-                trace.append(_trace(plan.rules[k], hp, values, received, before, copy=k == 0))
+                if not plan.rules[k].vjp_needs_inputs:  # the rule's state after the step holds all its vjp reads
+                    kept, kept_before = None, None
+                else:  # the caller may zero or reuse its gradient buffers before the next step: keep a copy
+                    kept = list(received) if k else [None if g is None else g.clone() for g in received]
+                    kept_before = list(before)
+                moved = [g is not None for g in received] if k == 0 else None  # hypergradients are never None
+                trace.append(Trace(hp, values, moved, kept, kept_before))
             if k > 0:
                 hp = [h - d for h, d in zip(state.levels[k - 1].hp, deltas, strict=True)]
     return deltas, TowerState(step, levels, trace[::-1])
@@ -279,31 +286,25 @@ def rule_vjp(
     plan: Plan, k: int, upstream: Sequence[Tensor | None], trace: Trace, after: Sequence[Any], step: int
 ) -> list[dict[str, Tensor]]:
     """Per group of level ``k``: ``sum over its tensors of upstream . d delta / d value`` for every learned value."""
-    rule, dot = plan.rules[k], _reducer(plan)
+    rule, dot = plan.rules[k], _reducer(plan.batch_shape)
     groups = plan.group_of if k == 0 else (0,) * len(after)
     sums: list[dict[str, Tensor]] = [{} for _ in trace.values]
-    for i, (u, moved) in enumerate(zip(upstream, trace.active, strict=True)):
-        if u is None or not moved:
+    kept = trace.grads is not None
+    for i, u in enumerate(upstream):
+        if u is None or (trace.moved is not None and not trace.moved[i]):
             continue
-        hp = _broadcast(plan, trace.values[groups[i]], u)
-        for name, v in rule.vjp(u, trace.grads[i], trace.before[i], after[i], hp, step, dot).items():
+        g = groups[i]
+        hp = _broadcast(plan, trace.values[g], u) if plan.batch_shape else trace.values[g]
+        grad, before = (trace.grads[i], trace.before[i]) if kept else (None, None)
+        acc = sums[g]
+        for name, v in rule.vjp(u, grad, before, after[i], hp, step, dot).items():
             if plan.batch_shape:
                 v = v.reshape(plan.batch_shape)
-            acc = sums[groups[i]]
             acc[name] = v if name not in acc else acc[name] + v
     return sums
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------------
-def _trace(rule: Rule, hp: list[Tensor], values: list, received: list, before: list, copy: bool) -> Trace:
-    active = [g is not None for g in received]
-    if not rule.vjp_needs_inputs:  # the rule's state after the step holds all its vjp reads
-        return Trace(hp, values, active, [None] * len(received), [None] * len(received))
-    # The caller may zero or reuse its gradient buffers in place before the next step: keep a copy.
-    kept = [g.clone() if copy and g is not None else g for g in received]
-    return Trace(hp, values, active, kept, list(before))
-
-
 def _owned(state: Any, grad: Tensor | None) -> Any:
     """``state`` with a copy of every tensor that shares ``grad``'s memory (a rule may keep the gradient it got)."""
     if grad is None:
@@ -332,9 +333,14 @@ def _broadcast(plan: Plan, values: dict[str, Value], target: Tensor) -> dict[str
     return {k: v.reshape(shape) if isinstance(v, Tensor) else v for k, v in values.items()}
 
 
-def _reducer(plan: Plan):
-    if not plan.batch_shape:
-        return lambda a, b: torch.dot(a.reshape(-1), b.reshape(-1))
-    n = len(plan.batch_shape)
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    return torch.dot(a.reshape(-1), b.reshape(-1))
+
+
+@functools.cache
+def _reducer(batch_shape: tuple[int, ...]):
+    if not batch_shape:
+        return _dot
+    n = len(batch_shape)
     # keepdim: the result lines up with the member's hyperparameters, broadcast as (members, 1, ..., 1)
     return lambda a, b: (a * b).sum(dim=tuple(range(n, a.dim())), keepdim=True) if a.dim() > n else a * b

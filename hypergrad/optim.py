@@ -384,9 +384,9 @@ def _pack(state: core.TowerState) -> dict[str, Any]:
         "trace": [
             {
                 "hp": [h.detach() for h in tr.hp],
-                "active": list(tr.active),
-                "grads": list(tr.grads),
-                "before": [_plain(s) for s in tr.before],
+                "moved": None if tr.moved is None else list(tr.moved),
+                "grads": None if tr.grads is None else list(tr.grads),
+                "before": None if tr.before is None else [_plain(s) for s in tr.before],
             }
             for tr in state.trace
         ],
@@ -406,9 +406,13 @@ def _unpack(plan: core.Plan, packed: dict[str, Any], fresh: core.TowerState, lik
             core.Trace(
                 hp,
                 core.natural_values(plan, k, hp),
-                list(saved["active"]),
-                [None if g is None else g.to(device) for g in saved["grads"]],
-                [None if d is None else _typed(d, s, device) for d, s in zip(saved["before"], lv.rule, strict=True)],
+                None if saved["moved"] is None else list(saved["moved"]),
+                None if saved["grads"] is None else [None if g is None else g.to(device) for g in saved["grads"]],
+                None
+                if saved["before"] is None
+                else [
+                    None if d is None else _typed(d, s, device) for d, s in zip(saved["before"], lv.rule, strict=True)
+                ],
             )
         )
     return core.TowerState(int(packed["step"]), levels, trace)
