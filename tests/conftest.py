@@ -63,3 +63,23 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         missing = missing_services()
         if missing:
             pytest.fail(f"HYPERGRAD_REQUIRE_SERVICES=1 but this machine lacks {', '.join(missing)}: {INSTALL}")
+
+
+@pytest.fixture
+def bench_cli():
+    """Run `python -m bench ARGS` as a user would: a fresh process with this checkout on PYTHONPATH, one thread.
+
+    Returns `run(*args, cwd) -> subprocess.CompletedProcess` (stdout and stderr captured as text).
+    """
+    import subprocess
+    import sys
+
+    from tests.harness_helpers import REPO
+
+    def run(*args: str, cwd, timeout: float = 600) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        return subprocess.run(
+            [sys.executable, "-m", "bench", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        )
+
+    return run
