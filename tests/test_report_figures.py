@@ -154,3 +154,4 @@ def test_a_height_figure_of_the_paper_is_drawn_and_tabled_beside_our_towers(tmp_
     # Ours at the same height and step size: seeds 0-2 add 0, 1, 2 points to 25% (1e-3) and 5% (1e-2).
     assert table["ours_test_error_mean"].tolist() == pytest.approx([0.26, 0.06])
     assert table["ours_n_seeds"].tolist() == [3, 3]
+    assert table["method"].tolist() == ["sgd/sgd(1e-05)"] * 2  # our tower of that height, by name

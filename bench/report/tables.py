@@ -335,7 +335,8 @@ def paper_comparison(summary: pd.DataFrame, paper: dict[str, Any], experiment: s
         # A figure of test error per tower height and initial step size: matched by height and step size.
         ours = summary[(summary["family"] == "tower") & (summary["height"] == height) & ~summary["tuned"]]
         ours = ours[np.isclose(ours["lr"].astype(float), lr, rtol=1e-6)]
-        rows.append(_comparison_row(f"height {height}", f"height {height}, initial step {lr:g}", lr, error, None, ours))
+        method = str(ours["method"].iloc[0]) if len(ours) == 1 else f"height {height}"
+        rows.append(_comparison_row(method, f"height {height}, initial step {lr:g}", lr, error, None, ours, height))
     for published in entry.get("rows") or []:
         if "spec" in published:  # Table 1 style: matched by spec (towers) or by the tower re-run (re-runs)
             from bench.report.claims import _norm
@@ -368,7 +369,13 @@ def paper_comparison(summary: pd.DataFrame, paper: dict[str, Any], experiment: s
 
 
 def _comparison_row(
-    method: str, paper_row: str | None, lr: float | None, error: float | None, std: float | None, ours: pd.DataFrame
+    method: str,
+    paper_row: str | None,
+    lr: float | None,
+    error: float | None,
+    std: float | None,
+    ours: pd.DataFrame,
+    height: int | None = None,
 ) -> dict[str, Any]:
     one = len(ours) == 1
     return {
@@ -382,8 +389,8 @@ def _comparison_row(
         "ours_ci_low": float(ours["test_error_ci_low"].iloc[0]) if one else math.nan,
         "ours_ci_high": float(ours["test_error_ci_high"].iloc[0]) if one else math.nan,
         "ours_n_seeds": int(ours["n_seeds"].iloc[0]) if one else 0,
-        # A tower's per-seed runs are matched by the same height and step size (see paper_figure).
-        "height": int(method.removeprefix("height ")) if method.startswith("height ") else None,
+        # Set for a row of a height figure: its seeds are our towers of that height and step size (paper_figure).
+        "height": height,
     }
 
 
