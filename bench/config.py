@@ -7,6 +7,7 @@ other entry points); `validate(cfg)` checks every value once, before any work st
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -181,13 +182,26 @@ def _validate_tower(o: DictConfig) -> None:
         ) from None
 
 
+@functools.cache
+def _load_yaml_cached(path: str, mtime: float) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+
+
+def _load_yaml(path: Path) -> Any:
+    """A packaged config file as plain data, read once per process (a sweep validates every job)."""
+    import copy
+
+    return copy.deepcopy(_load_yaml_cached(str(path), path.stat().st_mtime))
+
+
 def _group_defaults(group: str, name: str) -> list[dict[str, Any]]:
     """The bench/conf/<group>/*.yaml files whose `name` is `name`, as plain dicts (what that choice may set)."""
-    from omegaconf import OmegaConf
 
     found = []
     for path in sorted((CONF_DIR / group).glob("*.yaml")):
-        data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        data = _load_yaml(path)
         if isinstance(data, dict) and data.get("name") == name:
             found.append(data)
     return found
@@ -258,9 +272,8 @@ def _validate_trainer(cfg: DictConfig) -> None:
     _int(t, "checkpoint_every", 0, prefix=p)
     _number(t, "checkpoint_minutes", 0.0, math.inf, prefix=p, open_low=True, optional=True)
     _number(t, "diverge_factor", 1.0, math.inf, prefix=p, open_low=True, optional=True)
-    from omegaconf import OmegaConf
 
-    known = set(OmegaConf.load(CONF_DIR / "trainer" / "default.yaml").keys())
+    known = set(_load_yaml(CONF_DIR / "trainer" / "default.yaml"))
     _unknown_keys(t, "trainer", known)
     for key in ("resume", "force", "amp", "compile", "progress"):
         _bool(t, key, p)

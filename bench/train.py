@@ -161,13 +161,21 @@ def run_identity(cfg: DictConfig) -> dict[str, Any]:
         if node is None:
             continue
         skip = _NOT_IDENTITY.get(group, set())
+        raw = OmegaConf.to_container(node, resolve=False)
+        try:
+            resolved = OmegaConf.to_container(node, resolve=True)
+        except Exception:  # an interpolation that cannot resolve here (e.g. in a saved .hydra/config.yaml)
+            resolved = None
         for key in node:
             if key in skip:
                 continue
-            try:
-                value = OmegaConf.to_container(node, resolve=True)[key]
-            except Exception:  # an interpolation that cannot resolve here (e.g. in a saved .hydra/config.yaml)
-                value = OmegaConf.to_container(node, resolve=False)[key]
+            if resolved is not None:
+                value = resolved[key]
+            else:
+                try:
+                    value = OmegaConf.to_container(node, resolve=True)[key]
+                except Exception:
+                    value = raw[key]
             _flatten(f"{group}.{key}", value, identity)
     if identity.get("trainer.dtype") == "float32":
         del identity["trainer.dtype"]  # the default, and what every run before the key existed used: same identity
