@@ -19,7 +19,7 @@ dimensions, tensors on different devices or of different dtypes); the caller the
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -38,7 +38,9 @@ from hypergrad.rules import (
     SumState,
 )
 
-__all__ = ["applies", "update", "vjp"]
+__all__ = ["BUILTIN", "applies", "update", "vjp"]
+
+BUILTIN = (SGDRule, AdamRule, AdamWRule, AdaGradRule, RMSPropRule)
 
 _log = logging.getLogger("hypergrad")
 _told: set[str] = set()
@@ -52,7 +54,7 @@ def _tell_once(key: str, message: str) -> None:
 
 def applies(rule: Rule, tensors: Sequence[Tensor], hp: Mapping[str, Any]) -> bool:
     """Whether the multi-tensor path can run: a built-in rule, scalar hyperparameters, one device and dtype."""
-    if type(rule) not in (SGDRule, AdamRule, AdamWRule, AdaGradRule, RMSPropRule) or not tensors:
+    if type(rule) not in BUILTIN or not tensors:
         return False
     for v in hp.values():
         if isinstance(v, Tensor) and v.dim() != 0:
@@ -71,15 +73,23 @@ def applies(rule: Rule, tensors: Sequence[Tensor], hp: Mapping[str, Any]) -> boo
 
 # -- level 0 updates --------------------------------------------------------------------------------------------
 def update(
-    rule: Rule, grads: Sequence[Tensor], states: Sequence[Any], hp: Mapping[str, Any], step: int
+    rule: Rule,
+    grads: Sequence[Tensor],
+    states: Sequence[Any],
+    hp: Mapping[str, Any],
+    step: int,
+    learned: Collection[str] | None = None,
 ) -> tuple[list[Tensor], list[Any]] | None:
-    """The deltas and new states of ``rule`` for every tensor of a group, or None where foreach does not apply."""
+    """The deltas and new states of ``rule`` for every tensor of a group, or None where foreach does not apply.
+
+    ``learned`` names the learned hyperparameters when their values are given as floats (by default: the tensors).
+    """
     grads = list(grads)
     if not applies(rule, grads, hp):
         return None
     kind = type(rule)
     if kind is SGDRule:
-        return _sgd(grads, states, hp)
+        return _sgd(grads, states, hp, _learned(hp, learned))
     if kind is AdamRule:
         m, v, delta = _adam(grads, [s.exp_avg for s in states], [s.exp_avg_sq for s in states], hp, step)
         return list(delta), [AdamState(a, b) for a, b in zip(m, v, strict=True)]
@@ -111,9 +121,15 @@ def update(
     return None
 
 
-def _sgd(grads: list[Tensor], states: Sequence[Any], hp: Mapping[str, Any]) -> tuple[list[Tensor], list[Any]]:
+def _learned(hp: Mapping[str, Any], learned: Collection[str] | None) -> Collection[str]:
+    return [n for n, v in hp.items() if isinstance(v, Tensor)] if learned is None else learned
+
+
+def _sgd(
+    grads: list[Tensor], states: Sequence[Any], hp: Mapping[str, Any], learned: Collection[str]
+) -> tuple[list[Tensor], list[Any]]:
     momentum = hp["momentum"]
-    if isinstance(momentum, float) and momentum == 0.0:
+    if "momentum" not in learned and momentum == 0.0:  # a fixed zero momentum keeps no buffer
         return list(torch._foreach_mul(grads, hp["lr"])), list(states)
     old = [i for i, s in enumerate(states) if s.momentum_buffer is not None]
     new = [i for i, s in enumerate(states) if s.momentum_buffer is None]
@@ -164,19 +180,22 @@ def vjp(
     afters: Sequence[Any],
     hp: Mapping[str, Any],
     step: int,
+    learned: Collection[str] | None = None,
 ) -> dict[str, Tensor] | None:
-    """``sum over the group of grad_next . d delta / d hp[name]`` for every learned (tensor) hyperparameter, or None
-    where foreach does not apply; equal to summing :meth:`Rule.vjp` over the tensors, to round-off."""
+    """``sum over the group of grad_next . d delta / d hp[name]`` for every learned hyperparameter (``learned``, by
+    default the tensors of ``hp``), or None where foreach does not apply; equal to summing :meth:`Rule.vjp` over the
+    tensors, to round-off."""
     grads_next, grads = list(grads_next), list(grads)
     if not rule.has_vjp or not applies(rule, grads, hp):
         return None
+    learned = _learned(hp, learned)
     kind = type(rule)
     out: dict[str, Tensor] = {}
     if kind is SGDRule:
         bufs = [g if a.momentum_buffer is None else a.momentum_buffer for g, a in zip(grads, afters, strict=True)]
-        if isinstance(hp["lr"], Tensor):
+        if "lr" in learned:
             out["lr"] = _dots(grads_next, bufs)
-        if isinstance(hp["momentum"], Tensor):
+        if "momentum" in learned:
             pairs = [
                 (u, b.momentum_buffer)
                 for u, b in zip(grads_next, befores, strict=True)
@@ -188,15 +207,15 @@ def vjp(
                 out["momentum"] = hp["lr"] * torch.zeros((), dtype=grads[0].dtype, device=grads[0].device)
         return out
     if kind is AdamRule:
-        return _adam_vjp(grads_next, grads, befores, afters, hp, step)
+        return _adam_vjp(grads_next, grads, befores, afters, hp, step, learned)
     if kind in (AdaGradRule, RMSPropRule):
         sums = [a.sum for a in afters]
         den = torch._foreach_add(sums, hp["eps"])  # s + eps, kept for the gamma term
         root = torch._foreach_sqrt(den)
         r = torch._foreach_div(grads, root)  # g / sqrt(s + eps)
-        if isinstance(hp["lr"], Tensor):
+        if "lr" in learned:
             out["lr"] = _dots(grads_next, r)
-        if kind is RMSPropRule and isinstance(hp["gamma"], Tensor):
+        if kind is RMSPropRule and "gamma" in learned:
             torch._foreach_div_(r, den)  # r / (s + eps) * (s0 - g * g)
             torch._foreach_mul_(r, torch._foreach_sub([b.sum for b in befores], torch._foreach_mul(grads, grads)))
             out["gamma"] = -0.5 * hp["lr"] * _dots(grads_next, r)
@@ -204,7 +223,7 @@ def vjp(
     return None
 
 
-def _adam_vjp(grads_next, grads, befores, afters, hp, step) -> dict[str, Tensor]:
+def _adam_vjp(grads_next, grads, befores, afters, hp, step, learned) -> dict[str, Tensor]:
     # The formulas of AdamRule.vjp with the dots summed over the group before the scalar factors.
     lr, b1, b2, t = hp["lr"], hp["beta1"], hp["beta2"], float(step)
     c1, c2 = 1.0 - b1**t, 1.0 - b2**t
@@ -214,15 +233,15 @@ def _adam_vjp(grads_next, grads, befores, afters, hp, step) -> dict[str, Tensor]
     den = torch._foreach_add(sqrt_v_hat, hp["eps"])
     q = torch._foreach_div(grads_next, den)
     out: dict[str, Tensor] = {}
-    if isinstance(b1, Tensor):
+    if "beta1" in learned:
         q_m0, q_g = _dots(q, [b.exp_avg for b in befores]), _dots(q, grads)
         q_m = b1 * q_m0 + (1.0 - b1) * q_g
         out["beta1"] = lr * ((q_m0 - q_g) / c1 + q_m * t * b1 ** (t - 1.0) / (c1 * c1))
     else:
         q_m = _dots(q, m_after)
-    if isinstance(lr, Tensor):
+    if "lr" in learned:
         out["lr"] = q_m / c1
-    if isinstance(b2, Tensor):
+    if "beta2" in learned:
         w = torch._foreach_mul(q, m_after)  # q * m / (den * sqrt(v_hat))
         torch._foreach_mul_(den, sqrt_v_hat)
         torch._foreach_div_(w, den)
@@ -230,5 +249,6 @@ def _adam_vjp(grads_next, grads, befores, afters, hp, step) -> dict[str, Tensor]
         torch._foreach_mul_(w, grads)
         w_g2 = _dots(w, grads)
         w_v = b2 * w_v0 + (1.0 - b2) * w_g2
-        out["beta2"] = -0.5 * lr / c1 * ((w_v0 - w_g2) / c2 + w_v * t * b2 ** (t - 1.0) / (c2 * c2))
+        # -0.5 lr / c1 (...), with the division last: lr and c1 may be floats, and 1.0 / 0.0 raises in Python.
+        out["beta2"] = -0.5 * lr * ((w_v0 - w_g2) / c2 + w_v * t * b2 ** (t - 1.0) / (c2 * c2)) / c1
     return out

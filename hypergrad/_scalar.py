@@ -21,27 +21,92 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from hypergrad.rules import AdaGradRule, AdamRule, AdamState, RMSPropRule, SGDRule, SGDState, SumState
 
-__all__ = ["ScalarTrace", "applies", "hypergradients", "update"]
+__all__ = [
+    "ScalarTrace",
+    "applies",
+    "derivative",
+    "forward",
+    "hypergradient_floats",
+    "hypergradients",
+    "ieee",
+    "update",
+]
 
 Vec = list[float]
 
-_FORWARD = {
-    "identity": lambda x: x,
-    "square": lambda x: x * x,
-    "half_tanh": lambda x: (math.tanh(x) + 1.0) / 2.0,
-    "exp": math.exp,
-}
-_DERIVATIVE = {
-    "identity": None,
-    "square": lambda x: 2.0 * x,
-    "half_tanh": lambda x: (1.0 - math.tanh(x) ** 2) / 2.0,
-    "exp": math.exp,
-}
+
+class _Math(NamedTuple):
+    sqrt: Any
+    tanh: Any
+    exp: Any
+    num: Any  # the number type
+
+
+# Python floats raise where IEEE arithmetic (and torch) gives inf or nan: 1 / 0, sqrt(-1), exp(1000). A step that
+# raises is computed again with numpy float64 scalars, which follow IEEE, so that it ends as the tensor path does.
+_PY = _Math(math.sqrt, math.tanh, math.exp, float)
+_NP = _Math(np.sqrt, np.tanh, np.exp, np.float64)
+_RAISES = (ArithmeticError, ValueError)
+
+
+def forward(name: str, x: float, ops: _Math = _PY) -> float:
+    """A transform's natural value at raw ``x`` (see hypergrad.transforms), in floats."""
+    if name == "identity":
+        return x
+    if name == "square":
+        return x * x
+    if name == "half_tanh":
+        return (ops.tanh(x) + 1.0) / 2.0
+    return ops.exp(x)
+
+
+def derivative(name: str, x: float, ops: _Math = _PY) -> float | None:
+    """d forward / d raw at ``x``; None for the identity."""
+    if name == "identity":
+        return None
+    if name == "square":
+        return 2.0 * x
+    if name == "half_tanh":
+        return (1.0 - ops.tanh(x) ** 2) / 2.0
+    return ops.exp(x)
+
+
+def ieee(fn: Any, *args: Any) -> Any:
+    """``fn(*args, ops)`` in Python floats, or where that raises, in numpy float64 (results as Python floats)."""
+    try:
+        return fn(*args, _PY)
+    except _RAISES:
+        with np.errstate(all="ignore"):
+            return _py(fn(*_np(args), _NP))
+
+
+def _np(x: Any) -> Any:
+    if isinstance(x, float):
+        return np.float64(x)
+    if isinstance(x, list | tuple):
+        return type(x)(*(_np(v) for v in x)) if hasattr(x, "_fields") else type(x)(_np(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _np(v) for k, v in x.items()}
+    return x
+
+
+def _py(x: Any) -> Any:
+    if isinstance(x, np.floating):
+        return float(x)
+    if isinstance(x, list | tuple):
+        return type(x)(*(_py(v) for v in x)) if hasattr(x, "_fields") else type(x)(_py(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _py(v) for k, v in x.items()}
+    return x
+
+
+_TRANSFORMS = ("identity", "square", "half_tanh", "exp")
 _RULES = (SGDRule, AdamRule, AdaGradRule, RMSPropRule)
 
 
@@ -51,16 +116,19 @@ def applies(plan: Any) -> bool:
         return False
     if any(type(r) not in _RULES for r in plan.rules[1:]):
         return False
-    return all(t.name in _FORWARD for level in plan.transforms for t in level)
+    return all(t.name in _TRANSFORMS for level in plan.transforms for t in level)
 
 
 def _dot(a: Vec, b: Vec) -> float:
-    return math.fsum(x * y for x, y in zip(a, b, strict=True)) if len(a) > 1 else a[0] * b[0]
+    out = a[0] * b[0]
+    for x, y in zip(a[1:], b[1:], strict=True):
+        out = out + x * y
+    return out
 
 
 # -- the rules, on vectors of floats (state: a tuple of vectors, or None for SGD's buffer before the first step) --
 def _update(
-    rule: Any, g: Vec, state: Any, hp: Mapping[str, float], learned: Sequence[str], step: int
+    rule: Any, g: Vec, state: Any, hp: Mapping[str, float], learned: Sequence[str], step: int, ops: _Math
 ) -> tuple[Vec, Any]:
     kind = type(rule)
     if kind is SGDRule:
@@ -75,17 +143,25 @@ def _update(
         m = [b1 * a + (1.0 - b1) * x for a, x in zip(m0, g, strict=True)]
         v = [b2 * a + (1.0 - b2) * x * x for a, x in zip(v0, g, strict=True)]
         c1, c2 = 1.0 - b1**t, 1.0 - b2**t
-        return [lr * ((a / c1) / (math.sqrt(b / c2) + eps)) for a, b in zip(m, v, strict=True)], (m, v)
+        return [lr * ((a / c1) / (ops.sqrt(b / c2) + eps)) for a, b in zip(m, v, strict=True)], (m, v)
     if kind is AdaGradRule:
         s = [a + x * x for a, x in zip(state, g, strict=True)]
-        return [hp["lr"] * x / math.sqrt(a + hp["eps"]) for x, a in zip(g, s, strict=True)], s
+        return [hp["lr"] * x / ops.sqrt(a + hp["eps"]) for x, a in zip(g, s, strict=True)], s
     gamma = hp["gamma"]  # RMSProp
     s = [gamma * a + (1.0 - gamma) * (x * x) for a, x in zip(state, g, strict=True)]
-    return [hp["lr"] * x / math.sqrt(a + hp["eps"]) for x, a in zip(g, s, strict=True)], s
+    return [hp["lr"] * x / ops.sqrt(a + hp["eps"]) for x, a in zip(g, s, strict=True)], s
 
 
 def _vjp(
-    rule: Any, u: Vec, g: Vec, before: Any, after: Any, hp: Mapping[str, float], learned: Sequence[str], step: int
+    rule: Any,
+    u: Vec,
+    g: Vec,
+    before: Any,
+    after: Any,
+    hp: Mapping[str, float],
+    learned: Sequence[str],
+    step: int,
+    ops: _Math,
 ) -> dict[str, float]:
     """``u . d delta / d hp[name]`` for every learned name (the formulas of the rules' ``vjp``)."""
     kind = type(rule)
@@ -101,7 +177,7 @@ def _vjp(
         c1, c2 = 1.0 - b1**t, 1.0 - b2**t
         m0, v0 = before
         m, v = after
-        sq = [math.sqrt(a / c2) for a in v]
+        sq = [ops.sqrt(a / c2) for a in v]
         den = [s + eps for s in sq]
         q = [a / d for a, d in zip(u, den, strict=True)]
         if "beta1" in learned:
@@ -119,7 +195,7 @@ def _vjp(
             out["beta2"] = -0.5 * lr / c1 * ((w_v0 - w_g2) / c2 + w_v * t * b2 ** (t - 1.0) / (c2 * c2))
         return out
     eps = hp["eps"]
-    r = [x / math.sqrt(a + eps) for x, a in zip(g, after, strict=True)]
+    r = [x / ops.sqrt(a + eps) for x, a in zip(g, after, strict=True)]
     if "lr" in learned:
         out["lr"] = _dot(u, r)
     if kind is RMSPropRule and "gamma" in learned:
@@ -167,6 +243,31 @@ class ScalarTrace(NamedTuple):
 
     levels: list[Any]  # per level k >= 1: (values, learned names, received, before, after, new raw of level k)
     step: int
+    level0: list[Vec]  # the new raw hyperparameters of level 0, per param group
+
+
+def _chain(plan: Any, raw: list, states: list, hyper: list, step: int, ops: _Math) -> tuple[list, list, list]:
+    """Levels top..1 on floats: new raw values of levels 0..top-1, new rule states, and each level's trace."""
+    top = plan.height
+    new_raw: list[list[Vec]] = [[] for _ in range(top + 1)]
+    new_states: list[list[Any]] = [[] for _ in range(top + 1)]
+    trace: list[Any] = [None] * (top + 1)
+    for k in range(top, 0, -1):
+        rule = plan.rules[k]
+        values = dict(plan.initial[k][0])
+        learned = plan.learned[k]
+        for i, (name, t) in enumerate(zip(learned, plan.transforms[k], strict=True)):
+            values[name] = forward(t.name, new_raw[k][0][i], ops)
+        values = {n: ops.num(v) for n, v in values.items()}
+        received = hyper[k - 1]
+        out = [_update(rule, g, s, values, learned, step, ops) for g, s in zip(received, states[k], strict=True)]
+        new_raw[k - 1] = [
+            [h - d for h, d in zip(r, delta, strict=True)] for r, (delta, _) in zip(raw[k - 1], out, strict=True)
+        ]
+        new_states[k] = [s for _, s in out]
+        if k < top:
+            trace[k] = (values, learned, received, states[k], new_states[k], new_raw[k][0])
+    return new_raw, new_states, trace
 
 
 def update(plan: Any, levels: Sequence[Any], hypergrads: Sequence[Sequence[Tensor]], step: int):
@@ -180,30 +281,14 @@ def update(plan: Any, levels: Sequence[Any], hypergrads: Sequence[Sequence[Tenso
         for s in levels[k].rule:
             parts += _state_tensors(plan.rules[k], s)
     parts += [h for level in hypergrads for h in level]
-    flat = torch.cat([p.reshape(-1) for p in parts]).tolist()
+    parts = [p if p.dim() == 1 else p.reshape(-1) for p in parts]
+    flat = torch.cat(parts).tolist()  # without population dimensions every part is a vector already
     it = iter(flat)
     raw = [[[next(it) for _ in range(h.numel())] for h in levels[k].hp] for k in range(top)]
     states = [None] + [[_state_floats(plan.rules[k], s, it) for s in levels[k].rule] for k in range(1, top + 1)]
     hyper = [[[next(it) for _ in range(h.numel())] for h in level] for level in hypergrads]
 
-    new_raw: list[list[Vec]] = [[] for _ in range(top + 1)]
-    new_states: list[list[Any]] = [[] for _ in range(top + 1)]
-    trace: list[Any] = [None] * (top + 1)
-    for k in range(top, 0, -1):
-        rule = plan.rules[k]
-        values = dict(plan.initial[k][0])
-        learned = plan.learned[k]
-        for i, (name, t) in enumerate(zip(learned, plan.transforms[k], strict=True)):
-            values[name] = _FORWARD[t.name](new_raw[k][0][i])
-        values = {n: float(v) for n, v in values.items()}
-        received = hyper[k - 1]
-        out = [_update(rule, g, s, values, learned, step) for g, s in zip(received, states[k], strict=True)]
-        new_raw[k - 1] = [
-            [h - d for h, d in zip(r, delta, strict=True)] for r, (delta, _) in zip(raw[k - 1], out, strict=True)
-        ]
-        new_states[k] = [s for _, s in out]
-        if k < top:
-            trace[k] = (values, learned, received, states[k], new_states[k], new_raw[k][0])
+    new_raw, new_states, trace = ieee(_chain, plan, raw, states, hyper, step)
     # One scatter back into tensors.
     vectors: list[Vec] = [v for k in range(top) for v in new_raw[k]]
     for k in range(1, top + 1):
@@ -214,22 +299,33 @@ def update(plan: Any, levels: Sequence[Any], hypergrads: Sequence[Sequence[Tenso
     views = iter(out_t)
     hp_out = [[next(views) for _ in range(len(levels[k].hp))] for k in range(top)]
     rule_out = [[_wrap_state(plan.rules[k], s, views) for s in new_states[k]] for k in range(1, top + 1)]
-    return hp_out, rule_out, ScalarTrace(trace, step)
+    return hp_out, rule_out, ScalarTrace(trace, step, new_raw[0])
 
 
 def hypergradients(plan: Any, trace: ScalarTrace, level0: Sequence[Tensor]) -> list[list[Tensor]]:
     """The hypergradients of levels 1..top-1 (one vector each), from level 0's (``level0``: one per param group)."""
-    top = plan.height
-    if top < 2:
+    if plan.height < 2:
         return []
-    like = level0[0]
     upstream = torch.stack(list(level0)).tolist() if len(level0) > 1 else [level0[0].tolist()]
+    out = hypergradient_floats(plan, trace, upstream)
+    like = level0[0]
+    t_out = torch.tensor([x for v in out for x in v], dtype=like.dtype, device=like.device).split([len(v) for v in out])
+    return [[v] for v in t_out]
+
+
+def hypergradient_floats(plan: Any, trace: ScalarTrace, upstream: list[Vec]) -> list[Vec]:
+    """As :func:`hypergradients`, on floats: ``upstream`` is level 0's hypergradient per group."""
+    return ieee(_hyper_chain, plan, trace, upstream)
+
+
+def _hyper_chain(plan: Any, trace: ScalarTrace, upstream: list[Vec], ops: _Math) -> list[Vec]:
+    top = plan.height
     out: list[Vec] = []
     for k in range(1, top):
         values, learned, received, before, after, raw = trace.levels[k]
         sums: dict[str, float] = {}
         for u, g, b, a in zip(upstream, received, before, after, strict=True):
-            for name, v in _vjp(plan.rules[k], u, g, b, a, values, learned, trace.step).items():
+            for name, v in _vjp(plan.rules[k], u, g, b, a, values, learned, trace.step, ops).items():
                 sums[name] = sums.get(name, 0.0) + v
         cols = []
         for j, (name, t) in enumerate(zip(learned, plan.transforms[k], strict=True)):
@@ -237,9 +333,8 @@ def hypergradients(plan: Any, trace: ScalarTrace, level0: Sequence[Tensor]) -> l
             if s is None:
                 cols.append(0.0)
                 continue
-            d = _DERIVATIVE[t.name]
-            cols.append(-s if d is None else -s * d(raw[j]))
+            d = derivative(t.name, raw[j], ops)
+            cols.append(-s if d is None else -s * d)
         out.append(cols)
         upstream = [cols]
-    t_out = torch.tensor([x for v in out for x in v], dtype=like.dtype, device=like.device).split([len(v) for v in out])
-    return [[v] for v in t_out]
+    return out

@@ -4,6 +4,8 @@ float path is float64 throughout; see the module docstring for float32)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -80,3 +82,16 @@ def test_population_and_wrapped_rules_keep_the_tensor_path() -> None:
     assert not _scalar.applies(core.Plan(**{**opt._plan.__dict__, "batch_shape": (3,)}))
     stable = hypergrad.tower("adam(0.01)/sgd(1e-3)", [torch.zeros(2, requires_grad=True)], stable=True)
     assert not _scalar.applies(stable._plan)
+
+
+def test_float_arithmetic_that_raises_in_python_ends_as_ieee_arithmetic() -> None:
+    """1 / 0 raises in Python floats but is inf in torch: such a step is computed again in numpy float64."""
+
+    def f(x, y, m):
+        return [x / y, m.sqrt(x - 2.0), m.exp(1000.0 * x)]
+
+    inf = float("inf")
+    out = _scalar.ieee(f, 1.0, 0.0)
+    assert out[0] == inf and out[1] != out[1] and out[2] == inf
+    assert all(type(v) is float for v in out)
+    assert _scalar.ieee(f, 4.0, 2.0)[:2] == [2.0, math.sqrt(2.0)]
