@@ -122,6 +122,7 @@ def hypergradients(plan: Any, live: Any, grads: Sequence[Tensor | None]) -> list
     ref = live.levels[0].hp[0] if like is None else like
     dtype = live.levels[0].hp[0].dtype
     out = torch.tensor([x for v in vectors for x in v], dtype=dtype, device=ref.device).split([len(v) for v in vectors])
+    _scalar.remember(plan, zip(out, vectors, strict=True))
     return [list(out[: len(level0)])] + [[v] for v in out[len(level0) :]]
 
 

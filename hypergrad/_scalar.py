@@ -205,22 +205,6 @@ def _vjp(
 
 
 # -- the tower state <-> floats -----------------------------------------------------------------------------------
-def _state_tensors(rule: Any, state: Any) -> list[Tensor]:
-    if isinstance(state, SGDState):
-        return [] if state.momentum_buffer is None else [state.momentum_buffer]
-    return list(state)
-
-
-def _state_floats(rule: Any, state: Any, it) -> Any:
-    if isinstance(state, SGDState):
-        if state.momentum_buffer is None:
-            return None
-        return [next(it) for _ in range(state.momentum_buffer.numel())]
-    fields = list(state)
-    vecs = tuple([next(it) for _ in range(f.numel())] for f in fields)
-    return vecs if isinstance(state, AdamState) else vecs[0]
-
-
 def _wrap_state(rule: Any, vecs: Any, views) -> Any:
     kind = type(rule)
     if kind is SGDRule:
@@ -246,28 +230,92 @@ class ScalarTrace(NamedTuple):
     level0: list[Vec]  # the new raw hyperparameters of level 0, per param group
 
 
+class _Level(NamedTuple):
+    rule: Any
+    learned: tuple[str, ...]
+    transforms: tuple[str, ...]
+    fixed: dict[str, float]  # every hyperparameter's initial value (the learned ones are overwritten each step)
+
+
+_STATIC: dict[int, tuple[Any, list[_Level]]] = {}
+
+
+def _static(plan: Any) -> list[_Level]:
+    """Per level k >= 1, what stays fixed (looked up once per plan, not once per step)."""
+    hit = _STATIC.get(id(plan))
+    if hit is not None and hit[0] is plan:
+        return hit[1]
+    levels = [
+        _Level(
+            plan.rules[k],
+            tuple(plan.learned[k]),
+            tuple(t.name for t in plan.transforms[k]),
+            {n: float(v) for n, v in plan.initial[k][0].items()},
+        )
+        for k in range(plan.height + 1)
+    ]
+    if len(_STATIC) > 64:  # plans of optimizers long gone
+        _STATIC.clear()
+    _STATIC[id(plan)] = (plan, levels)
+    return levels
+
+
+# The floats behind the tensors this module made at the last step of each plan: the next step reads them back
+# without a gather when it is handed the very same tensors (checked by identity, so a state changed in between,
+# by load_state_dict or a scheduler's write, is read from its tensors).
+_KNOWN: dict[int, dict[int, tuple[Tensor, Vec]]] = {}
+
+
+def remember(plan: Any, pairs: Sequence[tuple[Tensor, Vec]], fresh: bool = False) -> None:
+    known = {} if fresh or id(plan) not in _KNOWN else _KNOWN[id(plan)]
+    for t, v in pairs:
+        known[id(t)] = (t, v)
+    _KNOWN[id(plan)] = known
+
+
 def _chain(plan: Any, raw: list, states: list, hyper: list, step: int, ops: _Math) -> tuple[list, list, list]:
     """Levels top..1 on floats: new raw values of levels 0..top-1, new rule states, and each level's trace."""
+    static = _static(plan)
     top = plan.height
     new_raw: list[list[Vec]] = [[] for _ in range(top + 1)]
     new_states: list[list[Any]] = [[] for _ in range(top + 1)]
     trace: list[Any] = [None] * (top + 1)
+    num = ops.num
     for k in range(top, 0, -1):
-        rule = plan.rules[k]
-        values = dict(plan.initial[k][0])
-        learned = plan.learned[k]
-        for i, (name, t) in enumerate(zip(learned, plan.transforms[k], strict=True)):
-            values[name] = forward(t.name, new_raw[k][0][i], ops)
-        values = {n: ops.num(v) for n, v in values.items()}
+        rule, learned, tnames, fixed = static[k]
+        values = fixed.copy() if ops is _PY else {n: num(v) for n, v in fixed.items()}
+        if learned:
+            r = new_raw[k][0]
+            for i, name in enumerate(learned):
+                t = tnames[i]
+                values[name] = r[i] if t == "identity" else forward(t, r[i], ops)
         received = hyper[k - 1]
-        out = [_update(rule, g, s, values, learned, step, ops) for g, s in zip(received, states[k], strict=True)]
-        new_raw[k - 1] = [
-            [h - d for h, d in zip(r, delta, strict=True)] for r, (delta, _) in zip(raw[k - 1], out, strict=True)
-        ]
-        new_states[k] = [s for _, s in out]
+        below = raw[k - 1]
+        if type(rule) is SGDRule and values["momentum"] == 0.0 and "momentum" not in learned:
+            lr = values["lr"]  # the commonest level: plain SGD on the level below, no state
+            new_raw[k - 1] = [
+                [h - x * lr for h, x in zip(r, g, strict=True)] for r, g in zip(below, received, strict=True)
+            ]
+            new_states[k] = states[k]
+        else:
+            out = [_update(rule, g, s, values, learned, step, ops) for g, s in zip(received, states[k], strict=True)]
+            new_raw[k - 1] = [[h - d for h, d in zip(r, o[0], strict=True)] for r, o in zip(below, out, strict=True)]
+            new_states[k] = [o[1] for o in out]
         if k < top:
             trace[k] = (values, learned, received, states[k], new_states[k], new_raw[k][0])
     return new_raw, new_states, trace
+
+
+def _state_parts(rule: Any, state: Any) -> tuple[Tensor, ...]:
+    if isinstance(state, SGDState):
+        return () if state.momentum_buffer is None else (state.momentum_buffer,)
+    return tuple(state)
+
+
+def _state_vecs(rule: Any, state: Any, vecs: list[Vec]) -> Any:
+    if isinstance(state, SGDState):
+        return vecs[0] if vecs else None
+    return (vecs[0], vecs[1]) if isinstance(state, AdamState) else vecs[0]
 
 
 def update(plan: Any, levels: Sequence[Any], hypergrads: Sequence[Sequence[Tensor]], step: int):
@@ -275,18 +323,34 @@ def update(plan: Any, levels: Sequence[Any], hypergrads: Sequence[Sequence[Tenso
     trace)``; tensors of the hyperparameters' dtype and device (level 0 then runs in tensors, as before)."""
     top = plan.height
     like = levels[0].hp[0]
-    # One gather: raw values of levels 0..top-1, rule states of levels 1..top, hypergradients of levels 0..top-1.
-    parts: list[Tensor] = [h for k in range(top) for h in levels[k].hp]
-    for k in range(1, top + 1):
-        for s in levels[k].rule:
-            parts += _state_tensors(plan.rules[k], s)
+    # Raw values of levels 0..top-1, rule states of levels 1..top, hypergradients of levels 0..top-1: read from
+    # the floats this module kept, or else with one gather.
+    hp_parts = [list(levels[k].hp) for k in range(top)]
+    state_parts = [[]] + [[_state_parts(plan.rules[k], s) for s in levels[k].rule] for k in range(1, top + 1)]
+    parts = [h for lv in hp_parts for h in lv]
+    parts += [t for lv in state_parts for st in lv for t in st]
     parts += [h for level in hypergrads for h in level]
-    parts = [p if p.dim() == 1 else p.reshape(-1) for p in parts]
-    flat = torch.cat(parts).tolist()  # without population dimensions every part is a vector already
-    it = iter(flat)
-    raw = [[[next(it) for _ in range(h.numel())] for h in levels[k].hp] for k in range(top)]
-    states = [None] + [[_state_floats(plan.rules[k], s, it) for s in levels[k].rule] for k in range(1, top + 1)]
-    hyper = [[[next(it) for _ in range(h.numel())] for h in level] for level in hypergrads]
+    known = _KNOWN.get(id(plan), {})
+    hits = [known.get(id(t)) for t in parts]
+    if all(h is not None and h[0] is t for h, t in zip(hits, parts, strict=True)):
+        vecs = [h[1] for h in hits]  # type: ignore[index]
+    else:  # something was not ours: one gather of everything
+        flat = torch.cat([p if p.dim() == 1 else p.reshape(-1) for p in parts]).tolist()
+        vecs, i = [], 0
+        for p in parts:
+            n = p.numel()
+            vecs.append(flat[i : i + n])
+            i += n
+    it = iter(vecs)
+    raw = [[next(it) for _ in lv] for lv in hp_parts]
+    states = [None] + [
+        [
+            _state_vecs(plan.rules[k], s, [next(it) for _ in st])
+            for s, st in zip(levels[k].rule, state_parts[k], strict=True)
+        ]
+        for k in range(1, top + 1)
+    ]
+    hyper = [[next(it) for _ in level] for level in hypergrads]
 
     new_raw, new_states, trace = ieee(_chain, plan, raw, states, hyper, step)
     # One scatter back into tensors.
@@ -296,6 +360,7 @@ def update(plan: Any, levels: Sequence[Any], hypergrads: Sequence[Sequence[Tenso
             vectors += _flat_state(plan.rules[k], s)
     sizes = [len(v) for v in vectors]
     out_t = torch.tensor([x for v in vectors for x in v], dtype=like.dtype, device=like.device).split(sizes)
+    remember(plan, zip(out_t, vectors, strict=True), fresh=True)
     views = iter(out_t)
     hp_out = [[next(views) for _ in range(len(levels[k].hp))] for k in range(top)]
     rule_out = [[_wrap_state(plan.rules[k], s, views) for s in new_states[k]] for k in range(1, top + 1)]
@@ -310,6 +375,7 @@ def hypergradients(plan: Any, trace: ScalarTrace, level0: Sequence[Tensor]) -> l
     out = hypergradient_floats(plan, trace, upstream)
     like = level0[0]
     t_out = torch.tensor([x for v in out for x in v], dtype=like.dtype, device=like.device).split([len(v) for v in out])
+    remember(plan, zip(t_out, out, strict=True))
     return [[v] for v in t_out]
 
 
