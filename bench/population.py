@@ -307,8 +307,8 @@ def _loss_sums(out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 def _restore_rows(rows: Tensor, new: Any, old: Any) -> Any:
     """``new`` with the given member rows taken from ``old`` (every state tensor has a leading member dimension).
 
-    Walks TowerState, LevelState and the rules' NamedTuple states alike; out of place, since the new state's
-    tensors may be saved in the autograd graph of the next hypergradient."""
+    Walks LevelState and the rules' NamedTuple states alike; out of place, since the new state's tensors may be
+    referenced by the step's trace."""
     if isinstance(new, Tensor):
         # A momentum buffer is created at the first step: a member frozen then has nothing older to keep.
         return new if old is None else new.index_copy(0, rows, old.index_select(0, rows))
@@ -360,8 +360,6 @@ class _Vectorized:
         self.state = core.init(self.plan, self.params)
         # Level k + 1 is padding for the members whose tower is at most k levels high.
         self._pad_rows = [(self.heights <= k).nonzero().flatten() for k in range(len(self.plan.rules) - 1)]
-        self.live: core.TowerState | None = None
-        self.deltas: list[Tensor | None] = []
         self.alive = torch.ones(self.K, dtype=torch.bool, device=like.device)
         self.stopped = torch.zeros(self.K, dtype=torch.bool, device=like.device)  # pruned from outside
         self.diverged_step = torch.full((self.K,), -1, dtype=torch.long, device=like.device)
@@ -398,12 +396,12 @@ class _Vectorized:
         wrong = (logits.argmax(-1) != y.flatten()) | ~torch.isfinite(logits).all(-1)
         return self._member_losses(logits, y), wrong.sum(1).to(logits.dtype)
 
-    def _hp_finite(self, live: core.TowerState) -> tuple[Tensor, Tensor, Tensor]:
+    def _hp_finite(self, state: core.TowerState) -> tuple[Tensor, Tensor, Tensor]:
         """(K,): whether every hyperparameter is finite, the index (in ``hp_names``) and value of the first that
         is not."""
         cols = []
         for k in range(len(self.plan.rules) - 1):
-            for values in core.natural_values(self.plan, k, live.levels[k].hp):
+            for values in core.natural_values(self.plan, k, state.levels[k].hp):
                 cols += [values[name].detach().reshape(self.K) for name in self.plan.learned[k]]
         if not cols:
             ok = torch.ones(self.K, dtype=torch.bool, device=self.alive.device)
@@ -432,18 +430,15 @@ class _Vectorized:
         frozen = (~moving).nonzero().flatten()
         if len(frozen):  # a frozen member's (possibly non-finite) gradients must not reach its optimizer state
             grads = [g.index_fill_(0, frozen, 0.0) for g in grads]
-        if self.live is None:
-            hyper = core.zero_hypergradients(self.state)
-        else:
-            hyper = core.hypergradients(self.plan, self.live, self.deltas, grads)
+        hyper = core.hypergradients(self.plan, self.state, grads)
         # Padded levels (above a member's own top) see zero hypergradients: with step size 0 they then leave the
         # level below exactly as it was, as a tower's top level is.
         hyper = [
             [h.index_fill(0, rows, 0.0) if len(rows) else h for h in level]
             for level, rows in zip(hyper, self._padded_rows(frozen), strict=True)
         ]
-        live, deltas = core.update(self.plan, self.state, grads, hyper)
-        hp_ok, first_bad, bad_value = self._hp_finite(live)
+        deltas, new = core.update(self.plan, self.state, grads, hyper)
+        hp_ok, first_bad, bad_value = self._hp_finite(new)
         keep = moving & hp_ok
         newly = active & ~keep
         self.diverged_step = torch.where(newly, self.step_count, self.diverged_step)
@@ -456,11 +451,10 @@ class _Vectorized:
         with torch.no_grad():
             for p, d in zip(self.params, deltas, strict=True):
                 if d is not None:
-                    p.sub_(d.detach().index_fill(0, held, 0.0) if len(held) else d.detach())
-        before, self.state = self.state, core.detach(live)
-        if len(held):
-            self.state = _restore_rows(held, self.state, before)
-        self.live, self.deltas = live, deltas
+                    p.sub_(d.index_fill(0, held, 0.0) if len(held) else d)
+        if len(held):  # a held member's levels stay as they were (its hypergradients were zero, whatever the trace)
+            new = new._replace(levels=_restore_rows(held, new.levels, self.state.levels))
+        self.state = new
         return losses
 
     def _padded_rows(self, frozen: Tensor) -> list[Tensor]:
