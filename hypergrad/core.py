@@ -52,6 +52,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from hypergrad import _foreach
 from hypergrad.rules import Rule
 from hypergrad.spec import Tower, validate_value
 from hypergrad.transforms import EXP, Transform
@@ -248,6 +249,10 @@ def apply_rule(
 ) -> tuple[list[Tensor | None], list[Any]]:
     """Level ``k``'s rule on every tensor it updates: the deltas and the new rule states."""
     rule = plan.rules[k]
+    if not plan.batch_shape and type(rule) in _foreach.BUILTIN:
+        fused = _apply_foreach(rule, grads, states, values, groups, step)
+        if fused is not None:
+            return fused
     deltas: list[Tensor | None] = []
     new_states = []
     for grad, state, g in zip(grads, states, groups, strict=True):
@@ -267,6 +272,10 @@ def rule_vjp(
     """Per group of level ``k``: ``sum over its tensors of upstream . d delta / d value`` for every learned value."""
     rule, dot = plan.rules[k], _reducer(plan)
     groups = plan.group_of if k == 0 else (0,) * len(after)
+    if not plan.batch_shape and type(rule) in _foreach.BUILTIN:
+        fused = _vjp_foreach(rule, upstream, trace, after, groups, step)
+        if fused is not None:
+            return fused
     sums: list[dict[str, Tensor]] = [{} for _ in trace.values]
     for i, (u, moved) in enumerate(zip(upstream, trace.active, strict=True)):
         if u is None or not moved:
@@ -277,6 +286,43 @@ def rule_vjp(
                 v = v.reshape(plan.batch_shape)
             acc = sums[groups[i]]
             acc[name] = v if name not in acc else acc[name] + v
+    return sums
+
+
+def _by_group(groups: Sequence[int], keep: Sequence[bool], n: int) -> list[list[int]]:
+    out: list[list[int]] = [[] for _ in range(n)]
+    for i, (g, kept) in enumerate(zip(groups, keep, strict=True)):
+        if kept:
+            out[g].append(i)
+    return out
+
+
+def _apply_foreach(rule, grads, states, values, groups, step):
+    """apply_rule with one multi-tensor operation per group (hypergrad._foreach: bitwise the same results)."""
+    deltas: list[Tensor | None] = [None] * len(grads)
+    new_states = list(states)
+    for g, idx in enumerate(_by_group(groups, [x is not None for x in grads], len(values))):
+        if not idx:
+            continue
+        out = _foreach.update(rule, [grads[i] for i in idx], [states[i] for i in idx], values[g], step)
+        if out is None:
+            return None
+        for i, d, st in zip(idx, *out, strict=True):
+            deltas[i], new_states[i] = d, st
+    return deltas, new_states
+
+
+def _vjp_foreach(rule, upstream, trace, after, groups, step):
+    """rule_vjp with one multi-tensor operation per group (hypergrad._foreach: the same to round-off)."""
+    keep = [u is not None and moved for u, moved in zip(upstream, trace.active, strict=True)]
+    sums: list[dict[str, Tensor]] = [{} for _ in trace.values]
+    for g, idx in enumerate(_by_group(groups, keep, len(trace.values))):
+        if not idx:
+            continue
+        out = _foreach.vjp(rule, [upstream[i] for i in idx], [after[i] for i in idx], trace.values[g], step)
+        if out is None:
+            return None
+        sums[g] = out
     return sums
 
 
