@@ -52,7 +52,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from hypergrad import _foreach
+from hypergrad import _foreach, _scalar
 from hypergrad.rules import Rule
 from hypergrad.spec import Tower, validate_value
 from hypergrad.transforms import EXP, Transform
@@ -182,8 +182,12 @@ def update(
     levels: list[LevelState] = [state.levels[top]] * (top + 1)
     trace: list[Trace] = []
     hp = state.levels[top].hp
+    first = top
+    if _scalar.applies(plan):  # levels top..1 are a few numbers each: Python floats, no dispatch per level
+        hp, levels[1:], trace = _scalar.update(plan, state, hypergrads, step)
+        first = 0
     with torch.no_grad():
-        for k in range(top, -1, -1):
+        for k in range(first, -1, -1):
             values = natural_values(plan, k, hp)
             received = list(grads) if k == 0 else list(hypergrads[k - 1])
             groups = plan.group_of if k == 0 else (0,) * len(received)
@@ -221,6 +225,8 @@ def hypergradients(plan: Plan, state: TowerState, grads: Sequence[Tensor | None]
                 level.append(torch.stack(cols, dim=-1))
             out.append(level)
             upstream = level
+            if k == 0 and _scalar.applies(plan):
+                return out + _scalar.hypergradients(plan, state, level)
     return out
 
 
