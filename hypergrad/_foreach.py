@@ -184,9 +184,13 @@ def _adam(
 
 
 # -- closed-form vector-Jacobian products -----------------------------------------------------------------------
+def _flat(x: Tensor) -> Tensor:
+    return x if x.dim() == 1 else x.reshape(-1)  # a reshape is one more dispatch: not for vectors
+
+
 def _dots(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     """sum_i <a_i, b_i> over the group's tensors."""
-    dots = [torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b, strict=True)]
+    dots = [torch.dot(_flat(x), _flat(y)) for x, y in zip(a, b, strict=True)]
     return dots[0] if len(dots) == 1 else torch.stack(dots).sum()
 
 
