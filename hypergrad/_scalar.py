@@ -123,8 +123,8 @@ def _dot(a: Vec, b: Vec) -> float:
     return out
 
 
-# -- the built-in rules on vectors of floats; a state is a tuple of its NamedTuple's fields, None or a vector ------
-def _update(rule: Any, g: Vec, st: tuple, hp: dict, learned: tuple, step: int, ops: _Math) -> tuple[Vec, tuple]:
+# -- the built-in rules on vectors of floats; a state is a list of its NamedTuple's fields, None or a vector -------
+def _update(rule: Any, g: Vec, st: list, hp: dict, learned: tuple, step: int, ops: _Math) -> tuple[Vec, tuple]:
     kind = type(rule)
     if kind is SGDRule:
         lr, mom = hp["lr"], hp["momentum"]
@@ -156,7 +156,7 @@ def _update(rule: Any, g: Vec, st: tuple, hp: dict, learned: tuple, step: int, o
     return [hp["lr"] * x / ops.sqrt(a + eps) for x, a in zip(g, s, strict=True)], kept
 
 
-def _vjp(rule: Any, u: Vec, after: tuple, hp: dict, learned: tuple, step: int, ops: _Math) -> dict[str, float]:
+def _vjp(rule: Any, u: Vec, after: list, hp: dict, learned: tuple, step: int, ops: _Math) -> dict[str, float]:
     """``u . d delta / d hp[name]`` for every learned name, from the state after the step (the rules' closed forms)."""
     kind = type(rule)
     out: dict[str, float] = {}
@@ -279,6 +279,7 @@ class _Writer:
         self.scalars: list[float] = []
         self.reused: list[tuple[Tensor, Vec]] = []
 
+    # A slot is an int (no value of a state or trace is one): i >= 0 the i-th new vector, -1 - i the i-th scalar.
     def vector(self, v: Vec | None) -> Any:
         if v is None:
             return None
@@ -287,11 +288,11 @@ class _Writer:
             self.reused.append((t, v))
             return t
         self.vectors.append(v)
-        return ("v", len(self.vectors) - 1)
+        return len(self.vectors) - 1
 
-    def scalar(self, x: float) -> Any:
+    def scalar(self, x: float) -> int:
         self.scalars.append(x)
-        return ("s", len(self.scalars) - 1)
+        return -len(self.scalars)
 
     def make(self, like: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         sizes = [len(v) for v in self.vectors]
@@ -315,9 +316,9 @@ def _tensor(vectors: list[Vec], like: Tensor) -> tuple[Tensor, list[Vec]]:
 
 
 def _resolve(x: Any, vectors: list[Tensor], scalars: list[Tensor]) -> Any:
-    if isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str):
-        return vectors[x[1]] if x[0] == "v" else scalars[x[1]]
-    return x
+    if type(x) is not int:
+        return x
+    return vectors[x] if x >= 0 else scalars[-1 - x]
 
 
 def _chain(static: list[_Level], raw: list, states: list, hyper: list, step: int, ops: _Math):
@@ -364,7 +365,7 @@ def update(plan: Plan, state: TowerState, hypergrads: Sequence[Sequence[Tensor]]
     sources = {id(v): t for t, v in zip(tensors[: len(tensors) - n_hyper], vecs, strict=False)}
     it = iter(vecs)
     raw = [[next(it) for _ in lv] for lv in hp_t]
-    states = [None] + [[tuple(None if f is None else next(it) for f in s) for s in st_t[k]] for k in range(1, top + 1)]
+    states = [None] + [[[None if f is None else next(it) for f in s] for s in st_t[k]] for k in range(1, top + 1)]
     hyper = [[next(it) for _ in lv] for lv in hy_t]
 
     values, new_states, new_raw = ieee(_chain, static, raw, states, hyper, step)
@@ -372,7 +373,7 @@ def update(plan: Plan, state: TowerState, hypergrads: Sequence[Sequence[Tensor]]
     # Write: one tensor for everything new, views of it for each field.
     w = _Writer(sources)
     hp_slots = [[w.vector(v) for v in new_raw[k]] for k in range(top)]
-    st_slots = [None] + [[tuple(w.vector(f) for f in s) for s in new_states[k]] for k in range(1, top + 1)]
+    st_slots = [None] + [[[w.vector(f) for f in s] for s in new_states[k]] for k in range(1, top + 1)]
     val_slots = [None] + [
         {n: (w.scalar(v) if n in static[k].learned else v) for n, v in values[k].items()} for k in range(1, top)
     ]
@@ -382,7 +383,7 @@ def update(plan: Plan, state: TowerState, hypergrads: Sequence[Sequence[Tensor]]
     out_levels = []
     for k in range(1, top + 1):
         kind = _STATE_TYPE[type(plan.rules[k])]
-        rule_states = [kind(*(_resolve(x, vectors, scalars) for x in s)) for s in st_slots[k]]
+        rule_states = [kind(*[_resolve(x, vectors, scalars) for x in s]) for s in st_slots[k]]
         out_levels.append(LevelState(new_hp[k] if k < top else [], rule_states))
     traces = []
     for k in range(top - 1, 0, -1):
@@ -410,7 +411,7 @@ def hypergradients(plan: Plan, state: TowerState, level0: Sequence[Tensor]) -> l
     raw, after = [None], [None]
     for k in range(1, top):
         raw.append(next(it))
-        after.append([tuple(None if f is None else next(it) for f in s) for s in state.levels[k].rule])
+        after.append([[None if f is None else next(it) for f in s] for s in state.levels[k].rule])
     out = ieee(_hyper_chain, static, raw, after, upstream, state.step)
     flat, out = _tensor(out, level0[0])
     t = flat.split([len(v) for v in out])
