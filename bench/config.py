@@ -15,6 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from bench.data import DATASETS, KINDS
+from bench.errors import ConfigError
 from bench.models import MODELS
 from bench.optim import BASELINES, SCHEDULES, TOWER_BASES, TUNING_FREE, tower_spec
 
@@ -22,10 +23,6 @@ __all__ = ["CONF_DIR", "ConfigError", "compose_config", "validate"]
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 """The config directory, `bench/conf/`: shipped inside the package, so an installed wheel finds it."""
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message is one line naming the key and the value."""
 
 
 def compose_config(overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
@@ -267,6 +264,8 @@ def _validate_trainer(cfg: DictConfig) -> None:
     _unknown_keys(t, "trainer", known)
     for key in ("resume", "force", "amp", "compile", "progress"):
         _bool(t, key, p)
+    if t.get("dtype", "float32") not in ("float32", "float64"):
+        raise _fail("trainer.dtype", "one of ['float32', 'float64']", t.get("dtype"))
     if t.device not in ("auto", "cpu", "cuda"):
         raise _fail("trainer.device", "one of ['auto', 'cpu', 'cuda']", t.device)
     if t.device == "cuda":

@@ -5,7 +5,18 @@
     deltas, state = update(plan, state, grads)           # one step; the new weights are  param - delta
 
 This is optax's shape (``init(params) -> state``, ``update(grads, state) -> (updates, state)``), and
-:class:`hypergrad.HyperOptimizer` is a thin ``torch.optim.Optimizer`` shell over it.
+:class:`hypergrad.HyperOptimizer` is a thin ``torch.optim.Optimizer`` shell over it. Minimizing ``|w - 1|^2``:
+
+    >>> import torch, hypergrad
+    >>> from hypergrad import core
+    >>> plan = core.make_plan(hypergrad.parse_spec("sgd(0.1)/sgd(0.01)"), [{}], [1])
+    >>> w = torch.zeros(3)
+    >>> state = core.init(plan, [w])
+    >>> for _ in range(3):
+    ...     deltas, state = core.update(plan, state, [2 * (w - 1.0)])
+    ...     w = w - deltas[0]
+    >>> round(float(core.natural_values(plan, 0, state.levels[0].hp)[0]["lr"]), 4)  # learned from 0.1
+    0.2427
 
 **The tower.** A level's hyperparameters are the next level's parameters. Level 0 updates the model's weights with
 the gradients; level k > 0 updates the raw hyperparameters of level k - 1 with their hypergradients; the top level's
@@ -33,9 +44,10 @@ with finite differences). Nothing is recorded between steps: the state is plain 
 and per learning level a :class:`Trace` of the last step (the values used, and the gradient and earlier state where
 the rule's vjp reads them). A checkpoint is the state; a restored state continues bit for bit.
 
-**Ownership.** :func:`update` keeps no reference to ``grads`` (nor to ``hypergrads``): it copies what its rules keep,
-so a caller may zero or reuse gradient buffers in place (``zero_grad(set_to_none=False)``, DDP bucket views).
-``grads`` must be in the hyperparameters' dtype; a parameter without a gradient (None) is left alone.
+**Ownership.** :func:`update` keeps no reference to ``grads``: where a rule's state (or the trace) keeps a gradient,
+the core keeps a copy, so a caller may zero or reuse gradient buffers in place (``zero_grad(set_to_none=False)``, DDP
+bucket views). ``grads`` must be in the hyperparameters' dtype; a parameter without a gradient (None) is left alone.
+``hypergrads`` passed to :func:`update` may be kept as they are: do not change them in place afterwards.
 
 **Populations.** With ``make_plan(..., batch_shape=(K,))`` every hyperparameter and every parameter carry a leading
 dimension of K independent members (a value differing between members is a (K,) tensor in ``plan.initial``): each
@@ -193,9 +205,11 @@ def update(
             groups = plan.group_of if k == 0 else (0,) * len(received)
             before = state.levels[k].rule
             deltas, rule_states = apply_rule(plan, k, received, before, values, groups, step)
+            if k == 0:  # the model's gradients are borrowed; the hypergradients above are this function's own
+                rule_states = [_owned(s, g) for s, g in zip(rule_states, received, strict=True)]
             levels[k] = LevelState(hp, rule_states)
             if k < top:
-                trace.append(_trace(plan.rules[k], hp, values, received, before))
+                trace.append(_trace(plan.rules[k], hp, values, received, before, copy=k == 0))
             if k > 0:
                 hp = [h - d for h, d in zip(state.levels[k - 1].hp, deltas, strict=True)]
     return deltas, TowerState(step, levels, trace[::-1])
@@ -333,12 +347,24 @@ def _vjp_foreach(rule, upstream, trace, after, groups, step):
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------------
-def _trace(rule: Rule, hp: list[Tensor], values: list[dict[str, Value]], received: list, before: list) -> Trace:
+def _trace(rule: Rule, hp: list[Tensor], values: list, received: list, before: list, copy: bool) -> Trace:
     active = [g is not None for g in received]
     if not rule.vjp_needs_inputs:  # the rule's state after the step holds all its vjp reads
         return Trace(hp, values, active, [None] * len(received), [None] * len(received))
     # The caller may zero or reuse its gradient buffers in place before the next step: keep a copy.
-    return Trace(hp, values, active, [None if g is None else g.clone() for g in received], list(before))
+    kept = [g.clone() if copy and g is not None else g for g in received]
+    return Trace(hp, values, active, kept, list(before))
+
+
+def _owned(state: Any, grad: Tensor | None) -> Any:
+    """``state`` with a copy of every tensor that shares ``grad``'s memory (a rule may keep the gradient it got)."""
+    if grad is None:
+        return state
+    if isinstance(state, Tensor):
+        return state.clone() if state.untyped_storage().data_ptr() == grad.untyped_storage().data_ptr() else state
+    if isinstance(state, tuple) and hasattr(state, "_fields"):
+        return type(state)(*(_owned(x, grad) for x in state))
+    return state
 
 
 def _raw(plan: Plan, k: int, values: Mapping[str, Value], like: Tensor) -> Tensor:

@@ -229,8 +229,10 @@ class HyperOptimizer(torch.optim.Optimizer):
         learned = self._plan.learned[0]
         if not learned or self._tower is None:
             return
-        values = core.natural_values(self._plan, 0, self._tower.levels[0].hp)
-        flat = torch.stack([values[g][n].detach().reshape(()) for g in range(len(values)) for n in learned]).tolist()
+        tower = self._tower
+        # the level-0 values the last step used are its current ones: no need to transform them again
+        values = tower.trace[0].values if tower.trace else core.natural_values(self._plan, 0, tower.levels[0].hp)
+        flat = torch.stack([values[g][n] for g in range(len(values)) for n in learned]).tolist()
         for g, group in enumerate(self.param_groups):
             for i, name in enumerate(learned):
                 group[name] = flat[g * len(learned) + i]

@@ -6,7 +6,8 @@
 
 ``hp`` maps every hyperparameter name to its natural value: a tensor when the hyperparameter is learned, a Python
 float when fixed. ``step`` counts from 1. Everything a rule remembers lives in its typed ``state``; nothing hides in
-closures. ``grad`` is borrowed: a state must not alias it (copy what you keep).
+closures. A state may keep ``grad`` itself: where the gradient is borrowed (the model's), the core copies what the state
+keeps.
 
 A user-defined hyperoptimizable optimizer is one more ``Rule``: write ``update`` in torch ops and every learnable
 hyperparameter gets its hypergradient from the default ``vjp``, autograd through ``update``. Example, SGD with a
@@ -65,13 +66,13 @@ class EmptyState(NamedTuple):
 
 
 # A closed-form vjp reads only the rule's state after the step, so each state below also keeps, while the level above
-# learns the value concerned (None otherwise), the few tensors of the step that the vjp reads: references to tensors
-# the update made anyway, or a copy of the gradient where nothing else will do.
+# learns the value concerned (None otherwise), the few tensors of the step that the vjp reads: tensors the update made
+# anyway, or the gradient itself where nothing else will do.
 
 
 class SGDState(NamedTuple):
     momentum_buffer: Tensor | None
-    grad: Tensor | None = None  # a copy of the last gradient (d delta / d lr without momentum)
+    grad: Tensor | None = None  # the last gradient (d delta / d lr without momentum)
     previous_buffer: Tensor | None = None  # the buffer before the last step (d delta / d momentum)
 
 
@@ -86,7 +87,7 @@ class AdamState(NamedTuple):
 
 class SumState(NamedTuple):
     sum: Tensor
-    grad: Tensor | None = None  # a copy of the last gradient
+    grad: Tensor | None = None  # the last gradient
     previous_sum: Tensor | None = None  # the sum before the last step (RMSProp's d delta / d gamma)
 
 
@@ -174,9 +175,9 @@ class SGDRule(Rule):
     def update(self, grad: Tensor, state: SGDState, hp: HP, step: int) -> tuple[Tensor, SGDState]:
         momentum = hp["momentum"]
         if isinstance(momentum, float) and momentum == 0.0:
-            return grad * hp["lr"], SGDState(None, grad.clone() if _learned(hp, "lr") else None)
-        # The first buffer is a copy, never the gradient itself, which its owner may zero or reuse in place.
-        buf = grad.clone() if state.momentum_buffer is None else state.momentum_buffer * momentum + grad
+            return grad * hp["lr"], SGDState(None, grad if _learned(hp, "lr") else None)
+        # The first buffer is the gradient (the core copies a borrowed one: it never aliases the caller's p.grad).
+        buf = grad if state.momentum_buffer is None else state.momentum_buffer * momentum + grad
         return buf * hp["lr"], SGDState(buf, None, state.momentum_buffer if _learned(hp, "momentum") else None)
 
     vjp_needs_inputs = False
@@ -203,8 +204,8 @@ class AdamRule(Rule):
         return AdamState(torch.zeros_like(param), torch.zeros_like(param) + hp["eps"])
 
     def update(self, grad: Tensor, state: AdamState, hp: HP, step: int) -> tuple[Tensor, AdamState]:
-        c1, c2, _, _ = _power_corrections(hp, step)
-        delta, fields = adam_step(grad, state, hp, c1, c2)
+        t = float(step)
+        delta, fields = adam_step(grad, state, hp, 1.0 - hp["beta1"] ** t, 1.0 - hp["beta2"] ** t)
         return delta, AdamState(*fields)
 
     vjp_needs_inputs = False
@@ -214,9 +215,11 @@ class AdamRule(Rule):
 
 
 def _power_corrections(hp: HP, step: int) -> tuple[Any, Any, Any, Any]:
-    # c = 1 - beta^t, and -dc / d beta = t beta^(t - 1)
+    # c = 1 - beta^t, and -dc / d beta = t beta^(t - 1), computed only where beta is learned
     b1, b2, t = hp["beta1"], hp["beta2"], float(step)
-    return 1.0 - b1**t, 1.0 - b2**t, t * b1 ** (t - 1.0), t * b2 ** (t - 1.0)
+    dc1 = t * b1 ** (t - 1.0) if _learned(hp, "beta1") else None
+    dc2 = t * b2 ** (t - 1.0) if _learned(hp, "beta2") else None
+    return 1.0 - b1**t, 1.0 - b2**t, dc1, dc2
 
 
 def adam_step(grad: Tensor, state: Any, hp: HP, c1: Any, c2: Any) -> tuple[Tensor, tuple]:
@@ -297,8 +300,8 @@ class AdamWRule(AdamRule):
         return AdamWState(torch.zeros_like(param), torch.zeros_like(param) + hp["eps"], param.detach().clone())
 
     def update(self, grad: Tensor, state: AdamWState, hp: HP, step: int) -> tuple[Tensor, AdamWState]:
-        c1, c2, _, _ = _power_corrections(hp, step)
-        delta, (m, v, *kept) = adam_step(grad, state, hp, c1, c2)
+        t = float(step)
+        delta, (m, v, *kept) = adam_step(grad, state, hp, 1.0 - hp["beta1"] ** t, 1.0 - hp["beta2"] ** t)
         delta = delta + hp["lr"] * hp["weight_decay"] * state.param
         decay_learned = _learned(hp, "lr") or _learned(hp, "weight_decay")
         return delta, AdamWState(m, v, state.param - delta, *kept, state.param if decay_learned else None)
@@ -327,9 +330,7 @@ class AdaGradRule(Rule):
 
     def update(self, grad: Tensor, state: SumState, hp: HP, step: int) -> tuple[Tensor, SumState]:
         g_sum = state.sum + torch.square(grad)
-        return hp["lr"] * grad / torch.sqrt(g_sum + hp["eps"]), SumState(
-            g_sum, grad.clone() if _learned(hp, "lr") else None
-        )
+        return hp["lr"] * grad / torch.sqrt(g_sum + hp["eps"]), SumState(g_sum, grad if _learned(hp, "lr") else None)
 
     vjp_needs_inputs = False
 
@@ -354,7 +355,7 @@ class RMSPropRule(Rule):
         gamma = hp["gamma"]
         s = gamma * state.sum + (1.0 - gamma) * torch.square(grad)
         keep = _learned(hp, "lr") or _learned(hp, "gamma")
-        new = SumState(s, grad.clone() if keep else None, state.sum if _learned(hp, "gamma") else None)
+        new = SumState(s, grad if keep else None, state.sum if _learned(hp, "gamma") else None)
         return hp["lr"] * grad / torch.sqrt(s + hp["eps"]), new
 
     vjp_needs_inputs = False
