@@ -103,8 +103,8 @@ def update(
     if kind is AdaGradRule:
         sums = list(torch._foreach_add([s.sum for s in states], torch._foreach_pow(grads, 2)))  # sum + square(g)
         delta = _over_root(grads, sums, hp)
-        copies = _copy(grads) if _learned(hp, "lr") else [None] * len(grads)
-        return delta, [SumState(s, g) for s, g in zip(sums, copies, strict=True)]
+        kept = grads if _learned(hp, "lr") else [None] * len(grads)
+        return delta, [SumState(s, g) for s, g in zip(sums, kept, strict=True)]
     if kind is RMSPropRule:
         gamma = hp["gamma"]
         olds = [s.sum for s in states]
@@ -114,18 +114,14 @@ def update(
         torch._foreach_add_(sums, sq)
         delta = _over_root(grads, sums, hp)
         keep = _learned(hp, "lr") or _learned(hp, "gamma")
-        copies = _copy(grads) if keep else [None] * len(grads)
+        kept = grads if keep else [None] * len(grads)
         previous = olds if _learned(hp, "gamma") else [None] * len(grads)
-        return delta, [SumState(*f) for f in zip(sums, copies, previous, strict=True)]
+        return delta, [SumState(*f) for f in zip(sums, kept, previous, strict=True)]
     return None
 
 
 def _learned(hp: Mapping[str, Any], name: str) -> bool:
     return isinstance(hp[name], Tensor)
-
-
-def _copy(tensors: list[Tensor]) -> list[Tensor]:
-    return list(torch._foreach_mul(tensors, 1.0))  # x * 1 is x, bit for bit: a copy in one dispatch
 
 
 def _over_root(grads: list[Tensor], sums: list[Tensor], hp: Mapping[str, Any]) -> list[Tensor]:
@@ -139,8 +135,8 @@ def _over_root(grads: list[Tensor], sums: list[Tensor], hp: Mapping[str, Any]) -
 def _sgd(grads: list[Tensor], states: Sequence[Any], hp: Mapping[str, Any]) -> tuple[list[Tensor], list[Any]]:
     momentum = hp["momentum"]
     if isinstance(momentum, float) and momentum == 0.0:
-        copies = _copy(grads) if _learned(hp, "lr") else [None] * len(grads)
-        return list(torch._foreach_mul(grads, hp["lr"])), [SGDState(None, c) for c in copies]
+        kept = grads if _learned(hp, "lr") else [None] * len(grads)
+        return list(torch._foreach_mul(grads, hp["lr"])), [SGDState(None, g) for g in kept]
     old = [i for i, s in enumerate(states) if s.momentum_buffer is not None]
     new = [i for i, s in enumerate(states) if s.momentum_buffer is None]
     bufs: list[Tensor | None] = [None] * len(grads)
@@ -149,9 +145,8 @@ def _sgd(grads: list[Tensor], states: Sequence[Any], hp: Mapping[str, Any]) -> t
         torch._foreach_add_(kept, [grads[i] for i in old])
         for i, b in zip(old, kept, strict=True):
             bufs[i] = b
-    if new:  # the first buffer is a copy of the gradient, as in SGDRule
-        for i, b in zip(new, _copy([grads[i] for i in new]), strict=True):
-            bufs[i] = b
+    for i in new:  # the first buffer is the gradient, as in SGDRule
+        bufs[i] = grads[i]
     learned = _learned(hp, "momentum")
     states_out = [SGDState(b, None, s.momentum_buffer if learned else None) for b, s in zip(bufs, states, strict=True)]
     return list(torch._foreach_mul(bufs, hp["lr"])), states_out

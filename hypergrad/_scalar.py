@@ -129,10 +129,10 @@ def _update(rule: Any, g: Vec, st: list, hp: dict, learned: tuple, step: int, op
     if kind is SGDRule:
         lr, mom = hp["lr"], hp["momentum"]
         if "momentum" not in learned and mom == 0.0:  # a fixed zero momentum keeps no buffer
-            return [x * lr for x in g], (None, list(g) if "lr" in learned else None, None)
+            return [x * lr for x in g], [None, g if "lr" in learned else None, None]
         old = st[0]
-        buf = list(g) if old is None else [b * mom + x for b, x in zip(old, g, strict=True)]
-        return [b * lr for b in buf], (buf, None, old if "momentum" in learned else None)
+        buf = g if old is None else [b * mom + x for b, x in zip(old, g, strict=True)]
+        return [b * lr for b in buf], [buf, None, old if "momentum" in learned else None]
     if kind is AdamRule:
         b1, b2, lr, eps, t = hp["beta1"], hp["beta2"], hp["lr"], hp["eps"], float(step)
         c1, c2 = 1.0 - b1**t, 1.0 - b2**t
@@ -143,16 +143,16 @@ def _update(rule: Any, g: Vec, st: list, hp: dict, learned: tuple, step: int, op
         v = [b2 * a + x for a, x in zip(v0, g2, strict=True)]
         delta = [lr * ((a / c1) / (ops.sqrt(b / c2) + eps)) for a, b in zip(m, v, strict=True)]
         k1, k2 = "beta1" in learned, "beta2" in learned
-        return delta, (m, v, m0 if k1 else None, v0 if k2 else None, g1 if k1 else None, g2 if k2 else None)
+        return delta, [m, v, m0 if k1 else None, v0 if k2 else None, g1 if k1 else None, g2 if k2 else None]
     eps, s0 = hp["eps"], st[0]
     if kind is AdaGradRule:
         s = [a + x * x for a, x in zip(s0, g, strict=True)]
-        kept = (s, list(g) if "lr" in learned else None, None)
+        kept = [s, g if "lr" in learned else None, None]
     else:  # RMSProp
         gamma = hp["gamma"]
         s = [gamma * a + (1.0 - gamma) * (x * x) for a, x in zip(s0, g, strict=True)]
         keep = "lr" in learned or "gamma" in learned
-        kept = (s, list(g) if keep else None, s0 if "gamma" in learned else None)
+        kept = [s, g if keep else None, s0 if "gamma" in learned else None]
     return [hp["lr"] * x / ops.sqrt(a + eps) for x, a in zip(g, s, strict=True)], kept
 
 
@@ -359,10 +359,9 @@ def update(plan: Plan, state: TowerState, hypergrads: Sequence[Sequence[Tensor]]
     tensors += [f for k in range(1, top + 1) for s in st_t[k] for f in s if f is not None]
     tensors += [h for lv in hy_t for h in lv]
     vecs = _read(plan, tensors)
-    n_hyper = sum(len(lv) for lv in hy_t)
-    # An unchanged vector is written as the tensor it was read from; not so a hypergradient, which the core copies
-    # where a rule keeps it (the caller owns it).
-    sources = {id(v): t for t, v in zip(tensors[: len(tensors) - n_hyper], vecs, strict=False)}
+    # A vector kept unchanged (a moment before the step, a hypergradient a rule keeps) is written as the tensor it
+    # was read from, as the rules keep the tensor itself.
+    sources = {id(v): t for t, v in zip(tensors, vecs, strict=True)}
     it = iter(vecs)
     raw = [[next(it) for _ in lv] for lv in hp_t]
     states = [None] + [[[None if f is None else next(it) for f in s] for s in st_t[k]] for k in range(1, top + 1)]
