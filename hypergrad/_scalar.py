@@ -32,7 +32,7 @@ from hypergrad.rules import AdaGradRule, AdamRule, AdamState, RMSPropRule, SGDRu
 if TYPE_CHECKING:
     from hypergrad.core import Plan, TowerState
 
-__all__ = ["applies", "derivative", "forward", "hypergradients", "ieee", "update"]
+__all__ = ["applies", "derivative", "forward", "hypergradients", "ieee", "supports", "update"]
 
 Vec = list[float]
 
@@ -106,7 +106,7 @@ _TRANSFORMS = ("identity", "square", "half_tanh", "exp")
 _RULES = (SGDRule, AdamRule, AdaGradRule, RMSPropRule)
 
 
-def applies(plan: Plan) -> bool:
+def supports(plan: Plan) -> bool:
     """Whether ``plan``'s hyper levels can run as Python floats: no population dimensions, and every level above the
     first a built-in rule (SGD, Adam, AdaGrad, RMSProp) with built-in transforms."""
     if plan.batch_shape or plan.height < 1:
@@ -114,6 +114,15 @@ def applies(plan: Plan) -> bool:
     if any(type(r) not in _RULES for r in plan.rules[1:]):
         return False
     return all(t.name in _TRANSFORMS for level in plan.transforms[1:] for t in level)
+
+
+def applies(plan: Plan) -> bool:
+    """Whether the core hands ``plan``'s hyper levels to this module: where :func:`supports` and one of them is more
+    than plain SGD. A plain SGD level (no momentum) is a handful of tensor operations, about what its Python costs
+    (measured on CPU, one thread: same time within the noise); an Adam level is a hundred, and the floats win."""
+    if not supports(plan):
+        return False
+    return not all(type(r) is SGDRule and plan.initial[k][0]["momentum"] == 0.0 for k, r in enumerate(plan.rules) if k)
 
 
 def _dot(a: Vec, b: Vec) -> float:

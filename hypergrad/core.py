@@ -269,7 +269,8 @@ def apply_rule(
 ) -> tuple[list[Tensor | None], list[Any]]:
     """Level ``k``'s rule on every tensor it updates: the deltas and the new rule states."""
     rule = plan.rules[k]
-    if not plan.batch_shape and type(rule) in _foreach.BUILTIN:
+    # Level 0 only: a level above updates one small vector per group, where grouping costs more than it saves.
+    if k == 0 and not plan.batch_shape and type(rule) in _foreach.BUILTIN:
         fused = _apply_foreach(rule, grads, states, values, groups, step)
         if fused is not None:
             return fused
@@ -292,7 +293,7 @@ def rule_vjp(
     """Per group of level ``k``: ``sum over its tensors of upstream . d delta / d value`` for every learned value."""
     rule, dot = plan.rules[k], _reducer(plan)
     groups = plan.group_of if k == 0 else (0,) * len(after)
-    if not plan.batch_shape and type(rule) in _foreach.BUILTIN:
+    if k == 0 and not plan.batch_shape and type(rule) in _foreach.BUILTIN:
         fused = _vjp_foreach(rule, upstream, trace, after, groups, step)
         if fused is not None:
             return fused

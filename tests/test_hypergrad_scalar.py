@@ -68,6 +68,7 @@ def assert_same(a, b, rel: float) -> None:
 @pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("parameterization", ["reference", "log"])
 def test_one_step_on_floats_equals_the_tensor_path(spec, parameterization, monkeypatch) -> None:
+    monkeypatch.setattr(_scalar, "applies", _scalar.supports)  # plain SGD towers too, which the core keeps in tensors
     opt, model = trained(spec, 3, parameterization)
     plan, state = opt._plan, opt._tower
     grads = [p.grad.detach().clone() for p in model.parameters()]
@@ -92,6 +93,7 @@ def test_one_step_on_floats_equals_the_tensor_path(spec, parameterization, monke
 
 @pytest.mark.parametrize("spec", SPECS[:4])
 def test_training_on_floats_follows_the_tensor_path(spec, monkeypatch) -> None:
+    monkeypatch.setattr(_scalar, "applies", _scalar.supports)
     _, fast = trained(spec, 8)
     monkeypatch.setattr(_scalar, "applies", lambda plan: False)
     _, slow = trained(spec, 8)
@@ -111,10 +113,17 @@ def test_a_state_written_by_the_float_path_continues_on_the_tensor_path(monkeypa
     assert_same(fast, slow, 1e-12)
 
 
+def test_the_core_takes_the_floats_where_a_hyper_level_is_more_than_plain_sgd() -> None:
+    assert _scalar.applies(trained("sgd(0.1)/adam(1e-3)", 1)[0]._plan)
+    assert _scalar.applies(trained("sgd(0.1)/sgd(1e-3, momentum=0.5)", 1)[0]._plan)
+    plain = trained("adam(0.01)/sgd(1e-3)/sgd(1e-3)", 1)[0]._plan
+    assert _scalar.supports(plain) and not _scalar.applies(plain)
+
+
 def test_population_and_wrapped_rules_keep_the_tensor_path() -> None:
     import dataclasses
 
-    opt, _ = trained("adam(0.01)/sgd(1e-3)", 1)
+    opt, _ = trained("adam(0.01)/adam(1e-3)", 1)
     assert _scalar.applies(opt._plan)
     assert not _scalar.applies(dataclasses.replace(opt._plan, batch_shape=(3,)))
     stable = hypergrad.tower("adam(0.01)/sgd(1e-3)", [torch.zeros(2, requires_grad=True)], stable=True)
