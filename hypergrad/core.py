@@ -53,6 +53,11 @@ bucket views). ``grads`` must be in the hyperparameters' dtype; a parameter with
 dimension of K independent members (a value differing between members is a (K,) tensor in ``plan.initial``): each
 member follows exactly the path it would follow alone, and the hypergradients are (K,) per learned value. A caller
 that masks members passes its own ``hypergrads`` to :func:`update` (e.g. zeros for a frozen member).
+
+**Speed, same results.** Without population dimensions, a built-in rule at level 0 runs as one multi-tensor
+(``torch._foreach_*``) operation per param group (:mod:`hypergrad._foreach`: updates bitwise those of the rule, vjps
+to round-off), and levels 1..top run as Python floats (:mod:`hypergrad._scalar`, to round-off) when one of them is
+more than plain SGD. Both write exactly this module's state; anything else takes the per-tensor path below.
 """
 
 from __future__ import annotations
