@@ -140,3 +140,32 @@ def test_float_arithmetic_that_raises_in_python_ends_as_ieee_arithmetic() -> Non
     assert out[0] == math.inf and math.isnan(out[1]) and out[2] == math.inf
     assert all(type(v) is float for v in out)
     assert _scalar.ieee(f, 4.0, 2.0)[:2] == [2.0, math.sqrt(2.0)]
+
+
+def test_a_value_written_between_steps_is_read_by_the_float_path(monkeypatch) -> None:
+    """The floats kept between steps are never stale: a scheduler's write to param_groups (a new level-0 tensor)
+    reaches the levels above as it does on the tensor path."""
+
+    def run() -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+        opt = hypergrad.tower("adam(0.01)/adam(1e-3)/sgd(1e-4)", model.parameters())
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(6):
+            x, y = torch.randn(16, 10, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,), generator=g)
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            sched.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    calls = []
+    real = _scalar.update
+    monkeypatch.setattr(_scalar, "update", lambda *a: calls.append(1) or real(*a))
+    fast = run()
+    assert len(calls) == 6
+    monkeypatch.setattr(_scalar, "applies", lambda plan: False)
+    slow = run()
+    for a, b in zip(fast, slow, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
