@@ -53,6 +53,11 @@ bucket views). ``grads`` must be in the hyperparameters' dtype; a parameter with
 dimension of K independent members (a value differing between members is a (K,) tensor in ``plan.initial``): each
 member follows exactly the path it would follow alone, and the hypergradients are (K,) per learned value. A caller
 that masks members passes its own ``hypergrads`` to :func:`update` (e.g. zeros for a frozen member).
+
+**Speed, same results.** Without population dimensions, a built-in rule at level 0 runs as one multi-tensor
+(``torch._foreach_*``) operation per param group (:mod:`hypergrad._foreach`: updates bitwise those of the rule, vjps
+to round-off), and levels 1..top run as Python floats (:mod:`hypergrad._scalar`, to round-off) when one of them is
+more than plain SGD. Both write exactly this module's state; anything else takes the per-tensor path below.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from hypergrad import _foreach, _scalar
 from hypergrad.rules import Rule
 from hypergrad.spec import Tower, validate_value
 from hypergrad.transforms import EXP, Transform
@@ -194,8 +200,12 @@ def update(
     levels: list[LevelState] = [state.levels[top]] * (top + 1)
     trace: list[Trace] = []
     hp = state.levels[top].hp
+    first = top
+    if _scalar.applies(plan):  # levels top..1 are a few numbers each: Python floats, no dispatch per level
+        hp, levels[1:], trace = _scalar.update(plan, state, hypergrads, step)
+        first = 0
     with torch.no_grad():
-        for k in range(top, -1, -1):
+        for k in range(first, -1, -1):
             values = natural_values(plan, k, hp)
             received = grads if k == 0 else hypergrads[k - 1]
             groups = plan.group_of if k == 0 else (0,) * len(received)
@@ -241,6 +251,8 @@ def hypergradients(plan: Plan, state: TowerState, grads: Sequence[Tensor | None]
                 level.append(torch.stack(cols, dim=-1))
             out.append(level)
             upstream = level
+            if k == 0 and _scalar.applies(plan):
+                return out + _scalar.hypergradients(plan, state, level)
     return out
 
 
@@ -269,6 +281,11 @@ def apply_rule(
 ) -> tuple[list[Tensor | None], list[Any]]:
     """Level ``k``'s rule on every tensor it updates: the deltas and the new rule states."""
     rule = plan.rules[k]
+    # Level 0 only: a level above updates one small vector per group, where grouping costs more than it saves.
+    if k == 0 and not plan.batch_shape and type(rule) in _foreach.BUILTIN:
+        fused = _apply_foreach(rule, grads, states, values, groups, step)
+        if fused is not None:
+            return fused
     deltas: list[Tensor | None] = []
     new_states = []
     for grad, state, g in zip(grads, states, groups, strict=True):
@@ -288,6 +305,10 @@ def rule_vjp(
     """Per group of level ``k``: ``sum over its tensors of upstream . d delta / d value`` for every learned value."""
     rule, dot = plan.rules[k], _reducer(plan.batch_shape)
     groups = plan.group_of if k == 0 else (0,) * len(after)
+    if k == 0 and not plan.batch_shape and type(rule) in _foreach.BUILTIN:
+        fused = _vjp_foreach(rule, upstream, trace, after, groups, step)
+        if fused is not None:
+            return fused
     sums: list[dict[str, Tensor]] = [{} for _ in trace.values]
     kept = trace.grads is not None
     for i, u in enumerate(upstream):
@@ -301,6 +322,43 @@ def rule_vjp(
             if plan.batch_shape:
                 v = v.reshape(plan.batch_shape)
             acc[name] = v if name not in acc else acc[name] + v
+    return sums
+
+
+def _by_group(groups: Sequence[int], keep: Sequence[bool], n: int) -> list[list[int]]:
+    out: list[list[int]] = [[] for _ in range(n)]
+    for i, (g, kept) in enumerate(zip(groups, keep, strict=True)):
+        if kept:
+            out[g].append(i)
+    return out
+
+
+def _apply_foreach(rule, grads, states, values, groups, step):
+    """apply_rule with one multi-tensor operation per group (hypergrad._foreach: bitwise the same results)."""
+    deltas: list[Tensor | None] = [None] * len(grads)
+    new_states = list(states)
+    for g, idx in enumerate(_by_group(groups, [x is not None for x in grads], len(values))):
+        if not idx:
+            continue
+        out = _foreach.update(rule, [grads[i] for i in idx], [states[i] for i in idx], values[g], step)
+        if out is None:
+            return None
+        for i, d, st in zip(idx, *out, strict=True):
+            deltas[i], new_states[i] = d, st
+    return deltas, new_states
+
+
+def _vjp_foreach(rule, upstream, trace, after, groups, step):
+    """rule_vjp with one multi-tensor operation per group (hypergrad._foreach: the same to round-off)."""
+    keep = [u is not None and moved for u, moved in zip(upstream, trace.active, strict=True)]
+    sums: list[dict[str, Tensor]] = [{} for _ in trace.values]
+    for g, idx in enumerate(_by_group(groups, keep, len(trace.values))):
+        if not idx:
+            continue
+        out = _foreach.vjp(rule, [upstream[i] for i in idx], [after[i] for i in idx], trace.values[g], step)
+        if out is None:
+            return None
+        sums[g] = out
     return sums
 
 
