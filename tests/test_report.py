@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 
 from bench.report import ReportInputError, compose_report_config, load_runs, run
-from bench.report.stats import bootstrap_ci, expected_best_of_n, robust_range_decades
+from bench.report.stats import bootstrap_ci, expected_best_of_n, robust_range_decades, t_interval
 from bench.report.tables import reference_error, robustness, summarize
 
 REPO = Path(__file__).resolve().parents[1]
@@ -427,3 +427,24 @@ def test_a_run_logged_to_wandb_reads_back_as_the_same_row(tmp_path: Path) -> Non
     for key in ("test_error", "method", "family", "height", "lr", "momentum", "seed", "diverged", "miss"):
         a, b = from_wandb[key], from_disk[key]
         assert a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)), key
+
+
+def test_a_t_interval_past_zero_is_clipped_and_report_md_says_so(tmp_path: Path) -> None:
+    # Three seeds, one outlier: the symmetric Student-t interval of the mean reaches below 0% test error.
+    errors = [0.01, 0.012, 0.2]
+    raw_low, raw_high = t_interval(errors, 0.95)
+    assert raw_low < 0.0 < raw_high < 1.0
+    assert t_interval(errors, 0.95, bounds=(0.0, 1.0)) == (0.0, raw_high)
+    assert t_interval([0.068, 0.068, 0.064], 0.95, bounds=(0.0, 1.0)) == t_interval([0.068, 0.068, 0.064], 0.95)
+    with pytest.raises(ValueError, match="`bounds` must be"):
+        t_interval(errors, 0.95, bounds=(1.0, 0.0))
+    # The same row through the report: summary.csv and report.md hold the clipped interval, and the definitions
+    # say why an end reads 0.00%.
+    for seed, error in enumerate(errors):
+        write_run(tmp_path / "results" / f"s{seed}", seed=seed, test_error=error)
+    _report(tmp_path)
+    row = pd.read_csv(tmp_path / "report" / "summary.csv").iloc[0]
+    assert (row["test_error_ci_low"], row["test_error_ci_high"]) == (0.0, pytest.approx(raw_high))
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert f"[0.00%, {100 * raw_high:.2f}%]" in report
+    assert "clipped to that range" in report

@@ -13,14 +13,22 @@ import numpy as np
 __all__ = ["bootstrap_ci", "expected_best_of_n", "robust_range", "robust_range_decades", "t_interval", "welch"]
 
 
-def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+def t_interval(
+    values: Sequence[float], confidence: float = 0.95, bounds: tuple[float, float] | None = None
+) -> tuple[float, float]:
     """Student-t confidence interval of the mean: mean +- t_{(1+c)/2, n-1} * sd / sqrt(n) (scipy.stats.t).
 
     With 3 seeds the percentile bootstrap can only return [min, max]; the t-interval widens with few seeds
     as it should. One value (or identical values) gives a degenerate interval; none gives (nan, nan).
 
+    The interval is symmetric about the mean, so for a bounded quantity (a test error lies in [0, 1]) a row with
+    few seeds and one outlier can reach past a bound; `bounds=(low, high)` clips the ends to the values the
+    mean can take (the true mean lies within them, so clipping never drops it: the coverage is unchanged).
+
     >>> [round(v, 4) for v in t_interval([0.068, 0.068, 0.064])]
     [0.0609, 0.0724]
+    >>> [round(v, 4) for v in t_interval([0.01, 0.01, 0.2], bounds=(0.0, 1.0))]  # unclipped: [-0.1992, 0.3458]
+    [0.0, 0.3458]
     """
     from scipy import stats
 
@@ -34,7 +42,12 @@ def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float
     if sd == 0.0:
         return (mean, mean)
     half = float(stats.t.ppf((1.0 + confidence) / 2.0, x.size - 1)) * sd / math.sqrt(x.size)
-    return (mean - half, mean + half)
+    low, high = mean - half, mean + half
+    if bounds is not None:
+        if not bounds[0] <= bounds[1]:
+            raise ValueError(f"`bounds` must be (low, high) with low <= high, but got {bounds}")
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return (low, high)
 
 
 def welch(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:

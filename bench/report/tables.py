@@ -104,7 +104,8 @@ def summarize(
         if interval == "bootstrap":
             lo, hi = bootstrap_ci(errors, confidence, n_resamples, seed)
         else:
-            lo, hi = t_interval(errors, confidence)
+            # A test error lies in [0, 1]: a symmetric interval past either end is clipped (report.md says so).
+            lo, hi = t_interval(errors, confidence, bounds=(0.0, 1.0))
         optimizers = group["optimizer"].unique()
         rerun_of = group["rerun_of"].dropna().unique() if "rerun_of" in group else []
         tuning_epochs = tuning_wall = tuning_compute = 0.0

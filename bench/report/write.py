@@ -197,7 +197,9 @@ def render_report(
         (
             f"- Confidence intervals: {100 * confidence:g}% Student-t interval of the mean over seeds"
             " (mean +- t(n-1) x sd / sqrt(n), n = seeds, printed per row); std is the sample standard deviation"
-            " (n-1). One seed gives no std and a zero-width interval."
+            " (n-1). One seed gives no std and a zero-width interval. A test error lies in [0%, 100%], so an"
+            " interval is clipped to that range: with few seeds and one outlier the symmetric interval reaches"
+            " below 0%, and a printed lower end of 0.00% means it did (the true mean is never clipped away)."
             if interval == "t"
             else f"- Confidence intervals: {100 * confidence:g}% percentile bootstrap of the mean over seeds"
             f" ({n_resamples} resamples, seeded). One seed gives a zero-width interval."
