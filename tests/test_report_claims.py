@@ -80,3 +80,65 @@ def test_welch_equals_scipys_unequal_variance_t_test() -> None:
     diff, p = welch(a, b)
     assert diff == pytest.approx(np.mean(a) - np.mean(b))
     assert p == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def _profile(curves: dict[int, list[float]], lrs: list[float], absolute: list[float], relative: list[float]):
+    from bench.report.tables import robustness_profile
+
+    rows = [
+        {"method": f"sgd{'/sgd' * h}", "family": "tower", "height": h, "tuned": False, "lr": lr,
+         "momentum": float("nan"), "test_error_mean": e}
+        for h, errs in curves.items()
+        for lr, e in zip(lrs, errs, strict=True)
+    ]  # fmt: skip
+    return robustness_profile(pd.DataFrame(rows), absolute, relative)
+
+
+LRS = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+RUNS = _runs({r["spec"]: [r["test_error"] + d for d in (0.0, 0.001, -0.001)] for r in ROWS if "rerun_of" not in r})
+
+
+def test_the_height_claim_is_judged_at_every_tolerance_that_tells_heights_apart() -> None:
+    # A short run: each height within 1 point of its best at that point only, so 1 pt says nothing; at 10 points
+    # and at twice the best the taller towers keep more decades.
+    curves = {
+        0: [0.90, 0.90, 0.90, 0.60, 0.30, 0.12, 0.50],  # best + 10 pt: 1e-1 alone; 2 x best: 1e-1 alone
+        1: [0.90, 0.90, 0.50, 0.21, 0.16, 0.13, 0.40],  # best + 10 pt: 1e-3..1e-1 (2 decades)
+        2: [0.80, 0.22, 0.19, 0.17, 0.16, 0.14, 0.30],  # best + 10 pt: 1e-5..1e-1 (4 decades)
+    }
+    profile = _profile(curves, LRS, absolute=[0.01, 0.10], relative=[2.0])
+    row = _claim(claims(RUNS, ROWS, profile=profile)[0], "taller towers")
+    assert row["verdict"] == "holds"
+    assert "best + 1 pt: h0 0, h1 0, h2 0 (every height the same: left out)" in row["ours"]
+    assert "best + 10 pt: h0 0, h1 2, h2 4 decades (holds)" in row["ours"]
+    assert "2 x best: h0 0, h1 2, h2 4 decades (holds)" in row["ours"]
+    assert "best + 1 pt, best + 10 pt, 2 x best" in row["test"]
+
+
+def test_the_height_claim_fails_mixes_or_finds_no_difference_as_the_curves_were_built() -> None:
+    flat, peaked = [0.20, 0.20, 0.20, 0.20, 0.20, 0.20, 0.20], [0.90, 0.90, 0.90, 0.90, 0.20, 0.90, 0.90]
+    # The tall tower is the peaked one: fails at every tolerance that tells them apart.
+    row = _claim(claims(RUNS, ROWS, profile=_profile({0: flat, 1: peaked}, LRS, [0.05], [2.0]))[0], "taller")
+    assert row["verdict"] == "fails" and "h0 6, h1 0 decades (fails)" in row["ours"]
+    # Taller wins at 5 points, shorter at 20: the verdict says so instead of picking one.
+    short = [0.90, 0.90, 0.30, 0.20, 0.21, 0.30, 0.90]  # best + 5 pt: 1e-3..1e-2; + 20 pt: 1e-4..1e-1
+    tall = [0.90, 0.90, 0.90, 0.20, 0.22, 0.24, 0.90]  # best + 5 pt: 1e-3..1e-1; + 20 pt: the same
+    row = _claim(claims(RUNS, ROWS, profile=_profile({0: short, 1: tall}, LRS, [0.05, 0.20], []))[0], "taller")
+    assert row["verdict"] == "holds at 1 of 2 tolerances"
+    # Identical curves: no tolerance can tell the heights apart.
+    row = _claim(claims(RUNS, ROWS, profile=_profile({0: flat, 1: flat}, LRS, [0.01, 0.1], [2.0]))[0], "taller")
+    assert row["verdict"] == "no difference at any tolerance"
+
+
+def test_without_a_profile_the_height_claim_uses_the_one_robustness_tolerance() -> None:
+    from bench.report.tables import Reference, robustness
+
+    rows = [
+        {"method": m, "family": "tower", "height": h, "tuned": False, "lr": lr, "momentum": float("nan"),
+         "test_error_mean": e}
+        for h, (m, errs) in enumerate({"sgd": [0.9, 0.2, 0.9], "sgd/sgd": [0.2, 0.2, 0.9]}.items())
+        for lr, e in zip([1e-2, 1e-1, 1.0], errs, strict=True)
+    ]  # fmt: skip
+    robust = robustness(pd.DataFrame(rows), Reference(0.2, "best"), tolerance=0.01)
+    row = _claim(claims(RUNS, ROWS, robust)[0], "taller towers")
+    assert row["verdict"] == "holds" and "best + 1 pt: h0 0, h1 1 decades (holds)" in row["ours"]

@@ -131,7 +131,9 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     paper_rows = (paper["experiments"].get(experiment) or {}).get("rows") if experiment else None
     # The claims table tests Table 1's claims; other experiments have none it could test.
     if paper_rows and (paper["experiments"][experiment].get("claims") == "table_1"):
-        claims_table, claims_detail = claims.claims(runs.table, paper_rows, robust, float(cfg.get("alpha", 0.05)))
+        claims_table, claims_detail = claims.claims(
+            runs.table, paper_rows, robust, float(cfg.get("alpha", 0.05)), profile=profile
+        )
         finals = runs.table[runs.table["role"] == "run"]
         n_seeds = finals.groupby("method")["seed"].nunique()
         answer = claims.answer(
