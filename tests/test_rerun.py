@@ -16,9 +16,9 @@ from bench.train import run
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _tower_run(out: Path, spec: str, seed: int) -> dict:
+def _tower_run(out: Path, spec: str | None, seed: int, keys: tuple[str, ...] = ()) -> dict:
     overrides = [
-        f"optimizer.spec='{spec}'",
+        *([f"optimizer.spec='{spec}'"] if spec else keys),
         f"seed={seed}",
         "trainer.epochs=1",
         "trainer.max_steps=4",
@@ -52,6 +52,16 @@ def test_a_rerun_starts_at_and_keeps_the_values_its_tower_learned(tmp_path: Path
         assert (
             "experiment=mnist_table" in (tmp_path / "reruns" / f"runs_{seed}" / ".hydra" / "overrides.yaml").read_text()
         )
+
+
+def test_a_tower_built_from_the_sweep_keys_is_re_run_at_its_learned_values(tmp_path: Path) -> None:
+    # A sensitivity sweep's tower: optimizer.base/lr/height/hyper_lr, no spec. The re-run's spec replaces them.
+    keys = ("optimizer.base=sgd", "optimizer.lr=0.03", "optimizer.height=1", "optimizer.hyper_lr=0.01")
+    tower = _tower_run(tmp_path / "runs" / "0", None, 0, keys)
+    (plan,) = run_reruns(tmp_path / "runs", tmp_path / "reruns")
+    assert plan["status"] == "completed" and plan["rerun_of"] == "sgd(0.03)/sgd(0.01)"
+    rerun = json.loads((tmp_path / "reruns" / "runs_0" / "metrics.json").read_text())
+    assert rerun["height"] == 0 and rerun["init"]["lr"] == pytest.approx(tower["hyperparameters"][0]["lr"], rel=1e-6)
 
 
 def test_mean_mode_reruns_every_seed_with_the_groups_mean(tmp_path: Path) -> None:
