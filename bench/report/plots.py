@@ -5,6 +5,7 @@ matplotlib with the Agg backend, so figures render on machines without a display
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -23,6 +24,10 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 
 from bench.io import atomic_write
 from bench.report.tables import Reference, fixed_setting
+
+# Matplotlib's PDF backend subsets fonts through fontTools, which logs a dozen INFO lines per figure; under Hydra's
+# INFO job logging they would bury the report's own console lines.
+logging.getLogger("fontTools").setLevel(logging.WARNING)
 
 __all__ = [
     "ERROR_AXIS",
