@@ -74,12 +74,16 @@ def bench_cli():
     import subprocess
     import sys
 
-    from tests.harness_helpers import REPO
+    from tests.harness_helpers import checkout_env
 
     def run(*args: str, cwd, timeout: float = 600) -> subprocess.CompletedProcess:
-        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
         return subprocess.run(
-            [sys.executable, "-m", "bench", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+            [sys.executable, "-m", "bench", *args],
+            cwd=cwd,
+            env=checkout_env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
 
     return run

@@ -99,6 +99,12 @@ def bench_env(tmp_path: Path, extra_env: dict[str, str] | None = None) -> dict[s
     return env
 
 
+def checkout_env(extra_env: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a subprocess that runs this checkout's code as a user would: PYTHONPATH at the checkout,
+    one CPU thread (the test machine's cores are shared), everything else inherited."""
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(extra_env or {})}
+
+
 def run_bench(
     args: list[str], tmp_path: Path, timeout: float = 240, extra_env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:

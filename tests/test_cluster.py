@@ -20,11 +20,11 @@ from typing import Any
 import pandas as pd
 import pytest
 
+from tests.harness_helpers import REPO
 from tests.slurm_cluster import SlurmCluster, SlurmUnavailableError
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[1]
 # Jobs fit the test node and the shared 2-core machine; the preset's own defaults ask for a GPU and 4 CPUs.
 SMALL_JOBS = [
     "hydra/launcher=submitit_slurm",

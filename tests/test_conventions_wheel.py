@@ -39,8 +39,8 @@ def test_installed_wheel_shows_help_and_trains_one_epoch(tmp_path: Path) -> None
     )  # fmt: skip
     assert install.returncode == 0, install.stderr
 
-    env = bench_env(tmp_path)
-    env.pop("PYTHONPATH", None)
+    env = bench_env(tmp_path)  # offline W&B in tmp, one thread
+    env.pop("PYTHONPATH", None)  # the installed wheel, not this checkout
     work = tmp_path / "work"
     work.mkdir()
     where = subprocess.run(
@@ -63,7 +63,7 @@ def test_installed_wheel_shows_help_and_trains_one_epoch(tmp_path: Path) -> None
     trained = subprocess.run(
         [str(venv / "bin" / "hypergrad-bench"), "debug=one_epoch", "trainer.num_threads=1", "trainer.progress=false",
          f"hydra.run.dir={run_dir}"],
-        cwd=work, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+        cwd=work, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert trained.returncode == 0, trained.stderr
     assert '"status": "completed"' in (run_dir / "metrics.json").read_text()
