@@ -448,3 +448,14 @@ def test_a_t_interval_past_zero_is_clipped_and_report_md_says_so(tmp_path: Path)
     report = (tmp_path / "report" / "report.md").read_text()
     assert f"[0.00%, {100 * raw_high:.2f}%]" in report
     assert "clipped to that range" in report
+
+
+def test_a_method_never_within_tolerance_of_the_overall_best_reads_none_within(tmp_path: Path) -> None:
+    curves = {("sgd", 0): [0.5, 0.4], ("sgd/sgd(1e-05)", 1): [0.1, 0.1]}
+    for (method, height), errors in curves.items():
+        for lr, error in zip([0.01, 0.1], errors, strict=True):
+            write_run(tmp_path / "results" / f"{height}_{lr:g}", method=method, height=height, lr=lr, test_error=error)
+    _report(tmp_path)
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "| sgd | 0 (0.1-0.1) | none within | 0 of 2 | 40.00% | 50.00% |" in report
+    assert "nan" not in report

@@ -249,7 +249,7 @@ def render_report(
                         )
                     ],
                     overall=[
-                        f"{d:g} ({_g(lo)}-{_g(hi)})"
+                        "none within" if math.isnan(d) else f"{d:g} ({_g(lo)}-{_g(hi)})"
                         for d, lo, hi in zip(
                             robustness["decades"], robustness["lr_low"], robustness["lr_high"], strict=True
                         )
