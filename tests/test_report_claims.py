@@ -142,3 +142,20 @@ def test_without_a_profile_the_height_claim_uses_the_one_robustness_tolerance() 
     robust = robustness(pd.DataFrame(rows), Reference(0.2, "best"), tolerance=0.01)
     row = _claim(claims(RUNS, ROWS, robust)[0], "taller towers")
     assert row["verdict"] == "holds" and "best + 1 pt: h0 0, h1 1 decades (holds)" in row["ours"]
+
+
+def test_the_answer_counts_held_and_failed_claims_in_words() -> None:
+    from bench.report.claims import answer
+
+    summary = pd.DataFrame(
+        [
+            dict.fromkeys(SUMMARY_COLUMNS)
+            | {"family": "tower", "height": h, "rerun_of": None, "test_error_mean": e, "paper_test_error": p}
+            for h, e, p in ((0, 0.08, 0.05), (1, 0.04, 0.03))
+        ]
+    )
+    table = pd.DataFrame({"claim": ["a", "b", "c"], "verdict": ["holds", "fails", "within noise"]})
+    text = answer(summary, table, "mnist5k", 30, "3")
+    assert text.startswith("On `mnist5k` (30 epochs, 3 seeds per row), the untuned base optimizers end at 8.00%-8.00%")
+    assert "Of the paper's 3 claims tested below, 1 holds, 1 fails (b), and the rest" in text
+    assert "our rows are +1.00 to +3.00 percentage points off (2 rows with a published value)" in text

@@ -303,7 +303,7 @@ def answer(summary: pd.DataFrame, claims_table: pd.DataFrame, dataset: str, epoc
     parts.append(". ")
     parts.append(
         f"Of the paper's {len(verdicts)} claims tested below, {len(held)} hold{'s' if len(held) == 1 else ''}"
-        + (f", {len(failed)} fail ({'; '.join(failed)})" if failed else "")
+        + (f", {len(failed)} fail{'s' if len(failed) == 1 else ''} ({'; '.join(failed)})" if failed else "")
         + ", and the rest are within noise or not evaluated on these inputs."
     )
     paper = summary.dropna(subset=["paper_test_error"])
