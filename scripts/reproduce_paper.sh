@@ -23,7 +23,8 @@
 # Anything after `--` is passed to every sweep as Hydra overrides (e.g. trainer.device=cuda).
 set -euo pipefail
 
-usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; }
+# The comment block at the top of this file, without its `# `.
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
 die() {
     echo "error: $*" >&2

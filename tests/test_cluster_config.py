@@ -123,6 +123,26 @@ def test_submit_tune_workers_refuses_bad_input_before_submitting(
 
 
 @pytest.mark.parametrize(
+    ("script", "first_line"),
+    [
+        ("scripts/slurm/submit_tune_workers.sh", "Submit N Optuna workers for one study as a SLURM job array"),
+        ("scripts/reproduce_paper.sh", "Run one of the paper's experiments (its Hydra sweep) and then its report"),
+    ],
+)
+def test_a_scripts_help_is_its_header_comment_and_exit_0(tmp_path: Path, script: str, first_line: str) -> None:
+    # README lists `--help` for these scripts: it prints the comment block at the top, nothing of the code below.
+    proc = subprocess.run(["bash", str(REPO / script), "--help"], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    header = []
+    for line in (REPO / script).read_text().splitlines()[1:]:
+        if not line.startswith("#"):
+            break
+        header.append(line[2:] if line.startswith("# ") else line[1:])
+    assert proc.stdout.splitlines() == header and header[0].startswith(first_line)
+    assert not list(tmp_path.iterdir())  # help writes nothing
+
+
+@pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--driver", "screen", "name"], "--driver must be nohup, sbatch or foreground, but got 'screen'"),

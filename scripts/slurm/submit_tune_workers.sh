@@ -18,6 +18,10 @@
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
+    exit 0
+fi
 if [[ $# -lt 2 ]]; then
     echo "usage: TUNE_STORAGE=URL $0 N STUDY [bench.tune overrides...]" >&2
     exit 2
