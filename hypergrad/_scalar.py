@@ -111,8 +111,8 @@ def supports(plan: Plan) -> bool:
     first a built-in rule (SGD, Adam, AdaGrad, RMSProp) with built-in transforms."""
     if plan.batch_shape or plan.height < 1:
         return False
-    if any(type(r) not in _RULES for r in plan.rules[1:]):
-        return False
+    if any(type(r) not in _RULES or r.vjp_needs_inputs for r in plan.rules[1:]):
+        return False  # the traces written here keep no inputs: only rules whose vjp reads the state after the step
     return all(t.name in _TRANSFORMS for level in plan.transforms[1:] for t in level)
 
 
@@ -396,8 +396,8 @@ def update(plan: Plan, state: TowerState, hypergrads: Sequence[Sequence[Tensor]]
     traces = []
     for k in range(top - 1, 0, -1):
         vals = {n: _resolve(x, vectors, scalars) for n, x in val_slots[k].items()}
-        n = len(hypergrads[k - 1])
-        traces.append(Trace(new_hp[k], [vals], [True] * n, [None] * n, [None] * n))
+        # Built-in rules' vjps read only the state after the step (vjp_needs_inputs is False): nothing else to keep.
+        traces.append(Trace(new_hp[k], [vals], None, None, None))
     return new_hp[0], out_levels, traces
 
 

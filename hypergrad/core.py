@@ -350,7 +350,7 @@ def _apply_foreach(rule, grads, states, values, groups, step):
 
 def _vjp_foreach(rule, upstream, trace, after, groups, step):
     """rule_vjp with one multi-tensor operation per group (hypergrad._foreach: the same to round-off)."""
-    keep = [u is not None and moved for u, moved in zip(upstream, trace.active, strict=True)]
+    keep = [u is not None and (trace.moved is None or trace.moved[i]) for i, u in enumerate(upstream)]
     sums: list[dict[str, Tensor]] = [{} for _ in trace.values]
     for g, idx in enumerate(_by_group(groups, keep, len(trace.values))):
         if not idx:
