@@ -61,6 +61,9 @@ def _task_config(config: DictConfig) -> DictConfig:
     return task
 
 
+_INVALID = "its config is invalid (the run says why)"
+
+
 def why_alone(task: DictConfig, out: Path) -> str | None:
     """Why this job cannot join a population (one phrase), or None when it can."""
     from bench.config import ConfigError, validate
@@ -70,7 +73,7 @@ def why_alone(task: DictConfig, out: Path) -> str | None:
     try:
         validate(task)
     except ConfigError:
-        return "its config is invalid (the run says why)"
+        return _INVALID
     t = task.trainer
     if not t.force:
         try:
@@ -329,6 +332,9 @@ def launch_population(launcher: Any, job_overrides: Sequence[Sequence[str]], ini
         log.info("\t#%d : %s", initial_job_idx + i, " ".join(filter_overrides(overrides)))
     jobs = load_jobs(context, config, [(list(o), initial_job_idx + i) for i, o in enumerate(job_overrides)])
     chunks, alone = plan_jobs(jobs, launcher.max_members)
+    for job in jobs:  # bad input first: its one-line error ends the sweep before any population trains for nothing
+        if alone.get(job.num) == _INVALID:
+            land(context, job, launcher.task_function)
     checkpoints = Path(str(config.hydra.sweep.dir)) / ".population"
     for chunk in chunks:
         nums = [job.num for job in chunk]
