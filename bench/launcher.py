@@ -61,6 +61,9 @@ def _task_config(config: DictConfig) -> DictConfig:
     return task
 
 
+_INVALID = "its config is invalid (the run says why)"
+
+
 def why_alone(task: DictConfig, out: Path) -> str | None:
     """Why this job cannot join a population (one phrase), or None when it can."""
     from bench.config import ConfigError, validate
@@ -70,7 +73,7 @@ def why_alone(task: DictConfig, out: Path) -> str | None:
     try:
         validate(task)
     except ConfigError:
-        return "its config is invalid (the run says why)"
+        return _INVALID
     t = task.trainer
     if not t.force:
         try:
@@ -179,6 +182,16 @@ def checkpoint_path(folder: Path, names: Sequence[str]) -> Path:
     return folder / f"population-{names[0]}-{names[-1]}-{digest}.pt"
 
 
+def _first_member(batches: Callable[[int], Any]) -> Callable[[int], Any]:
+    """The batches of a one-member stack, unstacked (one batch shared by every member)."""
+
+    def shared(epoch: int) -> Any:
+        for x, y in batches(epoch):
+            yield x[0], y[0]
+
+    return shared
+
+
 def train_jobs(
     tasks: Sequence[DictConfig], names: Sequence[str] | None = None, checkpoints: Path | None = None
 ) -> list[dict[str, Any]]:
@@ -231,12 +244,15 @@ def train_jobs(
     with bar:
         for plan in plans:
             seeds = [members[i].seed for i in plan]
+            # Members of one seed draw the same batches: one batch for all is cheaper (one wide matrix product).
+            per_member = len(set(seeds)) > 1
+            batches = member_batches(data, t.batch_size, seeds if per_member else seeds[:1])
             start = time.perf_counter()
             results = _train_vectorized(
                 [make_model(s) for s in seeds],
                 [members[i] for i in plan],
                 plan,
-                member_batches(data, t.batch_size, seeds),
+                batches if per_member else _first_member(batches),
                 {"val": data.val, "test": data.test},
                 t.epochs,
                 t.get("max_steps"),
@@ -244,7 +260,7 @@ def train_jobs(
                 None,
                 make_optimizer,
                 str(first.model.name),
-                per_member=True,
+                per_member=per_member,
                 diverge_factor=t.get("diverge_factor"),
                 on_step=bar.update,
                 checkpoint=None if checkpoints is None else checkpoint_path(checkpoints, [names[i] for i in plan]),
@@ -329,6 +345,9 @@ def launch_population(launcher: Any, job_overrides: Sequence[Sequence[str]], ini
         log.info("\t#%d : %s", initial_job_idx + i, " ".join(filter_overrides(overrides)))
     jobs = load_jobs(context, config, [(list(o), initial_job_idx + i) for i, o in enumerate(job_overrides)])
     chunks, alone = plan_jobs(jobs, launcher.max_members)
+    for job in jobs:  # bad input first: its one-line error ends the sweep before any population trains for nothing
+        if alone.get(job.num) == _INVALID:
+            land(context, job, launcher.task_function)
     checkpoints = Path(str(config.hydra.sweep.dir)) / ".population"
     for chunk in chunks:
         nums = [job.num for job in chunk]

@@ -107,7 +107,9 @@ class RunDirRecord(Callback):
         if not _valid(task):
             return
         write_masked_yaml(out / "config.yaml", task)
-        write_masked_yaml(out / "hydra.yaml", {"hydra": OmegaConf.to_container(config.hydra, resolve=False, enum_to_str=True)})
+        write_masked_yaml(
+            out / "hydra.yaml", {"hydra": OmegaConf.to_container(config.hydra, resolve=False, enum_to_str=True)}
+        )
         write_masked_yaml(out / "overrides.yaml", list(hydra_cfg.overrides.task))
         _written.add(out.resolve())
 

@@ -322,3 +322,37 @@ def test_a_population_sweep_is_one_array_of_chunks_that_lands_every_job(slurm: S
             local / str(num) / ".hydra" / "config.yaml"
         ).read_text()
     assert not (on_slurm / ".population").exists() or not any((on_slurm / ".population").iterdir())
+
+
+def test_a_preempted_population_resumes_from_its_checkpoint_to_the_same_results(
+    slurm: SlurmCluster, tmp_path: Path
+) -> None:
+    # One population of 4 jobs gets submitit's pre-timeout signal (USR2) mid-training: it saves its checkpoint,
+    # submitit requeues the array task, and the requeued task resumes; every job ends as an uninterrupted one.
+    sweep = [*TINY_RUN, "trainer.epochs=40", "trainer.dtype=float64", "optimizer.base=sgd", "optimizer.lr=0.03,0.3",
+             "optimizer.height=0,1"]  # fmt: skip
+    on_slurm, local = tmp_path / "slurm", tmp_path / "local"
+    command = [sys.executable, "-m", "bench", "--multirun", "hydra/launcher=population_slurm", *SMALL_JOBS[1:]]
+    log = tmp_path / "driver.log"
+    with log.open("wb") as out:
+        driver = subprocess.Popen([*command, f"hydra.sweep.dir={on_slurm}", *sweep], cwd=tmp_path, env=slurm.env,
+                                  stdout=out, stderr=out)  # fmt: skip
+        try:
+            wait_for(lambda: any((on_slurm / ".population").glob("*/*.pt")), 180, "the population to train", slurm)
+            (job,) = slurm.jobs()  # one population: one task
+            slurm.run("scancel", "--signal=USR2", f"{job['JobId']}.0")  # its job step, as `interrupt` does
+            assert driver.wait(timeout=600) == 0, log.read_text()[-3000:] + slurm.logs()
+        finally:
+            driver.kill()
+    folders = {d for d in (on_slurm / ".submitit").iterdir() if d.is_dir()}
+    assert "checkpoint saved; submitit requeues the job" in job_logs(folders)
+    here = subprocess.run([sys.executable, "-m", "bench", "--multirun", "hydra/launcher=population",
+                           f"hydra.sweep.dir={local}", *sweep], cwd=tmp_path, env=slurm.env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert here.returncode == 0, here.stderr[-3000:]
+    for num in range(4):
+        a, b = read_metrics(on_slurm / str(num)), read_metrics(local / str(num))
+        assert a["status"] == b["status"] == "completed"
+        for key in ("test_loss", "val_loss", "train_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-10), (num, key)
+        assert history_without_timing(on_slurm / str(num)).equals(history_without_timing(local / str(num)))
