@@ -339,7 +339,8 @@ def test_a_preempted_population_resumes_from_its_checkpoint_to_the_same_results(
                                   stdout=out, stderr=out)  # fmt: skip
         try:
             wait_for(lambda: any((on_slurm / ".population").glob("*/*.pt")), 180, "the population to train", slurm)
-            (job,) = slurm.jobs()  # one population: one task
+            # One population: one task (the module's cluster still lists earlier tests' finished jobs).
+            (job,) = [j for j in slurm.jobs() if str(on_slurm) in j.get("StdOut", "") + j.get("Command", "")]
             slurm.run("scancel", "--signal=USR2", f"{job['JobId']}.0")  # its job step, as `interrupt` does
             assert driver.wait(timeout=600) == 0, log.read_text()[-3000:] + slurm.logs()
         finally:
