@@ -57,7 +57,7 @@ def decades(group: pd.DataFrame, target: float) -> float:
     ok = group.sort_values("lr")
     best, start = -1.0, None
     for lr, err, failed in zip(ok["lr"], ok["test_error"], ok["failed"], strict=True):
-        if not failed and not math.isnan(err) and err <= target + POINT:
+        if not failed and not math.isnan(err) and err <= target + POINT + 1e-9:  # 1e-9: 0.09 + 0.01 > 0.1 in floats
             start = lr if start is None else start
             best = max(best, math.log10(lr / start))
         else:
@@ -149,6 +149,19 @@ def tables(df: pd.DataFrame, tuned: Path | None) -> str:
         "",
         _block(fails.rename(columns={"sum": "failed", "count": "runs"}).to_string(index=False)),
     ]
+    failed = runs[runs["failed"]]
+    if not failed.empty:
+        where = failed.groupby(["mode", "base", "lr"])["key"].count().rename("failed runs").reset_index()
+        lines += [
+            "",
+            "Where they failed (all heights, hyper-steps and seeds):",
+            "",
+            _block(where.to_string(index=False)),
+        ]
+    fixed = df[(df["height"] == 0) & df["failed"]]
+    if not fixed.empty:
+        lines += ["", "Height 0 (no tower) at the same step sizes:", ""]
+        lines += [_block(fixed.groupby(["base", "lr"])["key"].count().rename("failed runs").to_string())]
     best, robust = robustness(c)
     lines += ["", "## Best fixed-hyperparameter test error per base (height 0, mean over seeds, every decade)", ""]
     lines += [_block(best.to_frame("best error").to_string())]
