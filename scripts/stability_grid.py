@@ -5,7 +5,7 @@ processes (different --part or --seeds) can share one file.
     python scripts/stability_grid.py RESULTS.jsonl OUT_DIR [--part towers|fixed|baselines] [options] [override ...]
 
 Parts: `fixed` is height 0 (the base with fixed hyperparameters) at every decade of --lrs; `towers` is
---heights x --hyper-lrs x --modes x --bases at every second decade of --lrs; `baselines` is the tuning-free
+--heights x --hyper-lrs x --modes x --bases x --tower-lrs (every second decade); `baselines` is the tuning-free
 optimizers and Adam(1e-3) at their documented defaults. Extra overrides (e.g. `trainer.epochs=10`,
 `dataset=digits model=cnn`) apply to every run and are part of each run's key. The `experiment=stability` preset
 is the same grid through Hydra's launcher (`python -m bench -m experiment=stability`).
@@ -44,7 +44,7 @@ def grid(args: argparse.Namespace) -> list[dict[str, object]]:
         cells = itertools.product(seeds, args.bases, args.lrs)
         return [dict(base=b, height=0, lr=lr, hyper_lr=None, stable=False, seed=s) for s, b, lr in cells]
     modes = [m == "stable" for m in args.modes]
-    cells = itertools.product(seeds, [int(h) for h in args.heights], args.hyper_lrs, modes, args.bases, args.lrs[::2])
+    cells = itertools.product(seeds, [int(h) for h in args.heights], args.hyper_lrs, modes, args.bases, args.tower_lrs)
     return [dict(base=b, height=h, lr=lr, hyper_lr=k, stable=st, seed=s) for s, h, k, st, b, lr in cells]
 
 
@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--part", choices=["towers", "fixed", "baselines"], default="towers")
     p.add_argument("--bases", type=_csv, default=BASES)
     p.add_argument("--heights", type=_csv, default=["3"])
-    p.add_argument("--lrs", type=_csv, default=LRS)
+    p.add_argument("--lrs", type=_csv, default=LRS, help="initial step sizes of the fixed part")
+    p.add_argument("--tower-lrs", type=_csv, default=LRS[::2], help="initial step sizes of the towers part")
     p.add_argument("--hyper-lrs", type=_csv, default=HYPER_LRS)
     p.add_argument("--modes", type=_csv, default=["ref", "stable"])
     p.add_argument("--seeds", type=_csv, default=["0"])
