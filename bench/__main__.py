@@ -30,11 +30,6 @@ log = logging.getLogger(__name__)
 def main(cfg: DictConfig) -> float | None:
     """Run one composed config; return the validation error (for Hydra sweepers that minimize it)."""
     try:
-        if cfg.get("population") is not None:  # +population=NAME: the whole grid in this one process
-            from bench.population import format_population_summary, run_population
-
-            log.info("%s", format_population_summary(run_population(cfg)))
-            return None
         metrics = run(cfg)
     except ConfigError as e:
         # Bad input is the user's to fix: one line, no traceback, no metrics.json.

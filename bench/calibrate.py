@@ -10,12 +10,16 @@ repeats), relative to plain SGD on the same model and batch, and cached:
 so a tower's extra cost per step counts, and a sweep's concurrency does not.
 
     python -m bench.calibrate RUNS_DIR [--cache FILE]     measure every optimizer found below RUNS_DIR
+
+The cache is FILE, else $HYPERGRAD_CALIBRATION_CACHE, else ~/.cache/hypergrad/step_cost.json (the test suite
+points the variable into each test's tmp dir, so tests never write into the user's home).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,10 +30,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from bench.io import atomic_write_json
 
-__all__ = ["DEFAULT_CACHE", "calibrate", "device_key", "measure_step_seconds", "relative_cost"]
+__all__ = ["CACHE_ENV", "calibrate", "default_cache", "device_key", "measure_step_seconds", "relative_cost"]
 
-DEFAULT_CACHE = Path("~/.cache/hypergrad/step_cost.json").expanduser()
+CACHE_ENV = "HYPERGRAD_CALIBRATION_CACHE"
 _REFERENCE = "sgd(0.01)"
+
+
+def default_cache() -> Path:
+    """Where calibrations are kept: $HYPERGRAD_CALIBRATION_CACHE, else ~/.cache/hypergrad/step_cost.json.
+
+    Read at each call, not at import, so a test (or a job script) that sets the variable is obeyed.
+    """
+    return Path(os.environ.get(CACHE_ENV) or "~/.cache/hypergrad/step_cost.json").expanduser()
 
 
 def device_key(device: str = "cpu") -> str:
@@ -82,12 +94,12 @@ def _cache_key(cfg: DictConfig, optimizer: str) -> str:
     return f"{device_key()}|{cfg.model.name}|{cfg.dataset.name}|batch {cfg.trainer.batch_size}|{optimizer}"
 
 
-def calibrate(runs_dir: str | Path, cache: str | Path = DEFAULT_CACHE) -> dict[str, float]:
+def calibrate(runs_dir: str | Path, cache: str | Path | None = None) -> dict[str, float]:
     """Relative step cost (vs SGD on the same model and batch) of every optimizer below `runs_dir`, cached.
 
     Keys are metrics.json's `optimizer`; each method is measured once per device, model, dataset and batch size.
     """
-    cache = Path(cache)
+    cache = Path(cache) if cache is not None else default_cache()
     stored: dict[str, Any] = json.loads(cache.read_text()) if cache.is_file() else {}
     costs: dict[str, float] = {}
     n_stored = len(stored)
@@ -129,7 +141,7 @@ def relative_cost(costs: dict[str, float], optimizer: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.calibrate", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs_dir")
-    parser.add_argument("--cache", default=str(DEFAULT_CACHE))
+    parser.add_argument("--cache", default=None, help=f"default: ${CACHE_ENV}, else ~/.cache/hypergrad/step_cost.json")
     args = parser.parse_args(argv)
     if not Path(args.runs_dir).is_dir():
         print(f"error: `runs_dir` must be an existing directory, but got {args.runs_dir}", file=sys.stderr)

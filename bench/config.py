@@ -7,6 +7,7 @@ other entry points); `validate(cfg)` checks every value once, before any work st
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from bench.data import DATASETS, KINDS
+from bench.errors import ConfigError
 from bench.models import MODELS
 from bench.optim import BASELINES, SCHEDULES, TOWER_BASES, TUNING_FREE, tower_spec
 
@@ -22,10 +24,6 @@ __all__ = ["CONF_DIR", "ConfigError", "compose_config", "validate"]
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 """The config directory, `bench/conf/`: shipped inside the package, so an installed wheel finds it."""
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message is one line naming the key and the value."""
 
 
 def compose_config(overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
@@ -184,13 +182,26 @@ def _validate_tower(o: DictConfig) -> None:
         ) from None
 
 
+@functools.cache
+def _load_yaml_cached(path: str, mtime: float) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+
+
+def _load_yaml(path: Path) -> Any:
+    """A packaged config file as plain data, read once per process (a sweep validates every job)."""
+    import copy
+
+    return copy.deepcopy(_load_yaml_cached(str(path), path.stat().st_mtime))
+
+
 def _group_defaults(group: str, name: str) -> list[dict[str, Any]]:
     """The bench/conf/<group>/*.yaml files whose `name` is `name`, as plain dicts (what that choice may set)."""
-    from omegaconf import OmegaConf
 
     found = []
     for path in sorted((CONF_DIR / group).glob("*.yaml")):
-        data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        data = _load_yaml(path)
         if isinstance(data, dict) and data.get("name") == name:
             found.append(data)
     return found
@@ -261,12 +272,13 @@ def _validate_trainer(cfg: DictConfig) -> None:
     _int(t, "checkpoint_every", 0, prefix=p)
     _number(t, "checkpoint_minutes", 0.0, math.inf, prefix=p, open_low=True, optional=True)
     _number(t, "diverge_factor", 1.0, math.inf, prefix=p, open_low=True, optional=True)
-    from omegaconf import OmegaConf
 
-    known = set(OmegaConf.load(CONF_DIR / "trainer" / "default.yaml").keys())
+    known = set(_load_yaml(CONF_DIR / "trainer" / "default.yaml"))
     _unknown_keys(t, "trainer", known)
     for key in ("resume", "force", "amp", "compile", "progress"):
         _bool(t, key, p)
+    if t.get("dtype", "float32") not in ("float32", "float64"):
+        raise _fail("trainer.dtype", "one of ['float32', 'float64']", t.get("dtype"))
     if t.device not in ("auto", "cpu", "cuda"):
         raise _fail("trainer.device", "one of ['auto', 'cpu', 'cuda']", t.device)
     if t.device == "cuda":

@@ -14,16 +14,16 @@ populations, trained one after another.
 Plain per-parameter baselines (sgd, momentum, adam, ...) are vectorized too: the forward and backward run stacked,
 and each member keeps its own torch.optim optimizer over views into the stack. Optimizers that reduce over all
 parameters (Prodigy, D-Adaptation, DoG), Schedule-Free, BatchNorm running statistics, dropout and fused RNN kernels
-are refused with the reason and the fallback, ``population.mode=sequential`` (the same grid, one ordinary run after
-another).
+are refused with the reason (``mode="sequential"`` trains such members one ordinary run after another).
 
-Every member sees the same batches in the same order, drawn from the run's ``seed`` exactly as a harness run draws
-them; a member's own seed sets its model's initialization, so the member whose seed is the run's seed reproduces
-``python -m bench`` with its configuration. A member whose loss or hyperparameters become non-finite is frozen from
-that step on (its updates masked to zero, its state kept) and recorded as diverged, as a single run records it;
-members never interact, so the others are unaffected.
+Batches: either one batch for all members, or (``per_member``) one per member, each drawn from the member's own seed
+exactly as its harness run draws them; a member's seed also sets its model's initialization, so every member
+reproduces ``python -m bench`` with its configuration. A member whose loss or hyperparameters become non-finite, or
+whose loss exceeds ``diverge_factor`` times its first one, is frozen from that step on (its updates masked to zero,
+its state kept) and recorded as diverged, as a single run records it; members never interact, so the others are
+unaffected.
 
-    python -m bench.population +population=sensitivity_mnist5k      # or python -m bench +population=... (hook)
+Users reach this through a sweep: ``python -m bench -m ... hydra/launcher=population`` (bench/launcher.py).
 """
 
 from __future__ import annotations
@@ -43,9 +43,10 @@ from torch.func import functional_call, stack_module_state
 from tqdm import tqdm
 
 import hypergrad
-from bench.config import ConfigError
+from bench.errors import ConfigError
+from bench.schema import FINAL_KEYS, hyperparameter_columns
 from hypergrad import core
-from hypergrad.spec import Level, Tower, format_spec, parse_spec
+from hypergrad.spec import Tower, format_spec, parse_spec
 
 __all__ = [
     "Member",
@@ -54,16 +55,10 @@ __all__ = [
     "check_baseline_vectorizable",
     "check_vectorizable",
     "evaluate_trials_as_population",
-    "format_population_summary",
-    "grid_members",
     "group_members",
-    "member_tower",
-    "population_members",
     "population_plan",
-    "run_population",
     "tell_trials",
     "train_population",
-    "validate_population",
 ]
 
 Batches = Callable[[int], Iterator[tuple[Tensor, Tensor]]]
@@ -71,6 +66,8 @@ Batches = Callable[[int], Iterator[tuple[Tensor, Tensor]]]
 
 
 _VALIDATION = -1  # diverged_code of a member whose validation loss, not its training loss, went non-finite
+_EXPLODED = -2  # a finite training loss above trainer.diverge_factor times the member's first one
+_OVERFLOWED = -3  # torch.optim refused a baseline's step size (e.g. Adam with lr=1e38)
 
 
 class PopulationError(ConfigError):
@@ -112,54 +109,6 @@ class MemberResult:
     steps: int = 0
     hyperparameters: list[dict[str, float]] = field(default_factory=list)  # final values, level 1 first
     init: dict[str, float] = field(default_factory=dict)  # the weight optimizer's initial hyperparameters
-
-
-# -- the grid ------------------------------------------------------------------------------------------------------
-def _with_lr(level: Level, lr: float | None, top: bool) -> Level:
-    values = dict(level.values)
-    if lr is not None:
-        values["lr"] = lr
-    # A tower's top level learns nothing, so it carries no learned subset.
-    return Level(level.rule, values, None if top else level.learned)
-
-
-def member_tower(template: Tower, lr: float | None, height: int | None) -> Tower:
-    """The tower ``template`` with the base step size ``lr`` and ``height`` hyper levels (copies of its top level).
-
-    ``height=None`` keeps the template's own levels.
-    """
-    if height is None:
-        levels = list(template.levels)
-    else:
-        if height < 0:
-            raise PopulationError(f"`population.heights` must be >= 0, but got {height}")
-        if height > 0 and template.height == 0:
-            raise PopulationError(
-                f"`population.heights` asks for height {height}, but the tower {format_spec(template)!r} has no hyper "
-                "level to repeat; give one, e.g. 'sgd/sgd(1e-05)'"
-            )
-        levels = [template.levels[0]] + [template.levels[-1]] * height
-    out = [_with_lr(lv, lr if k == 0 else None, k == len(levels) - 1) for k, lv in enumerate(levels)]
-    return Tower(tuple(out))
-
-
-def grid_members(
-    template: str | Tower, lrs: Sequence[float | None], heights: Sequence[int | None], seeds: Sequence[int]
-) -> list[Member]:
-    """Every (lr, height, seed) combination, in that nesting order, each with a directory-friendly name."""
-    template = parse_spec(template)
-    members = []
-    for lr in lrs:
-        for height in heights:
-            tower = member_tower(template, None if lr is None else float(lr), height)
-            for seed in seeds:
-                name = f"lr={tower.levels[0].values['lr']:g}_h={tower.height}_seed={int(seed)}"
-                members.append(Member(tower, int(seed), name))
-    names = [m.name for m in members]
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise PopulationError(f"the population grid repeats a configuration ({dup}); list each value once")
-    return members
 
 
 # -- sharing one plan ----------------------------------------------------------------------------------------------
@@ -307,8 +256,8 @@ def _loss_sums(out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 def _restore_rows(rows: Tensor, new: Any, old: Any) -> Any:
     """``new`` with the given member rows taken from ``old`` (every state tensor has a leading member dimension).
 
-    Walks TowerState, LevelState and the rules' NamedTuple states alike; out of place, since the new state's
-    tensors may be saved in the autograd graph of the next hypergradient."""
+    Walks LevelState and the rules' NamedTuple states alike; out of place, since the new state's tensors may be
+    referenced by the step's trace."""
     if isinstance(new, Tensor):
         # A momentum buffer is created at the first step: a member frozen then has nothing older to keep.
         return new if old is None else new.index_copy(0, rows, old.index_select(0, rows))
@@ -336,8 +285,12 @@ class _Vectorized:
         models: Sequence[nn.Module],
         members: Sequence[Member],
         make_optimizer: Callable[[Member, Sequence[Tensor]], SequentialOptimizer] | None = None,
+        diverge_factor: float | None = None,
     ) -> None:
         self.members = list(members)
+        self.diverge_factor = diverge_factor
+        self.initial_loss: Tensor | None = None  # every member's first training loss (the harness's divergence rule)
+        self.overflow: dict[int, str] = {}  # a baseline member's refused step, in torch.optim's words
         self.K = len(members)
         params, buffers = stack_module_state(list(models))
         self.names = list(params)
@@ -360,8 +313,6 @@ class _Vectorized:
         self.state = core.init(self.plan, self.params)
         # Level k + 1 is padding for the members whose tower is at most k levels high.
         self._pad_rows = [(self.heights <= k).nonzero().flatten() for k in range(len(self.plan.rules) - 1)]
-        self.live: core.TowerState | None = None
-        self.deltas: list[Tensor | None] = []
         self.alive = torch.ones(self.K, dtype=torch.bool, device=like.device)
         self.stopped = torch.zeros(self.K, dtype=torch.bool, device=like.device)  # pruned from outside
         self.diverged_step = torch.full((self.K,), -1, dtype=torch.long, device=like.device)
@@ -376,20 +327,25 @@ class _Vectorized:
             return functional_call(self.skeleton, tensors, (x,))
 
         self._forward = torch.vmap(member_forward, in_dims=(0, 0, None))
+        self._forward_each = torch.vmap(member_forward, in_dims=(0, 0, 0))
 
-    def outputs(self, x: Tensor) -> Tensor:
-        """Every member's model output on the shared batch ``x``: K x (the model's output shape)."""
-        return self._forward(self.params, self.buffers, x)
+    def outputs(self, x: Tensor, per_member: bool = False) -> Tensor:
+        """Every member's model output: K x (the model's output shape).
 
-    def _member_losses(self, logits: Tensor, y: Tensor) -> Tensor:
+        ``x`` is one batch for all members, or with ``per_member`` a K x (batch) stack, one batch per member.
+        """
+        return (self._forward_each if per_member else self._forward)(self.params, self.buffers, x)
+
+    def _member_losses(self, logits: Tensor, y: Tensor, per_member: bool = False) -> Tensor:
         # One cross-entropy call over all K x N predictions (under vmap, against an unbatched target, the loss takes
         # a slow gather path), summed per member as the harness sums a batch.
-        per = F.cross_entropy(logits.flatten(0, 1), y.flatten().repeat(self.K), reduction="none")
+        target = y.flatten() if per_member else y.flatten().repeat(self.K)
+        per = F.cross_entropy(logits.flatten(0, 1), target, reduction="none")
         return per.view(self.K, -1).sum(1)
 
-    def _logits(self, x: Tensor) -> Tensor:
+    def _logits(self, x: Tensor, per_member: bool = False) -> Tensor:
         """K x N x C logits (N: every prediction of a member, characters included for text)."""
-        out = self.outputs(x)
+        out = self.outputs(x, per_member)
         return _logits(out.reshape(self.K, -1, out.shape[-1]))
 
     def losses(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -398,12 +354,12 @@ class _Vectorized:
         wrong = (logits.argmax(-1) != y.flatten()) | ~torch.isfinite(logits).all(-1)
         return self._member_losses(logits, y), wrong.sum(1).to(logits.dtype)
 
-    def _hp_finite(self, live: core.TowerState) -> tuple[Tensor, Tensor, Tensor]:
+    def _hp_finite(self, state: core.TowerState) -> tuple[Tensor, Tensor, Tensor]:
         """(K,): whether every hyperparameter is finite, the index (in ``hp_names``) and value of the first that
         is not."""
         cols = []
         for k in range(len(self.plan.rules) - 1):
-            for values in core.natural_values(self.plan, k, live.levels[k].hp):
+            for values in core.natural_values(self.plan, k, state.levels[k].hp):
                 cols += [values[name].detach().reshape(self.K) for name in self.plan.learned[k]]
         if not cols:
             ok = torch.ones(self.K, dtype=torch.bool, device=self.alive.device)
@@ -413,14 +369,16 @@ class _Vectorized:
         first = (~finite).to(torch.uint8).argmax(1)
         return finite.all(1), first, stacked.gather(1, first[:, None])[:, 0]
 
-    def step(self, x: Tensor, y: Tensor) -> Tensor:
+    def step(self, x: Tensor, y: Tensor, per_member: bool = False) -> Tensor:
         """One training step of every live member; returns the (K,) losses (non-finite for a diverging member).
 
+        ``per_member``: ``x`` and ``y`` hold one batch per member (leading dimension K), each member's own draw.
         Frozen members are masked by row index, and only when there are any: in the common case (nobody frozen)
         the step costs what K single runs' arithmetic costs, plus two tiny host synchronizations.
         """
         self.train_mode()
-        losses = self._member_losses(self._logits(x), y) / y.numel()
+        n = y[0].numel() if per_member else y.numel()
+        losses = self._member_losses(self._logits(x, per_member), y, per_member) / n
         grads = list(torch.autograd.grad(losses.sum(), self.params))
         losses = losses.detach()
         self.step_count += 1
@@ -432,18 +390,15 @@ class _Vectorized:
         frozen = (~moving).nonzero().flatten()
         if len(frozen):  # a frozen member's (possibly non-finite) gradients must not reach its optimizer state
             grads = [g.index_fill_(0, frozen, 0.0) for g in grads]
-        if self.live is None:
-            hyper = core.zero_hypergradients(self.state)
-        else:
-            hyper = core.hypergradients(self.plan, self.live, self.deltas, grads)
+        hyper = core.hypergradients(self.plan, self.state, grads)
         # Padded levels (above a member's own top) see zero hypergradients: with step size 0 they then leave the
         # level below exactly as it was, as a tower's top level is.
         hyper = [
             [h.index_fill(0, rows, 0.0) if len(rows) else h for h in level]
             for level, rows in zip(hyper, self._padded_rows(frozen), strict=True)
         ]
-        live, deltas = core.update(self.plan, self.state, grads, hyper)
-        hp_ok, first_bad, bad_value = self._hp_finite(live)
+        deltas, new = core.update(self.plan, self.state, grads, hyper)
+        hp_ok, first_bad, bad_value = self._hp_finite(new)
         keep = moving & hp_ok
         newly = active & ~keep
         self.diverged_step = torch.where(newly, self.step_count, self.diverged_step)
@@ -452,16 +407,29 @@ class _Vectorized:
             newly, torch.where(loss_ok, bad_value.to(losses.dtype), losses), self.diverged_value
         )
         self.alive = self.alive & ~newly
+        # Exploded members keep this step's update (the harness checks the loss after its step), then stop.
+        self._check_explosion(losses, keep)
         held = (~keep).nonzero().flatten()
         with torch.no_grad():
             for p, d in zip(self.params, deltas, strict=True):
                 if d is not None:
-                    p.sub_(d.detach().index_fill(0, held, 0.0) if len(held) else d.detach())
-        before, self.state = self.state, core.detach(live)
-        if len(held):
-            self.state = _restore_rows(held, self.state, before)
-        self.live, self.deltas = live, deltas
+                    p.sub_(d.index_fill(0, held, 0.0) if len(held) else d)
+        if len(held):  # a held member's levels stay as they were (its hypergradients were zero, whatever the trace)
+            new = new._replace(levels=_restore_rows(held, new.levels, self.state.levels))
+        self.state = new
         return losses
+
+    def _check_explosion(self, losses: Tensor, stepped: Tensor) -> None:
+        """The harness's rule for finite losses: above ``diverge_factor`` times the member's first loss, it diverged."""
+        if self.initial_loss is None:
+            self.initial_loss = losses.double().clone()
+        if self.diverge_factor is None:
+            return
+        over = stepped & (losses.double() > self.diverge_factor * self.initial_loss.clamp(min=1e-12))
+        self.diverged_step = torch.where(over, self.step_count, self.diverged_step)
+        self.diverged_code = torch.where(over, _EXPLODED, self.diverged_code)
+        self.diverged_value = torch.where(over, losses, self.diverged_value)
+        self.alive = self.alive & ~over
 
     def _padded_rows(self, frozen: Tensor) -> list[Tensor]:
         """Per hyper level k: the members whose hypergradients into level k + 1 must be zero."""
@@ -473,11 +441,23 @@ class _Vectorized:
         self.diverged_code = torch.where(newly, 1, self.diverged_code)
         self.diverged_value = torch.where(newly, losses, self.diverged_value)
         self.alive = self.alive & ~newly
+        stepped = moving.clone()
         for k, go in enumerate(moving.tolist()):  # one Python step per member anyway, so one sync costs nothing
             if go:
                 for view, g in zip(self.views[k], grads, strict=True):
                     view.grad = g[k]
-                self.opts[k].step()  # type: ignore[index]
+                try:
+                    self.opts[k].step()  # type: ignore[index]
+                except RuntimeError as e:
+                    # torch.optim refuses a step size that overflows the parameters' dtype: diverged, not crashed.
+                    if "without overflow" not in str(e):
+                        raise
+                    self.overflow[k] = f"optimizer step overflowed: {e}"
+                    stepped[k] = False
+                    self.diverged_step[k] = self.step_count
+                    self.diverged_code[k] = _OVERFLOWED
+                    self.alive[k] = False
+        self._check_explosion(losses, stepped)
         return losses
 
     def train_mode(self) -> None:
@@ -539,13 +519,17 @@ class _Vectorized:
             return f"non-finite training loss ({value})"
         if code == _VALIDATION:
             return f"non-finite validation loss ({value})"
+        if code == _EXPLODED:
+            initial = float(self.initial_loss[i])  # type: ignore[index]
+            return (
+                f"training loss {value:.4g} exceeded trainer.diverge_factor={self.diverge_factor:g} times its initial "
+                f"value {initial:.4g}"
+            )
+        if code == _OVERFLOWED:
+            return self.overflow[i]
         k, name = self.hp_names[code - 2]
         error = hypergrad.NonFiniteHyperparameterError(k + 1, name, value, int(self.diverged_step[i]))
         return f"non-finite hyperparameter: {error}"
-
-
-def _hp_columns(hps: Sequence[Mapping[str, float]]) -> dict[str, float]:
-    return {f"L{k + 1}.{name}": v for k, level in enumerate(hps) for name, v in level.items()}
 
 
 EpochCallback = Callable[[int, int, dict[str, Any]], bool]
@@ -638,8 +622,76 @@ def _epoch_row(
         "test_loss": test[0],
         "test_error": test[1],
         "wall_time_s": wall,
-        **_hp_columns(hps),
+        **hyperparameter_columns(list(hps)),
     }
+
+
+class PopulationStopped(Exception):
+    """A stop was requested (SIGTERM, SIGINT, SLURM's warning): the checkpoint is saved; rerunning resumes it."""
+
+    def __init__(self, steps: int) -> None:
+        super().__init__(f"population stopped after step {steps}; its checkpoint is saved, rerun to resume")
+        self.steps = steps
+
+
+_COUNTERS = ("alive", "stopped", "diverged_step", "diverged_code", "diverged_value")
+
+
+def _state_classes() -> list[type]:
+    """The NamedTuple types a population's optimizer state is made of (allowed when a checkpoint is read)."""
+    import hypergrad.rules
+    import hypergrad.stable
+
+    found = []
+    for module in (core, hypergrad.rules, hypergrad.stable):
+        found += [
+            v for v in vars(module).values() if isinstance(v, type) and issubclass(v, tuple) and hasattr(v, "_fields")
+        ]
+    return found
+
+
+def _save_checkpoint(path: Path, pop: _Vectorized, progress: dict[str, Any]) -> None:
+    from bench.io import atomic_save_torch
+
+    state = {
+        "names": [m.name for m in pop.members],
+        "params": [p.detach() for p in pop.params],
+        "buffers": pop.buffers,
+        "tower": pop.state,
+        "opts": None if pop.opts is None else [o.state_dict() for o in pop.opts],  # type: ignore[attr-defined]
+        "counters": {k: getattr(pop, k) for k in _COUNTERS},
+        "initial_loss": pop.initial_loss,
+        "step_count": pop.step_count,
+        "overflow": dict(pop.overflow),
+        "progress": progress,
+    }
+    atomic_save_torch(path, state)
+
+
+def _load_checkpoint(path: Path, pop: _Vectorized) -> dict[str, Any] | None:
+    """Restore ``pop`` from ``path``; return the loop's progress, or None when the file is another population's."""
+    with torch.serialization.safe_globals(_state_classes()):
+        state = torch.load(path, map_location=pop.params[0].device, weights_only=True)
+    if state.get("names") != [m.name for m in pop.members]:
+        return None
+    with torch.no_grad():
+        for p, saved in zip(pop.params, state["params"], strict=True):
+            p.copy_(saved)  # in place: the baseline optimizers' views share this storage
+    pop.buffers = state["buffers"]
+    pop.state = state["tower"]  # its trace is all the next hypergradient needs (hypergrad.core)
+    if pop.opts is not None:
+        for opt, saved in zip(pop.opts, state["opts"], strict=True):
+            opt.load_state_dict(saved)  # type: ignore[attr-defined]
+    for k in _COUNTERS:
+        setattr(pop, k, state["counters"][k])
+    pop.initial_loss, pop.step_count, pop.overflow = state["initial_loss"], state["step_count"], state["overflow"]
+    return state["progress"]
+
+
+def _stop_requested() -> bool:
+    import bench.train
+
+    return bench.train._checkpoint_requested
 
 
 def _train_vectorized(
@@ -654,27 +706,69 @@ def _train_vectorized(
     epoch_callback: EpochCallback | None,
     make_optimizer: Callable[[Member, Sequence[Tensor]], SequentialOptimizer] | None = None,
     model_name: str = "model",
+    per_member: bool = False,
+    diverge_factor: float | None = None,
+    on_step: Callable[[], None] | None = None,
+    checkpoint: Path | None = None,
 ) -> list[MemberResult]:
-    pop = _Vectorized(models, members, make_optimizer)
+    """``per_member``: ``batches`` yields one batch per member, stacked (each member's own seed draws its batches).
+
+    ``checkpoint``: saved after every epoch and when a stop is requested (``bench.train.request_checkpoint``, which
+    SIGTERM, SIGINT and SLURM's warning signal call; then ``PopulationStopped`` is raised); a population that finds
+    its own checkpoint there resumes from it, mid-epoch included, to the same results.
+    """
+    pop = _Vectorized(models, members, make_optimizer, diverge_factor)
     K = pop.K
     results = [MemberResult(m, init=dict(hps[0])) for m, hps in zip(members, pop.hyperparameters(), strict=True)]
     step_losses: list[Tensor] = []
-    start = time.perf_counter()
+    elapsed = 0.0
     steps = 0
     reported = [False] * K  # a diverged member gets one last row, as a single run does
-    for epoch in range(1, epochs + 1):
+    first_epoch, skip, partial = 1, 0, None
+    if checkpoint is not None and checkpoint.is_file():
+        progress = _load_checkpoint(checkpoint, pop)
+        if progress is not None:
+            first_epoch, skip, partial = progress["epoch"], progress["batch"], progress["sums"]
+            steps, elapsed, reported = progress["steps"], progress["elapsed"], progress["reported"]
+            step_losses = list(progress["step_losses"])
+            for r, history, status in zip(results, progress["history"], progress["status"], strict=True):
+                r.history, r.status = history, status
+    start = time.perf_counter() - elapsed
+
+    def save(epoch: int, batch: int, sums: Any) -> None:
+        if checkpoint is None:
+            return
+        progress = {
+            "epoch": epoch,
+            "batch": batch,
+            "sums": sums,
+            "steps": steps,
+            "elapsed": time.perf_counter() - start,
+            "reported": list(reported),
+            "step_losses": torch.stack(step_losses) if step_losses else [],
+            "history": [r.history for r in results],
+            "status": [r.status for r in results],
+        }
+        _save_checkpoint(checkpoint, pop, progress)
+
+    for epoch in range(first_epoch, epochs + 1):
         if max_steps is not None and steps >= max_steps:  # the cap fell on an epoch's end: nothing more to record
             break
         total = torch.zeros(K, dtype=torch.float64, device=pop.alive.device)
         count = torch.zeros_like(total)
+        if partial is not None:
+            total, count = partial
+            partial = None
         complete = True
-        for x, y in batches(epoch):
+        for b, (x, y) in enumerate(batches(epoch)):
+            if b < skip:  # done before the checkpoint this run resumed from
+                continue
             if max_steps is not None and steps >= max_steps:
                 complete = False
                 break
             was_moving = pop.alive & ~pop.stopped
             try:
-                losses = pop.step(x, y)
+                losses = pop.step(x, y, per_member)
             except RuntimeError as e:
                 if steps or "atching rule" not in str(e):
                     raise
@@ -684,11 +778,18 @@ def _train_vectorized(
                     f"({str(e).splitlines()[0]}); use population.mode=sequential"
                 ) from None
             steps += 1
+            if on_step is not None:
+                on_step()
             step_losses.append(losses)
             counted = was_moving & pop.alive
             # Weighted by batch size, as the harness's epoch mean: a short last batch counts less.
-            total += torch.where(counted, losses.double() * len(y), 0.0)
-            count += counted.double() * len(y)
+            size = y.shape[1] if per_member else len(y)
+            total += torch.where(counted, losses.double() * size, 0.0)
+            count += counted.double() * size
+            if _stop_requested():
+                save(epoch, b + 1, (total, count))
+                raise PopulationStopped(steps)
+        skip = 0
         val_l, val_e = pop.evaluate(*splits["val"], eval_chunk)
         test_l, test_e = pop.evaluate(*splits["test"], eval_chunk)
         wall = time.perf_counter() - start
@@ -700,6 +801,9 @@ def _train_vectorized(
             if r.status == "pruned" or reported[i]:
                 continue
             own_steps = steps if diverged_step[i] < 0 else diverged_step[i] - 1
+            if diverged_step[i] >= 0 and r.history and r.history[-1]["steps"] == own_steps:
+                reported[i] = True  # it diverged at its epoch's first step: that epoch's row is the last one
+                continue
             row = _epoch_row(
                 epoch, own_steps, train_loss[i], (val_l[i], val_e[i]), (test_l[i], test_e[i]), wall, hps[i]
             )
@@ -714,6 +818,7 @@ def _train_vectorized(
             if complete and epoch_callback is not None and epoch_callback(indices[i], epoch, row):
                 pop.stopped[i] = True
                 r.status = "pruned"
+        save(epoch + 1, 0, None)
         if not bool((pop.alive & ~pop.stopped).any()) or not complete:
             break
     all_losses = torch.stack(step_losses).T.tolist() if step_losses else [[] for _ in range(K)]
@@ -832,36 +937,14 @@ def _train_alone(
 
 
 # -- the harness entry point: `python -m bench +population=NAME` ------------------------------------------------------
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
 def _fail(key: str, expected: str, got: Any) -> ValueError:
     from omegaconf import DictConfig, ListConfig, OmegaConf
 
-    from bench.config import ConfigError
+    from bench.errors import ConfigError
 
     if isinstance(got, (DictConfig, ListConfig)):
         got = OmegaConf.to_container(got)
     return ConfigError(f"`{key}` must be {expected}, but got {got!r}")
-
-
-def _list(p: Any, key: str, ok: Callable[[Any], bool], expected: str) -> list[Any] | None:
-    from omegaconf import ListConfig
-
-    value = p.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, (list, ListConfig)) or not value or not all(ok(v) for v in value):
-        raise _fail(f"population.{key}", expected, value)
-    return list(value)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _check_run_settings(cfg: Any) -> None:
@@ -877,65 +960,6 @@ def _check_run_settings(cfg: Any) -> None:
                     cfg.trainer.checkpoint_every)  # fmt: skip
     if cfg.logger.get("name", "none") != "none":
         raise _fail("logger", "none for a population (members write run directories, not W&B runs)", cfg.logger.name)
-
-
-def validate_population(cfg: Any) -> None:
-    """Check the `population` keys; raise ``bench.config.ConfigError`` with one line on the first bad value."""
-    p = cfg.population
-    if p.get("mode", "vectorized") not in ("vectorized", "sequential"):
-        raise _fail("population.mode", "one of ['vectorized', 'sequential']", p.get("mode"))
-    if p.get("dtype", "float32") not in _DTYPES:
-        raise _fail("population.dtype", f"one of {list(_DTYPES)}", p.get("dtype"))
-    _check_run_settings(cfg)
-    _list(p, "lr", lambda v: _is_number(v) and v > 0, "a non-empty list of step sizes > 0")
-    _list(p, "heights", lambda v: _is_int(v) and v >= 0, "a non-empty list of integers >= 0")
-    _list(p, "seeds", _is_int, "a non-empty list of integers")
-    if p.get("spec") is not None:
-        if cfg.optimizer.name != "tower":
-            raise _fail("population.spec", f"null with optimizer={cfg.optimizer.name} (a spec is a tower)", p.spec)
-        try:
-            parse_spec(str(p.spec))
-        except ValueError as e:
-            expected = f"a tower in the paper's notation ({str(e).splitlines()[0]})"
-            raise _fail("population.spec", expected, p.spec) from None
-    name = cfg.optimizer.name
-    if name != "tower":
-        if p.get("heights") not in (None, [0]) and list(p.get("heights")) != [0]:
-            raise _fail("population.heights", f"null for optimizer={name} (a baseline has no hyper levels)", p.heights)
-        problem = _baseline_problem(name)
-        if p.get("mode", "vectorized") == "vectorized" and problem is not None:
-            raise _fail(
-                "optimizer",
-                f"a per-parameter optimizer for a vectorized population ({problem}; use population.mode=sequential)",
-                name,
-            )
-
-
-def population_members(cfg: Any) -> list[Member]:
-    """The grid of ``cfg.population`` over the run's optimizer: lr x heights x seeds, in that nesting order."""
-    from omegaconf import OmegaConf
-
-    from bench.optim import tower_spec
-
-    p = cfg.population
-    lrs = _list(p, "lr", lambda v: True, "") or [None]
-    seeds = _list(p, "seeds", lambda v: True, "") or [int(cfg.seed)]
-    if cfg.optimizer.name != "tower":
-        members = []
-        for lr in lrs:
-            opt = OmegaConf.merge(cfg.optimizer, {} if lr is None else {"lr": float(lr)})
-            members += [Member(None, int(s), f"lr={float(opt.lr):g}_seed={int(s)}", opt) for s in seeds]
-        return members
-    heights = _list(p, "heights", lambda v: True, "")
-    if p.get("spec") is not None:
-        template = str(p.spec)
-    elif cfg.optimizer.get("spec"):
-        template = str(cfg.optimizer.spec)
-    else:
-        # The optimizer group's tower with one hyper level: the level that every height repeats.
-        o = OmegaConf.merge(cfg.optimizer, {"height": 1 if heights is not None else cfg.optimizer.height})
-        template = tower_spec(o)
-    return grid_members(template, lrs, heights or [None], seeds)
 
 
 def _epoch_batches(data: Any, batch_size: int, seed: int) -> Batches:
@@ -966,7 +990,7 @@ def member_metrics(cfg: Any, result: MemberResult, wall_time_s: float, extra: Ma
         family = "tuning_free" if m.baseline.name in (*_COUPLING, *_SWAPPING) else "baseline"
         method = str(m.baseline.name)
     return {
-        **{key: last.get(key, math.nan) for key in ("test_error", "test_loss", "val_error", "val_loss", "train_loss")},
+        **{key: last.get(key, math.nan) for key in FINAL_KEYS},
         "diverged": result.status == "diverged",
         "diverged_step": result.diverged_step,
         "diverged_reason": result.diverged_reason,
@@ -985,18 +1009,6 @@ def member_metrics(cfg: Any, result: MemberResult, wall_time_s: float, extra: Ma
         "status": result.status,
         "population": dict(extra),
     }
-
-
-def _member_config(cfg: Any, member: Member) -> Any:
-    """The harness config that runs ``member`` alone (as `python -m bench` would)."""
-    from omegaconf import OmegaConf
-
-    if member.tower is not None:
-        lr = member.tower.levels[0].values["lr"]
-        own = {"seed": member.seed, "optimizer": {"spec": member.spec, "lr": lr, "height": member.height}}
-    else:
-        own = {"seed": member.seed, "optimizer": OmegaConf.to_container(member.baseline)}
-    return OmegaConf.merge(cfg, own)
 
 
 def write_member(member_cfg: Any, directory: Path, result: MemberResult, metrics: Mapping[str, Any]) -> None:
@@ -1075,65 +1087,6 @@ def _train_members(
             make_optimizer=make_optimizer,
         )
     return results, time.perf_counter() - start, device
-
-
-def run_population(
-    cfg: Any, output_dir: str | Path | None = None, epoch_callback: EpochCallback | None = None
-) -> list[dict[str, Any]]:
-    """Train the grid of ``cfg.population`` and write one harness-style run directory per member.
-
-    Member directories are ``<output_dir>/members/<name>/`` (metrics.json, history.csv, .hydra/config.yaml);
-    ``<output_dir>/population.json`` lists them. Returns each member's metrics, in grid order.
-    """
-    from omegaconf import OmegaConf
-
-    from bench.config import validate
-    from bench.io import atomic_write_json
-
-    validate(cfg)
-    validate_population(cfg)
-    if output_dir is None:
-        output_dir = cfg.paths.output_dir
-    output_dir = Path(output_dir)
-    p = cfg.population
-    mode, dtype = p.get("mode", "vectorized"), _DTYPES[p.get("dtype", "float32")]
-    members = population_members(cfg)
-    results, wall, device = _train_members(cfg, members, mode, dtype, epoch_callback)
-    out = []
-    for i, r in enumerate(results):
-        extra = {
-            "mode": mode,
-            "size": len(members),
-            "index": i,
-            "data_seed": int(cfg.seed),
-            "dtype": str(p.dtype),
-            "wall_time_s": wall,
-        }
-        # A member's own cost is its share of the job: the report adds wall times up as compute.
-        metrics = member_metrics(cfg, r, wall / len(members), extra)
-        write_member(_member_config(cfg, r.member), output_dir / "members" / r.member.name, r, metrics)
-        out.append(metrics)
-    summary = {
-        "mode": mode,
-        "size": len(members),
-        "wall_time_s": wall,
-        "device": str(device),
-        "dtype": str(p.dtype),
-        "data_seed": int(cfg.seed),
-        "population": OmegaConf.to_container(p),
-        "members": [
-            {
-                "name": r.member.name,
-                "dir": f"members/{r.member.name}",
-                "status": m["status"],
-                "test_error": m["test_error"],
-                "val_error": m["val_error"],
-            }
-            for r, m in zip(results, out, strict=True)
-        ],
-    }
-    atomic_write_json(output_dir / "population.json", summary)
-    return out
 
 
 # -- Optuna: a batch of trials as one population ------------------------------------------------------------------
@@ -1235,52 +1188,3 @@ def tell_trials(study: Any, trials: Sequence[Any], metrics: Sequence[Mapping[str
             study.tell(trial, state=TrialState.FAIL)
         else:
             study.tell(trial, m["val_error"])
-
-
-def format_population_summary(metrics: Sequence[Mapping[str, Any]]) -> str:
-    """A short table of a population's members: status, final errors and learned step size, best first."""
-    import pandas as pd
-
-    rows = [
-        {
-            "optimizer": m["optimizer"],
-            "seed": m["seed"],
-            "status": m["status"],
-            "val_error": m["val_error"],
-            "test_error": m["test_error"],
-            "final L1.lr": (m["hyperparameters"] or [{}])[0].get("lr", math.nan),
-        }
-        for m in metrics
-    ]
-    table = pd.DataFrame(rows).sort_values("val_error", na_position="last")
-    diverged = sum(m["status"] == "diverged" for m in metrics)
-    head = f"population of {len(metrics)} members ({diverged} diverged), best validation error first"
-    return head + "\n" + table.to_string(index=False, float_format=lambda v: f"{v:.4g}")
-
-
-def main() -> None:
-    """``python -m bench.population +population=NAME [overrides]``: what ``python -m bench +population=NAME`` runs."""
-    import sys
-
-    import hydra
-    from omegaconf import DictConfig
-
-    from bench.config import CONF_DIR
-
-    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
-    def app(cfg: DictConfig) -> None:
-        if cfg.get("population") is None:
-            print("error: `population` must be given, e.g. +population=grid, but got none", file=sys.stderr)
-            sys.exit(2)
-        try:
-            metrics = run_population(cfg)
-        except ConfigError as e:
-            print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)  # the user's to fix: one line
-            sys.exit(2)
-        print(format_population_summary(metrics))
-
-    app()
-
-
-if __name__ == "__main__":
-    main()

@@ -33,6 +33,7 @@ from bench.io import atomic_write, mask_secrets
 __all__ = ["RunDirRecord", "discard_if_unused", "register_resolvers", "write_masked_yaml"]
 
 _TOKEN = uuid.uuid4().hex[:6]
+_masked_sweeps: set[Path] = set()  # multirun.yaml files this process masked already
 _written: set[Path] = set()  # .hydra/ directories this process wrote (the only ones `discard_if_unused` may remove)
 
 
@@ -44,9 +45,17 @@ def register_resolvers() -> None:
 
 def write_masked_yaml(path: Path, data: Any) -> None:
     """Write `data` (a config or a plain container) as YAML with its secrets masked, atomically."""
+    import yaml
+    from omegaconf._utils import get_omega_conf_dumper
+
     if isinstance(data, DictConfig) or OmegaConf.is_config(data):
-        data = OmegaConf.to_container(data, resolve=False)
-    text = OmegaConf.to_yaml(OmegaConf.create(mask_secrets(data)))
+        data = OmegaConf.to_container(data, resolve=False, enum_to_str=True)
+    # What OmegaConf.to_yaml writes, without building a config from the plain data first (a sweep's hydra.yaml is
+    # large, and a population sweep writes one per job in one process).
+    masked = mask_secrets(data)
+    text = yaml.dump(
+        masked, default_flow_style=False, allow_unicode=True, sort_keys=False, Dumper=get_omega_conf_dumper()
+    )
     atomic_write(path, lambda f: f.write(text))
 
 
@@ -87,8 +96,9 @@ class RunDirRecord(Callback):
         hydra_cfg = HydraConfig.get()
         if hydra_cfg.mode == RunMode.MULTIRUN:
             sweep_record = Path(hydra_cfg.sweep.dir) / "multirun.yaml"
-            if sweep_record.is_file():
+            if sweep_record.is_file() and sweep_record not in _masked_sweeps:  # once per sweep and process
                 write_masked_yaml(sweep_record, OmegaConf.load(sweep_record))
+                _masked_sweeps.add(sweep_record)
         out = Path(hydra_cfg.runtime.output_dir) / ".hydra"
         task = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
         force = bool(OmegaConf.select(task, "trainer.force", default=False))
@@ -97,7 +107,7 @@ class RunDirRecord(Callback):
         if not _valid(task):
             return
         write_masked_yaml(out / "config.yaml", task)
-        write_masked_yaml(out / "hydra.yaml", {"hydra": OmegaConf.to_container(config.hydra, resolve=False)})
+        write_masked_yaml(out / "hydra.yaml", {"hydra": OmegaConf.to_container(config.hydra, resolve=False, enum_to_str=True)})
         write_masked_yaml(out / "overrides.yaml", list(hydra_cfg.overrides.task))
         _written.add(out.resolve())
 

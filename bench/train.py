@@ -48,6 +48,7 @@ from bench.io import (
 from bench.logger import RunLogger, build_logger
 from bench.models import build_model
 from bench.optim import BuiltOptimizer, build_optimizer
+from bench.schema import FINAL_KEYS, hyperparameter_columns
 
 __all__ = [
     "FINISHED",
@@ -160,14 +161,24 @@ def run_identity(cfg: DictConfig) -> dict[str, Any]:
         if node is None:
             continue
         skip = _NOT_IDENTITY.get(group, set())
+        raw = OmegaConf.to_container(node, resolve=False)
+        try:
+            resolved = OmegaConf.to_container(node, resolve=True)
+        except Exception:  # an interpolation that cannot resolve here (e.g. in a saved .hydra/config.yaml)
+            resolved = None
         for key in node:
             if key in skip:
                 continue
-            try:
-                value = OmegaConf.to_container(node, resolve=True)[key]
-            except Exception:  # an interpolation that cannot resolve here (e.g. in a saved .hydra/config.yaml)
-                value = OmegaConf.to_container(node, resolve=False)[key]
+            if resolved is not None:
+                value = resolved[key]
+            else:
+                try:
+                    value = OmegaConf.to_container(node, resolve=True)[key]
+                except Exception:
+                    value = raw[key]
             _flatten(f"{group}.{key}", value, identity)
+    if identity.get("trainer.dtype") == "float32":
+        del identity["trainer.dtype"]  # the default, and what every run before the key existed used: same identity
     return to_jsonable(identity)
 
 
@@ -336,9 +347,24 @@ def epoch_batch(
     return x, y_train[idx]
 
 
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+"""`trainer.dtype`: the floating-point type of the model's weights and of the (non-text) inputs."""
+
+
+def to_dtype(data: Data, dtype: torch.dtype) -> None:
+    """Cast the inputs of every split to `dtype` in place (token ids stay integers)."""
+    if data.kind == "text" or dtype == torch.float32:
+        return
+    for split in ("train", "val", "test"):
+        x, y = getattr(data, split)
+        setattr(data, split, (x.to(dtype), y))
+
+
 def _loss_and_errors(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy and number of wrong predictions (text: per character)."""
-    logits, y = logits.flatten(0, -2).float(), y.flatten()
+    logits, y = logits.flatten(0, -2), y.flatten()
+    # Half precision is summed in float32; float64 (trainer.dtype=float64) stays float64.
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     loss = F.cross_entropy(logits, y, reduction="sum")
     # A non-finite output predicts nothing: it counts as wrong, whatever argmax says.
     wrong = (logits.argmax(-1) != y) | ~torch.isfinite(logits).all(-1)
@@ -354,7 +380,9 @@ class _Trainer:
             torch.set_num_threads(t.num_threads)
         torch.manual_seed(cfg.seed)
         self.data: Data = build_dataset(cfg.dataset, self.device)
-        self.model = build_model(cfg.model, self.data).to(self.device)
+        dtype = DTYPES[t.get("dtype", "float32")]
+        to_dtype(self.data, dtype)
+        self.model = build_model(cfg.model, self.data).to(self.device, dtype)
         self.forward = torch.compile(self.model) if t.compile else self.model
         n = len(self.data.train[0])
         self.steps_per_epoch = math.ceil(n / t.batch_size)
@@ -443,8 +471,7 @@ class _Trainer:
             "test_error": test_error,
             "wall_time_s": self.elapsed + time.perf_counter() - self.started,
         }
-        for level, hp in enumerate(self.opt.hyperparameters(), start=1):
-            row.update({f"L{level}.{k}": v for k, v in hp.items()})
+        row.update(hyperparameter_columns(self.opt.hyperparameters()))
         return row
 
     # -- training ------------------------------------------------------------------------------
@@ -572,9 +599,7 @@ class _Trainer:
 
     def metrics(self, status: str, diverged: _Diverged | None, error: Exception | None) -> dict[str, Any]:
         last = self.history[-1] if self.history else {}
-        metrics = {
-            key: last.get(key, math.nan) for key in ("test_error", "test_loss", "val_error", "val_loss", "train_loss")
-        }
+        metrics = {key: last.get(key, math.nan) for key in FINAL_KEYS}
         metrics.update(
             diverged=diverged is not None,
             diverged_step=None if diverged is None else diverged.step,

@@ -32,7 +32,7 @@ _JOURNAL_PREFIX = "journal:"
 
 
 def _config_error() -> type[ValueError]:
-    from bench.config import ConfigError
+    from bench.errors import ConfigError
 
     return ConfigError
 

@@ -6,8 +6,8 @@ hypergradients that autograd computes, and the optimizer of those hyperparameter
     opt = hypergrad.tower("adam/sgd(1e-5)", model.parameters())
     loss.backward(); opt.step(); opt.zero_grad()
 
-The contract of the functional core is in :mod:`hypergrad.rules` (one update rule) and :mod:`hypergrad.core`
-(the tower over explicit state).
+The contract is stated at the top of :mod:`hypergrad.core` (the tower as ``init``/``update`` over explicit state);
+one level's update rule is a :class:`hypergrad.rules.Rule`.
 """
 
 from hypergrad import rules  # the module (the registry is hypergrad.rules.rules())

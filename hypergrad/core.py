@@ -1,27 +1,68 @@
-"""The tower as pure functions over explicit state: ``init`` and ``update``, in the shape of the per-tensor rules.
+"""The contract of the library, in one file: a tower is two pure functions over explicit state.
 
-A level's hyperparameters are the next level's parameters. Level 0 updates the model's weights; level k > 0 updates
-the raw hyperparameters of level k - 1 with the hypergradients of the current loss; the top level's hyperparameters
-are fixed. One call of :func:`update` is one step of the paper's method:
+    plan = make_plan(tower, group_values, group_sizes)   # what stays fixed: rules, learned names, initial values
+    state = init(plan, params)                           # -> TowerState
+    deltas, state = update(plan, state, grads)           # one step; the new weights are  param - delta
 
-1. the hyperparameters are updated top-down, each level using the *new* values of the level above, and
-2. the weights' update is computed with the new level-0 hyperparameters.
+This is optax's shape (``init(params) -> state``, ``update(grads, state) -> (updates, state)``), and
+:class:`hypergrad.HyperOptimizer` is a thin ``torch.optim.Optimizer`` shell over it. Minimizing ``|w - 1|^2``:
 
-The hyperparameter updates are recorded by autograd, and so is the weight update, so that at the next step
-:func:`hypergradients` takes one vector-Jacobian product with the new gradients: ``d loss_t / d h_(t-1)`` through one
-step only, previous weights, gradients and states held constant, exactly as the reference obtains with
-``loss.backward(create_graph=True)``, but without differentiating the model. When every learning level's rule has a
-closed-form vector-Jacobian product (``Rule.vjp``, all built-in rules; tested against autograd and finite
-differences), nothing is recorded at all: the chain rule runs level by level through the rules' vjps and the
-transforms' derivatives, and the weight-sized work is a handful of dot products. A user's rule without ``vjp`` is
-differentiated by autograd, which remains the reference.
+    >>> import torch, hypergrad
+    >>> from hypergrad import core
+    >>> plan = core.make_plan(hypergrad.parse_spec("sgd(0.1)/sgd(0.01)"), [{}], [1])
+    >>> w = torch.zeros(3)
+    >>> state = core.init(plan, [w])
+    >>> for _ in range(3):
+    ...     deltas, state = core.update(plan, state, [2 * (w - 1.0)])
+    ...     w = w - deltas[0]
+    >>> round(float(core.natural_values(plan, 0, state.levels[0].hp)[0]["lr"]), 4)  # learned from 0.1
+    0.2427
 
-Hyperparameter tensors may carry leading batch dimensions (``batch_shape``): then every model parameter carries the
-same leading dimensions and each batch entry is an independent member of a population.
+**The tower.** A level's hyperparameters are the next level's parameters. Level 0 updates the model's weights with
+the gradients; level k > 0 updates the raw hyperparameters of level k - 1 with their hypergradients; the top level's
+hyperparameters are fixed. One :func:`update` is one step of the paper's method:
+
+1. the hypergradients ``d loss_t / d h_(t-1)`` of every learned level, from the new ``grads`` and what the last step
+   left in ``state`` (:func:`hypergradients`, also public for inspection and tests);
+2. the hyperparameters, updated top-down, each level using the *new* values of the level above;
+3. the weights' update ``deltas``, with the new level-0 hyperparameters.
+
+**One chain rule.** The weights moved by ``-delta_0(h_0)`` and level k's raw hyperparameters ``x_k`` moved by
+``-delta_(k+1)(h_(k+1))``, with ``h_k = T_k(x_k)`` (a transform of :mod:`hypergrad.transforms`). So, level by level from
+the weights up, with ``u_0 = grads``::
+
+    u_(k+1) = d loss / d x_k = -(u_k . d delta_k / d h_k) * T_k'(x_k)
+
+through the last step only, holding the previous weights, gradients and states constant: exactly what the reference
+(``gdtuo``) gets from ``loss.backward(create_graph=True)``, without differentiating the model. The vector-Jacobian
+product ``u . d delta / d h`` is :meth:`Rule.vjp <hypergrad.rules.Rule.vjp>`: by default autograd through the rule's
+own ``update``, replayed on what the core kept of the last step (its gradient and state before); a built-in rule
+overrides it with a closed form that reads only its own state (tests compare every closed form with the default and
+with finite differences). Nothing is recorded between steps: the state is plain tensors.
+
+**State.** Everything lives in :class:`TowerState`: the step count, each level's raw hyperparameters and rule states,
+and per learning level a :class:`Trace` of the last step (the values used, and the gradient and earlier state where
+the rule's vjp reads them). A checkpoint is the state; a restored state continues bit for bit.
+
+**Ownership.** :func:`update` keeps no reference to ``grads``: where a rule's state (or the trace) keeps a gradient,
+the core keeps a copy, so a caller may zero or reuse gradient buffers in place (``zero_grad(set_to_none=False)``, DDP
+bucket views). ``grads`` must be in the hyperparameters' dtype; a parameter without a gradient (None) is left alone.
+``hypergrads`` passed to :func:`update` may be kept as they are: do not change them in place afterwards.
+
+**Populations.** With ``make_plan(..., batch_shape=(K,))`` every hyperparameter and every parameter carry a leading
+dimension of K independent members (a value differing between members is a (K,) tensor in ``plan.initial``): each
+member follows exactly the path it would follow alone, and the hypergradients are (K,) per learned value. A caller
+that masks members passes its own ``hypergrads`` to :func:`update` (e.g. zeros for a frozen member).
+
+**Speed, same results.** Without population dimensions, a built-in rule at level 0 runs as one multi-tensor
+(``torch._foreach_*``) operation per param group (:mod:`hypergrad._foreach`: updates bitwise those of the rule, vjps
+to round-off), and levels 1..top run as Python floats (:mod:`hypergrad._scalar`, to round-off) when one of them is
+more than plain SGD. Both write exactly this module's state; anything else takes the per-tensor path below.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -29,6 +70,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from hypergrad import _foreach, _scalar
 from hypergrad.rules import Rule
 from hypergrad.spec import Tower, validate_value
 from hypergrad.transforms import EXP, Transform
@@ -37,29 +79,38 @@ __all__ = [
     "LevelState",
     "Plan",
     "TowerState",
-    "detach",
+    "Trace",
+    "apply_rule",
     "hypergradients",
     "init",
     "make_plan",
     "natural_values",
+    "rule_vjp",
     "update",
-    "zero_hypergradients",
 ]
 
 Value = float | Tensor
 
 
 class LevelState(NamedTuple):
-    hp: list[Tensor]  # raw learned hyperparameters: one tensor per param group at level 0, one above; none at the top
-    rule: list[Any]  # the level's rule state, one per tensor the level updates
+    hp: list[Tensor]  # raw learned hyperparameters: one (..., n_learned) tensor per param group at level 0, one above
+    rule: list[Any]  # the level's rule state after the last step, one per tensor the level updates
+
+
+class Trace(NamedTuple):
+    """What the next hypergradient reads about the last step of one learning level."""
+
+    hp: list[Tensor]  # the raw hyperparameters the level used
+    values: list[dict[str, Value]]  # their natural values, per group
+    moved: list[bool] | None  # per tensor: whether it received a gradient (None: all did)
+    grads: list[Tensor | None] | None  # per tensor: a copy of the gradient; None if the rule's vjp does not read it
+    before: list[Any] | None  # per tensor: the rule state before the step; None if the rule's vjp does not read it
 
 
 class TowerState(NamedTuple):
     step: int
-    levels: list[LevelState]
-    # What a rule's closed-form vjp needs from the last step (level 0's natural values with their graph back to
-    # the raw hyperparameters, the gradients, the rule states before and after); None when autograd does it all.
-    trace: Any = None
+    levels: list[LevelState]  # level 0 (the weights' optimizer) first; the top level's hp is empty
+    trace: list[Trace] = []  # noqa: RUF012 -- never mutated; one per learning level, empty before the first step
 
 
 @dataclass(frozen=True)
@@ -76,11 +127,6 @@ class Plan:
     @property
     def height(self) -> int:
         return len(self.rules) - 1
-
-    @property
-    def closed_form(self) -> bool:
-        """Whether every learning level's rule has a closed-form vjp (then the step records no autograd graph)."""
-        return self.height > 0 and all(rule.has_vjp for rule in self.rules[:-1])
 
 
 def make_plan(
@@ -117,22 +163,8 @@ def make_plan(
         transforms.append(tuple(trans))
         initial.append(tuple(per_group))
     group_of = tuple(g for g, n in enumerate(group_sizes) for _ in range(n))
-    return Plan(
-        tuple(lv.rule for lv in levels),
-        tuple(learned),
-        tuple(transforms),
-        tuple(initial),
-        group_of,
-        tuple(batch_shape),
-    )
-
-
-def _raw(plan: Plan, k: int, values: Mapping[str, Value], like: Tensor) -> Tensor:
-    cols = [
-        t.inverse(torch.as_tensor(values[n], dtype=like.dtype, device=like.device).expand(plan.batch_shape))
-        for n, t in zip(plan.learned[k], plan.transforms[k], strict=True)
-    ]
-    return torch.stack(cols, dim=-1)
+    rules = tuple(lv.rule for lv in levels)
+    return Plan(rules, tuple(learned), tuple(transforms), tuple(initial), group_of, tuple(batch_shape))
 
 
 def init(plan: Plan, params: Sequence[Tensor]) -> TowerState:
@@ -145,18 +177,87 @@ def init(plan: Plan, params: Sequence[Tensor]) -> TowerState:
     for k, rule in enumerate(plan.rules):
         hp = [_raw(plan, k, v, like) for v in plan.initial[k]] if plan.learned[k] else []
         values = natural_values(plan, k, hp)
-        if k == 0:
-            targets, groups = list(params), plan.group_of
-        else:
-            targets, groups = hp_below, (0,) * len(hp_below)
+        targets, groups = (list(params), plan.group_of) if k == 0 else (hp_below, (0,) * len(hp_below))
         states = [rule.init(t.detach(), _broadcast(plan, values[g], t)) for t, g in zip(targets, groups, strict=True)]
         levels.append(LevelState(hp, states))
         hp_below = hp
     return TowerState(0, levels)
 
 
+def update(
+    plan: Plan,
+    state: TowerState,
+    grads: Sequence[Tensor | None],
+    hypergrads: Sequence[Sequence[Tensor]] | None = None,
+) -> tuple[list[Tensor | None], TowerState]:
+    """One step: the weight updates (``param -= delta``; None where ``grads`` has None) and the new state.
+
+    ``hypergrads`` defaults to :func:`hypergradients` of ``state`` and ``grads``; pass them to mask or replay a step.
+    """
+    if hypergrads is None:
+        hypergrads = hypergradients(plan, state, grads)
+    step, top = state.step + 1, plan.height
+    levels: list[LevelState] = [state.levels[top]] * (top + 1)
+    trace: list[Trace] = []
+    hp = state.levels[top].hp
+    first = top
+    if _scalar.applies(plan):  # levels top..1 are a few numbers each: Python floats, no dispatch per level
+        hp, levels[1:], trace = _scalar.update(plan, state, hypergrads, step)
+        first = 0
+    with torch.no_grad():
+        for k in range(first, -1, -1):
+            values = natural_values(plan, k, hp)
+            received = grads if k == 0 else hypergrads[k - 1]
+            groups = plan.group_of if k == 0 else (0,) * len(received)
+            before = state.levels[k].rule
+            deltas, rule_states = apply_rule(plan, k, received, before, values, groups, step)
+            if k == 0:  # the model's gradients are borrowed; the hypergradients above are this function's own
+                rule_states = [_owned(s, g) for s, g in zip(rule_states, received, strict=True)]
+            levels[k] = LevelState(hp, rule_states)
+            if k < top:
+                if not plan.rules[k].vjp_needs_inputs:  # the rule's state after the step holds all its vjp reads
+                    kept, kept_before = None, None
+                else:  # the caller may zero or reuse its gradient buffers before the next step: keep a copy
+                    kept = list(received) if k else [None if g is None else g.clone() for g in received]
+                    kept_before = list(before)
+                moved = [g is not None for g in received] if k == 0 else None  # hypergradients are never None
+                trace.append(Trace(hp, values, moved, kept, kept_before))
+            if k > 0:
+                hp = [h - d for h, d in zip(state.levels[k - 1].hp, deltas, strict=True)]
+    return deltas, TowerState(step, levels, trace[::-1])
+
+
+def hypergradients(plan: Plan, state: TowerState, grads: Sequence[Tensor | None]) -> list[list[Tensor]]:
+    """``d loss / d raw hyperparameters`` of every learned level (level 0 first, one tensor per group), where the
+    loss's gradients with respect to the weights are ``grads``: zero before the first step, when no hyperparameter
+    has acted on the loss yet."""
+    if not state.trace:
+        return [[torch.zeros_like(h) for h in level.hp] for level in state.levels[:-1]]
+    upstream: Sequence[Tensor | None] = grads
+    out = []
+    with torch.no_grad():
+        for k, trace in enumerate(state.trace):
+            sums = rule_vjp(plan, k, upstream, trace, state.levels[k].rule, state.step)
+            level = []
+            for g, raw in enumerate(trace.hp):
+                cols = []
+                for j, (name, t) in enumerate(zip(plan.learned[k], plan.transforms[k], strict=True)):
+                    s = sums[g].get(name)
+                    if s is None:  # this hyperparameter has not acted yet (e.g. momentum at the first step)
+                        cols.append(torch.zeros_like(raw[..., j]))
+                        continue
+                    # What level k updated moved by -delta, so d loss / d value = -(upstream . d delta / d value).
+                    cols.append(-s if t.derivative is None else -s * t.derivative(raw[..., j]))
+                level.append(torch.stack(cols, dim=-1))
+            out.append(level)
+            upstream = level
+            if k == 0 and _scalar.applies(plan):
+                return out + _scalar.hypergradients(plan, state, level)
+    return out
+
+
 def natural_values(plan: Plan, k: int, hp: Sequence[Tensor]) -> list[dict[str, Value]]:
-    """Level ``k``'s hyperparameters per group in their natural scale (learned ones differentiable)."""
+    """Level ``k``'s hyperparameters per group in their natural scale (fixed ones as in ``plan.initial``)."""
     out = []
     for g, initial in enumerate(plan.initial[k]):
         values = dict(initial)
@@ -168,16 +269,8 @@ def natural_values(plan: Plan, k: int, hp: Sequence[Tensor]) -> list[dict[str, V
     return out
 
 
-def _broadcast(plan: Plan, values: dict[str, Value], target: Tensor) -> dict[str, Value]:
-    # A member's scalar hyperparameter of shape batch_shape must line up with the member's slice of the tensor.
-    if not plan.batch_shape:
-        return values
-    extra = target.dim() - len(plan.batch_shape)
-    shape = plan.batch_shape + (1,) * extra
-    return {k: v.reshape(shape) if isinstance(v, Tensor) else v for k, v in values.items()}
-
-
-def _apply(
+# -- the two places a rule is called, per level (what a fused multi-tensor kernel replaces) ------------------------
+def apply_rule(
     plan: Plan,
     k: int,
     grads: Sequence[Tensor | None],
@@ -186,7 +279,13 @@ def _apply(
     groups: Sequence[int],
     step: int,
 ) -> tuple[list[Tensor | None], list[Any]]:
+    """Level ``k``'s rule on every tensor it updates: the deltas and the new rule states."""
     rule = plan.rules[k]
+    # Level 0 only: a level above updates one small vector per group, where grouping costs more than it saves.
+    if k == 0 and not plan.batch_shape and type(rule) in _foreach.BUILTIN:
+        fused = _apply_foreach(rule, grads, states, values, groups, step)
+        if fused is not None:
+            return fused
     deltas: list[Tensor | None] = []
     new_states = []
     for grad, state, g in zip(grads, states, groups, strict=True):
@@ -200,177 +299,106 @@ def _apply(
     return deltas, new_states
 
 
-def update(
-    plan: Plan,
-    state: TowerState,
-    grads: Sequence[Tensor | None],
-    hypergrads: Sequence[Sequence[Tensor]],
-) -> tuple[TowerState, list[Tensor | None]]:
-    """One step: returns the new state and the weight updates (``param -= delta``).
-
-    What the next :func:`hypergradients` needs rides along in the returned state: the rules' closed-form inputs
-    (``trace``) or, for a rule without ``vjp``, the autograd graph of this step.
-
-    ``grads`` are the model gradients (None for a parameter without one); ``hypergrads[k]`` the gradients of the loss
-    with respect to level k's raw hyperparameters, as returned by :func:`hypergradients`.
-    """
-    step = state.step + 1
-    top = len(plan.rules) - 1
-    levels: list[LevelState | None] = [None] * (top + 1)
-    new_hp: list[list[Tensor]] = [[] for _ in range(top + 1)]
-    if plan.closed_form:
-        # Every learning level has a closed-form vjp: nothing needs recording; each level keeps what its vjp reads.
-        trace: list[Any] = [None] * top
-        with torch.no_grad():
-            for k in range(top, -1, -1):
-                values = natural_values(plan, k, new_hp[k])
-                received = grads if k == 0 else hypergrads[k - 1]
-                groups = plan.group_of if k == 0 else (0,) * len(received)
-                deltas, rule_states = _apply(plan, k, received, state.levels[k].rule, values, groups, step)
-                if k > 0:
-                    new_hp[k - 1] = [h - d for h, d in zip(state.levels[k - 1].hp, deltas, strict=True)]
-                if k < top:
-                    trace[k] = (values, list(received), state.levels[k].rule, rule_states)
-                levels[k] = LevelState(new_hp[k], rule_states)
-        return TowerState(step, levels, _ClosedTrace(trace)), deltas  # type: ignore[arg-type]
-    with torch.enable_grad():
-        for k in range(top, 0, -1):
-            below = state.levels[k - 1].hp
-            values = natural_values(plan, k, new_hp[k])
-            deltas, rule_states = _apply(
-                plan, k, hypergrads[k - 1], state.levels[k].rule, values, (0,) * len(below), step
-            )
-            fresh = [h.detach() - d for h, d in zip(below, deltas, strict=True)]
-            # The top learned level depends on nothing learned: it is where the hypergradient chain starts.
-            new_hp[k - 1] = [h if h.requires_grad else h.requires_grad_() for h in fresh]
-            levels[k] = LevelState(new_hp[k], rule_states)
-        values = natural_values(plan, 0, new_hp[0])
-    rule = plan.rules[0]
-    if rule.has_vjp and plan.learned[0]:
-        # The weight update itself needs no graph: its hypergradient comes from the rule's closed form.
-        plain = [{k: v.detach() if isinstance(v, Tensor) else v for k, v in vs.items()} for vs in values]
-        with torch.no_grad():
-            deltas, rule_states = _apply(plan, 0, grads, state.levels[0].rule, plain, plan.group_of, step)
-        trace = (values, plain, list(grads), state.levels[0].rule, rule_states)
-    else:
-        with torch.enable_grad():
-            deltas, rule_states = _apply(plan, 0, grads, state.levels[0].rule, values, plan.group_of, step)
-        trace = None
-    levels[0] = LevelState(new_hp[0], rule_states)
-    return TowerState(step, levels, trace), deltas  # type: ignore[arg-type]
+def rule_vjp(
+    plan: Plan, k: int, upstream: Sequence[Tensor | None], trace: Trace, after: Sequence[Any], step: int
+) -> list[dict[str, Tensor]]:
+    """Per group of level ``k``: ``sum over its tensors of upstream . d delta / d value`` for every learned value."""
+    rule, dot = plan.rules[k], _reducer(plan.batch_shape)
+    groups = plan.group_of if k == 0 else (0,) * len(after)
+    if k == 0 and not plan.batch_shape and type(rule) in _foreach.BUILTIN:
+        fused = _vjp_foreach(rule, upstream, trace, after, groups, step)
+        if fused is not None:
+            return fused
+    sums: list[dict[str, Tensor]] = [{} for _ in trace.values]
+    kept = trace.grads is not None
+    for i, u in enumerate(upstream):
+        if u is None or (trace.moved is not None and not trace.moved[i]):
+            continue
+        g = groups[i]
+        hp = _broadcast(plan, trace.values[g], u) if plan.batch_shape else trace.values[g]
+        grad, before = (trace.grads[i], trace.before[i]) if kept else (None, None)
+        acc = sums[g]
+        for name, v in rule.vjp(u, grad, before, after[i], hp, step, dot).items():
+            if plan.batch_shape:
+                v = v.reshape(plan.batch_shape)
+            acc[name] = v if name not in acc else acc[name] + v
+    return sums
 
 
-def _reducer(plan: Plan):
+def _by_group(groups: Sequence[int], keep: Sequence[bool], n: int) -> list[list[int]]:
+    out: list[list[int]] = [[] for _ in range(n)]
+    for i, (g, kept) in enumerate(zip(groups, keep, strict=True)):
+        if kept:
+            out[g].append(i)
+    return out
+
+
+def _apply_foreach(rule, grads, states, values, groups, step):
+    """apply_rule with one multi-tensor operation per group (hypergrad._foreach: bitwise the same results)."""
+    deltas: list[Tensor | None] = [None] * len(grads)
+    new_states = list(states)
+    for g, idx in enumerate(_by_group(groups, [x is not None for x in grads], len(values))):
+        if not idx:
+            continue
+        out = _foreach.update(rule, [grads[i] for i in idx], [states[i] for i in idx], values[g], step)
+        if out is None:
+            return None
+        for i, d, st in zip(idx, *out, strict=True):
+            deltas[i], new_states[i] = d, st
+    return deltas, new_states
+
+
+def _vjp_foreach(rule, upstream, trace, after, groups, step):
+    """rule_vjp with one multi-tensor operation per group (hypergrad._foreach: the same to round-off)."""
+    keep = [u is not None and (trace.moved is None or trace.moved[i]) for i, u in enumerate(upstream)]
+    sums: list[dict[str, Tensor]] = [{} for _ in trace.values]
+    for g, idx in enumerate(_by_group(groups, keep, len(trace.values))):
+        if not idx:
+            continue
+        out = _foreach.vjp(rule, [upstream[i] for i in idx], [after[i] for i in idx], trace.values[g], step)
+        if out is None:
+            return None
+        sums[g] = out
+    return sums
+
+
+# -- helpers ---------------------------------------------------------------------------------------------------------
+def _owned(state: Any, grad: Tensor | None) -> Any:
+    """``state`` with a copy of every tensor that shares ``grad``'s memory (a rule may keep the gradient it got)."""
+    if grad is None:
+        return state
+    if isinstance(state, Tensor):
+        return state.clone() if state.untyped_storage().data_ptr() == grad.untyped_storage().data_ptr() else state
+    if isinstance(state, tuple) and hasattr(state, "_fields"):
+        return type(state)(*(_owned(x, grad) for x in state))
+    return state
+
+
+def _raw(plan: Plan, k: int, values: Mapping[str, Value], like: Tensor) -> Tensor:
+    cols = [
+        t.inverse(torch.as_tensor(values[n], dtype=like.dtype, device=like.device).expand(plan.batch_shape))
+        for n, t in zip(plan.learned[k], plan.transforms[k], strict=True)
+    ]
+    return torch.stack(cols, dim=-1)
+
+
+def _broadcast(plan: Plan, values: dict[str, Value], target: Tensor) -> dict[str, Value]:
+    # A member's scalar hyperparameter of shape batch_shape must line up with the member's slice of the tensor.
     if not plan.batch_shape:
-        return lambda a, b: torch.dot(a.reshape(-1), b.reshape(-1))
-    n = len(plan.batch_shape)
+        return values
+    extra = target.dim() - len(plan.batch_shape)
+    shape = plan.batch_shape + (1,) * extra
+    return {k: v.reshape(shape) if isinstance(v, Tensor) else v for k, v in values.items()}
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    return torch.dot(a.reshape(-1), b.reshape(-1))
+
+
+@functools.cache
+def _reducer(batch_shape: tuple[int, ...]):
+    if not batch_shape:
+        return _dot
+    n = len(batch_shape)
     # keepdim: the result lines up with the member's hyperparameters, broadcast as (members, 1, ..., 1)
     return lambda a, b: (a * b).sum(dim=tuple(range(n, a.dim())), keepdim=True) if a.dim() > n else a * b
-
-
-def _vjp_level0(plan: Plan, live: TowerState, grads: Sequence[Tensor | None]) -> list[tuple[Tensor, Tensor]]:
-    """(natural value with graph, sum over the group of grad_next . d delta / d value) for every learned value."""
-    values, plain, prev_grads, before, after = live.trace
-    rule, dot = plan.rules[0], _reducer(plan)
-    sums: list[dict[str, Tensor]] = [{} for _ in values]
-    for i, (g_next, g) in enumerate(zip(grads, prev_grads, strict=True)):
-        if g_next is None or g is None:
-            continue
-        group = plan.group_of[i]
-        hp = _broadcast(plan, plain[group], g)
-        for name, v in rule.vjp(g_next, g, before[i], after[i], hp, live.step, dot).items():
-            v = v.reshape(plan.batch_shape)
-            acc = sums[group]
-            acc[name] = v if name not in acc else acc[name] + v
-    return [(values[g][n], s) for g, acc in enumerate(sums) for n, s in acc.items()]
-
-
-class _ClosedTrace(NamedTuple):
-    levels: list[Any]  # per learning level: (natural values per group, gradients received, states before, after)
-
-
-def _closed_form_hypergradients(plan: Plan, live: TowerState, grads: Sequence[Tensor | None]) -> list[list[Tensor]]:
-    """The chain rule level by level: the loss's gradient with respect to what level k updated (level 0: the
-    weights), through level k's closed-form vjp and its transforms, is the gradient with respect to level k's raw
-    hyperparameters, which level k + 1 updated."""
-    dot = _reducer(plan)
-    upstream: Sequence[Tensor | None] = grads
-    out = []
-    for k, (values, received, before, after) in enumerate(live.trace.levels):
-        groups = plan.group_of if k == 0 else (0,) * len(received)
-        sums: list[dict[str, Tensor]] = [{} for _ in values]
-        for i, (u, g) in enumerate(zip(upstream, received, strict=True)):
-            if u is None or g is None:
-                continue
-            hp = _broadcast(plan, values[groups[i]], g)
-            for name, v in plan.rules[k].vjp(u, g, before[i], after[i], hp, live.step, dot).items():
-                if plan.batch_shape:
-                    v = v.reshape(plan.batch_shape)
-                sums[groups[i]][name] = v if name not in sums[groups[i]] else sums[groups[i]][name] + v
-        level = []
-        for g, raw in enumerate(live.levels[k].hp):
-            cols = []
-            for j, (name, t) in enumerate(zip(plan.learned[k], plan.transforms[k], strict=True)):
-                s = sums[g].get(name)
-                if s is None:  # this hyperparameter has not acted yet (e.g. momentum at the first step)
-                    cols.append(torch.zeros_like(raw[..., j]))
-                    continue
-                # What level k updated moved by -delta, so d loss / d value = -(upstream . d delta / d value).
-                cols.append(-s if t.derivative is None else -s * t.derivative(raw[..., j]))
-            level.append(torch.stack(cols, dim=-1))
-        out.append(level)
-        upstream = level
-    return out
-
-
-def hypergradients(
-    plan: Plan, live: TowerState | None, deltas: Sequence[Tensor | None], grads: Sequence[Tensor | None]
-) -> list[list[Tensor]]:
-    """``d loss / d raw hyperparameters`` of every learned level, from the last step and the new gradients.
-
-    ``live`` and ``deltas`` are what the previous :func:`update` returned (None before the first step, when every
-    hypergradient is zero); ``grads`` the gradients of the current loss with respect to the weights.
-    """
-    if live is None:
-        raise ValueError("live must be the state returned by the previous update")
-    if isinstance(live.trace, _ClosedTrace):
-        return _closed_form_hypergradients(plan, live, grads)
-    inputs = [h for level in live.levels[:-1] for h in level.hp]
-    if live.trace is not None:
-        pairs = _vjp_level0(plan, live, grads)
-    else:
-        pairs = [
-            (d, g) for d, g in zip(deltas, grads, strict=True) if d is not None and g is not None and d.requires_grad
-        ]
-    if pairs:
-        # The weights moved by -delta, so d loss / d h = -(g . d delta / d h).
-        found = torch.autograd.grad([d for d, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True)
-    else:
-        found = (None,) * len(inputs)
-    flat = [torch.zeros_like(h) if f is None else -f for h, f in zip(inputs, found, strict=True)]
-    out, i = [], 0
-    for level in live.levels[:-1]:
-        out.append(flat[i : i + len(level.hp)])
-        i += len(level.hp)
-    return out
-
-
-def zero_hypergradients(state: TowerState) -> list[list[Tensor]]:
-    """The hypergradients of the first step: zero, since no hyperparameter has acted on the loss yet."""
-    return [[torch.zeros_like(h) for h in level.hp] for level in state.levels[:-1]]
-
-
-def detach(state: TowerState) -> TowerState:
-    """The same values with no autograd history (what a checkpoint stores)."""
-    return TowerState(
-        state.step,
-        [LevelState([h.detach() for h in lv.hp], [_detach_any(s) for s in lv.rule]) for lv in state.levels],
-    )
-
-
-def _detach_any(x: Any) -> Any:
-    if isinstance(x, Tensor):
-        return x.detach()
-    if isinstance(x, tuple) and hasattr(x, "_fields"):
-        return type(x)(*(_detach_any(v) for v in x))
-    return x

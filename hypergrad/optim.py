@@ -66,8 +66,8 @@ class HyperOptimizer(torch.optim.Optimizer):
     ``LambdaLR`` and ``OneCycleLR`` write ``initial_lr * factor`` at each of their steps, so they dictate the step
     size while they run (learning happens only between their writes). A written value is validated like a spec's.
 
-    Precision: the learned hyperparameters, the towers' state and the optimizer's copies of the gradients are
-    float32 (float64 when a parameter is float64), whatever the parameters' dtype; bfloat16 and float16 weights
+    Precision: the learned hyperparameters, the towers' state and the gradients the rules read are float32
+    (float64 when a parameter is float64), whatever the parameters' dtype; bfloat16 and float16 weights
     receive the update cast to their dtype.
     """
 
@@ -91,13 +91,8 @@ class HyperOptimizer(torch.optim.Optimizer):
         self.stable = stable
         self.parameterization = parameterization
         self.check_finite = check_finite
-        self._tower: core.TowerState | None = None
-        self._live: core.TowerState | None = None
-        self._deltas: list[Tensor | None] = []
-        self._prev: tuple[core.TowerState, list[Tensor | None], list[list[Tensor]]] | None = None
+        self._tower: core.TowerState | None = None  # None until the first step or hyperparameters() call
         self._published: list[dict[str, float]] = []
-        self._grad_buffers: tuple[list[Tensor | None], list[Tensor | None]] = ([], [])
-        self._flip = 0
         if not isinstance(per_tensor, bool):
             raise TypeError(f"per_tensor must be True or False, but got {per_tensor!r}")
         self.per_tensor = per_tensor
@@ -110,7 +105,8 @@ class HyperOptimizer(torch.optim.Optimizer):
 
     # -- torch.optim plumbing -------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if getattr(self, "_live", None) is not None:
+        tower = getattr(self, "_tower", None)
+        if tower is not None and tower.step > 0:
             raise ValueError("add_param_group must be called before the first step of a HyperOptimizer")
         self._tower = None  # a state made before any step (e.g. by hyperparameters()) is rebuilt with the new group
         rule = self.spec.levels[0].rule
@@ -163,7 +159,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         return [p for g in self.param_groups for p in g["params"]]
 
     def _dtype(self) -> torch.dtype:
-        """The dtype of the hyperparameters, the towers' state and the gradients' copies: float64 when any
+        """The dtype of the hyperparameters, the towers' state and the gradients the rules read: float64 when any
         parameter is float64, else float32 (bfloat16 and float16 cannot hold betas such as 0.999)."""
         params = self._params()
         return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
@@ -187,7 +183,13 @@ class HyperOptimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         learned = self._plan.learned[0]
-        lines = [f"HyperOptimizer {format_spec(self.spec)!r} ("]
+        options = "".join(
+            f", {k}={v!r}"
+            for k, v in (("stable", self.stable), ("parameterization", self.parameterization))
+            if v != {"stable": False, "parameterization": "reference"}[k]
+            and not (k == "parameterization" and self.stable)
+        )
+        lines = [f"HyperOptimizer {format_spec(self.spec)!r}{options} ("]
         for i, group in enumerate(self.param_groups):
             lines.append(f"Parameter Group {i}")
             for name in self.spec.levels[0].rule.defaults:
@@ -207,60 +209,30 @@ class HyperOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._take_writes()
-        before = self._ensure_state()
+        state = self._ensure_state()
         params = self._params()
         dtype = self._compute_dtype
-        # Own copies: the user may zero p.grad in place, or DDP may reuse it as a bucket view, before the next step
-        # reads this step's gradients again for its hypergradient.
-        grads = self._copy_grads(params, dtype)
-        if self._live is None:
-            hyper = core.zero_hypergradients(before)
-        else:
-            hyper = core.hypergradients(self._plan, self._live, self._deltas, grads)
-        live, deltas = core.update(self._plan, before, grads, hyper)
+        # Passed as they are (cast where the parameters are half precision): core.update copies what it keeps.
+        grads = [None if p.grad is None else p.grad.detach().to(dtype) for p in params]
+        deltas, new = core.update(self._plan, state, grads)
         if self.check_finite:
-            self._raise_if_not_finite(live, grads)
+            self._raise_if_not_finite(new, grads)
         updated = [(p, d) for p, d in zip(params, deltas, strict=True) if d is not None]
         if updated:
-            torch._foreach_sub_(
-                [p for p, _ in updated],
-                [(d.detach() if d.requires_grad else d).to(p.dtype) for p, d in updated],
-            )
-        self._live, self._deltas = live, deltas
-        # The closed-form path records no graph: its state needs no detaching, only dropping the vjp's trace.
-        self._tower = live._replace(trace=None) if self._plan.closed_form else core.detach(live)
-        self._prev = (before, grads, hyper)
+            torch._foreach_sub_([p for p, _ in updated], [d.to(p.dtype) for p, d in updated])
+        self._tower = new
         self._publish()
         return loss
-
-    def _copy_grads(self, params: list[Tensor], dtype: torch.dtype) -> list[Tensor | None]:
-        if not all(type(rule) in _OWN_RULES for rule in self._plan.rules):
-            # A user's rule may keep the gradient in its state: each step gets fresh copies.
-            return [None if p.grad is None else p.grad.detach().to(dtype, copy=True) for p in params]
-        # The built-in rules keep no reference to a gradient, and only the last step's copies are read again (by the
-        # next hypergradient): two sets of buffers used in turn save an allocation per tensor and step.
-        self._flip ^= 1
-        bufs = self._grad_buffers[self._flip]
-        if len(bufs) != len(params):
-            bufs[:] = [None] * len(params)
-        out: list[Tensor | None] = []
-        for i, p in enumerate(params):
-            if p.grad is None:
-                out.append(None)
-                continue
-            b = bufs[i]
-            if b is None or b.shape != p.shape or b.device != p.device or b.dtype != dtype:
-                b = bufs[i] = torch.empty_like(p, dtype=dtype, memory_format=torch.contiguous_format)
-            out.append(b.copy_(p.grad))
-        return out
 
     def _publish(self) -> None:
         """Write the learned level-1 values into ``param_groups`` (what LR monitors and schedulers read)."""
         learned = self._plan.learned[0]
         if not learned or self._tower is None:
             return
-        values = core.natural_values(self._plan, 0, self._tower.levels[0].hp)
-        flat = torch.stack([values[g][n].detach().reshape(()) for g in range(len(values)) for n in learned]).tolist()
+        tower = self._tower
+        # the level-0 values the last step used are its current ones: no need to transform them again
+        values = tower.trace[0].values if tower.trace else core.natural_values(self._plan, 0, tower.levels[0].hp)
+        flat = torch.stack([values[g][n] for g in range(len(values)) for n in learned]).tolist()
         for g, group in enumerate(self.param_groups):
             for i, name in enumerate(learned):
                 group[name] = flat[g * len(learned) + i]
@@ -335,9 +307,6 @@ class HyperOptimizer(torch.optim.Optimizer):
             "spec": format_spec(self.spec),
             "parameterization": self.parameterization,
             "state": None if self._tower is None else _pack(self._tower),
-            "prev": None
-            if self._prev is None
-            else {"state": _pack(self._prev[0]), "grads": list(self._prev[1]), "hyper": self._prev[2]},
         }
         return sd
 
@@ -346,49 +315,33 @@ class HyperOptimizer(torch.optim.Optimizer):
         saved = state_dict.pop("tower", None)
         if not isinstance(saved, Mapping):
             raise ValueError("state_dict has no 'tower' entry: it was not saved by a HyperOptimizer")
-        missing = [k for k in ("spec", "parameterization", "state", "prev") if k not in saved]
+        missing = [k for k in ("spec", "parameterization", "state") if k not in saved]
         if missing:
             raise ValueError(
-                f"state_dict['tower'] must have the keys spec, parameterization, state and prev, but {missing[0]!r} "
-                "is missing"
+                f"state_dict['tower'] must have the keys spec, parameterization and state, but {missing[0]!r} is "
+                "missing"
             )
         if saved["spec"] != format_spec(self.spec) or saved["parameterization"] != self.parameterization:
             raise ValueError(
                 f"state_dict is for tower {saved['spec']!r} ({saved['parameterization']}), "
                 f"but this optimizer is {format_spec(self.spec)!r} ({self.parameterization})"
             )
+        packed = saved["state"]
+        if packed is not None and "trace" not in packed:
+            raise ValueError(
+                "state_dict['tower']['state'] has no 'trace': it was saved by an older hypergrad, whose checkpoints "
+                "this version cannot continue exactly"
+            )
         params = self._params()
-        if saved["prev"] is not None:
-            grads = saved["prev"]["grads"]
-            if len(grads) != len(params):
-                raise ValueError(f"state_dict is for {len(grads)} parameters, but this optimizer has {len(params)}")
-            for i, (g, p) in enumerate(zip(grads, params, strict=True)):
-                if g is not None and tuple(g.shape) != tuple(p.shape):
-                    raise ValueError(
-                        f"state_dict parameter {i} has shape {tuple(g.shape)}, but this optimizer's parameter {i} "
-                        f"has shape {tuple(p.shape)}: was it saved for another model?"
-                    )
+        dtype = self._dtype()
+        self._plan = self._make_plan()
+        fresh = core.init(self._plan, [p.detach().to(dtype) for p in params])
+        if packed is not None:
+            _check_shapes(packed, fresh, params)
         super().load_state_dict(state_dict)
         self._plan = self._make_plan()
-        dtype = self._dtype()
-        fresh = core.init(self._plan, [p.detach().to(dtype) for p in params])
-        like = params[0]
-        self._tower = None if saved["state"] is None else _unpack(saved["state"], fresh, like)
-        self._live, self._deltas, self._prev = None, [], None
-        if saved["prev"] is not None:
-            before = _unpack(saved["prev"]["state"], fresh, like)
-            grads = [
-                None if g is None else g.to(p.device, dtype)
-                for g, p in zip(saved["prev"]["grads"], params, strict=True)
-            ]
-            hyper = [[h.to(like.device, dtype) for h in lv] for lv in saved["prev"]["hyper"]]
-            # Replaying the last step rebuilds what the next hypergradient differentiates.
-            self._live, self._deltas = core.update(self._plan, before, grads, hyper)
-            self._prev = (before, grads, hyper)
+        self._tower = None if packed is None else _unpack(self._plan, packed, fresh, params[0])
         self._published = [self._group_values(g) for g in self.param_groups]
-
-
-_OWN_RULES = (SGDRule, AdamRule, AdamWRule, AdaGradRule, RMSPropRule)
 
 
 def _split_per_tensor(params: Iterable[Tensor] | Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -410,29 +363,81 @@ def _is_spec(x: object) -> bool:
     return isinstance(x, str | Tower | Level)
 
 
+def _plain(x: Any) -> Any:
+    """A rule state as plain containers (what ``torch.load(weights_only=True)`` reads back)."""
+    if isinstance(x, tuple) and hasattr(x, "_fields"):
+        return {k: _plain(v) for k, v in x._asdict().items()}
+    return x.detach() if isinstance(x, Tensor) else x
+
+
+def _typed(saved: Any, like: Any, device: torch.device) -> Any:
+    """The inverse of :func:`_plain`, with the types of ``like`` (a freshly initialized state)."""
+    if isinstance(saved, Mapping) and isinstance(like, tuple) and hasattr(like, "_fields"):
+        return type(like)(**{k: _typed(v, getattr(like, k), device) for k, v in saved.items()})
+    return saved.to(device) if isinstance(saved, Tensor) else saved
+
+
 def _pack(state: core.TowerState) -> dict[str, Any]:
     return {
         "step": state.step,
-        "levels": [
+        "levels": [{"hp": [h.detach() for h in lv.hp], "rule": [_plain(s) for s in lv.rule]} for lv in state.levels],
+        "trace": [
             {
-                "hp": [h.detach() for h in lv.hp],
-                "rule": [None if s is None else dict(s._asdict()) for s in lv.rule],
+                "hp": [h.detach() for h in tr.hp],
+                "moved": None if tr.moved is None else list(tr.moved),
+                "grads": None if tr.grads is None else list(tr.grads),
+                "before": None if tr.before is None else [_plain(s) for s in tr.before],
             }
-            for lv in state.levels
+            for tr in state.trace
         ],
     }
 
 
-def _unpack(packed: dict[str, Any], fresh: core.TowerState, like: Tensor) -> core.TowerState:
-    def cast(x: Any) -> Any:
-        return x.to(like.device) if isinstance(x, Tensor) else x
-
+def _unpack(plan: core.Plan, packed: dict[str, Any], fresh: core.TowerState, like: Tensor) -> core.TowerState:
+    device = like.device
     levels = []
     for saved, lv in zip(packed["levels"], fresh.levels, strict=True):
-        hp = [cast(h) for h in saved["hp"]]
-        rule = [type(s)(**{k: cast(v) for k, v in d.items()}) for s, d in zip(lv.rule, saved["rule"], strict=True)]
-        levels.append(core.LevelState(hp, rule))
-    return core.TowerState(int(packed["step"]), levels)
+        rule = [_typed(d, s, device) for d, s in zip(saved["rule"], lv.rule, strict=True)]
+        levels.append(core.LevelState([h.to(device) for h in saved["hp"]], rule))
+    trace = []
+    for k, (saved, lv) in enumerate(zip(packed["trace"], fresh.levels, strict=False)):
+        hp = [h.to(device) for h in saved["hp"]]
+        trace.append(
+            core.Trace(
+                hp,
+                core.natural_values(plan, k, hp),
+                None if saved["moved"] is None else list(saved["moved"]),
+                None if saved["grads"] is None else [None if g is None else g.to(device) for g in saved["grads"]],
+                None
+                if saved["before"] is None
+                else [
+                    None if d is None else _typed(d, s, device) for d, s in zip(saved["before"], lv.rule, strict=True)
+                ],
+            )
+        )
+    return core.TowerState(int(packed["step"]), levels, trace)
+
+
+def _check_shapes(packed: dict[str, Any], fresh: core.TowerState, params: list[Tensor]) -> None:
+    """A state saved for another model is refused at load, not at the next step."""
+    saved = packed["levels"][0]["rule"]
+    if len(saved) != len(params):
+        raise ValueError(f"state_dict is for {len(saved)} parameters, but this optimizer has {len(params)}")
+
+    def tensors(x: Any) -> list[Tensor | None]:
+        if isinstance(x, Mapping):
+            return [t for v in x.values() for t in tensors(v)]
+        if isinstance(x, tuple) and hasattr(x, "_fields"):
+            return [t for v in x for t in tensors(v)]
+        return [x] if isinstance(x, Tensor) else [None]
+
+    for i, (d, s, p) in enumerate(zip(saved, fresh.levels[0].rule, params, strict=True)):
+        for a, b in zip(tensors(d), tensors(s), strict=False):
+            if a is not None and b is not None and a.shape != b.shape:
+                raise ValueError(
+                    f"state_dict parameter {i} has shape {tuple(a.shape)}, but this optimizer's parameter {i} "
+                    f"has shape {tuple(p.shape)}: was it saved for another model?"
+                )
 
 
 # -- building towers in code ----------------------------------------------------------------------------------

@@ -1,14 +1,17 @@
-"""The functional contract: an update rule is a pair of pure functions over one tensor.
+"""Update rules: one level of a tower, as pure functions over one tensor (the tower itself: :mod:`hypergrad.core`).
 
     init(param, hp) -> state
     update(grad, state, hp, step) -> (delta, new_state)        # the new parameter is param - delta
+    vjp(grad_next, grad, before, after, hp, step, dot) -> {name: grad_next . d delta / d hp[name]}   # optional
 
-``hp`` maps every hyperparameter name to its natural value: a tensor when the hyperparameter is learned (it carries
-the autograd graph back to the raw value, which is how hypergradients come for free), a Python float when fixed.
-``step`` counts from 1. Everything a rule remembers lives in its typed ``state``; nothing hides in closures.
+``hp`` maps every hyperparameter name to its natural value: a tensor when the hyperparameter is learned, a Python
+float when fixed. ``step`` counts from 1. Everything a rule remembers lives in its typed ``state``; nothing hides in
+closures. A state may keep ``grad`` itself: where the gradient is borrowed (the model's), the core copies what the state
+keeps.
 
 A user-defined hyperoptimizable optimizer is one more ``Rule``: write ``update`` in torch ops and every learnable
-hyperparameter gets its hypergradient from autograd. Example, SGD with a learned step size and a learned decay::
+hyperparameter gets its hypergradient from the default ``vjp``, autograd through ``update``. Example, SGD with a
+learned step size and a learned decay::
 
     class DecayedSGD(Rule):
         name = "dsgd"
@@ -62,27 +65,45 @@ class EmptyState(NamedTuple):
     pass
 
 
+# A closed-form vjp reads only the rule's state after the step, so each state below also keeps, while the level above
+# learns the value concerned (None otherwise), the few tensors of the step that the vjp reads: tensors the update made
+# anyway, or the gradient itself where nothing else will do.
+
+
 class SGDState(NamedTuple):
     momentum_buffer: Tensor | None
+    grad: Tensor | None = None  # the last gradient (d delta / d lr without momentum)
+    previous_buffer: Tensor | None = None  # the buffer before the last step (d delta / d momentum)
 
 
 class AdamState(NamedTuple):
     exp_avg: Tensor
     exp_avg_sq: Tensor
+    previous_exp_avg: Tensor | None = None  # the moments before the last step (d delta / d beta)
+    previous_exp_avg_sq: Tensor | None = None
+    grad_term: Tensor | None = None  # the last step's share of exp_avg, (1 - beta1) * grad
+    grad_sq_term: Tensor | None = None  # and of exp_avg_sq, (1 - beta2) * grad * grad
 
 
 class SumState(NamedTuple):
     sum: Tensor
+    grad: Tensor | None = None  # the last gradient
+    previous_sum: Tensor | None = None  # the sum before the last step (RMSProp's d delta / d gamma)
 
 
 class AdamWState(NamedTuple):
     exp_avg: Tensor
     exp_avg_sq: Tensor
     param: Tensor  # the rule's own copy of the weights, which the decoupled decay reads
+    previous_exp_avg: Tensor | None = None
+    previous_exp_avg_sq: Tensor | None = None
+    grad_term: Tensor | None = None
+    grad_sq_term: Tensor | None = None
+    previous_param: Tensor | None = None  # the weights the last decay read (d delta / d lr, d delta / d weight_decay)
 
 
 class Rule:
-    """Base class of an update rule; subclasses set the class attributes and the two functions."""
+    """Base class of an update rule; subclasses set the class attributes and ``init`` and ``update``."""
 
     name: ClassVar[str]
     defaults: ClassVar[Mapping[str, float]]  # every hyperparameter with its default natural value
@@ -98,18 +119,30 @@ class Rule:
         """The hyperparameters a level above can learn, given the initial values (in canonical order)."""
         return tuple(self.transforms)
 
-    #: Whether :meth:`vjp` is implemented. Without it, autograd differentiates ``update`` (always correct, slower).
-    has_vjp: ClassVar[bool] = False
+    #: Whether :meth:`vjp` reads ``grad`` and ``before``. The default vjp does; a closed form that reads only
+    #: ``after`` (the rule keeps what it needs in its state) sets False, and the core then keeps neither a copy of the
+    #: gradient nor the older state.
+    vjp_needs_inputs: ClassVar[bool] = True
 
     def vjp(
-        self, grad_next: Tensor, grad: Tensor, before: Any, after: Any, hp: HP, step: int, dot: Dot
+        self, grad_next: Tensor, grad: Tensor | None, before: Any, after: Any, hp: HP, step: int, dot: Dot
     ) -> dict[str, Tensor]:
-        """Optional closed form: ``dot(grad_next, d delta / d hp[name])`` for every learned (tensor) ``hp[name]``.
+        """``dot(grad_next, d delta / d hp[name])`` for every tensor-valued (learned) ``hp[name]``, where ``delta``,
+        ``after`` are what ``update(grad, before, hp, step)`` returned. A name may be left out when its product is 0.
 
-        ``grad``, ``before``, ``after``, ``hp`` and ``step`` are those of the update being differentiated. A speed-up
-        only: the tests check every built-in closed form against autograd and finite differences.
+        The default differentiates :meth:`update` by autograd (correct for any rule written in torch ops); a rule may
+        override it with a closed form, a speed-up only: the tests compare every built-in one with this default and
+        with finite differences.
         """
-        raise NotImplementedError
+        names = [n for n, v in hp.items() if isinstance(v, Tensor)]
+        with torch.enable_grad():
+            leaves = {n: hp[n].detach().requires_grad_() for n in names}
+            delta, _ = self.update(grad, before, {**hp, **leaves}, step)  # type: ignore[arg-type]
+            if not delta.requires_grad:
+                return {}
+            # Autograd sums over what each leaf was broadcast against: that is dot, per population member.
+            found = torch.autograd.grad(delta, list(leaves.values()), grad_next, allow_unused=True)
+        return {n: f for n, f in zip(names, found, strict=True) if f is not None}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -119,6 +152,10 @@ class Rule:
 
     def __hash__(self) -> int:
         return hash(type(self))
+
+
+def _learned(hp: HP, name: str) -> bool:
+    return isinstance(hp[name], Tensor)
 
 
 class SGDRule(Rule):
@@ -138,22 +175,20 @@ class SGDRule(Rule):
     def update(self, grad: Tensor, state: SGDState, hp: HP, step: int) -> tuple[Tensor, SGDState]:
         momentum = hp["momentum"]
         if isinstance(momentum, float) and momentum == 0.0:
-            return grad * hp["lr"], state
-        # The first buffer is a copy, never the gradient itself, which its owner may zero or reuse in place.
-        buf = grad.clone() if state.momentum_buffer is None else state.momentum_buffer * momentum + grad
-        return buf * hp["lr"], SGDState(buf)
+            return grad * hp["lr"], SGDState(None, grad if _learned(hp, "lr") else None)
+        # The first buffer is the gradient (the core copies a borrowed one: it never aliases the caller's p.grad).
+        buf = grad if state.momentum_buffer is None else state.momentum_buffer * momentum + grad
+        return buf * hp["lr"], SGDState(buf, None, state.momentum_buffer if _learned(hp, "momentum") else None)
 
-    has_vjp = True
+    vjp_needs_inputs = False
 
     def vjp(self, grad_next, grad, before, after, hp, step, dot):
-        # delta = lr * buf, buf = momentum * buf_before + grad (or grad at the first step)
-        buf = grad if after.momentum_buffer is None else after.momentum_buffer
+        # delta = lr * buf, buf = momentum * buf_before + grad (or grad at the first step, or without momentum)
         out = {}
-        if isinstance(hp["lr"], Tensor):
-            out["lr"] = dot(grad_next, buf)
-        if isinstance(hp["momentum"], Tensor):
-            b0 = before.momentum_buffer
-            out["momentum"] = hp["lr"] * dot(grad_next, b0 if b0 is not None else torch.zeros_like(grad))
+        if _learned(hp, "lr"):
+            out["lr"] = dot(grad_next, after.grad if after.momentum_buffer is None else after.momentum_buffer)
+        if _learned(hp, "momentum") and after.previous_buffer is not None:
+            out["momentum"] = hp["lr"] * dot(grad_next, after.previous_buffer)
         return out
 
 
@@ -169,42 +204,74 @@ class AdamRule(Rule):
         return AdamState(torch.zeros_like(param), torch.zeros_like(param) + hp["eps"])
 
     def update(self, grad: Tensor, state: AdamState, hp: HP, step: int) -> tuple[Tensor, AdamState]:
-        beta1, beta2 = hp["beta1"], hp["beta2"]
-        m = beta1 * state.exp_avg + (1.0 - beta1) * grad
-        v = beta2 * state.exp_avg_sq + (1.0 - beta2) * grad * grad
-        m_hat = m / (1.0 - beta1 ** float(step))
-        v_hat = v / (1.0 - beta2 ** float(step))
-        return hp["lr"] * (m_hat / (v_hat**0.5 + hp["eps"])), AdamState(m, v)
+        t = float(step)
+        delta, fields = adam_step(grad, state, hp, 1.0 - hp["beta1"] ** t, 1.0 - hp["beta2"] ** t)
+        return delta, AdamState(*fields)
 
-    has_vjp = True
+    vjp_needs_inputs = False
 
     def vjp(self, grad_next, grad, before, after, hp, step, dot):
-        # delta = lr * m_hat / den, den = sqrt(v_hat) + eps, m_hat = m / c1, v_hat = v / c2, c_i = 1 - b_i^t,
-        # m = b1 m0 + (1 - b1) g, v = b2 v0 + (1 - b2) g^2. Scalar factors stay outside the dots (fewer passes).
-        lr, b1, b2, t = hp["lr"], hp["beta1"], hp["beta2"], float(step)
-        c1, c2 = 1.0 - b1**t, 1.0 - b2**t
-        sqrt_v_hat = (after.exp_avg_sq / c2) ** 0.5
-        den = sqrt_v_hat + hp["eps"]
-        q = grad_next / den
-        out = {}
-        if isinstance(b1, Tensor):
-            q_m0, q_g = dot(q, before.exp_avg), dot(q, grad)
-            q_m = b1 * q_m0 + (1.0 - b1) * q_g
-            out["beta1"] = lr * ((q_m0 - q_g) / c1 + q_m * t * b1 ** (t - 1.0) / (c1 * c1))
-        else:
-            q_m = dot(q, after.exp_avg)
-        if isinstance(lr, Tensor):
-            out["lr"] = q_m / c1
-        if isinstance(b2, Tensor):
-            # d sqrt(v_hat) = d v_hat / (2 sqrt(v_hat)); delta depends on it through -lr m_hat / den^2.
-            w = q * after.exp_avg / (den * sqrt_v_hat)
-            w_v0, w_g2 = dot(w, before.exp_avg_sq), dot(w * grad, grad)
-            w_v = b2 * w_v0 + (1.0 - b2) * w_g2
-            out["beta2"] = -0.5 * lr / c1 * ((w_v0 - w_g2) / c2 + w_v * t * b2 ** (t - 1.0) / (c2 * c2))
-        return out
+        return adam_vjp(grad_next, after, hp, *_power_corrections(hp, step), dot)
 
 
-class AdamWRule(Rule):
+def _power_corrections(hp: HP, step: int) -> tuple[Any, Any, Any, Any]:
+    # c = 1 - beta^t, and -dc / d beta = t beta^(t - 1), computed only where beta is learned
+    b1, b2, t = hp["beta1"], hp["beta2"], float(step)
+    dc1 = t * b1 ** (t - 1.0) if _learned(hp, "beta1") else None
+    dc2 = t * b2 ** (t - 1.0) if _learned(hp, "beta2") else None
+    return 1.0 - b1**t, 1.0 - b2**t, dc1, dc2
+
+
+def adam_step(grad: Tensor, state: Any, hp: HP, c1: Any, c2: Any) -> tuple[Tensor, tuple]:
+    """Adam's delta with bias corrections ``c1, c2``, and the six leading fields of :class:`AdamState` (the moments,
+    and what :func:`adam_vjp` reads)."""
+    beta1, beta2 = hp["beta1"], hp["beta2"]
+    g1 = (1.0 - beta1) * grad
+    g2 = (1.0 - beta2) * grad * grad
+    m = beta1 * state.exp_avg + g1
+    v = beta2 * state.exp_avg_sq + g2
+    m_hat = m / c1
+    v_hat = v / c2
+    keep1, keep2 = _learned(hp, "beta1"), _learned(hp, "beta2")
+    kept = (
+        state.exp_avg if keep1 else None,
+        state.exp_avg_sq if keep2 else None,
+        g1 if keep1 else None,
+        g2 if keep2 else None,
+    )
+    return hp["lr"] * (m_hat / (v_hat**0.5 + hp["eps"])), (m, v, *kept)
+
+
+def adam_vjp(
+    grad_next: Tensor, after: Any, hp: HP, c1: Any, c2: Any, dc1: Any, dc2: Any, dot: Dot
+) -> dict[str, Tensor]:
+    """Adam's closed-form vjp, given its bias corrections and ``dc_i = -d c_i / d beta_i``."""
+    # delta = lr * m_hat / den, den = sqrt(v_hat) + eps, m_hat = m / c1, v_hat = v / c2,
+    # m = b1 m0 + (1 - b1) g, v = b2 v0 + (1 - b2) g^2. Scalar factors stay outside the dots (fewer passes).
+    lr, b1, b2 = hp["lr"], hp["beta1"], hp["beta2"]
+    sqrt_v_hat = (after.exp_avg_sq / c2) ** 0.5
+    den = sqrt_v_hat + hp["eps"]
+    q = grad_next / den
+    out = {}
+    if _learned(hp, "beta1"):
+        # (1 - b1) g is kept, not g: the dot with g is recovered by one scalar division, and no gradient is copied.
+        q_m0, q_g1 = dot(q, after.previous_exp_avg), dot(q, after.grad_term)
+        q_m = b1 * q_m0 + q_g1
+        out["beta1"] = lr * ((q_m0 - q_g1 / (1.0 - b1)) / c1 + q_m * dc1 / (c1 * c1))
+    else:
+        q_m = dot(q, after.exp_avg)
+    if _learned(hp, "lr"):
+        out["lr"] = q_m / c1
+    if _learned(hp, "beta2"):
+        # d sqrt(v_hat) = d v_hat / (2 sqrt(v_hat)); delta depends on it through -lr m_hat / den^2.
+        w = q * after.exp_avg / (den * sqrt_v_hat)
+        w_v0, w_g2 = dot(w, after.previous_exp_avg_sq), dot(w, after.grad_sq_term)
+        w_v = b2 * w_v0 + w_g2
+        out["beta2"] = -0.5 * lr / c1 * ((w_v0 - w_g2 / (1.0 - b2)) / c2 + w_v * dc2 / (c2 * c2))
+    return out
+
+
+class AdamWRule(AdamRule):
     """Adam with decoupled weight decay (Loshchilov & Hutter): ``delta = lr * wd * param + lr * m_hat / (sqrt(v_hat)
     + eps)``, as ``torch.optim.AdamW``; ``weight_decay`` is learnable like the rest. The second moment starts at eps,
     as in :class:`AdamRule`.
@@ -233,9 +300,22 @@ class AdamWRule(Rule):
         return AdamWState(torch.zeros_like(param), torch.zeros_like(param) + hp["eps"], param.detach().clone())
 
     def update(self, grad: Tensor, state: AdamWState, hp: HP, step: int) -> tuple[Tensor, AdamWState]:
-        delta, adam = AdamRule.update(self, grad, AdamState(state.exp_avg, state.exp_avg_sq), hp, step)  # type: ignore[arg-type]
+        t = float(step)
+        delta, (m, v, *kept) = adam_step(grad, state, hp, 1.0 - hp["beta1"] ** t, 1.0 - hp["beta2"] ** t)
         delta = delta + hp["lr"] * hp["weight_decay"] * state.param
-        return delta, AdamWState(adam.exp_avg, adam.exp_avg_sq, state.param - delta)
+        decay_learned = _learned(hp, "lr") or _learned(hp, "weight_decay")
+        return delta, AdamWState(m, v, state.param - delta, *kept, state.param if decay_learned else None)
+
+    def vjp(self, grad_next, grad, before, after, hp, step, dot):
+        out = adam_vjp(grad_next, after, hp, *_power_corrections(hp, step), dot)
+        if _learned(hp, "lr") or _learned(hp, "weight_decay"):
+            # the decay term lr * wd * param_before
+            decay = dot(grad_next, after.previous_param)
+            if _learned(hp, "lr"):
+                out["lr"] = out["lr"] + hp["weight_decay"] * decay
+            if _learned(hp, "weight_decay"):
+                out["weight_decay"] = hp["lr"] * decay
+        return out
 
 
 class AdaGradRule(Rule):
@@ -250,12 +330,14 @@ class AdaGradRule(Rule):
 
     def update(self, grad: Tensor, state: SumState, hp: HP, step: int) -> tuple[Tensor, SumState]:
         g_sum = state.sum + torch.square(grad)
-        return hp["lr"] * grad / torch.sqrt(g_sum + hp["eps"]), SumState(g_sum)
+        return hp["lr"] * grad / torch.sqrt(g_sum + hp["eps"]), SumState(g_sum, grad if _learned(hp, "lr") else None)
 
-    has_vjp = True
+    vjp_needs_inputs = False
 
     def vjp(self, grad_next, grad, before, after, hp, step, dot):
-        return {"lr": dot(grad_next, grad / torch.sqrt(after.sum + hp["eps"]))} if isinstance(hp["lr"], Tensor) else {}
+        if not _learned(hp, "lr"):
+            return {}
+        return {"lr": dot(grad_next, after.grad / torch.sqrt(after.sum + hp["eps"]))}
 
 
 class RMSPropRule(Rule):
@@ -272,18 +354,23 @@ class RMSPropRule(Rule):
     def update(self, grad: Tensor, state: SumState, hp: HP, step: int) -> tuple[Tensor, SumState]:
         gamma = hp["gamma"]
         s = gamma * state.sum + (1.0 - gamma) * torch.square(grad)
-        return hp["lr"] * grad / torch.sqrt(s + hp["eps"]), SumState(s)
+        keep = _learned(hp, "lr") or _learned(hp, "gamma")
+        new = SumState(s, grad if keep else None, state.sum if _learned(hp, "gamma") else None)
+        return hp["lr"] * grad / torch.sqrt(s + hp["eps"]), new
 
-    has_vjp = True
+    vjp_needs_inputs = False
 
     def vjp(self, grad_next, grad, before, after, hp, step, dot):
         # delta = lr * g / sqrt(s + eps), s = gamma s0 + (1 - gamma) g^2
-        r = grad / torch.sqrt(after.sum + hp["eps"])
+        if not (_learned(hp, "lr") or _learned(hp, "gamma")):
+            return {}
+        g = after.grad
+        r = g / torch.sqrt(after.sum + hp["eps"])
         out = {}
-        if isinstance(hp["lr"], Tensor):
+        if _learned(hp, "lr"):
             out["lr"] = dot(grad_next, r)
-        if isinstance(hp["gamma"], Tensor):
-            out["gamma"] = -0.5 * hp["lr"] * dot(grad_next, r / (after.sum + hp["eps"]) * (before.sum - grad * grad))
+        if _learned(hp, "gamma"):
+            out["gamma"] = -0.5 * hp["lr"] * dot(grad_next, r / (after.sum + hp["eps"]) * (after.previous_sum - g * g))
         return out
 
 

@@ -26,7 +26,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-from hypergrad.rules import HP, AdamRule, Rule, SGDRule
+from hypergrad.rules import HP, AdamRule, Rule, SGDRule, adam_step, adam_vjp
 from hypergrad.spec import Level, Tower
 from hypergrad.transforms import EXP, HALF_TANH, IDENTITY, Transform
 
@@ -94,8 +94,8 @@ class StableRule(_HyperLevel):
     ``update(g) = radius * tanh(inner.update(g / (sqrt(v_hat) + eps)) / radius)`` with
     ``v = beta v + (1 - beta) g^2`` and ``v_hat = v / (1 - beta^t)``. The name, defaults, transforms and learnable
     hyperparameters are those of the wrapped rule, so a stable tower is spelled as the plain one. It has no
-    closed-form ``vjp``: the tensors it updates are hyperparameter vectors of a few entries, which autograd
-    differentiates at negligible cost.
+    closed-form ``vjp``: the tensors it updates are hyperparameter vectors of a few entries, which the default vjp
+    (autograd through ``update``) differentiates at negligible cost.
 
     >>> import torch
     >>> from hypergrad.rules import SGDRule
@@ -155,6 +155,12 @@ class StableAdamState(NamedTuple):
     exp_avg_sq: Tensor
     prod1: Tensor  # product of every beta1 used so far
     prod2: Tensor  # product of every beta2 used so far
+    previous_exp_avg: Tensor | None = None  # what the closed-form vjp reads, as in AdamState
+    previous_exp_avg_sq: Tensor | None = None
+    grad_term: Tensor | None = None
+    grad_sq_term: Tensor | None = None
+    previous_prod1: Tensor | None = None  # the products before the last step: -d(1 - prod) / d beta
+    previous_prod2: Tensor | None = None
 
 
 class StableAdamRule(AdamRule):
@@ -168,22 +174,21 @@ class StableAdamRule(AdamRule):
     beta1 becomes, and the hypergradient sees only beta1's real effect on the average.
     """
 
-    has_vjp = False  # the products change the closed form; autograd differentiates ``update``
-
     def init(self, param: Tensor, hp: HP) -> StableAdamState:
         one = torch.ones((), dtype=param.dtype, device=param.device)
         return StableAdamState(torch.zeros_like(param), torch.zeros_like(param) + hp["eps"], one, one)
 
     def update(self, grad: Tensor, state: StableAdamState, hp: HP, step: int) -> tuple[Tensor, StableAdamState]:
-        beta1, beta2 = hp["beta1"], hp["beta2"]
-        m = beta1 * state.exp_avg + (1.0 - beta1) * grad
-        v = beta2 * state.exp_avg_sq + (1.0 - beta2) * grad * grad
-        prod1, prod2 = state.prod1 * beta1, state.prod2 * beta2
-        m_hat = m / (1.0 - prod1)
-        v_hat = v / (1.0 - prod2)
+        prod1, prod2 = state.prod1 * hp["beta1"], state.prod2 * hp["beta2"]
+        delta, fields = adam_step(grad, state, hp, 1.0 - prod1, 1.0 - prod2)
         # The products are kept without history: the next step differentiates only its own betas' factor.
-        new = StableAdamState(m, v, torch.as_tensor(prod1).detach(), torch.as_tensor(prod2).detach())
-        return hp["lr"] * (m_hat / (v_hat**0.5 + hp["eps"])), new
+        prods = (torch.as_tensor(prod1).detach(), torch.as_tensor(prod2).detach())
+        return delta, StableAdamState(*fields[:2], *prods, *fields[2:], state.prod1, state.prod2)
+
+    def vjp(self, grad_next, grad, before, after, hp, step, dot):
+        # c_i = 1 - prod_i(before) * beta_i, so -d c_i / d beta_i = prod_i(before)
+        c1, c2 = 1.0 - after.prod1, 1.0 - after.prod2
+        return adam_vjp(grad_next, after, hp, c1, c2, after.previous_prod1, after.previous_prod2, dot)
 
 
 class TrustState(NamedTuple):
@@ -347,6 +352,6 @@ def stabilize(tower: Tower, method: str = "trust", **kw: float) -> Tower:
 def _reference_transform(rule: Rule, name: str) -> Transform:
     inner = rule.inner if isinstance(rule, StableRule | TrustRegionRule) else rule
     for cls in type(inner).__mro__:  # the stable bases subclass the reference rules: use the reference's storage
-        if cls in _STABLE_BASES:
+        if cls in _STABLE_BASES and name in cls.transforms:
             return cls.transforms[name]
     return inner.transforms[name]

@@ -1,4 +1,12 @@
-"""Time per step of a vectorized population of K towers against K sequential runs, and peak memory.
+"""A whole sweep through three Hydra launchers; time per step of K stacked towers against K sequential runs.
+
+Part 1 (``--sweep full|reduced``): the `experiment=sensitivity_mnist5k` sweep (132 jobs: 4 heights x 11 step sizes x
+3 seeds, 80 steps each) run end to end as a user runs it, `python -m bench -m experiment=sensitivity_mnist5k`, through
+the basic launcher, through joblib with 2 workers and through `hydra/launcher=population`: whole-sweep wall time
+(process start to exit) and the ratios. ``--sweep reduced`` runs 16 of its jobs (4 heights x 4 step sizes, seed 0)
+where the full comparison takes too long on a shared machine; it says so in its output.
+
+Part 2, time per step:
 
 The paper's MNIST MLP (784-128-10, tanh; bench.models.mlp) with sgd/sgd towers, one member per initial step size,
 batch 256 (the paper's; --batch-size) of random data (the cost does not depend on the values). The vectorized column
@@ -15,8 +23,11 @@ Each K runs in a fresh subprocess, so peak memory is its own: on CPU the growth 
 population is built and trained (Linux VmHWM, reset first; glibc made to unmap every freed tensor), on CUDA
 torch.cuda.max_memory_allocated; the one-time set-up of the libraries is done before and counted in neither.
 
-    python scripts/bench_population.py [--sizes 1 8 64 256] [--rounds 5] [--threads 1] [--batch-size 256]
-                                       [--device cpu|cuda|all]
+Every member draws its own batch (the population launcher's case: each member's seed sets its batch order), so
+the vectorized step gathers K batches and runs batched matrix products.
+
+    python scripts/bench_population.py [--sweep full|reduced|none] [--sizes 1 8 64 256] [--rounds 5] [--threads 1]
+                                       [--batch-size 256] [--device cpu|cuda|all]
 """
 
 from __future__ import annotations
@@ -77,7 +88,11 @@ def _population_step(k: int, device: str, x: torch.Tensor, y: torch.Tensor) -> C
     lrs = torch.logspace(-3, -1, k).tolist()
     members = [Member(hypergrad.parse_spec(f"sgd({lr})/sgd(1e-05)"), i, str(i)) for i, lr in enumerate(lrs)]
     pop = _Vectorized([_model(m.seed).to(device) for m in members], members)
-    return lambda: pop.step(x, y)
+    # Each member's own batch, gathered from a pool as the launcher gathers it from the training set.
+    pool_x, pool_y = torch.randn(4 * len(x), *x.shape[1:], device=device), torch.randint(0, 10, (4 * len(x),))
+    pool_y = pool_y.to(device)
+    idx = torch.stack([torch.randperm(len(pool_x))[: len(x)] for _ in range(k)]).to(device)
+    return lambda: pop.step(pool_x[idx], pool_y[idx], per_member=True)
 
 
 def _single_step(device: str, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
@@ -159,8 +174,44 @@ def _child(k: int, args: argparse.Namespace, device: str) -> dict[str, float]:
     return json.loads(out.strip().splitlines()[-1])
 
 
+REDUCED = ["optimizer.lr=1e-6,1e-4,1e-2,1.0", "seed=0"]  # 4 heights x 4 step sizes x 1 seed = 16 jobs
+LAUNCHERS = {
+    "basic": [],
+    "joblib, 2 workers": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+    "population": ["hydra/launcher=population"],
+    # The preset pins trainer.num_threads=1 (many small runs); one population process may use both cores.
+    "population, 2 threads": ["hydra/launcher=population", "trainer.num_threads=2"],
+}
+
+
+def time_sweep(kind: str, out: Path) -> dict[str, float]:
+    """Wall time of the sensitivity sweep through each launcher (a fresh process each, as a user runs it)."""
+    extra = REDUCED if kind == "reduced" else []
+    times = {}
+    for name, launcher in LAUNCHERS.items():
+        sweep_dir = out / name.replace(", ", "_").replace(" ", "_")
+        cmd = [sys.executable, "-m", "bench", "-m", "experiment=sensitivity_mnist5k", "trainer.progress=false",
+               f"hydra.sweep.dir={sweep_dir}", *extra, *launcher]  # fmt: skip
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        start = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        times[name] = time.perf_counter() - start
+        if done.returncode != 0:
+            raise SystemExit(f"the {name} sweep failed:\n{done.stderr[-2000:]}")
+        jobs = len([d for d in sweep_dir.iterdir() if (d / "metrics.json").is_file()])
+        print(f"{name:>18}: {times[name]:8.1f} s for {jobs} jobs ({sweep_dir})", flush=True)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--sweep",
+        choices=["full", "reduced", "none"],
+        default="full",
+        help="the sensitivity_mnist5k sweep through three launchers (reduced: 16 of its 132 jobs)",
+    )
+    parser.add_argument("--sweep-dir", type=Path, default=None, help="where the sweeps write (default: a temp dir)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 8, 64, 256])
     parser.add_argument("--steps", type=int, default=20, help="timed population steps per round at K <= 8")
     parser.add_argument("--single-steps", type=int, default=20, help="timed single-run steps per round")
@@ -174,6 +225,16 @@ def main() -> None:
     if args.one is not None:
         print(json.dumps(measure(args.one, args.steps, args.single_steps, args.rounds, args.device, args.batch_size)))
         return
+
+    if args.sweep != "none":
+        import tempfile
+
+        jobs = "16 of its 132 jobs (--sweep reduced)" if args.sweep == "reduced" else "all 132 jobs"
+        print(f"python -m bench -m experiment=sensitivity_mnist5k: {jobs}, whole-process wall time, 1 thread per job")
+        with tempfile.TemporaryDirectory() as tmp:
+            times = time_sweep(args.sweep, args.sweep_dir or Path(tmp))
+        basic = times["basic"]
+        print("  speed-up over basic: " + ", ".join(f"{name} {basic / t:.2f}x" for name, t in times.items()) + "\n")
 
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]

@@ -6,11 +6,14 @@
 - Tests marked `services` need real PostgreSQL or SLURM daemons. Where those are not installed they skip with one
   line naming the install command; HYPERGRAD_REQUIRE_SERVICES=1 (set by .ci/run, which installs them) turns every
   such skip into a failure.
+- The compute calibration cache (bench.calibrate) goes to each test's tmp dir (HYPERGRAD_CALIBRATION_CACHE, which
+  subprocesses inherit), never to ~/.cache/hypergrad.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +21,11 @@ os.environ.setdefault("HYPERGRAD_VERIFY_CHECKSUMS", "false")
 
 REQUIRE_SERVICES = os.environ.get("HYPERGRAD_REQUIRE_SERVICES", "") not in ("", "0")
 INSTALL = "apt-get install postgresql slurm-wlm munge (or run .ci/run)"
+
+
+@pytest.fixture(autouse=True)
+def _calibration_cache_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HYPERGRAD_CALIBRATION_CACHE", str(tmp_path / "calibration" / "step_cost.json"))
 
 
 def missing_services() -> list[str]:
@@ -55,3 +63,23 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         missing = missing_services()
         if missing:
             pytest.fail(f"HYPERGRAD_REQUIRE_SERVICES=1 but this machine lacks {', '.join(missing)}: {INSTALL}")
+
+
+@pytest.fixture
+def bench_cli():
+    """Run `python -m bench ARGS` as a user would: a fresh process with this checkout on PYTHONPATH, one thread.
+
+    Returns `run(*args, cwd) -> subprocess.CompletedProcess` (stdout and stderr captured as text).
+    """
+    import subprocess
+    import sys
+
+    from tests.harness_helpers import REPO
+
+    def run(*args: str, cwd, timeout: float = 600) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        return subprocess.run(
+            [sys.executable, "-m", "bench", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        )
+
+    return run

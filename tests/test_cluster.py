@@ -293,3 +293,32 @@ def test_a_tuning_worker_cancelled_mid_trial_leaves_that_trial_failed_and_the_st
     assert trials[victim.number].state == optuna.trial.TrialState.FAIL
     others = [t for n, t in trials.items() if n != victim.number]
     assert all(t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs["worker"] == 0 for t in others)
+
+
+def test_a_population_sweep_is_one_array_of_chunks_that_lands_every_job(slurm: SlurmCluster, tmp_path: Path) -> None:
+    # 12 jobs, at most 5 per population: three array tasks (5, 5, 2), each job in its own <num>/ directory with
+    # the numbers the local population launcher gives (float64).
+    sweep = [*TINY_RUN, "trainer.epochs=2", "trainer.dtype=float64", "optimizer.base=sgd", "optimizer.lr=0.03,0.3",
+             "optimizer.height=0,1", "seed=0,1,2", "hydra.launcher.max_members=5"]  # fmt: skip
+    on_slurm, local = tmp_path / "slurm", tmp_path / "local"
+    command = [sys.executable, "-m", "bench", "--multirun", "hydra/launcher=population_slurm", *SMALL_JOBS[1:]]
+    done = subprocess.run([*command, f"hydra.sweep.dir={on_slurm}", *sweep], cwd=tmp_path, env=slurm.env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:] + slurm.logs()
+    assert len(job_folders(on_slurm)) == 3
+    here = subprocess.run([sys.executable, "-m", "bench", "--multirun", "hydra/launcher=population",
+                           f"hydra.sweep.dir={local}", *sweep], cwd=tmp_path, env=slurm.env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert here.returncode == 0, here.stderr[-3000:]
+    for num in range(12):
+        a, b = read_metrics(on_slurm / str(num)), read_metrics(local / str(num))
+        assert a["status"] == "completed" and (a["population"]["size"], b["population"]["size"]) == (
+            5 if num < 10 else 2,
+            5 if num < 10 else 2,
+        )
+        for key in ("test_loss", "val_loss", "train_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-10), (num, key)
+        assert (on_slurm / str(num) / ".hydra" / "config.yaml").read_text() == (
+            local / str(num) / ".hydra" / "config.yaml"
+        ).read_text()
+    assert not (on_slurm / ".population").exists() or not any((on_slurm / ".population").iterdir())

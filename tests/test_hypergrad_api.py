@@ -343,14 +343,11 @@ def test_functional_core_steps_a_population_of_independent_members(spec: str) ->
     lrs = torch.tensor([0.01, 0.1, 0.3], dtype=torch.float64)
     plan = core.make_plan(tower, [{"lr": lrs}], [1], batch_shape=(3,))
     w = torch.zeros(3, 4, dtype=torch.float64)
-    state, live, deltas = core.init(plan, [w]), None, None
+    state = core.init(plan, [w])
     target = torch.arange(4.0, dtype=torch.float64)
     for _ in range(5):
-        grads = [2 * (w - target)]
-        hyper = core.zero_hypergradients(state) if live is None else core.hypergradients(plan, live, deltas, grads)
-        live, deltas = core.update(plan, state, grads, hyper)
-        w = w - deltas[0].detach()
-        state = core.detach(live)
+        deltas, state = core.update(plan, state, [2 * (w - target)])
+        w = w - deltas[0]
     base = tower.levels[0]
     for m, lr in enumerate(lrs.tolist()):
         alone = nn.Parameter(torch.zeros(4, dtype=torch.float64))

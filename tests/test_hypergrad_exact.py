@@ -13,6 +13,9 @@ from torch import nn
 
 import hypergrad
 from hypergrad import core
+from hypergrad.rules import AdaGradRule, AdamRule, AdamWRule, RMSPropRule, Rule, SGDRule
+from hypergrad.stable import StableAdamRule, StableSGDRule
+from tests.hypergrad_helpers import check_hypergradients_by_finite_differences, train_with_core, with_default_vjp
 
 torch.set_default_dtype(torch.float32)
 
@@ -207,7 +210,7 @@ def test_a_50_level_tower_trains() -> None:
     assert sum(losses[-5:]) < sum(losses[:5])
 
 
-# -- 4. hypergradients: closed form and central finite differences -------------------------------------------
+# -- 4. hypergradients: closed form, the default (autograd) vjp and central finite differences ---------------------
 def test_sgd_hypergradient_is_minus_the_dot_product_of_consecutive_gradients() -> None:
     model = make_mlp(dtype=torch.float64)
     opt = hypergrad.tower("sgd(0.1)/sgd(0.0)", model.parameters())
@@ -218,7 +221,7 @@ def test_sgd_hypergradient_is_minus_the_dot_product_of_consecutive_gradients() -
     opt.zero_grad()
     nn.functional.cross_entropy(model(x2), y2).backward()
     g2 = [p.grad.clone() for p in model.parameters()]
-    hyper = core.hypergradients(opt._plan, opt._live, opt._deltas, g2)
+    hyper = core.hypergradients(opt._plan, opt._tower, g2)
     closed = -sum((a * b).sum() for a, b in zip(g1, g2, strict=True))
     assert hyper[0][0].item() == pytest.approx(closed.item(), rel=1e-12)
 
@@ -229,82 +232,75 @@ FD_SPECS = [
     "adagrad(0.1)/rmsprop(1e-3)/sgd(1e-3)",
     "rmsprop(0.01, gamma=0.9)/adagrad(1e-2)/sgd(1e-3)",
     "adam(0.01)/sgd(1e-3)",
-    "adamw(0.01, weight_decay=0.1)/sgd(1e-3)",  # no closed form: autograd on its update on every path
+    "adamw(0.01, weight_decay=0.1)/adamw(1e-3)/sgd(1e-3)",
 ]
+
+
+def plan_of(spec: str, **kw) -> core.Plan:
+    return hypergrad.tower(spec, make_mlp(dtype=torch.float64).parameters(), **kw)._plan
 
 
 @pytest.mark.parametrize("spec", FD_SPECS)
 @pytest.mark.parametrize("parameterization", ["reference", "log"])
-@pytest.mark.parametrize("path", ["closed form", "autograd chain", "autograd"])
-def test_every_hypergradient_equals_central_finite_differences(spec, parameterization, path, monkeypatch) -> None:
-    """d loss_t / d h_(t-1) through one step, for every learned hyperparameter of every level, in float64.
-
-    Three ways to the same numbers: all levels' closed-form vjps (the default for built-in rules); level 0's
-    closed form with autograd through the hyper levels (a user's rule above); autograd throughout (a user's rule).
-    """
-    if path != "closed form":
-        monkeypatch.setattr(core.Plan, "closed_form", property(lambda self: False))
-    if path == "autograd":
-        for rule in {level.rule for level in hypergrad.parse_spec(spec).levels}:
-            monkeypatch.setattr(type(rule), "has_vjp", False)
-    model = make_mlp(dtype=torch.float64)
-    opt = hypergrad.tower(spec, model.parameters(), parameterization=parameterization)
-    data = batches(4, torch.float64)
-    for x, y in data[:3]:  # a few steps so that momentum, moments and bias corrections are all in play
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-    before, grads_prev, hyper_prev = opt._prev
-    x, y = data[3]
-    w_before = [p.detach() + d.detach() for p, d in zip(model.parameters(), opt._deltas, strict=True)]
-
-    def loss_after_last_step(state: core.TowerState) -> float:
-        _, deltas = core.update(opt._plan, state, grads_prev, hyper_prev)
-        params = {n: w - d.detach() for (n, _), w, d in zip(model.named_parameters(), w_before, deltas, strict=True)}
-        return nn.functional.cross_entropy(torch.func.functional_call(model, params, (x,)), y).item()
-
-    assert loss_after_last_step(before) == pytest.approx(nn.functional.cross_entropy(model(x), y).item(), rel=1e-13)
-    nn.functional.cross_entropy(model(x), y).backward()
-    hyper = core.hypergradients(opt._plan, opt._live, opt._deltas, [p.grad for p in model.parameters()])
-    checked = 0
-    for k, names in enumerate(opt._plan.learned[:-1]):
-        for i, name in enumerate(names):
-            eps = 1e-6
-
-            def shifted(delta: float, k=k, i=i) -> core.TowerState:
-                levels = list(before.levels)
-                hp = levels[k].hp[0].clone()
-                hp[i] += delta
-                levels[k] = core.LevelState([hp], levels[k].rule)
-                return core.TowerState(before.step, levels)
-
-            fd = (loss_after_last_step(shifted(eps)) - loss_after_last_step(shifted(-eps))) / (2 * eps)
-            assert hyper[k][0][i].item() == pytest.approx(fd, rel=1e-5, abs=1e-9), (k, name)
-            checked += 1
-    assert checked == sum(len(n) for n in opt._plan.learned)
+@pytest.mark.parametrize("vjp", ["closed form", "default"])
+def test_every_hypergradient_equals_central_finite_differences(spec, parameterization, vjp) -> None:
+    """d loss_t / d h_(t-1) through one step, for every learned hyperparameter of every level, in float64, with the
+    built-in rules' closed-form vjps and with the default vjp (autograd through each rule's update)."""
+    plan = plan_of(spec, parameterization=parameterization)
+    if vjp == "default":
+        plan = with_default_vjp(plan)
+    # a few steps first, so that momentum, moments and bias corrections are all in play
+    assert check_hypergradients_by_finite_differences(plan, make_mlp(dtype=torch.float64), batches(4, torch.float64))
 
 
 @pytest.mark.parametrize(
     "spec", [*FD_SPECS, "sgd(0.1)/sgd(1e-3)", "adam[lr](0.01)/sgd(1e-3)", "rmsprop[lr](0.01)/sgd(1e-3)"]
 )
-def test_closed_form_hypergradients_equal_autograd_on_the_update_rule(spec, monkeypatch) -> None:
-    """The built-in rules' closed-form vjp is only a speed-up: it must agree with autograd through ``update``."""
-
-    def run() -> list[torch.Tensor]:
-        model = make_mlp(dtype=torch.float64)
-        opt = hypergrad.tower(spec, model.parameters())
-        out = []
-        for x, y in batches(6, torch.float64):
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-            opt.zero_grad()
-            out.append(torch.cat([h for level in opt._prev[2] for h in level]))  # the hypergradients this step used
-        return out[1:]  # the first step's are zero by definition
-
-    fast = run()
-    rule = hypergrad.parse_spec(spec).levels[0].rule
-    monkeypatch.setattr(type(rule), "has_vjp", False)
-    slow = run()
-    assert len(fast) == 5
+def test_closed_form_hypergradients_equal_the_default_vjp_through_a_tower(spec) -> None:
+    """The built-in rules' closed-form vjp is only a speed-up: every step's hypergradients equal the default's."""
+    plan = plan_of(spec)
+    fast = train_with_core(plan, make_mlp(dtype=torch.float64), batches(6, torch.float64))
+    slow = train_with_core(with_default_vjp(plan), make_mlp(dtype=torch.float64), batches(6, torch.float64))
+    assert all(bool(h.abs().min() > 0) for level in fast[-1] for h in level)  # every level has acted by then
     for a, b in zip(fast, slow, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-14)
+        for level_a, level_b in zip(a, b, strict=True):
+            for x, y in zip(level_a, level_b, strict=True):
+                torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-14)
+
+
+CLOSED_FORMS = [
+    (SGDRule(), {"lr": 0.1, "momentum": 0.0}),
+    (SGDRule(), {"lr": 0.1, "momentum": 0.9}),
+    (AdamRule(), {"lr": 0.01, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8}),
+    (AdamWRule(), {"lr": 0.01, "beta1": 0.8, "beta2": 0.99, "eps": 1e-8, "weight_decay": 0.1}),
+    (AdaGradRule(), {"lr": 0.1, "eps": 1e-10, "initial_accumulator_value": 0.1}),
+    (RMSPropRule(), {"lr": 0.01, "gamma": 0.9, "eps": 1e-8}),
+    (StableSGDRule(), {"lr": 0.1, "momentum": 0.9}),
+    (StableAdamRule(), {"lr": 0.01, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8}),
+]
+
+
+@pytest.mark.parametrize(("rule", "values"), CLOSED_FORMS, ids=[f"{type(r).__name__}-{v}" for r, v in CLOSED_FORMS])
+@pytest.mark.parametrize("learn", ["all", "lr", "all but lr"])
+@pytest.mark.parametrize("step", [1, 2, 5])
+def test_every_closed_form_vjp_equals_the_default_vjp(rule, values, learn, step) -> None:
+    """Rule by rule, learned subset by subset, at the first step and later ones (random tensors, float64)."""
+    assert not rule.vjp_needs_inputs  # the closed form reads only the state after the step: no gradient copied
+    g = torch.Generator().manual_seed(step)
+    names = rule.learnable(values)
+    names = {"all": names, "lr": ("lr",), "all but lr": tuple(n for n in names if n != "lr")}[learn]
+    hp = {n: torch.tensor(v, dtype=torch.float64) if n in names else v for n, v in values.items()}
+    param = torch.randn(7, 3, generator=g, dtype=torch.float64)
+    state = rule.init(param, hp)
+    for t in range(1, step + 1):
+        grad = torch.randn(7, 3, generator=g, dtype=torch.float64)
+        before = state
+        _, state = rule.update(grad, before, hp, t)
+    grad_next = torch.randn(7, 3, generator=g, dtype=torch.float64)
+    dot = lambda a, b: torch.dot(a.reshape(-1), b.reshape(-1))  # noqa: E731
+    closed = rule.vjp(grad_next, None, None, state, hp, step, dot)
+    default = Rule.vjp(rule, grad_next, grad, before, state, hp, step, dot)
+    zero = torch.zeros((), dtype=torch.float64)
+    assert set(closed) <= set(names) and set(default) <= set(names)
+    for n in names:
+        torch.testing.assert_close(closed.get(n, zero), default.get(n, zero), rtol=1e-10, atol=1e-15)

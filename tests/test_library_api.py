@@ -70,6 +70,15 @@ def test_repr_shows_the_current_values_per_group() -> None:
     assert "Level 2 (sgd): lr=0.001" in text
 
 
+def test_repr_names_the_options_that_change_the_method() -> None:
+    params = list(make_model().parameters())
+    assert repr(hypergrad.tower("adam/sgd(1e-3)", params, stable=True)).startswith(
+        "HyperOptimizer 'adam(0.001)/sgd(0.001)', stable=True (\n"
+    )
+    log = hypergrad.tower("adam/sgd(1e-3)", params, parameterization="log")
+    assert repr(log).startswith("HyperOptimizer 'adam(0.001)/sgd(0.001)', parameterization='log' (\n")
+
+
 def test_one_argument_order_and_the_torch_order_still_works() -> None:
     model = make_model()
     a = hypergrad.HyperOptimizer("adam/sgd(1e-5)", model.parameters())

@@ -145,6 +145,6 @@ def test_a_state_dict_of_another_model_or_with_missing_keys_is_refused_at_load()
     other = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 2)).double()
     with pytest.raises(ValueError, match=r"state_dict parameter 0 has shape \(5, 6\), but this optimizer's"):
         hypergrad.tower("adam/sgd(1e-5)", other.parameters()).load_state_dict(sd)
-    del sd["tower"]["prev"]
-    with pytest.raises(ValueError, match=r"state_dict\['tower'\] must have the keys .* but 'prev' is missing"):
+    del sd["tower"]["state"]
+    with pytest.raises(ValueError, match=r"state_dict\['tower'\] must have the keys .* but 'state' is missing"):
         hypergrad.tower("adam/sgd(1e-5)", make_model().parameters()).load_state_dict(sd)

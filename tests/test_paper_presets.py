@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from hypergrad import format_spec, parse_spec
 
@@ -54,3 +55,61 @@ def test_every_rerun_row_follows_its_tower_and_its_learned_values_are_a_valid_ba
     assert sum("rerun_of" in r for r in rows) == 14
     for row in rows:
         assert 0 < row["test_error"] < 1 and 0 <= row["test_error_std"] < 0.01
+
+
+def _compose(preset: str, *overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "bench" / "conf"), version_base=None):
+        return compose("config", overrides=[f"experiment={preset}", *overrides], return_hydra_config=True)
+
+
+def _grid_specs(preset: str) -> list[str]:
+    """The spec of every run of a preset that sweeps optimizer.momentum x optimizer.lr (as bench.optim builds it)."""
+    from bench.optim import tower_spec
+
+    cfg = _compose(preset)
+    params = cfg.hydra.sweeper.params
+    specs = []
+    for momentum in str(params["optimizer.momentum"]).split(","):
+        for lr in str(params["optimizer.lr"]).split(","):
+            specs.append(
+                _norm(tower_spec(OmegaConf.merge(cfg.optimizer, {"momentum": float(momentum), "lr": float(lr)})))
+            )
+    return specs
+
+
+def test_cifar_presets_run_the_figures_grid_its_curves_and_the_papers_epochs() -> None:
+    entry = PAPER["experiments"]["cifar_resnet20"]
+    published = {_norm(r["spec"]): r for r in entry["rows"] if "spec" in r}
+    towers, fixed = _grid_specs("cifar_resnet20"), _grid_specs("cifar_resnet20_fixed")
+    # Every cell of the figure's 3x3 grid, as the Hyperoptimizer curve (height 1) and the Baseline curve (height 0).
+    assert sorted(towers + fixed) == sorted(published) and len(published) == 18
+    for spec in towers:
+        levels = parse_spec(spec).levels
+        # No learned subset given: every learnable one, which for SGD started at a non-zero momentum is both.
+        assert len(levels) == 2 and levels[0].learned is None
+        assert set(levels[0].rule.learnable(levels[0].values)) == {"lr", "momentum"}
+        assert published[spec]["paper_row"].startswith("Hyperoptimizer")
+    for spec in fixed:
+        assert len(parse_spec(spec).levels) == 1 and published[spec]["paper_row"].startswith("Baseline")
+    # The rows are the `grid` the figure was read into, cell by cell.
+    for row in published.values():
+        base = parse_spec(row["spec"]).levels[0].values
+        pair = entry["grid"][round(base["momentum"], 6)][round(base["lr"], 6)]
+        assert row["test_error"] == pair[len(parse_spec(row["spec"]).levels) - 1]
+    he = _compose("cifar_resnet20_step_decay")
+    for preset in ("cifar_resnet20", "cifar_resnet20_fixed", "cifar_resnet20_step_decay"):
+        cfg = _compose(preset)
+        assert (cfg.trainer.epochs, cfg.model.name, cfg.dataset.name) == (200, "resnet20", "cifar10")
+    assert set(entry["presets"]) == {"cifar_resnet20", "cifar_resnet20_fixed", "cifar_resnet20_step_decay"}
+    he_row = next(r for r in entry["rows"] if "spec" not in r)
+    assert (he_row["method"], he_row["lr"]) == ("momentum + step schedule", he.optimizer.lr)
+
+
+def test_char_lstm_preset_uses_table_1_rows_and_claims_no_published_numbers() -> None:
+    # The paper publishes nothing for the RNN but the task: the optimizers are Table 1's, the numbers none.
+    table_1 = {_norm(r["spec"]) for r in PAPER["experiments"]["mnist_table"]["rows"] if "rerun_of" not in r}
+    specs = [_norm(s) for s in _sweep_specs("char_lstm_war_and_peace")]
+    assert len(specs) == len(set(specs)) == 7 and set(specs) <= table_1
+    assert PAPER["experiments"]["char_lstm_war_and_peace"]["rows"] == []
+    cfg = _compose("char_lstm_war_and_peace")
+    assert (cfg.model.name, cfg.dataset.name, cfg.hydra.sweeper.params.seed) == ("char_lstm", "war_and_peace", "0,1,2")

@@ -1,14 +1,13 @@
-"""Population training (bench.population): a grid trained as one vectorized job equals its members run alone."""
+"""Population training (bench.population): a grid trained as one vectorized job equals its members run alone.
+
+Sweeps through `hydra/launcher=population` (the grid as users ask for it) are tested in test_population_launcher.py.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -22,11 +21,8 @@ from bench.population import (
     PopulationError,
     evaluate_trials_as_population,
     group_members,
-    population_members,
-    run_population,
     tell_trials,
     train_population,
-    validate_population,
 )
 from bench.train import run
 
@@ -186,10 +182,9 @@ def test_batchnorm_models_get_a_clear_error_and_run_sequentially():
     assert results[0].step_losses != results[1].step_losses  # two seeds, two runs
 
 
-def _cfg(tmp_path, *overrides: str, population: bool = True):
+def _cfg(tmp_path, *overrides: str):
     return compose_config(
         [
-            *(["+population=grid"] if population else []),
             "dataset=digits",
             "trainer.epochs=2",
             "trainer.batch_size=128",
@@ -199,127 +194,6 @@ def _cfg(tmp_path, *overrides: str, population: bool = True):
             *overrides,
         ]
     )
-
-
-METRICS_KEYS = {
-    "test_error", "test_loss", "val_error", "val_loss", "train_loss", "diverged", "diverged_step", "diverged_reason",
-    "epochs", "steps", "wall_time_s", "optimizer", "method", "family", "height", "init", "hyperparameters", "seed",
-    "model", "dataset", "status",
-}  # fmt: skip
-
-
-def test_member_directories_have_the_harness_schema(tmp_path):
-    cfg = _cfg(
-        tmp_path,
-        "population.lr=[0.01,0.1]",
-        "population.heights=[0,2]",
-        "population.seeds=[0,1]",
-        "optimizer.base=sgd",
-        "optimizer.hyper_lr=0.001",
-    )
-    metrics = run_population(cfg)
-    assert len(metrics) == 8
-    summary = json.loads((tmp_path / "population.json").read_text())
-    assert [m["dir"] for m in summary["members"]][:2] == ["members/lr=0.01_h=0_seed=0", "members/lr=0.01_h=0_seed=1"]
-    for entry, returned in zip(summary["members"], metrics, strict=True):
-        run_dir = tmp_path / entry["dir"]
-        saved = json.loads((run_dir / "metrics.json").read_text())
-        assert set(saved) >= METRICS_KEYS and saved == json.loads(json.dumps(returned))
-        history = pd.read_csv(run_dir / "history.csv")
-        levels = [f"L{k + 1}.lr" for k in range(saved["height"] + 1)]
-        assert list(history.columns) == [
-            "epoch", "steps", "train_loss", "val_loss", "val_error", "test_loss", "test_error", "wall_time_s", *levels
-        ]  # fmt: skip
-        assert list(history.epoch) == [1, 2] and saved["steps"] == 8 and saved["status"] == "completed"
-        assert saved["family"] == "tower" and saved["method"] == "sgd" + "/sgd(0.001)" * saved["height"]
-        assert saved["init"] == {"lr": pytest.approx(float(entry["name"].split("_")[0].removeprefix("lr=")), rel=1e-7)}
-        assert saved["hyperparameters"][-1] == {"lr": 0.001 if saved["height"] else saved["init"]["lr"]}
-        assert (run_dir / ".hydra" / "config.yaml").read_text().count(f"seed: {saved['seed']}") >= 1
-        if saved["init"]["lr"] == 0.1:  # large enough to learn visibly in 8 steps
-            assert history.train_loss.iloc[-1] < history.train_loss.iloc[0]
-
-
-def test_sequential_mode_gives_the_same_members(tmp_path):
-    common = ["population.lr=[0.05]", "population.heights=[0,1]", "population.dtype=float64", "optimizer.base=sgd"]
-    vec = run_population(_cfg(tmp_path / "v", *common), tmp_path / "v")
-    seq = run_population(_cfg(tmp_path / "s", *common, "population.mode=sequential"), tmp_path / "s")
-    for a, b in zip(vec, seq, strict=True):
-        assert a["optimizer"] == b["optimizer"]
-        for key in ("test_loss", "val_loss", "train_loss"):
-            assert a[key] == pytest.approx(b[key], rel=1e-10)
-
-
-def test_baselines_that_couple_members_are_refused_with_the_way_out(tmp_path):
-    cfg = _cfg(tmp_path, "optimizer=prodigy", "population.seeds=[0,1]")
-    with pytest.raises(
-        ConfigError, match=r"^`optimizer` must be .*Prodigy.*sums over all.*couple the members.*sequential"
-    ):
-        run_population(cfg)
-    assert not (tmp_path / "population.json").exists()
-    metrics = run_population(
-        _cfg(tmp_path, "optimizer=prodigy", "population.seeds=[0,1]", "population.mode=sequential")
-    )
-    assert [(m["optimizer"], m["family"], m["seed"], m["status"]) for m in metrics] == [
-        ("prodigy", "tuning_free", 0, "completed"),
-        ("prodigy", "tuning_free", 1, "completed"),
-    ]
-
-
-@pytest.mark.parametrize(
-    ("override", "message"),
-    [
-        ("population.lr=[0.1,-1]", "`population.lr` must be a non-empty list of step sizes > 0, but got [0.1, -1]"),
-        ("population.heights=[1.5]", "`population.heights` must be a non-empty list of integers >= 0, but got [1.5]"),
-        (
-            "population.mode=parallel",
-            "`population.mode` must be one of ['vectorized', 'sequential'], but got 'parallel'",
-        ),
-        ("population.dtype=half", "`population.dtype` must be one of ['float32', 'float64'], but got 'half'"),
-        ("optimizer=schedulefree_sgd", "`optimizer` must be a per-parameter optimizer for a vectorized population"),
-        ("trainer.amp=true", "`trainer.amp` must be false for a population (autocast is not applied to the stacked"),
-        ("logger=wandb", "`logger` must be none for a population (members write run directories, not W&B runs)"),
-    ],
-)
-def test_bad_population_values_fail_before_training(tmp_path, override, message):
-    with pytest.raises(ConfigError) as e:
-        run_population(_cfg(tmp_path, override))
-    assert str(e.value).startswith(message)
-    assert not any(tmp_path.iterdir())
-
-
-def test_baselines_train_vectorized_exactly_as_alone(tmp_path):
-    # Each member keeps its own torch.optim optimizer over its slice of the stack; a cosine schedule included.
-    common = ["optimizer=momentum", "optimizer.schedule=cosine", "population.lr=[0.05,0.2]", "population.dtype=float64"]
-    vec = run_population(_cfg(tmp_path / "v", *common), tmp_path / "v")
-    seq = run_population(_cfg(tmp_path / "s", *common, "population.mode=sequential"), tmp_path / "s")
-    assert [m["init"]["lr"] for m in vec] == [0.05, 0.2]
-    for a, b in zip(vec, seq, strict=True):
-        assert (a["optimizer"], a["family"], a["status"]) == ("momentum", "baseline", "completed")
-        assert a["init"] == b["init"] and a["steps"] == b["steps"] == 8
-        for key in ("test_loss", "val_loss", "train_loss"):
-            assert a[key] == pytest.approx(b[key], rel=1e-10)
-        assert a["hyperparameters"][0]["lr"] == pytest.approx(b["hyperparameters"][0]["lr"], rel=1e-12)
-
-
-@pytest.mark.parametrize(("mode", "tol"), [("sequential", 0.0), ("vectorized", 1e-5)])
-def test_a_member_equals_the_harness_run_of_its_configuration(tmp_path, mode, tol):
-    # The member whose seed is the run's seed draws the same initialization and batches as `python -m bench`.
-    grid = ["population.lr=[0.05]", "population.heights=[0,1,2]", "population.seeds=[0]", f"population.mode={mode}"]
-    members = run_population(_cfg(tmp_path / "pop", *grid, "optimizer.base=sgd"), tmp_path / "pop")
-    for m in members:
-        single = run(
-            _cfg(tmp_path / "one", "optimizer.base=sgd", "optimizer.lr=0.05", f"optimizer.height={m['height']}"),
-            tmp_path / f"one{m['height']}",
-        )
-        assert {k: m[k] for k in ("optimizer", "method", "family", "init", "steps", "epochs", "seed", "status")} == {
-            k: single[k] for k in ("optimizer", "method", "family", "init", "steps", "epochs", "seed", "status")
-        }
-        for key in ("test_loss", "val_loss", "train_loss", "test_error", "val_error"):
-            assert m[key] == pytest.approx(single[key], rel=tol, abs=0), key
-        for mine, theirs in zip(m["hyperparameters"], single["hyperparameters"], strict=True):
-            assert mine == pytest.approx(theirs, rel=tol, abs=0)
-        history = pd.read_csv(tmp_path / "pop" / "members" / f"lr=0.05_h={m['height']}_seed=0" / "history.csv")
-        assert list(history.columns) == list(pd.read_csv(tmp_path / f"one{m['height']}" / "history.csv").columns)
 
 
 def test_optuna_trials_train_together_and_each_is_reported_pruned_and_told(tmp_path):
@@ -333,7 +207,7 @@ def test_optuna_trials_train_together_and_each_is_reported_pruned_and_told(tmp_p
     for lr in (1e-6, 0.5, 1.0):
         study.enqueue_trial({"lr": lr})
     trials = [study.ask() for _ in range(3)]
-    base = _cfg(tmp_path, "optimizer=sgd", population=False)
+    base = _cfg(tmp_path, "optimizer=sgd")
     cfgs = []
     for trial in trials:
         cfg = base.copy()
@@ -370,95 +244,9 @@ def test_optuna_trials_must_share_everything_but_the_optimizer(tmp_path):
     study = optuna.create_study()
     trials = [study.ask() for _ in range(2)]
     cfgs = [
-        _cfg(tmp_path, "optimizer=sgd", population=False),
-        _cfg(tmp_path, "optimizer=sgd", "trainer.batch_size=64", population=False),
+        _cfg(tmp_path, "optimizer=sgd"),
+        _cfg(tmp_path, "optimizer=sgd", "trainer.batch_size=64"),
     ]
     with pytest.raises(ConfigError, match=r"^`trainer` must be the same for every trial of a population, but trial 1"):
         evaluate_trials_as_population(trials, cfgs, [tmp_path / "a", tmp_path / "b"])
     assert not (tmp_path / "a").exists()
-
-
-def _cli(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
-    # The same Hydra app as `python -m bench +population=NAME`; run from tmp_path so Hydra's own files land there.
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.population",
-            *overrides,
-            "trainer.progress=false",
-            f"paths.output_dir={tmp_path}/run",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
-        timeout=300,
-    )
-
-
-def test_command_line_trains_the_preset_grid_and_prints_a_summary(tmp_path):
-    done = _cli(tmp_path, "+population=grid", "dataset=digits", "population.lr=[0.01,0.1]", "population.heights=[0,1]",
-                "trainer.epochs=1")  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines()[0] == "population of 4 members (0 diverged), best validation error first"
-    assert sorted(p.name for p in (tmp_path / "run" / "members").iterdir()) == [
-        "lr=0.01_h=0_seed=0", "lr=0.01_h=1_seed=0", "lr=0.1_h=0_seed=0", "lr=0.1_h=1_seed=0"
-    ]  # fmt: skip
-
-
-@pytest.mark.parametrize(
-    ("overrides", "message"),
-    [
-        (["population.seeds=[0,0.5]"], "error: `population.seeds` must be a non-empty list of integers, but got [0, 0.5]"),
-        (["model=char_lstm", "dataset=pydoc_text"], "error: `model=char_lstm` cannot be trained as a vectorized "
-         "population: its LSTM layer `lstm` runs a fused kernel that torch.vmap cannot batch; use population.mode=sequential"),
-        (["model=resnet20"], "error: `model=resnet20` cannot be trained as a vectorized population: its BatchNorm layer"),
-    ],
-)  # fmt: skip
-def test_command_line_bad_input_is_one_line_and_exit_2(tmp_path, overrides, message):
-    done = _cli(tmp_path, "+population=grid", "dataset=digits", "trainer.epochs=1", *overrides)
-    assert done.returncode == 2
-    assert done.stderr.strip().startswith(message) and len(done.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "run" / "population.json").exists()
-
-
-@pytest.mark.parametrize(
-    "preset",
-    sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "bench" / "conf" / "population").glob("*.yaml")),
-)
-def test_every_preset_composes_into_a_valid_grid(preset):
-    cfg = compose_config([f"+population={preset}"])
-    validate_population(cfg)
-    members = population_members(cfg)
-    p = cfg.population
-    size = len(p.lr or [0]) * len(p.heights or [0]) * len(p.seeds or [0])
-    assert len(members) == size and len({m.name for m in members}) == size
-    assert len(group_members(members)) == 1  # one vectorized job
-
-
-@pytest.mark.parametrize("max_steps", [4, 6])  # 4 steps per epoch: a cap at an epoch's end, and inside one
-@pytest.mark.parametrize("mode", ["vectorized", "sequential"])
-def test_max_steps_records_the_same_epochs_as_a_harness_run(tmp_path, mode, max_steps):
-    common = ["optimizer.base=sgd", "optimizer.lr=0.1", "optimizer.height=1", f"trainer.max_steps={max_steps}"]
-    (member,) = run_population(_cfg(tmp_path / "pop", *common, f"population.mode={mode}"), tmp_path / "pop")
-    single = run(_cfg(tmp_path / "one", *common, population=False), tmp_path / "one")
-    mine = pd.read_csv(tmp_path / "pop" / "members" / "lr=0.1_h=1_seed=0" / "history.csv")
-    theirs = pd.read_csv(tmp_path / "one" / "history.csv")
-    assert list(mine.epoch) == list(theirs.epoch) and list(mine.steps) == list(theirs.steps)
-    assert member["steps"] == single["steps"] == max_steps and member["epochs"] == single["epochs"]
-
-
-@pytest.mark.parametrize("mode", ["sequential", "vectorized"])
-def test_weights_with_non_finite_outputs_are_a_diverged_member_as_in_the_harness(tmp_path, mode):
-    # One step of size 1e38 leaves a finite training loss but weights whose outputs overflow: the harness records
-    # that run as diverged at step 1 with a non-finite validation loss, and so must its population member.
-    common = ["optimizer.base=sgd", "model.output_tanh=false", "trainer.max_steps=1"]
-    grid = ["population.lr=[1e38,0.05]", "population.heights=[0]", "population.seeds=[0]", f"population.mode={mode}"]
-    members = run_population(_cfg(tmp_path / "pop", *grid, *common), tmp_path / "pop")
-    single = run(_cfg(tmp_path / "one", *common, "optimizer.lr=1e38", "optimizer.height=0"), tmp_path / "one")
-    blown, fine = sorted(members, key=lambda m: -m["init"]["lr"])
-    keys = ("status", "diverged_step", "steps", "diverged_reason")
-    assert {k: blown[k] for k in keys} == {k: single[k] for k in keys}
-    assert single["diverged_reason"].startswith("non-finite validation loss")
-    assert fine["status"] == "completed"

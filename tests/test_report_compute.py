@@ -65,3 +65,16 @@ def test_calibration_measures_once_and_caches_per_device(tmp_path: Path) -> None
     stored = json.loads(cache.read_text())
     assert len(stored) == 2 and all(v > 0 for v in stored.values())  # the tower and the SGD reference
     assert calibrate(tmp_path / "runs", cache) == first  # read back, not measured again
+
+
+def test_the_calibration_cache_follows_the_environment_and_tests_keep_it_out_of_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bench.calibrate import default_cache
+
+    # conftest points every test's cache into its own tmp dir; subprocesses inherit the variable.
+    assert default_cache() == tmp_path / "calibration" / "step_cost.json"
+    monkeypatch.setenv("HYPERGRAD_CALIBRATION_CACHE", str(tmp_path / "elsewhere.json"))
+    assert default_cache() == tmp_path / "elsewhere.json"
+    monkeypatch.delenv("HYPERGRAD_CALIBRATION_CACHE")
+    assert default_cache() == Path.home() / ".cache" / "hypergrad" / "step_cost.json"

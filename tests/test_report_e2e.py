@@ -39,6 +39,8 @@ def test_report_on_a_real_sweep_and_study(tmp_path: Path) -> None:
     cli = _python("-m", "bench.report", f"input={tmp_path / 'sweep'}", f"input={tmp_path / 'tune'}",
                   f"output_dir={out}", f"hydra.run.dir={tmp_path / 'hydra'}", tmp_path=tmp_path)  # fmt: skip
     assert "17 runs (4 diverged" in cli.stdout  # 12 sweep runs + 3 trials + 2 reruns; both 1e38 settings x 2 seeds
+    # The compute calibration went to this test's cache (conftest's HYPERGRAD_CALIBRATION_CACHE), not to ~/.cache.
+    assert (tmp_path / "calibration" / "step_cost.json").is_file()
 
     for name in (
         "summary.csv",
@@ -74,3 +76,31 @@ def test_report_on_a_real_sweep_and_study(tmp_path: Path) -> None:
         line = next(x for x in report.splitlines() if x.startswith(f"| {method} | ") and " of 3 |" in x)
         overall, within = line.split(" | ")[2:4]  # method, decades (own best), decades (overall best), within
         assert within == f"{n_within} of 3" and overall.startswith("nan" if n_within == 0 else f"{decades:g} (")
+
+
+@pytest.mark.slow
+def test_cifar_presets_report_puts_the_figures_numbers_beside_each_grid_cell(tmp_path: Path) -> None:
+    """The three CIFAR-10 presets, two steps each on tiny CIFAR-shaped files, are one experiment to the report."""
+    from tests.harness_helpers import write_all
+
+    data = write_all(tmp_path / "data")
+    tiny = ["trainer.epochs=1", "trainer.max_steps=2", "trainer.progress=false", "trainer.checkpoint_every=0",
+            "trainer.batch_size=8", "dataset.val_size=5", f"paths.data_dir={data}"]  # fmt: skip
+    inputs = []
+    for preset in ("cifar_resnet20", "cifar_resnet20_fixed", "cifar_resnet20_step_decay"):
+        _python("-m", "bench", "-m", f"experiment={preset}", *tiny, f"hydra.sweep.dir={tmp_path / preset}",
+                tmp_path=tmp_path)  # fmt: skip
+        inputs.append(f"input={tmp_path / preset}")
+    out = tmp_path / "report"
+    # tuning_cost=epochs: calibrating 19 ResNet-20 optimizers would be most of this test's time, and is tested above.
+    _python("-m", "bench.report", *inputs, f"output_dir={out}", f"hydra.run.dir={tmp_path / 'hydra'}",
+            "tuning_cost=epochs", tmp_path=tmp_path)  # fmt: skip
+    summary = pd.read_csv(out / "summary.csv")
+    grid = summary[summary["family"] == "tower"]
+    assert len(grid) == 18 and grid["paper_test_error"].notna().all()
+    cell = grid[(grid["height"] == 1) & (grid["lr"] == 1.0) & (grid["momentum"] == 0.99)]
+    assert cell["paper_test_error"].tolist() == [0.19]  # the figure's Hyperoptimizer at momentum 0.99, step 1
+    report = (out / "report.md").read_text()
+    assert "| He et al. 2015 (step decay), every panel | momentum + step schedule | 12.50% |" in report
+    assert "### The paper's claims" not in report  # Table 1's claims are not this experiment's
+    assert (out / "paper_vs_ours.png").stat().st_size > 0

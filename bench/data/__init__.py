@@ -50,7 +50,7 @@ class Data:
 def split_indices(n: int, val_size: int, test_size: int, seed: int) -> tuple[torch.Tensor, ...]:
     """Seeded disjoint train/val/test index sets over `n` examples."""
     if val_size + test_size >= n:
-        from bench.config import ConfigError
+        from bench.errors import ConfigError
 
         raise ConfigError(
             f"`dataset.val_size` + `dataset.test_size` must leave training examples out of {n}, "
@@ -63,7 +63,7 @@ def split_indices(n: int, val_size: int, test_size: int, seed: int) -> tuple[tor
 def _cap(split: Split, size: int | None) -> Split:
     """Keep the first `size` training examples, for quick runs (image splits are already shuffled)."""
     if size is not None and size > len(split[0]):
-        from bench.config import ConfigError
+        from bench.errors import ConfigError
 
         raise ConfigError(
             f"`dataset.train_size` must be at most the {len(split[0])} training examples of this dataset "

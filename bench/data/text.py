@@ -34,7 +34,7 @@ def encode_windows(name: str, text: str, cfg: DictConfig) -> Data:
     for split, stretch in stretches.items():
         windows = stretch[: len(stretch) // width * width].reshape(-1, width)
         if len(windows) == 0:
-            from bench.config import ConfigError
+            from bench.errors import ConfigError
 
             raise ConfigError(
                 f"`dataset.seq_len` must leave at least one window in the {split} split, but got "

@@ -72,7 +72,7 @@ def _load_repacked_cifar(root: Path, train: bool) -> tuple[np.ndarray, list[int]
             data.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.extend(int(v) for v in entry["labels"])
         except Exception as e:
-            from bench.config import ConfigError
+            from bench.errors import ConfigError
 
             raise ConfigError(
                 f"`dataset.data_dir` must hold CIFAR-10 batches, but {path} is not one ({str(e)[:160]}); "
@@ -95,7 +95,7 @@ def missing_files(cfg: DictConfig) -> list[Path]:
 
 def _torchvision(cls: type, cfg: DictConfig, train: bool) -> tvd.VisionDataset:
     """torchvision's dataset, with a failed download or a corrupt file reported in one line."""
-    from bench.config import ConfigError
+    from bench.errors import ConfigError
 
     try:
         return cls(str(Path(cfg.data_dir).expanduser()), train=train, download=cfg.download)

@@ -247,7 +247,7 @@ def answer(summary: pd.DataFrame, claims_table: pd.DataFrame, dataset: str, epoc
         )
     parts.append(". ")
     parts.append(
-        f"Of the paper's {len(verdicts)} claims tested below, {len(held)} hold"
+        f"Of the paper's {len(verdicts)} claims tested below, {len(held)} hold{'s' if len(held) == 1 else ''}"
         + (f", {len(failed)} fail ({'; '.join(failed)})" if failed else "")
         + ", and the rest are within noise or not evaluated on these inputs."
     )

@@ -18,6 +18,8 @@ import pandas as pd
 import yaml
 from tqdm.auto import tqdm
 
+from bench.schema import NUMBER_KEYS, TEXT_KEYS
+
 __all__ = ["MISS_ERROR", "REQUIRED_KEYS", "ReportInputError", "Runs", "find_run_dirs", "load_runs"]
 
 # The keys of the harness's metrics.json that the report needs; the rest are optional.
@@ -166,8 +168,7 @@ def _setting(x: Any) -> float:
     return v if math.isnan(v) else float(f"{v:.6g}")
 
 
-_NUMBER_KEYS = ("test_error", "val_error", "test_loss", "val_loss", "train_loss", "wall_time_s", "epochs", "steps")
-_TEXT_KEYS = ("method", "family", "dataset", "model", "optimizer", "status")
+_NUMBER_KEYS, _TEXT_KEYS = NUMBER_KEYS, TEXT_KEYS
 
 
 def _check_types(run_dir: Path, metrics: dict[str, Any]) -> None:

@@ -50,6 +50,12 @@ def validate(cfg: DictConfig) -> None:
         raise ReportInputError(f"`n_bootstrap` must be >= 1, but got {cfg.n_bootstrap}")
     if not float(cfg.robustness.tolerance) >= 0.0:
         raise ReportInputError(f"`robustness.tolerance` must be >= 0, but got {cfg.robustness.tolerance}")
+    for t in cfg.robustness.get("profile_absolute") or []:
+        if not float(t) >= 0.0:
+            raise ReportInputError(f"`robustness.profile_absolute` must hold numbers >= 0, but got {t}")
+    for f in cfg.robustness.get("profile_relative") or []:
+        if not float(f) >= 1.0:
+            raise ReportInputError(f"`robustness.profile_relative` must hold factors >= 1, but got {f}")
     if cfg.get("interval", "t") not in ("t", "bootstrap"):
         raise ReportInputError(f"`interval` must be t or bootstrap, but got {cfg.interval}")
     if cfg.tuning_cost not in _COSTS:
@@ -74,8 +80,14 @@ def _experiment(cfg: DictConfig, runs: Runs, paper: dict[str, Any]) -> str | Non
             known = ", ".join(sorted(paper["experiments"]))
             raise ReportInputError(f"`paper` must be auto, none or one of {known}, but got {cfg.paper}")
         return str(cfg.paper)
-    found = runs.table["experiment"].dropna().unique()
-    return str(found[0]) if len(found) == 1 else None
+    found = set(runs.table["experiment"].dropna().unique())
+    if not found:
+        return None
+    # One experiment of the paper can be several presets (CIFAR-10: towers, fixed baseline, step decay).
+    for name, entry in paper["experiments"].items():
+        if found <= set(entry.get("presets") or [name]):
+            return str(name)
+    return found.pop() if len(found) == 1 else None
 
 
 def _read_history(run_dir: str) -> pd.DataFrame:
@@ -105,6 +117,11 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     curves = tables.tuning_curves(runs)
     reference = tables.reference_error(summary)
     robust = tables.robustness(summary, reference, tolerance)
+    profile = tables.robustness_profile(
+        summary,
+        [float(t) for t in cfg.robustness.get("profile_absolute") or []],
+        [float(f) for f in cfg.robustness.get("profile_relative") or []],
+    )
     paper = tables.load_paper_numbers(cfg.paper_numbers or PAPER_NUMBERS)
     experiment = _experiment(cfg, runs, paper)
     summary = claims.attach_paper(summary, paper, experiment)
@@ -112,7 +129,8 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     claims_table = claims_detail = None
     answer = None
     paper_rows = (paper["experiments"].get(experiment) or {}).get("rows") if experiment else None
-    if paper_rows and any("spec" in r for r in paper_rows):
+    # The claims table tests Table 1's claims; other experiments have none it could test.
+    if paper_rows and (paper["experiments"][experiment].get("claims") == "table_1"):
         claims_table, claims_detail = claims.claims(runs.table, paper_rows, robust, float(cfg.get("alpha", 0.05)))
         finals = runs.table[runs.table["role"] == "run"]
         n_seeds = finals.groupby("method")["seed"].nunique()
@@ -127,13 +145,20 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     if comparison is not None:
         paper_meta = {"source": paper.get("source"), "note": paper["experiments"][experiment].get("note")}
 
-    colors = plots.method_colors(list(dict.fromkeys(summary["method"])))
+    paper_curve = (
+        tables.paper_height_curve_points(paper["experiments"][experiment]) if experiment in paper["experiments"] else []
+    )
+    styles = plots.method_styles(list(dict.fromkeys(summary["method"])))
     context = _context(runs)
+    cost = f"cost_{cfg.tuning_cost}"
     figures = {
-        "sensitivity": plots.sensitivity_figure(summary, colors, reference, tolerance, confidence, context),
-        "tuning_curve": plots.tuning_curve_figure(summary, curves, colors, f"cost_{cfg.tuning_cost}", context),
+        "sensitivity": plots.sensitivity_figure(
+            summary, styles, reference, tolerance, confidence, context, runs.table, paper_curve
+        ),
+        "tuning_curve": plots.tuning_curve_figure(summary, curves, styles, cost, context, runs.table),
+        "paper_vs_ours": plots.paper_figure(comparison, runs.table, confidence, context),
         "trajectories": plots.trajectories_figure(
-            plots.select_trajectory_runs(runs.table, int(cfg.trajectories.per_method)), colors, _read_history, context
+            plots.select_trajectory_runs(runs.table, int(cfg.trajectories.per_method)), styles, _read_history, context
         ),
     }
 
@@ -154,6 +179,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
         runs=runs.table,
         summary=summary,
         robustness=robust,
+        profile=profile,
         reference=reference,
         tolerance=tolerance,
         confidence=confidence,
@@ -178,13 +204,15 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
 
         groups = runs.table["group"].dropna().unique()
         group = cfg.logger.get("group") or (str(groups[0]) if len(groups) == 1 else None)
-        log_report(cfg.logger, out, group, {"summary": summary, "robustness": robust, "tuning_curves": curves}, written)
+        logged = {"summary": summary, "robustness": robust, "robustness_profile": profile, "tuning_curves": curves}
+        log_report(cfg.logger, out, group, logged, written)
     n_miss = int(runs.table["miss"].sum())
     return {
         "output_dir": out,
         "files": written,
         "summary": summary,
         "robustness": robust,
+        "robustness_profile": profile,
         "n_runs": len(runs.table),
         "n_diverged": n_miss,
         "reference": None if reference is None or math.isnan(reference.error) else reference,
@@ -194,11 +222,11 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
 def _add_compute(runs: Runs, inputs: list[str], cache: str | None) -> None:
     """runs.table["compute"]: steps x batch size x the optimizer's calibrated step cost (bench.calibrate), never
     wall time. A run whose optimizer could not be calibrated (no composed config on disk) counts cost 1."""
-    from bench.calibrate import DEFAULT_CACHE, calibrate, relative_cost
+    from bench.calibrate import calibrate, relative_cost
 
     costs: dict[str, float] = {}
     for raw in inputs:
-        costs.update(calibrate(raw, cache or DEFAULT_CACHE))
+        costs.update(calibrate(raw, cache))
     table = runs.table
     batch = pd.to_numeric(table["batch_size"], errors="coerce").fillna(1.0)
     weight = table["optimizer"].map(lambda o: relative_cost(costs, o))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,10 @@ __all__ = [
     "Reference",
     "fixed_setting",
     "paper_comparison",
+    "paper_height_curve_points",
     "reference_error",
     "robustness",
+    "robustness_profile",
     "summarize",
     "tuning_curves",
 ]
@@ -271,6 +274,45 @@ def robustness(summary: pd.DataFrame, reference: Reference | None, tolerance: fl
     return pd.DataFrame(rows, columns=columns)
 
 
+def robustness_profile(summary: pd.DataFrame, absolute: Sequence[float], relative: Sequence[float]) -> pd.DataFrame:
+    """Per swept method (and initial momentum): decades of initial step size within several tolerances of the
+    method's own best grid point, so one arbitrary tolerance does not decide the answer.
+
+    For each `absolute` tolerance t (a fraction: 0.02 is 2 percentage points) a grid point qualifies when its mean
+    test error is <= best + t; for each `relative` factor f when it is <= f x best. Each count is the longest run
+    of neighbouring qualifying grid points, in decades (log10 of its largest / smallest step size), with its
+    bounds: columns `abs_<t>` / `rel_<f>` (decades) and `abs_<t>_range` / `rel_<f>_range` ("low-high").
+    `grid_mean` is the mean over the grid's points of their mean test error (the expected final error when the
+    initial step size is drawn log-uniformly from the grid): a summary that needs no tolerance at all.
+
+    >>> s = pd.DataFrame({"method": "sgd", "family": "tower", "height": 0, "tuned": False, "momentum": float("nan"),
+    ...                   "lr": [1e-3, 1e-2, 1e-1, 1.0], "test_error_mean": [0.5, 0.12, 0.1, 0.3]})
+    >>> row = robustness_profile(s, [0.01, 0.05], [2.0]).iloc[0]
+    >>> row["abs_0.05_range"], [float(row[c]) for c in ("abs_0.01", "abs_0.05", "rel_2", "grid_mean")]
+    ('0.01-0.1', [0.0, 1.0, 1.0, 0.255])
+    """
+    swept = summary[~fixed_setting(summary) & summary["lr"].notna()]
+    n_lrs = swept.groupby(["method", "momentum"], dropna=False)["lr"].transform("nunique")
+    swept = swept[n_lrs > 1]
+    rows = []
+    for (method, momentum), group in swept.groupby(["method", "momentum"], dropna=False, sort=False):
+        group = group.sort_values("lr")
+        lrs, errors = group["lr"].to_numpy(), group["test_error_mean"].to_numpy(dtype=float)
+        best = float(np.nanmin(errors))
+        row: dict[str, Any] = {"method": method, "height": int(group["height"].iloc[0]), "momentum": momentum}
+        margins = [(f"abs_{t:g}", float(t)) for t in absolute] + [
+            (f"rel_{f:g}", (float(f) - 1.0) * best) for f in relative
+        ]
+        for name, margin in margins:
+            decades, _, low, high = robust_range(lrs, errors, best, margin)
+            row[name] = float(decades)
+            row[f"{name}_range"] = f"{low:g}-{high:g}"
+        row["grid_mean"] = float(np.nanmean(errors))
+        row["best"], row["worst"] = best, float(np.nanmax(errors))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def load_paper_numbers(path: str | Path) -> dict[str, Any]:
     """The published numbers file: {source, experiments: {preset: {table, note, rows: [...]}}}."""
     data = yaml.safe_load(Path(path).read_text()) or {}
@@ -289,6 +331,12 @@ def paper_comparison(summary: pd.DataFrame, paper: dict[str, Any], experiment: s
     if entry is None:
         return None
     rows = []
+    for height, lr, error in paper_height_curve_points(entry):
+        # A figure of test error per tower height and initial step size: matched by height and step size.
+        ours = summary[(summary["family"] == "tower") & (summary["height"] == height) & ~summary["tuned"]]
+        ours = ours[np.isclose(ours["lr"].astype(float), lr, rtol=1e-6)]
+        method = str(ours["method"].iloc[0]) if len(ours) == 1 else f"height {height}"
+        rows.append(_comparison_row(method, f"height {height}, initial step {lr:g}", lr, error, None, ours, height))
     for published in entry.get("rows") or []:
         if "spec" in published:  # Table 1 style: matched by spec (towers) or by the tower re-run (re-runs)
             from bench.report.claims import _norm
@@ -307,19 +355,47 @@ def paper_comparison(summary: pd.DataFrame, paper: dict[str, Any], experiment: s
             ours = summary[(summary["method"] == method) & ~summary["tuned"]]
             if lr is not None:
                 ours = ours[np.isclose(ours["lr"].astype(float), float(lr), rtol=1e-6)]
-        one = len(ours) == 1
         rows.append(
-            {
-                "method": method,
-                "paper_row": published.get("paper_row"),
-                "lr": lr,
-                "paper_test_error": published.get("test_error"),
-                "paper_test_error_std": published.get("test_error_std"),
-                "ours_test_error_mean": float(ours["test_error_mean"].iloc[0]) if one else math.nan,
-                "ours_test_error_std": float(ours["test_error_std"].iloc[0]) if one else math.nan,
-                "ours_ci_low": float(ours["test_error_ci_low"].iloc[0]) if one else math.nan,
-                "ours_ci_high": float(ours["test_error_ci_high"].iloc[0]) if one else math.nan,
-                "ours_n_seeds": int(ours["n_seeds"].iloc[0]) if one else 0,
-            }
+            _comparison_row(
+                method,
+                published.get("paper_row"),
+                lr,
+                published.get("test_error"),
+                published.get("test_error_std"),
+                ours,
+            )
         )
     return pd.DataFrame(rows)
+
+
+def _comparison_row(
+    method: str,
+    paper_row: str | None,
+    lr: float | None,
+    error: float | None,
+    std: float | None,
+    ours: pd.DataFrame,
+    height: int | None = None,
+) -> dict[str, Any]:
+    one = len(ours) == 1
+    return {
+        "method": method,
+        "paper_row": paper_row,
+        "lr": lr,
+        "paper_test_error": error,
+        "paper_test_error_std": std,
+        "ours_test_error_mean": float(ours["test_error_mean"].iloc[0]) if one else math.nan,
+        "ours_test_error_std": float(ours["test_error_std"].iloc[0]) if one else math.nan,
+        "ours_ci_low": float(ours["test_error_ci_low"].iloc[0]) if one else math.nan,
+        "ours_ci_high": float(ours["test_error_ci_high"].iloc[0]) if one else math.nan,
+        "ours_n_seeds": int(ours["n_seeds"].iloc[0]) if one else 0,
+        # Set for a row of a height figure: its seeds are our towers of that height and step size (paper_figure).
+        "height": height,
+    }
+
+
+def paper_height_curve_points(entry: dict[str, Any]) -> list[tuple[int, float, float]]:
+    """(height, initial step size, test error) of a paper figure given as `heights` over `log10_lr`, else []."""
+    heights = entry.get("heights") or {}
+    lrs = [10.0 ** float(k) for k in entry.get("log10_lr") or []]
+    return [(int(h), lr, float(e)) for h, errors in heights.items() for lr, e in zip(lrs, errors, strict=True)]

@@ -100,6 +100,47 @@ def _summary_view(summary: pd.DataFrame, confidence: float) -> pd.DataFrame:
     return view
 
 
+def _profile_section(profile: pd.DataFrame) -> list[str]:
+    """The robustness profile: decades within several tolerances of each method's own best, and the grid mean."""
+    names = [c for c in profile.columns if c.startswith(("abs_", "rel_")) and not c.endswith("_range")]
+
+    def header(name: str) -> str:
+        kind, value = name.split("_", 1)
+        return f"≤ best + {100 * float(value):g} pt" if kind == "abs" else f"≤ {value} x best"
+
+    view = pd.DataFrame({"method": profile["method"]})
+    if profile["momentum"].notna().any():
+        view["momentum"] = profile["momentum"]
+    for name in names:
+        ranges = profile[f"{name}_range"]
+        view[header(name)] = [f"{d:g} ({r})" for d, r in zip(profile[name], ranges, strict=True)]
+    view["best"] = profile["best"].map(_pct)
+    view["grid mean"] = profile["grid_mean"].map(_pct)
+    view["worst"] = profile["worst"].map(_pct)
+    return [
+        "### Robustness at several tolerances",
+        "",
+        "The same count against each method's own best grid point, at several tolerances, so that no single"
+        " tolerance decides the answer: a column `≤ best + t pt` counts grid points whose mean test error is at most"
+        " the method's best plus t percentage points, `≤ f x best` those at most f times its best. Each cell: the"
+        " decades of the longest run of neighbouring qualifying step sizes (0 when only the best point itself"
+        " qualifies), with that run's smallest-largest initial step size. **grid mean**: the mean over the grid's"
+        " points of their mean test error, i.e. the expected final error when the initial step size is drawn"
+        " log-uniformly from the grid (no tolerance involved; lower is more robust).",
+        "",
+        markdown_table(view),
+    ]
+
+
+def _presets_note(runs: pd.DataFrame, experiment: str | None) -> str:
+    """ " (experiment preset `a`, `b`; the paper's `x`)": what ran, and which published experiment it is set beside."""
+    presets = sorted(runs["experiment"].dropna().unique()) if "experiment" in runs else []
+    parts = [f"experiment preset {', '.join(f'`{p}`' for p in presets)}"] if presets else []
+    if experiment and presets != [experiment]:
+        parts.append(f"compared with the paper's `{experiment}`")
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def render_report(
     *,
     inputs: Sequence[str],
@@ -121,6 +162,7 @@ def render_report(
     claims_detail: pd.DataFrame | None = None,
     unusable: Sequence[dict[str, Any]] = (),
     interval: str = "t",
+    profile: pd.DataFrame | None = None,
 ) -> str:
     """The report as markdown: what was read, the tables, the figures, and how to read them."""
     finals = runs[runs["role"].isin(["run", "rerun"])]
@@ -149,7 +191,7 @@ def render_report(
     out += [
         f"- Inputs: {', '.join(f'`{i}`' for i in inputs)}",
         f"- Task: model `{runs['model'].iloc[0]}` on dataset `{runs['dataset'].iloc[0]}`"
-        + (f" (experiment preset `{experiment}`)" if experiment else ""),
+        + _presets_note(runs, experiment),
         f"- Runs read: {len(runs)} ({len(finals)} final runs, {int((runs['role'] == 'trial').sum())} tuning trials);"
         f" diverged: {int(runs['diverged'].sum())}, counted as misses (test error 100%), never dropped.",
         (
@@ -243,6 +285,8 @@ def render_report(
                 ],
             ),
         ]
+    if profile is not None and not profile.empty:
+        out += ["", *_profile_section(profile)]
     out += ["", "## Tuning", ""]
     if not studies:
         out.append("No tune study among the inputs.")
@@ -301,11 +345,14 @@ def render_report(
         "sensitivity.png": "Final test error against the initial step size, one curve per tower height"
         " (vector version: sensitivity.svg).",
         "tuning_curve.png": "Expected best-of-n test error of tuned baselines against compute; single runs as points.",
-        "trajectories.png": "Learned hyperparameters of every level over training, for selected runs.",
+        "paper_vs_ours.png": "The paper's published test error (open diamond, +- its std) beside ours (mean over"
+        " seeds with its interval, each seed a dot), one row per published row.",
+        "trajectories.png": "Learned hyperparameters of every level over training, for selected runs: mean over"
+        " seeds, band from the lowest to the highest seed.",
     }
     for name in figures:
         out += [f"![{name}]({name})", "", captions.get(name, ""), ""]
-    missing = [n for n in captions if n not in figures]
+    missing = [n for n in captions if n not in figures and (n != "paper_vs_ours.png" or paper is not None)]
     if missing:
         out.append("Not drawn (no data for them): " + ", ".join(missing) + ".")
     return "\n".join(out).rstrip() + "\n"

@@ -1,0 +1,57 @@
+"""What a run directory holds, stated once: the keys of metrics.json and the columns of history.csv.
+
+The trainer (bench/train.py), the population trainer (bench/population.py, bench/launcher.py), the report loader
+(bench/report/load.py) and the tests all read these names from here.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FINAL_KEYS",
+    "HISTORY_COLUMNS",
+    "IDENTITY_KEYS",
+    "METRICS_KEYS",
+    "NUMBER_KEYS",
+    "TEXT_KEYS",
+    "hyperparameter_columns",
+]
+
+FINAL_KEYS = ("test_error", "test_loss", "val_error", "val_loss", "train_loss")
+"""The last epoch's numbers, copied into metrics.json (NaN there, written as null, when no epoch was evaluated)."""
+
+HISTORY_COLUMNS = ("epoch", "steps", "train_loss", "val_loss", "val_error", "test_loss", "test_error", "wall_time_s")
+"""history.csv: one row per epoch with these columns, then every level's hyperparameters (`hyperparameter_columns`)."""
+
+IDENTITY_KEYS = ("optimizer", "method", "family", "height", "init", "hyperparameters", "seed", "model", "dataset")
+"""What a run is: the optimizer (normalized spec or baseline name), its method (the tower without the base's initial
+values), family (tower, baseline, tuning_free), height, initial and final hyperparameters, seed, model and dataset."""
+
+METRICS_KEYS = (
+    *FINAL_KEYS,
+    "diverged",
+    "diverged_step",
+    "diverged_reason",
+    "epochs",
+    "steps",
+    "wall_time_s",
+    *IDENTITY_KEYS,
+    "status",
+    "config",
+    "config_fingerprint",
+)
+"""Every key of a run's metrics.json (a population member's adds `population`; a failed run's adds `error`)."""
+
+NUMBER_KEYS = (*FINAL_KEYS, "wall_time_s", "epochs", "steps")
+"""metrics.json keys that hold a number or null."""
+
+TEXT_KEYS = ("method", "family", "dataset", "model", "optimizer", "status")
+"""metrics.json keys that hold a string."""
+
+
+def hyperparameter_columns(levels: list[dict[str, float]]) -> dict[str, float]:
+    """A history row's hyperparameter columns: `L1.lr`, `L2.lr`, ... (level 1 is the weights' optimizer).
+
+    >>> hyperparameter_columns([{"lr": 0.01, "beta1": 0.9}, {"lr": 1e-05}])
+    {'L1.lr': 0.01, 'L1.beta1': 0.9, 'L2.lr': 1e-05}
+    """
+    return {f"L{k}.{name}": value for k, level in enumerate(levels, start=1) for name, value in level.items()}

@@ -1,0 +1,455 @@
+"""The hyper levels above the first as plain Python floats: no tensor operation, hence no dispatch, per level.
+
+A level k >= 1 updates a handful of numbers (the raw learned hyperparameters of level k - 1), so in tensors its cost
+is all dispatch: tens of microseconds a level for a few flops. :func:`hypergrad.core.update` and
+:func:`hypergrad.core.hypergradients` hand levels 1..top to this module when :func:`applies`: the floats are read
+from the state (or, when the state is the one this module wrote at the last step, taken from what it kept), computed
+here, and written back as tensors with one ``tensor`` and one ``split``. The state is the core's, field for field:
+a checkpoint, or the tensor path, cannot tell which path wrote it.
+
+The arithmetic is that of :mod:`hypergrad.rules` (the built-in rules' ``update`` and closed-form ``vjp``), operation
+by operation, in float64: in a float64 tower it agrees with the tensor path to round-off (tested to 1e-12 for one
+step's state, 1e-10 for hypergradients, where a difference of nearly equal terms amplifies round-off); in a float32
+tower each step is computed in float64 from the stored float32 values and rounded to float32 when stored, so it is
+slightly *more* accurate than the float32 tensor path and equal to it only to float32 round-off (the tests against
+the reference package hold at 1e-6 either way). What is kept between steps is what was stored, rounded: a restored
+checkpoint continues bit for bit. Where Python floats raise (1 / 0, sqrt(-1), exp(1000)) the step is
+computed again in numpy float64, which gives IEEE's inf and nan as torch does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from hypergrad.rules import AdaGradRule, AdamRule, AdamState, RMSPropRule, SGDRule, SGDState, SumState
+
+if TYPE_CHECKING:
+    from hypergrad.core import Plan, TowerState
+
+__all__ = ["applies", "derivative", "forward", "hypergradients", "ieee", "supports", "update"]
+
+Vec = list[float]
+
+
+class _Math(NamedTuple):
+    sqrt: Any
+    tanh: Any
+    exp: Any
+    num: Any  # the number type
+
+
+# Python floats raise where IEEE arithmetic (and torch) gives inf or nan: 1 / 0, sqrt(-1), exp(1000). A step that
+# raises is computed again with numpy float64 scalars, which follow IEEE, so that it ends as the tensor path does.
+_PY = _Math(math.sqrt, math.tanh, math.exp, float)
+_NP = _Math(np.sqrt, np.tanh, np.exp, np.float64)
+_RAISES = (ArithmeticError, ValueError)
+
+
+def forward(name: str, x: float, ops: _Math = _PY) -> float:
+    """A transform's natural value at raw ``x`` (see hypergrad.transforms), in floats."""
+    if name == "identity":
+        return x
+    if name == "square":
+        return x * x
+    if name == "half_tanh":
+        return (ops.tanh(x) + 1.0) / 2.0
+    return ops.exp(x)
+
+
+def derivative(name: str, x: float, ops: _Math = _PY) -> float | None:
+    """d forward / d raw at ``x``; None for the identity."""
+    if name == "identity":
+        return None
+    if name == "square":
+        return 2.0 * x
+    if name == "half_tanh":
+        return (1.0 - ops.tanh(x) ** 2) / 2.0
+    return ops.exp(x)
+
+
+def ieee(fn: Any, *args: Any) -> Any:
+    """``fn(*args, ops)`` in Python floats, or where that raises, in numpy float64 (results as Python floats)."""
+    try:
+        return fn(*args, _PY)
+    except _RAISES:
+        with np.errstate(all="ignore"):
+            return _py(fn(*_np(args), _NP))
+
+
+def _np(x: Any) -> Any:
+    if isinstance(x, float):
+        return np.float64(x)
+    if isinstance(x, list | tuple):
+        return type(x)(*(_np(v) for v in x)) if hasattr(x, "_fields") else type(x)(_np(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _np(v) for k, v in x.items()}
+    return x
+
+
+def _py(x: Any) -> Any:
+    if isinstance(x, np.floating):
+        return float(x)
+    if isinstance(x, list | tuple):
+        return type(x)(*(_py(v) for v in x)) if hasattr(x, "_fields") else type(x)(_py(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _py(v) for k, v in x.items()}
+    return x
+
+
+_TRANSFORMS = ("identity", "square", "half_tanh", "exp")
+_RULES = (SGDRule, AdamRule, AdaGradRule, RMSPropRule)
+
+
+def supports(plan: Plan) -> bool:
+    """Whether ``plan``'s hyper levels can run as Python floats: no population dimensions, and every level above the
+    first a built-in rule (SGD, Adam, AdaGrad, RMSProp) with built-in transforms."""
+    if plan.batch_shape or plan.height < 1:
+        return False
+    if any(type(r) not in _RULES or r.vjp_needs_inputs for r in plan.rules[1:]):
+        return False  # the traces written here keep no inputs: only rules whose vjp reads the state after the step
+    return all(t.name in _TRANSFORMS for level in plan.transforms[1:] for t in level)
+
+
+def applies(plan: Plan) -> bool:
+    """Whether the core hands ``plan``'s hyper levels to this module: where :func:`supports` and one of them is more
+    than plain SGD. A plain SGD level (no momentum) is a handful of tensor operations, about what its Python costs
+    (measured on CPU, one thread: same time within the noise); an Adam level is a hundred, and the floats win."""
+    if not supports(plan):
+        return False
+    return not all(type(r) is SGDRule and plan.initial[k][0]["momentum"] == 0.0 for k, r in enumerate(plan.rules) if k)
+
+
+def _dot(a: Vec, b: Vec) -> float:
+    out = a[0] * b[0]
+    for x, y in zip(a[1:], b[1:], strict=True):
+        out = out + x * y
+    return out
+
+
+# -- the built-in rules on vectors of floats; a state is a list of its NamedTuple's fields, None or a vector -------
+def _update(rule: Any, g: Vec, st: list, hp: dict, learned: tuple, step: int, ops: _Math) -> tuple[Vec, tuple]:
+    kind = type(rule)
+    if kind is SGDRule:
+        lr, mom = hp["lr"], hp["momentum"]
+        if "momentum" not in learned and mom == 0.0:  # a fixed zero momentum keeps no buffer
+            return [x * lr for x in g], [None, g if "lr" in learned else None, None]
+        old = st[0]
+        buf = g if old is None else [b * mom + x for b, x in zip(old, g, strict=True)]
+        return [b * lr for b in buf], [buf, None, old if "momentum" in learned else None]
+    if kind is AdamRule:
+        b1, b2, lr, eps, t = hp["beta1"], hp["beta2"], hp["lr"], hp["eps"], float(step)
+        c1, c2 = 1.0 - b1**t, 1.0 - b2**t
+        m0, v0 = st[0], st[1]
+        g1 = [(1.0 - b1) * x for x in g]
+        g2 = [(1.0 - b2) * x * x for x in g]
+        m = [b1 * a + x for a, x in zip(m0, g1, strict=True)]
+        v = [b2 * a + x for a, x in zip(v0, g2, strict=True)]
+        delta = [lr * ((a / c1) / (ops.sqrt(b / c2) + eps)) for a, b in zip(m, v, strict=True)]
+        k1, k2 = "beta1" in learned, "beta2" in learned
+        return delta, [m, v, m0 if k1 else None, v0 if k2 else None, g1 if k1 else None, g2 if k2 else None]
+    eps, s0 = hp["eps"], st[0]
+    if kind is AdaGradRule:
+        s = [a + x * x for a, x in zip(s0, g, strict=True)]
+        kept = [s, g if "lr" in learned else None, None]
+    else:  # RMSProp
+        gamma = hp["gamma"]
+        s = [gamma * a + (1.0 - gamma) * (x * x) for a, x in zip(s0, g, strict=True)]
+        keep = "lr" in learned or "gamma" in learned
+        kept = [s, g if keep else None, s0 if "gamma" in learned else None]
+    return [hp["lr"] * x / ops.sqrt(a + eps) for x, a in zip(g, s, strict=True)], kept
+
+
+def _vjp(rule: Any, u: Vec, after: list, hp: dict, learned: tuple, step: int, ops: _Math) -> dict[str, float]:
+    """``u . d delta / d hp[name]`` for every learned name, from the state after the step (the rules' closed forms)."""
+    kind = type(rule)
+    out: dict[str, float] = {}
+    if kind is SGDRule:
+        buf, grad, previous = after
+        if "lr" in learned:
+            out["lr"] = _dot(u, grad if buf is None else buf)
+        if "momentum" in learned and previous is not None:
+            out["momentum"] = hp["lr"] * _dot(u, previous)
+        return out
+    if kind is AdamRule:
+        lr, b1, b2, eps, t = hp["lr"], hp["beta1"], hp["beta2"], hp["eps"], float(step)
+        c1, c2, dc1, dc2 = 1.0 - b1**t, 1.0 - b2**t, t * b1 ** (t - 1.0), t * b2 ** (t - 1.0)
+        m, v, pm, pv, g1, g2 = after
+        sq = [ops.sqrt(a / c2) for a in v]
+        den = [s + eps for s in sq]
+        q = [a / d for a, d in zip(u, den, strict=True)]
+        if "beta1" in learned:
+            q_m0, q_g1 = _dot(q, pm), _dot(q, g1)
+            q_m = b1 * q_m0 + q_g1
+            out["beta1"] = lr * ((q_m0 - q_g1 / (1.0 - b1)) / c1 + q_m * dc1 / (c1 * c1))
+        else:
+            q_m = _dot(q, m)
+        if "lr" in learned:
+            out["lr"] = q_m / c1
+        if "beta2" in learned:
+            w = [a * b / (d * s) for a, b, d, s in zip(q, m, den, sq, strict=True)]
+            w_v0, w_g2 = _dot(w, pv), _dot(w, g2)
+            w_v = b2 * w_v0 + w_g2
+            out["beta2"] = -0.5 * lr / c1 * ((w_v0 - w_g2 / (1.0 - b2)) / c2 + w_v * dc2 / (c2 * c2))
+        return out
+    s, g, s0 = after
+    eps = hp["eps"]
+    r = [x / ops.sqrt(a + eps) for x, a in zip(g, s, strict=True)] if g is not None else None
+    if "lr" in learned:
+        out["lr"] = _dot(u, r)
+    if kind is RMSPropRule and "gamma" in learned:
+        z = [ri / (a + eps) * (b - x * x) for ri, a, b, x in zip(r, s, s0, g, strict=True)]
+        out["gamma"] = -0.5 * hp["lr"] * _dot(u, z)
+    return out
+
+
+_STATE_TYPE = {SGDRule: SGDState, AdamRule: AdamState, AdaGradRule: SumState, RMSPropRule: SumState}
+
+
+class _Level(NamedTuple):
+    rule: Any
+    learned: tuple[str, ...]
+    transforms: tuple[str, ...]
+    fixed: dict[str, float]  # every hyperparameter's initial value (the learned ones are overwritten each step)
+
+
+_STATIC: dict[int, tuple[Any, list[_Level]]] = {}
+
+
+def _static(plan: Plan) -> list[_Level]:
+    """Per level, what stays fixed (looked up once per plan, not once per step)."""
+    hit = _STATIC.get(id(plan))
+    if hit is not None and hit[0] is plan:
+        return hit[1]
+    levels = [
+        _Level(
+            plan.rules[k],
+            tuple(plan.learned[k]),
+            tuple(t.name for t in plan.transforms[k]),
+            {n: float(v) for n, v in plan.initial[k][0].items()},
+        )
+        for k in range(plan.height + 1)
+    ]
+    if len(_STATIC) > 64:  # plans of optimizers long gone
+        _STATIC.clear()
+    _STATIC[id(plan)] = (plan, levels)
+    return levels
+
+
+# The floats behind the tensors this module wrote at the last step of each plan: the next step takes them instead of
+# reading the tensors when it is handed the very same tensors (checked by identity; tensors are never written in
+# place by the core, and a state changed in between, by load_state_dict or a scheduler's write, is new tensors).
+_KNOWN: dict[int, dict[int, tuple[Tensor, Vec]]] = {}
+
+
+def _remember(plan: Plan, pairs: Any, fresh: bool = False) -> None:
+    known = {} if fresh or id(plan) not in _KNOWN else _KNOWN[id(plan)]
+    for t, v in pairs:
+        known[id(t)] = (t, v)
+    if len(_KNOWN) > 64 and id(plan) not in _KNOWN:
+        _KNOWN.clear()
+    _KNOWN[id(plan)] = known
+
+
+def _read(plan: Plan, tensors: list[Tensor]) -> list[Vec]:
+    """The values of 1-D tensors as lists of floats: what this module kept, the rest with one gather."""
+    known = _KNOWN.get(id(plan), {})
+    out: list[Any] = []
+    missing = []
+    for t in tensors:
+        hit = known.get(id(t))
+        if hit is not None and hit[0] is t:
+            out.append(hit[1])
+        else:
+            out.append(None)
+            missing.append(t)
+    if missing:
+        flat = torch.cat([t.reshape(-1) for t in missing]).tolist()
+        i = 0
+        for j, t in enumerate(tensors):
+            if out[j] is None:
+                n = t.numel()
+                out[j] = flat[i : i + n]
+                i += n
+    return out
+
+
+class _Writer:
+    """Collects the vectors and scalars that become tensors, then makes them all with one ``tensor`` call."""
+
+    def __init__(self, sources: dict[int, Tensor]) -> None:
+        self.sources = sources  # id(vector read from a tensor) -> that tensor: an unchanged vector is not copied
+        self.vectors: list[Vec] = []
+        self.scalars: list[float] = []
+        self.reused: list[tuple[Tensor, Vec]] = []
+
+    # A slot is an int (no value of a state or trace is one): i >= 0 the i-th new vector, -1 - i the i-th scalar.
+    def vector(self, v: Vec | None) -> Any:
+        if v is None:
+            return None
+        t = self.sources.get(id(v))
+        if t is not None:
+            self.reused.append((t, v))
+            return t
+        self.vectors.append(v)
+        return len(self.vectors) - 1
+
+    def scalar(self, x: float) -> int:
+        self.scalars.append(x)
+        return -len(self.scalars)
+
+    def make(self, like: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        sizes = [len(v) for v in self.vectors]
+        t, self.vectors = _tensor([*self.vectors, self.scalars], like)
+        self.vectors.pop()
+        parts = t.split([*sizes, len(self.scalars)])
+        return list(parts[:-1]), list(parts[-1].unbind())
+
+
+def _tensor(vectors: list[Vec], like: Tensor) -> tuple[Tensor, list[Vec]]:
+    """One tensor of the vectors' values in ``like``'s dtype, and the vectors as stored (rounded to that dtype): what
+    the next step reads must be what a checkpoint of this state holds."""
+    t = torch.tensor([x for v in vectors for x in v], dtype=like.dtype, device=like.device)
+    if like.dtype == torch.float64:
+        return t, vectors
+    flat, out, i = t.tolist(), [], 0
+    for v in vectors:
+        out.append(flat[i : i + len(v)])
+        i += len(v)
+    return t, out
+
+
+def _resolve(x: Any, vectors: list[Tensor], scalars: list[Tensor]) -> Any:
+    if type(x) is not int:
+        return x
+    return vectors[x] if x >= 0 else scalars[-1 - x]
+
+
+def _chain(static: list[_Level], raw: list, states: list, hyper: list, step: int, ops: _Math):
+    """Levels top..1 on floats: each level's values, new rule states, and the new raw values of the level below."""
+    top = len(static) - 1
+    new_raw: list[Any] = [None] * (top + 1)
+    new_raw[top] = []
+    values: list[Any] = [None] * (top + 1)
+    new_states: list[Any] = [None] * (top + 1)
+    num = ops.num
+    for k in range(top, 0, -1):
+        rule, learned, tnames, fixed = static[k]
+        vals = fixed.copy() if ops is _PY else {n: num(v) for n, v in fixed.items()}
+        if learned:
+            r = new_raw[k][0]
+            for i, name in enumerate(learned):
+                vals[name] = r[i] if tnames[i] == "identity" else forward(tnames[i], r[i], ops)
+        values[k] = vals
+        out = [_update(rule, g, s, vals, learned, step, ops) for g, s in zip(hyper[k - 1], states[k], strict=True)]
+        new_raw[k - 1] = [[h - d for h, d in zip(r, o[0], strict=True)] for r, o in zip(raw[k - 1], out, strict=True)]
+        new_states[k] = [o[1] for o in out]
+    return values, new_states, new_raw
+
+
+def update(plan: Plan, state: TowerState, hypergrads: Sequence[Sequence[Tensor]], step: int):
+    """Levels top..1 of one step of :func:`hypergrad.core.update`: ``(new raw hyperparameters of level 0, new level
+    states of levels 1..top, traces of levels top-1..1)``, exactly the core's fields."""
+    from hypergrad.core import LevelState, Trace
+
+    static = _static(plan)
+    top = plan.height
+    levels = state.levels
+    # Read: raw values of levels 0..top-1, rule states of levels 1..top, hypergradients of levels 0..top-1.
+    hp_t = [list(levels[k].hp) for k in range(top)]
+    st_t = [[]] + [list(levels[k].rule) for k in range(1, top + 1)]
+    hy_t = [list(level) for level in hypergrads]
+    tensors = [h for lv in hp_t for h in lv]
+    tensors += [f for k in range(1, top + 1) for s in st_t[k] for f in s if f is not None]
+    tensors += [h for lv in hy_t for h in lv]
+    vecs = _read(plan, tensors)
+    # A vector kept unchanged (a moment before the step, a hypergradient a rule keeps) is written as the tensor it
+    # was read from, as the rules keep the tensor itself.
+    sources = {id(v): t for t, v in zip(tensors, vecs, strict=True)}
+    it = iter(vecs)
+    raw = [[next(it) for _ in lv] for lv in hp_t]
+    states = [None] + [[[None if f is None else next(it) for f in s] for s in st_t[k]] for k in range(1, top + 1)]
+    hyper = [[next(it) for _ in lv] for lv in hy_t]
+
+    values, new_states, new_raw = ieee(_chain, static, raw, states, hyper, step)
+
+    # Write: one tensor for everything new, views of it for each field.
+    w = _Writer(sources)
+    hp_slots = [[w.vector(v) for v in new_raw[k]] for k in range(top)]
+    st_slots = [None] + [[[w.vector(f) for f in s] for s in new_states[k]] for k in range(1, top + 1)]
+    val_slots = [None] + [
+        {n: (w.scalar(v) if n in static[k].learned else v) for n, v in values[k].items()} for k in range(1, top)
+    ]
+    vectors, scalars = w.make(levels[0].hp[0])
+    _remember(plan, [*zip(vectors, w.vectors, strict=True), *w.reused], fresh=True)
+    new_hp = [[_resolve(x, vectors, scalars) for x in hp_slots[k]] for k in range(top)]
+    out_levels = []
+    for k in range(1, top + 1):
+        kind = _STATE_TYPE[type(plan.rules[k])]
+        rule_states = [kind(*[_resolve(x, vectors, scalars) for x in s]) for s in st_slots[k]]
+        out_levels.append(LevelState(new_hp[k] if k < top else [], rule_states))
+    traces = []
+    for k in range(top - 1, 0, -1):
+        vals = {n: _resolve(x, vectors, scalars) for n, x in val_slots[k].items()}
+        # Built-in rules' vjps read only the state after the step (vjp_needs_inputs is False): nothing else to keep.
+        traces.append(Trace(new_hp[k], [vals], None, None, None))
+    return new_hp[0], out_levels, traces
+
+
+def hypergradients(plan: Plan, state: TowerState, level0: Sequence[Tensor]) -> list[list[Tensor]]:
+    """The hypergradients of levels 1..top-1 (one vector each) of :func:`hypergrad.core.hypergradients`, from
+    level 0's (``level0``: one per param group)."""
+    top = plan.height
+    if top < 2:
+        return []
+    static = _static(plan)
+    traces = state.trace
+    tensors = list(level0)
+    for k in range(1, top):
+        tensors += [traces[k].hp[0]]
+        tensors += [f for s in state.levels[k].rule for f in s if f is not None]
+    vecs = _read(plan, tensors)
+    it = iter(vecs)
+    upstream = [next(it) for _ in level0]
+    raw, after = [None], [None]
+    for k in range(1, top):
+        raw.append(next(it))
+        after.append([[None if f is None else next(it) for f in s] for s in state.levels[k].rule])
+    out = ieee(_hyper_chain, static, raw, after, upstream, state.step)
+    flat, out = _tensor(out, level0[0])
+    t = flat.split([len(v) for v in out])
+    _remember(plan, zip(t, out, strict=True))
+    return [[v] for v in t]
+
+
+def _hyper_chain(static: list[_Level], raw: list, after: list, upstream: list[Vec], step: int, ops: _Math) -> list:
+    top = len(static) - 1
+    out: list[Vec] = []
+    ups = upstream
+    for k in range(1, top):
+        rule, learned, tnames, fixed = static[k]
+        r = raw[k]
+        vals = fixed.copy() if ops is _PY else {n: ops.num(v) for n, v in fixed.items()}
+        for i, name in enumerate(learned):
+            vals[name] = forward(tnames[i], r[i], ops)
+        sums: dict[str, float] = {}
+        for u, a in zip(ups, after[k], strict=True):
+            for name, v in _vjp(rule, u, a, vals, learned, step, ops).items():
+                sums[name] = v if name not in sums else sums[name] + v
+        cols = []
+        for j, name in enumerate(learned):
+            s = sums.get(name)
+            if s is None:  # this hyperparameter has not acted yet (e.g. momentum at the first step)
+                cols.append(0.0)
+                continue
+            d = derivative(tnames[j], r[j], ops)
+            # What level k updated moved by -delta, so d loss / d value = -(upstream . d delta / d value).
+            cols.append(-s if d is None else -s * d)
+        out.append(cols)
+        ups = [cols]
+    return out

@@ -1,0 +1,116 @@
+"""Checks of the hypergradient shared by the library's tests, written on the functional core's protocol only
+(``core.init``, ``core.update``, ``core.hypergradients``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from hypergrad import core
+from hypergrad.rules import HP, Rule
+
+
+class DefaultVJP(Rule):
+    """``inner`` without its closed-form vjp: its hypergradients come from the default, autograd through ``update``."""
+
+    vjp_needs_inputs = True
+
+    def __init__(self, inner: Rule) -> None:
+        self.inner = inner
+        self.name = inner.name  # type: ignore[misc]
+        self.defaults = inner.defaults  # type: ignore[misc]
+        self.transforms = inner.transforms  # type: ignore[misc]
+
+    def learnable(self, values: Mapping[str, float]) -> tuple[str, ...]:
+        return self.inner.learnable(values)
+
+    def init(self, param: Tensor, hp: HP) -> Any:
+        return self.inner.init(param, hp)
+
+    def update(self, grad: Tensor, state: Any, hp: HP, step: int) -> tuple[Tensor, Any]:
+        return self.inner.update(grad, state, hp, step)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DefaultVJP) and other.inner == self.inner
+
+    def __hash__(self) -> int:
+        return hash((DefaultVJP, self.inner))
+
+
+def with_default_vjp(plan: core.Plan) -> core.Plan:
+    """The same plan with every level's hypergradient through the default (autograd) vjp."""
+    return dataclasses.replace(plan, rules=tuple(DefaultVJP(r) for r in plan.rules))
+
+
+def _loss(model: nn.Module, weights: Sequence[Tensor], x: Tensor, y: Tensor) -> Tensor:
+    names = [n for n, _ in model.named_parameters()]
+    out = torch.func.functional_call(model, dict(zip(names, weights, strict=True)), (x,))
+    return nn.functional.cross_entropy(out, y)
+
+
+def _grads(model: nn.Module, weights: Sequence[Tensor], x: Tensor, y: Tensor) -> list[Tensor]:
+    leaves = [w.detach().requires_grad_() for w in weights]
+    return list(torch.autograd.grad(_loss(model, leaves, x, y), leaves))
+
+
+def train_with_core(
+    plan: core.Plan, model: nn.Module, data: Sequence[tuple[Tensor, Tensor]]
+) -> list[list[list[Tensor]]]:
+    """Train ``model``'s weights (a copy) with the core on ``data``; the hypergradients each step used."""
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = core.init(plan, weights)
+    used = []
+    for x, y in data:
+        grads = _grads(model, weights, x, y)
+        used.append(core.hypergradients(plan, state, grads))
+        deltas, state = core.update(plan, state, grads)
+        weights = [w - d for w, d in zip(weights, deltas, strict=True)]
+    return used
+
+
+def check_hypergradients_by_finite_differences(
+    plan: core.Plan, model: nn.Module, data: Sequence[tuple[Tensor, Tensor]], eps: float = 1e-6
+) -> int:
+    """``d loss_t / d raw h_(t-1)`` of every learned value of every level equals its central finite difference.
+
+    Trains on ``data[:-1]`` with the core; the loss is ``data[-1]``'s after the last step, as a function of the raw
+    hyperparameters before that step (the hypergradients that step used held fixed: the paper's one-step
+    derivative). Float64 expected. Returns the number of values checked.
+    """
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = core.init(plan, weights)
+    for x, y in data[:-1]:
+        grads = _grads(model, weights, x, y)
+        before, weights_before, grads_before = state, weights, grads
+        deltas, state = core.update(plan, state, grads)
+        weights = [w - d for w, d in zip(weights, deltas, strict=True)]
+    used = core.hypergradients(plan, before, grads_before)
+    x, y = data[-1]
+
+    def loss_after_last_step(start: core.TowerState) -> float:
+        deltas, _ = core.update(plan, start, grads_before, used)
+        return _loss(model, [w - d for w, d in zip(weights_before, deltas, strict=True)], x, y).item()
+
+    assert loss_after_last_step(before) == pytest.approx(_loss(model, weights, x, y).item(), rel=1e-13)
+    hyper = core.hypergradients(plan, state, _grads(model, weights, x, y))
+    checked = 0
+    for k, names in enumerate(plan.learned[:-1]):
+        for i, name in enumerate(names):
+
+            def shifted(delta: float, k: int = k, i: int = i) -> core.TowerState:
+                levels = list(before.levels)
+                hp = levels[k].hp[0].clone()
+                hp[..., i] += delta
+                levels[k] = core.LevelState([hp], levels[k].rule)
+                return before._replace(levels=levels)
+
+            fd = (loss_after_last_step(shifted(eps)) - loss_after_last_step(shifted(-eps))) / (2 * eps)
+            assert hyper[k][0][i].item() == pytest.approx(fd, rel=1e-5, abs=1e-9), (k, name)
+            checked += 1
+    assert checked == sum(len(n) for n in plan.learned)
+    return checked

@@ -1,0 +1,161 @@
+"""The multi-tensor rules (hypergrad._foreach) are the per-tensor rules, only faster: updates bitwise, closed-form
+vjps to round-off (they sum the dot products over tensors before the scalar factors, see the module docstring)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from hypergrad import _foreach
+from hypergrad.rules import rules
+
+SHAPES = [(128, 784), (128,), (10, 128), (10,)]  # the paper's MNIST MLP
+
+CASES = [
+    ("sgd", {"lr": 0.1}, ("lr",)),
+    ("sgd", {"lr": 0.1, "momentum": 0.9}, ("lr", "momentum")),
+    ("sgd", {"lr": 0.1, "momentum": 0.9}, ()),
+    ("adam", {"lr": 0.01}, ("lr", "beta1", "beta2")),
+    ("adam", {"lr": 0.01}, ("lr",)),
+    ("adam", {"lr": 0.01}, ("beta2",)),
+    ("adamw", {"lr": 0.01, "weight_decay": 0.1}, ("lr", "beta1", "beta2", "weight_decay")),
+    ("adagrad", {"lr": 0.1}, ("lr",)),
+    ("rmsprop", {"lr": 0.01, "gamma": 0.9}, ("lr", "gamma")),
+    ("rmsprop", {"lr": 0.01, "gamma": 0.9}, ("lr",)),
+]
+IDS = [f"{n}-{'+'.join(learned) or 'fixed'}" for n, _, learned in CASES]
+
+
+def setup(name: str, values: dict, learned: tuple, dtype: torch.dtype, seed: int = 0):
+    rule = rules()[name]
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=g, dtype=dtype) for s in SHAPES]
+    grads = [[torch.randn(s, generator=g, dtype=dtype) for s in SHAPES] for _ in range(4)]
+    hp = dict(rule.defaults, **values)
+    hp = {k: torch.tensor(v, dtype=dtype) if k in learned else float(v) for k, v in hp.items()}
+    states = [rule.init(p, hp) for p in params]
+    return rule, grads, states, hp
+
+
+def per_tensor(rule, grads, states, hp, step):
+    out = [rule.update(g, s, hp, step) for g, s in zip(grads, states, strict=True)]
+    return [d for d, _ in out], [s for _, s in out]
+
+
+def flat(states) -> list[torch.Tensor | None]:
+    return [t for s in states for t in s]
+
+
+@pytest.mark.parametrize(("name", "values", "learned"), CASES, ids=IDS)
+def test_foreach_update_is_the_per_tensor_update_bitwise(name, values, learned) -> None:
+    rule, grads, states, hp = setup(name, values, learned, torch.float32)
+    ours, theirs = states, states
+    for step, g in enumerate(grads, start=1):
+        out = _foreach.update(rule, g, ours, hp, step)
+        assert out is not None
+        d_ours, ours = out
+        d_theirs, theirs = per_tensor(rule, g, theirs, hp, step)
+        assert [type(x) for x in ours] == [type(x) for x in theirs]
+        for a, b in zip(d_ours + flat(ours), d_theirs + flat(theirs), strict=True):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert a.dtype == b.dtype and torch.equal(a, b), (step, (a - b).abs().max())
+
+
+@pytest.mark.parametrize(
+    ("name", "values", "learned"), [c for c in CASES if c[2]], ids=[i for c, i in zip(CASES, IDS, strict=True) if c[2]]
+)
+def test_foreach_vjp_is_the_sum_of_per_tensor_vjps(name, values, learned) -> None:
+    rule, grads, states, hp = setup(name, values, learned, torch.float64)
+    for step in range(1, len(grads)):
+        _, after = per_tensor(rule, grads[step - 1], states, hp, step)
+        g_next = grads[step]
+        ours = _foreach.vjp(rule, g_next, after, hp, step)
+
+        def dot(a, b):
+            return torch.dot(a.reshape(-1), b.reshape(-1))
+
+        theirs: dict[str, torch.Tensor] = {}
+        for u, g, b, a in zip(g_next, grads[step - 1], states, after, strict=True):
+            assert not rule.vjp_needs_inputs  # the foreach vjp reads only the states after the step
+            for k, v in rule.vjp(u, g, b, a, hp, step, dot).items():
+                theirs[k] = v if k not in theirs else theirs[k] + v
+        assert ours is not None and sorted(ours) == sorted(theirs)
+        assert set(ours) == set(learned) - ({"momentum"} if step == 1 else set())  # momentum acts from step 2
+        for k in ours:
+            # abs: at step 1 Adam's d delta / d beta1 is exactly 0 (the bias correction cancels it), and both sides
+            # are the round-off of terms of order 1.
+            assert ours[k].item() == pytest.approx(theirs[k].item(), rel=1e-12, abs=1e-13), (step, k)
+        states = after
+
+
+def test_population_hyperparameters_take_the_per_tensor_path_with_one_logged_line(caplog) -> None:
+    rule, grads, states, hp = setup("adam", {"lr": 0.01}, ("lr",), torch.float32)
+    hp["lr"] = torch.full((3, 1), 0.01)  # three members, broadcast against (members, ...) tensors
+    _foreach._told.discard("batched")
+    with caplog.at_level(logging.INFO, logger="hypergrad"):
+        assert _foreach.update(rule, grads[0], states, hp, 1) is None
+        assert _foreach.update(rule, grads[0], states, hp, 2) is None
+    lines = [r.getMessage() for r in caplog.records if r.name == "hypergrad"]
+    assert len(lines) == 1 and "population" in lines[0]
+
+
+def test_a_user_rule_is_not_taken_by_the_foreach_path() -> None:
+    from hypergrad.rules import EmptyState, Rule
+
+    class Plain(Rule):
+        name = "plain_for_test"
+        defaults = {"lr": 0.1}
+        transforms = {}
+
+        def init(self, param, hp):
+            return EmptyState()
+
+        def update(self, grad, state, hp, step):
+            return grad * hp["lr"], state
+
+    assert _foreach.update(Plain(), [torch.ones(2)], [EmptyState()], {"lr": 0.1}, 1) is None
+
+
+def _train(spec: str, dtype: torch.dtype, steps: int = 8) -> list[torch.Tensor]:
+    import hypergrad
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(dtype)
+    opt = hypergrad.tower(spec, [{"params": list(model.parameters())[:2]}, {"params": list(model.parameters())[2:]}])
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x, y = torch.randn(16, 10, generator=g, dtype=dtype), torch.randint(0, 3, (16,), generator=g)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize(
+    "spec", ["sgd(0.1, momentum=0.9)", "adam(0.01)", "rmsprop(0.01)", "adagrad(0.1)", "adamw(0.01)"]
+)
+def test_the_optimizer_on_the_foreach_path_trains_bit_for_bit_as_per_tensor(spec, monkeypatch) -> None:
+    """Nothing learned: the weights' updates only, which the foreach path reproduces bitwise (float32)."""
+    calls = []
+    real = _foreach.update
+    monkeypatch.setattr(_foreach, "update", lambda *a: calls.append(1) or real(*a))
+    fast = _train(spec, torch.float32)
+    assert calls  # the core took the foreach path
+    monkeypatch.setattr(_foreach, "BUILTIN", ())
+    slow = _train(spec, torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True))
+
+
+@pytest.mark.parametrize(
+    "spec", ["adam(0.01)/adam(1e-3)/sgd(1e-4)", "sgd(0.1, momentum=0.5)/sgd(1e-3)", "rmsprop(0.01)/sgd(1e-3)"]
+)
+def test_a_tower_on_the_foreach_path_trains_as_per_tensor(spec, monkeypatch) -> None:
+    """Learned levels: the vjps agree to round-off (dots summed before the scalar factors), float64."""
+    fast = _train(spec, torch.float64)
+    monkeypatch.setattr(_foreach, "BUILTIN", ())
+    slow = _train(spec, torch.float64)
+    for a, b in zip(fast, slow, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-14)

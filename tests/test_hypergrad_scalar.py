@@ -1,0 +1,171 @@
+"""The hyper levels as Python floats (hypergrad._scalar) compute what the tensor path computes: the same state,
+field for field, to 1e-12 in float64 for one step, and the same hypergradients to 1e-10 (the float path is float64
+throughout; see the module docstring for float32)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import hypergrad
+from hypergrad import _scalar, core
+
+SPECS = [
+    "sgd(0.1)/sgd(1e-3)/sgd(1e-3)",
+    "sgd(0.1, momentum=0.9)/sgd(1e-3, momentum=0.5)/sgd(1e-4)",
+    "adam(0.01)/adam(1e-3)/adam(1e-4)/sgd(1e-4)",
+    "adam[lr](0.01)/sgd(1e-3)",
+    "rmsprop(0.01, gamma=0.9)/adagrad(1e-2)/rmsprop(1e-3)/sgd(1e-3)",
+    "sgd(0.05)/adam(1e-3)/adagrad(1e-3)",
+    "adamw(0.01)/adam[beta2](1e-3)/sgd(1e-3)",
+    "adam(0.01)" + "/adam(1e-7)" * 6,
+]
+
+
+def trained(spec: str, steps: int, parameterization: str = "reference", dtype=torch.float64):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+    params = list(model.parameters())
+    groups = [{"params": params[:2]}, {"params": params[2:], "lr": 0.02}]
+    opt = hypergrad.tower(spec, groups, parameterization=parameterization)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        x, y = torch.randn(16, 10, generator=g, dtype=dtype), torch.randint(0, 3, (16,), generator=g)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    x, y = torch.randn(16, 10, generator=g, dtype=dtype), torch.randint(0, 3, (16,), generator=g)
+    nn.functional.cross_entropy(model(x), y).backward()
+    return opt, model
+
+
+def leaves(x):
+    """Every tensor and float of a state, in order, with None where a field is empty."""
+    if isinstance(x, torch.Tensor | float | int) or x is None:
+        yield x
+    elif isinstance(x, dict):
+        for k in sorted(x):
+            yield from leaves(x[k])
+    else:
+        for v in x:
+            yield from leaves(v)
+
+
+def assert_same(a, b, rel: float) -> None:
+    la, lb = list(leaves(a)), list(leaves(b))
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb, strict=True):
+        assert (x is None) == (y is None)
+        if isinstance(x, torch.Tensor):
+            torch.testing.assert_close(x, y, rtol=rel, atol=1e-300)
+        elif x is not None:
+            assert float(x) == pytest.approx(float(y), rel=rel, abs=1e-300)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("parameterization", ["reference", "log"])
+def test_one_step_on_floats_equals_the_tensor_path(spec, parameterization, monkeypatch) -> None:
+    monkeypatch.setattr(_scalar, "applies", _scalar.supports)  # plain SGD towers too, which the core keeps in tensors
+    opt, model = trained(spec, 3, parameterization)
+    plan, state = opt._plan, opt._tower
+    grads = [p.grad.detach().clone() for p in model.parameters()]
+    assert _scalar.applies(plan)
+    calls = []
+    real = _scalar.update
+    monkeypatch.setattr(_scalar, "update", lambda *a: calls.append(1) or real(*a))
+    hyper_fast = core.hypergradients(plan, state, grads)
+    deltas_fast, new_fast = core.update(plan, state, grads)
+    assert calls
+    monkeypatch.setattr(_scalar, "applies", lambda plan: False)
+    hyper_slow = core.hypergradients(plan, state, grads)
+    deltas_slow, new_slow = core.update(plan, state, grads)
+    # 1e-10: beta's hypergradient is a difference of two nearly equal terms, which amplifies round-off (seen: 1.2e-12).
+    assert_same(hyper_fast, hyper_slow, 1e-10)
+    assert_same(deltas_fast, deltas_slow, 1e-12)
+    assert new_fast.step == new_slow.step
+    assert_same(new_fast.levels, new_slow.levels, 1e-12)
+    for a, b in zip(new_fast.trace, new_slow.trace, strict=True):
+        assert_same(a, b, 1e-12)
+
+
+@pytest.mark.parametrize("spec", SPECS[:4])
+def test_training_on_floats_follows_the_tensor_path(spec, monkeypatch) -> None:
+    monkeypatch.setattr(_scalar, "applies", _scalar.supports)
+    _, fast = trained(spec, 8)
+    monkeypatch.setattr(_scalar, "applies", lambda plan: False)
+    _, slow = trained(spec, 8)
+    for a, b in zip(fast.parameters(), slow.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+
+
+def test_a_state_written_by_the_float_path_continues_on_the_tensor_path(monkeypatch) -> None:
+    """A checkpoint cannot tell the paths apart: the tensor path continues from the float path's state."""
+    spec = "adam(0.01)/adam(1e-3)/sgd(1e-4)"
+    opt, model = trained(spec, 4)
+    state = opt._tower
+    grads = [p.grad.detach().clone() for p in model.parameters()]
+    fast = core.update(opt._plan, state, grads)
+    monkeypatch.setattr(_scalar, "applies", lambda plan: False)
+    slow = core.update(opt._plan, state, grads)
+    assert_same(fast, slow, 1e-12)
+
+
+def test_the_core_takes_the_floats_where_a_hyper_level_is_more_than_plain_sgd() -> None:
+    assert _scalar.applies(trained("sgd(0.1)/adam(1e-3)", 1)[0]._plan)
+    assert _scalar.applies(trained("sgd(0.1)/sgd(1e-3, momentum=0.5)", 1)[0]._plan)
+    plain = trained("adam(0.01)/sgd(1e-3)/sgd(1e-3)", 1)[0]._plan
+    assert _scalar.supports(plain) and not _scalar.applies(plain)
+
+
+def test_population_and_wrapped_rules_keep_the_tensor_path() -> None:
+    import dataclasses
+
+    opt, _ = trained("adam(0.01)/adam(1e-3)", 1)
+    assert _scalar.applies(opt._plan)
+    assert not _scalar.applies(dataclasses.replace(opt._plan, batch_shape=(3,)))
+    stable = hypergrad.tower("adam(0.01)/sgd(1e-3)", [torch.zeros(2, requires_grad=True)], stable=True)
+    assert not _scalar.applies(stable._plan)
+
+
+def test_float_arithmetic_that_raises_in_python_ends_as_ieee_arithmetic() -> None:
+    """1 / 0 raises in Python floats but is inf in torch: such a step is computed again in numpy float64."""
+
+    def f(x, y, ops):
+        return [x / y, ops.sqrt(x - 2.0), ops.exp(1000.0 * x)]
+
+    out = _scalar.ieee(f, 1.0, 0.0)
+    assert out[0] == math.inf and math.isnan(out[1]) and out[2] == math.inf
+    assert all(type(v) is float for v in out)
+    assert _scalar.ieee(f, 4.0, 2.0)[:2] == [2.0, math.sqrt(2.0)]
+
+
+def test_a_value_written_between_steps_is_read_by_the_float_path(monkeypatch) -> None:
+    """The floats kept between steps are never stale: a scheduler's write to param_groups (a new level-0 tensor)
+    reaches the levels above as it does on the tensor path."""
+
+    def run() -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+        opt = hypergrad.tower("adam(0.01)/adam(1e-3)/sgd(1e-4)", model.parameters())
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(6):
+            x, y = torch.randn(16, 10, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,), generator=g)
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            sched.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    calls = []
+    real = _scalar.update
+    monkeypatch.setattr(_scalar, "update", lambda *a: calls.append(1) or real(*a))
+    fast = run()
+    assert len(calls) == 6
+    monkeypatch.setattr(_scalar, "applies", lambda plan: False)
+    slow = run()
+    for a, b in zip(fast, slow, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
