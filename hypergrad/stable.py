@@ -4,10 +4,11 @@ Changes to the paper's method, all outside the functional core:
 
 1. **Log step sizes.** Every learned step size is stored as its logarithm (the ``"log"`` parameterization), so no
    step size of any level can turn negative, and a hyper-update changes a step size by a *factor*.
-2. **A trust region on the paper's own hyper-update** (:class:`TrustRegionRule`, the default): every level above the
-   weights' optimizer computes the reference's update in the reference's coordinates and moves the stored value (a
-   log step size, a beta's raw value) by ``radius * tanh(update / radius)``: to first order the paper's step, never
-   more than ``radius`` (a factor e^0.1 on a step size) per step.
+2. **An adaptive trust region on the paper's own hyper-update** (:class:`TrustRegionRule`, the default): every level
+   above the weights' optimizer computes the reference's update ``u`` in the reference's coordinates and moves the
+   stored value (a log step size, a beta's raw value) by ``r * tanh(c * u / r)``. The radius ``r`` (0.1 at first,
+   at most 1: a factor e on a step size per step) and the gain ``c >= 1`` grow while the update keeps its sign and
+   shrink when it flips, as Rprop adapts its step sizes.
 3. **Hyperparameters kept in their domain:** a learned SGD momentum is stored as ``(tanh(x)+1)/2`` and an Adam base
    bias-corrects with the product of the betas it used (:class:`StableSGDRule`, :class:`StableAdamRule`).
 
@@ -41,8 +42,16 @@ __all__ = [
     "stabilize",
 ]
 
-#: Largest change of a raw hyperparameter per step: a step size changes by at most a factor e^0.1 ~ 1.105 per step.
+#: Initial trust radius: the largest first change of a raw hyperparameter (a step size by a factor e^0.1 ~ 1.105).
 RADIUS = 0.1
+#: Rprop's factors: the radius grows by GROW per step while the region binds and the step keeps its sign, and
+#: shrinks by SHRINK when the sign flips.
+GROW, SHRINK = 1.2, 0.5
+#: The radius stays in [MIN_RADIUS, MAX_RADIUS]: a step size changes by at most a factor e per step.
+MIN_RADIUS, MAX_RADIUS = 1e-3, 1.0
+#: The gain on the reference's update stays in [1, MAX_GAIN]: a top hyper-step up to 12 decades too small still
+#: learns, and the stable mode never moves slower than the reference inside the region.
+MAX_GAIN = 1e12
 
 
 class StableState(NamedTuple):
@@ -50,7 +59,36 @@ class StableState(NamedTuple):
     sq: Tensor  # running mean of the squared hypergradient, per hyperparameter
 
 
-class StableRule(Rule):
+class _HyperLevel(Rule):
+    """What both stable hyper levels share: they wrap a plain rule, keep its spelling (name, defaults, learnable
+    hyperparameters), store a momentum below them in (0, 1) and bound each update by a trust radius."""
+
+    def __init__(self, inner: Rule, radius: float) -> None:
+        if isinstance(inner, _HyperLevel):
+            raise ValueError(f"{type(self).__name__} must wrap a plain rule, but got {type(inner).__name__}")
+        _check_positive("radius", radius)
+        self.inner, self.radius = inner, radius
+        self.name = inner.name  # type: ignore[misc]
+        self.defaults = inner.defaults  # type: ignore[misc]
+        self.transforms = _bounded(inner.transforms)  # type: ignore[misc]
+
+    def learnable(self, values: Mapping[str, float]) -> tuple[str, ...]:
+        return self.inner.learnable(values)
+
+
+def _check_positive(key: str, value: float) -> None:
+    if not (value > 0.0 and math.isfinite(value)):
+        raise ValueError(f"{key} must be a finite number > 0, but got {value!r}")
+
+
+def trust(update: Tensor, radius: Tensor | float) -> Tensor:
+    """The trust region of every stable hyper-update: ``radius * tanh(update / radius)``, the update itself to first
+    order, never more than ``radius`` in size, and differentiable (the level above still gets an exact
+    hypergradient)."""
+    return radius * torch.tanh(update / radius)
+
+
+class StableRule(_HyperLevel):
     """A hyper level's rule, fed normalized hypergradients and with each update bounded to ``(-radius, radius)``.
 
     ``update(g) = radius * tanh(inner.update(g / (sqrt(v_hat) + eps)) / radius)`` with
@@ -69,19 +107,10 @@ class StableRule(Rule):
     """
 
     def __init__(self, inner: Rule, *, beta: float = 0.99, eps: float = 1e-300, radius: float = RADIUS) -> None:
-        if isinstance(inner, StableRule):
-            raise ValueError("StableRule must wrap a plain rule, but got another StableRule")
+        super().__init__(inner, radius)
         if not 0.0 < beta < 1.0:
             raise ValueError(f"beta must be in (0, 1), but got {beta!r}")
-        if not (radius > 0.0 and math.isfinite(radius)):
-            raise ValueError(f"radius must be a finite number > 0, but got {radius!r}")
-        self.inner, self.beta, self.eps, self.radius = inner, beta, eps, radius
-        self.name = inner.name  # type: ignore[misc]
-        self.defaults = inner.defaults  # type: ignore[misc]
-        self.transforms = _bounded(inner.transforms)  # type: ignore[misc]
-
-    def learnable(self, values: Mapping[str, float]) -> tuple[str, ...]:
-        return self.inner.learnable(values)
+        self.beta, self.eps = beta, eps
 
     def init(self, param: Tensor, hp: HP) -> StableState:
         return StableState(self.inner.init(param, hp), torch.zeros_like(param))
@@ -93,7 +122,7 @@ class StableRule(Rule):
         scale = (sq / (1.0 - self.beta ** float(step))).sqrt() + self.eps
         normalized = (g64 / scale).to(grad.dtype)
         delta, inner = self.inner.update(normalized, state.inner, hp, step)
-        return self.radius * torch.tanh(delta / self.radius), StableState(inner, sq.to(state.sq.dtype))
+        return trust(delta, self.radius), StableState(inner, sq.to(state.sq.dtype))
 
     def __repr__(self) -> str:
         return f"StableRule({self.inner!r}, beta={self.beta}, radius={self.radius})"
@@ -165,32 +194,74 @@ class StableAdamRule(AdamRule):
 class TrustState(NamedTuple):
     inner: Any  # the wrapped rule's state
     raw: Tensor  # the stored (raw) values of the hyperparameters this level updates: it is their only updater
+    radius: Tensor  # the trust radius of each stored value
+    gain: Tensor  # the factor (>= 1) on the reference's update of each stored value
+    last: Tensor  # the sign of each value's previous bounded step; 0 right after a sign change (iRprop-)
 
 
-class TrustRegionRule(Rule):
+class TrustRegionRule(_HyperLevel):
     """A hyper level that takes the paper's step, measured in the reference's parameterization, but moves each stored
-    value (a log step size, a beta's raw value) by at most ``radius`` per step.
+    value (a log step size, a beta's raw value) by at most its trust radius per step.
 
     For the hyperparameter ``y`` below, stored as ``x`` (``y = S(x)``, e.g. ``exp``) where the reference stores
     ``z`` (``y = R(z)``, e.g. the identity), the wrapped rule receives the reference's hypergradient
     ``g_z = g_x R'(z) / S'(x)`` and returns the reference's update ``u_z``; the stored value moves by
-    ``radius * tanh(u_z S'(x)^-1 R'(z) / radius)``: to first order the reference's step, never more than
-    ``radius``. Since this level is the only one that updates ``x``, its state tracks ``x`` exactly.
+    ``r * tanh(u / r)`` with ``u = u_z R'(z) / S'(x)``: to first order the reference's step, never more than ``r``.
+    Since this level is the only one that updates ``x``, its state tracks ``x`` exactly.
+
+    Both the step and its bound adapt per value, by the sign agreement of consecutive steps (Rprop's rule, Riedmiller
+    and Braun 1993, applied to the hyper level): the stored value moves by ``r * tanh(c * u / r)``. While ``u`` keeps
+    its sign, the gain ``c`` grows by ``grow`` per step as long as the region is loose (``|c u| <= r``: a top
+    hyper-step that is decades too small still learns, in ``log(1/k) / log(grow)`` steps), and the radius ``r``
+    grows by ``grow`` once it binds (a step size crosses decades in a few steps, at most a factor
+    ``e^max_radius`` per step). A sign flip shrinks both by ``shrink``, and the next step neither grows nor shrinks
+    them (iRprop-). ``c`` stays in ``[1, max_gain]``, so the stable step is never smaller than the reference's inside
+    the region; ``grow = shrink = 1`` is the plain trust region ``r * tanh(u / r)`` with a fixed radius.
+
+    >>> import torch
+    >>> from hypergrad.rules import SGDRule
+    >>> from hypergrad.transforms import EXP, IDENTITY
+    >>> rule = TrustRegionRule(SGDRule(), ((EXP, IDENTITY),))
+    >>> hp = {"lr": 1.0, "momentum": 0.0}
+    >>> state = rule.init(torch.zeros(1), hp)  # a step size of e^0 = 1
+    >>> for _ in range(3):  # the hypergradient says "larger" three times: the region widens by 1.2 twice
+    ...     delta, state = rule.update(torch.tensor([-1e6]), state, hp, 1)
+    >>> round(state.radius.item(), 3), round(state.raw.item(), 3)  # log step size up by 0.1 + 0.12 + 0.144
+    (0.144, 0.364)
     """
 
-    def __init__(self, inner: Rule, below: tuple[tuple[Transform, Transform], ...], *, radius: float = RADIUS) -> None:
-        if not (radius > 0.0 and math.isfinite(radius)):
-            raise ValueError(f"radius must be a finite number > 0, but got {radius!r}")
-        self.inner, self.below, self.radius = inner, below, radius
-        self.name = inner.name  # type: ignore[misc]
-        self.defaults = inner.defaults  # type: ignore[misc]
-        self.transforms = _bounded(inner.transforms)  # type: ignore[misc]
-
-    def learnable(self, values: Mapping[str, float]) -> tuple[str, ...]:
-        return self.inner.learnable(values)
+    def __init__(
+        self,
+        inner: Rule,
+        below: tuple[tuple[Transform, Transform], ...],
+        *,
+        radius: float = RADIUS,
+        grow: float = GROW,
+        shrink: float = SHRINK,
+        max_radius: float = MAX_RADIUS,
+        max_gain: float = MAX_GAIN,
+        min_radius: float = MIN_RADIUS,
+    ) -> None:
+        super().__init__(inner, radius)
+        for key, value in (("max_radius", max_radius), ("min_radius", min_radius)):
+            _check_positive(key, value)
+        if not (max_gain >= 1.0 and math.isfinite(max_gain)):
+            raise ValueError(f"max_gain must be a finite number >= 1, but got {max_gain!r}")
+        if not min_radius <= radius <= max_radius:
+            raise ValueError(
+                f"radius must lie in [min_radius, max_radius] = [{min_radius}, {max_radius}], but got {radius!r}"
+            )
+        if not (grow >= 1.0 and math.isfinite(grow)):
+            raise ValueError(f"grow must be a finite number >= 1, but got {grow!r}")
+        if not 0.0 < shrink <= 1.0:
+            raise ValueError(f"shrink must be in (0, 1], but got {shrink!r}")
+        self.below, self.grow, self.shrink = below, grow, shrink
+        self.max_radius, self.min_radius, self.max_gain = max_radius, min_radius, max_gain
 
     def init(self, param: Tensor, hp: HP) -> TrustState:
-        return TrustState(self.inner.init(param, hp), param.detach().clone())
+        raw = param.detach().clone()
+        radius, gain = torch.full_like(raw, self.radius), torch.ones_like(raw)
+        return TrustState(self.inner.init(param, hp), raw, radius, gain, torch.zeros_like(raw))
 
     def _ratio(self, x: Tensor) -> Tensor:
         # dz/dx = S'(x) / R'(z), per stored column, held constant (it is a function of what this level updated).
@@ -208,28 +279,52 @@ class TrustRegionRule(Rule):
             dz_dx = self._ratio(state.raw).clamp_min(1e-300 if state.raw.dtype == torch.float64 else 1e-37)
             g_ref = grad / dz_dx
         u_ref, inner = self.inner.update(g_ref, state.inner, hp, step)
-        delta = self.radius * torch.tanh(u_ref / dz_dx / self.radius)
-        return delta, TrustState(inner, (state.raw - delta).detach())
+        u = u_ref / dz_dx
+        with torch.no_grad():
+            sign = torch.sign(u)
+            agree, flip = sign * state.last > 0, sign * state.last < 0
+            binds = (state.gain * u).abs() > state.radius
+            # Consistent steps grow the gain while the region is loose, the radius once it binds; a flip shrinks both.
+            radius = state.radius * torch.where(agree & binds, self.grow, torch.where(flip, self.shrink, 1.0))
+            gain = state.gain * torch.where(agree & ~binds, self.grow, torch.where(flip, self.shrink, 1.0))
+            radius = radius.clamp(self.min_radius, self.max_radius)
+            gain = gain.clamp(1.0, self.max_gain)
+            last = torch.where(flip, torch.zeros_like(sign), sign)
+        delta = trust(gain * u, radius)
+        return delta, TrustState(inner, (state.raw - delta).detach(), radius, gain, last)
 
     def __repr__(self) -> str:
-        return f"TrustRegionRule({self.inner!r}, radius={self.radius})"
+        return (
+            f"TrustRegionRule({self.inner!r}, radius={self.radius}, grow={self.grow}, shrink={self.shrink}, "
+            f"max_radius={self.max_radius}, max_gain={self.max_gain})"
+        )
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, TrustRegionRule) and (other.inner, other.below, other.radius) == (
+    def _key(self) -> tuple[Any, ...]:
+        return (
             self.inner,
             self.below,
             self.radius,
+            self.grow,
+            self.shrink,
+            self.max_radius,
+            self.min_radius,
+            self.max_gain,
         )
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TrustRegionRule) and other._key() == self._key()
+
     def __hash__(self) -> int:
-        return hash((TrustRegionRule, self.inner, self.radius))
+        return hash((TrustRegionRule, self.inner, self.radius, self.grow, self.shrink, self.max_radius))
 
 
 _STABLE_BASES: dict[type, type] = {AdamRule: StableAdamRule, SGDRule: StableSGDRule}
 
 
 def stabilize(tower: Tower, method: str = "trust", **kw: float) -> Tower:
-    """The same tower with every level above the weights' optimizer wrapped in a :class:`StableRule`, an Adam
+    """The same tower with every level above the weights' optimizer wrapped in a :class:`TrustRegionRule` (``method=
+    "trust"``, the default; ``kw`` sets its radius, grow, shrink, max_radius, min_radius, max_gain) or a
+    :class:`StableRule` (``"normalized"``), an Adam
     base bias-corrected with the products of its betas (:class:`StableAdamRule`) and an SGD base's momentum kept
     in (0, 1) (:class:`StableSGDRule`)."""
     if method not in ("trust", "normalized"):
