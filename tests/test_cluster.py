@@ -78,6 +78,14 @@ def job_logs(folders: set[Path]) -> str:
     )
 
 
+def run_locally_as_populations(sweep_dir: Path, sweep: list[str], cwd: Path, env: dict[str, str]) -> None:
+    """The same sweep through the local hydra/launcher=population, the numbers a SLURM population must give."""
+    here = subprocess.run([sys.executable, "-m", "bench", "--multirun", "hydra/launcher=population",
+                           f"hydra.sweep.dir={sweep_dir}", *sweep], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert here.returncode == 0, here.stderr[-3000:]
+
+
 def history_without_timing(run_dir: Path) -> pd.DataFrame:
     return pd.read_csv(run_dir / "history.csv").drop(columns=["wall_time_s"])
 
@@ -306,10 +314,7 @@ def test_a_population_sweep_is_one_array_of_chunks_that_lands_every_job(slurm: S
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:] + slurm.logs()
     assert len(job_folders(on_slurm)) == 3
-    here = subprocess.run([sys.executable, "-m", "bench", "--multirun", "hydra/launcher=population",
-                           f"hydra.sweep.dir={local}", *sweep], cwd=tmp_path, env=slurm.env, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
-    assert here.returncode == 0, here.stderr[-3000:]
+    run_locally_as_populations(local, sweep, tmp_path, slurm.env)
     for num in range(12):
         a, b = read_metrics(on_slurm / str(num)), read_metrics(local / str(num))
         assert a["status"] == "completed" and (a["population"]["size"], b["population"]["size"]) == (
@@ -347,10 +352,7 @@ def test_a_preempted_population_resumes_from_its_checkpoint_to_the_same_results(
             driver.kill()
     folders = {d for d in (on_slurm / ".submitit").iterdir() if d.is_dir()}
     assert "checkpoint saved; submitit requeues the job" in job_logs(folders)
-    here = subprocess.run([sys.executable, "-m", "bench", "--multirun", "hydra/launcher=population",
-                           f"hydra.sweep.dir={local}", *sweep], cwd=tmp_path, env=slurm.env, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
-    assert here.returncode == 0, here.stderr[-3000:]
+    run_locally_as_populations(local, sweep, tmp_path, slurm.env)
     for num in range(4):
         a, b = read_metrics(on_slurm / str(num)), read_metrics(local / str(num))
         assert a["status"] == b["status"] == "completed"
