@@ -241,74 +241,81 @@ def _static(plan: Plan) -> list[_Level]:
     return levels
 
 
-# The floats behind the tensors this module wrote at the last step of each plan: the next step takes them instead of
-# reading the tensors when it is handed the very same tensors (checked by identity; tensors are never written in
-# place by the core, and a state changed in between, by load_state_dict or a scheduler's write, is new tensors).
-_KNOWN: dict[int, dict[int, tuple[Tensor, Vec]]] = {}
+# What this module wrote at the last step of each plan, as floats: the next step takes them instead of reading the
+# tensors back, for every level whose state holds the very objects written (checked by identity; the core never
+# writes a tensor in place, and a state changed in between, by load_state_dict or a scheduler's write, holds new
+# objects). A write in place into one of these tensors is caught too: each tensor written is a view of one new tensor
+# per step, and views share their base's version counter.
+class _Kept(NamedTuple):
+    plan: Plan
+    hp0: list[Tensor]  # the list of level 0's raw tensors
+    levels: list[Any]  # the LevelState objects of levels 1..top
+    raw: list[list[Vec]]  # raw vectors of levels 0..top-1
+    states: list[Any]  # per level 1..top: per tensor, the fields' vectors (None where the field is None)
+    guards: list[tuple[Tensor, int]]  # (base tensor, its version when written)
 
 
-def _remember(plan: Plan, pairs: Any, fresh: bool = False) -> None:
-    known = {} if fresh or id(plan) not in _KNOWN else _KNOWN[id(plan)]
-    for t, v in pairs:
-        known[id(t)] = (t, v)
-    if len(_KNOWN) > 64 and id(plan) not in _KNOWN:
-        _KNOWN.clear()
-    _KNOWN[id(plan)] = known
+class _Hyper(NamedTuple):
+    plan: Plan
+    tensors: list[Tensor]  # the hypergradients of levels 0..top-1 last handed to the core, flat
+    floats: list[Vec]
+    guards: list[tuple[Tensor, int]]
 
 
-def _read(plan: Plan, tensors: list[Tensor]) -> list[Vec]:
-    """The values of 1-D tensors as lists of floats: what this module kept, the rest with one gather."""
-    known = _KNOWN.get(id(plan), {})
-    out: list[Any] = []
-    missing = []
-    for t in tensors:
-        hit = known.get(id(t))
-        if hit is not None and hit[0] is t:
-            out.append(hit[1])
-        else:
-            out.append(None)
-            missing.append(t)
-    if missing:
-        flat = torch.cat([t.reshape(-1) for t in missing]).tolist()
+_KEPT: dict[int, _Kept] = {}
+_HYPER: dict[int, _Hyper] = {}
+
+
+def _keep(table: dict[int, Any], plan: Plan, entry: Any) -> None:
+    if len(table) > 64 and id(plan) not in table:  # plans of optimizers long gone
+        table.clear()
+    table[id(plan)] = entry
+
+
+def _valid(table: dict[int, Any], plan: Plan) -> Any:
+    entry = table.get(id(plan))
+    if entry is None or entry.plan is not plan or any(t._version != v for t, v in entry.guards):
+        return None
+    return entry
+
+
+def _guards(tensors: Any) -> list[tuple[Tensor, int]]:
+    return [(t, t._version) for t in tensors]
+
+
+class _Reader:
+    """Collects the tensors whose values are not kept, then reads them all with one ``cat`` and one ``tolist``."""
+
+    def __init__(self) -> None:
+        self.tensors: list[Tensor] = []
+        self.values: list[Vec] = []
+
+    def add(self, t: Tensor) -> int:
+        self.tensors.append(t)
+        return len(self.tensors) - 1
+
+    def read(self) -> None:
+        if not self.tensors:
+            return
+        flat = torch.cat([t.reshape(-1) for t in self.tensors]).tolist()
         i = 0
-        for j, t in enumerate(tensors):
-            if out[j] is None:
-                n = t.numel()
-                out[j] = flat[i : i + n]
-                i += n
-    return out
+        for t in self.tensors:
+            n = t.numel()
+            self.values.append(flat[i : i + n])
+            i += n
+
+    def fill(self, items: list[Any]) -> list[Any]:
+        """``items`` with each :class:`_Slots` in it holding the values read instead of slots."""
+        return [self._fill(x) if type(x) is _Slots else x for x in items]
+
+    def _fill(self, x: Any) -> Any:
+        if type(x) is int:
+            return self.values[x]
+        return None if x is None else [self._fill(v) for v in x]
 
 
-class _Writer:
-    """Collects the vectors and scalars that become tensors, then makes them all with one ``tensor`` call."""
-
-    def __init__(self, sources: dict[int, Tensor]) -> None:
-        self.sources = sources  # id(vector read from a tensor) -> that tensor: an unchanged vector is not copied
-        self.vectors: list[Vec] = []
-        self.scalars: list[float] = []
-        self.reused: list[tuple[Tensor, Vec]] = []
-
-    # A slot is an int (no value of a state or trace is one): i >= 0 the i-th new vector, -1 - i the i-th scalar.
-    def vector(self, v: Vec | None) -> Any:
-        if v is None:
-            return None
-        t = self.sources.get(id(v))
-        if t is not None:
-            self.reused.append((t, v))
-            return t
-        self.vectors.append(v)
-        return len(self.vectors) - 1
-
-    def scalar(self, x: float) -> int:
-        self.scalars.append(x)
-        return -len(self.scalars)
-
-    def make(self, like: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        sizes = [len(v) for v in self.vectors]
-        t, self.vectors = _tensor([*self.vectors, self.scalars], like)
-        self.vectors.pop()
-        parts = t.split([*sizes, len(self.scalars)])
-        return list(parts[:-1]), list(parts[-1].unbind())
+class _Slots(list):
+    """A structure of slots of a :class:`_Reader` (ints, as ``add`` returned), to fill once it has read."""
 
 
 def _tensor(vectors: list[Vec], like: Tensor) -> tuple[Tensor, list[Vec]]:
@@ -322,12 +329,6 @@ def _tensor(vectors: list[Vec], like: Tensor) -> tuple[Tensor, list[Vec]]:
         out.append(flat[i : i + len(v)])
         i += len(v)
     return t, out
-
-
-def _resolve(x: Any, vectors: list[Tensor], scalars: list[Tensor]) -> Any:
-    if type(x) is not int:
-        return x
-    return vectors[x] if x >= 0 else scalars[-1 - x]
 
 
 def _chain(static: list[_Level], raw: list, states: list, hyper: list, step: int, ops: _Math):
@@ -352,6 +353,24 @@ def _chain(static: list[_Level], raw: list, states: list, hyper: list, step: int
     return values, new_states, new_raw
 
 
+def _read_levels(state: TowerState, reader: _Reader, kept: _Kept | None, raw_ks: range, state_ks: range):
+    """Per level in ``raw_ks`` its raw vectors, per level in ``state_ks`` its rule states' field vectors: the floats
+    kept at the last step where the level is the one written then, else slots of ``reader``."""
+    levels = state.levels
+
+    def is_kept(k: int) -> bool:
+        return kept is not None and (levels[0].hp is kept.hp0 if k == 0 else levels[k] is kept.levels[k - 1])
+
+    raw = [kept.raw[k] if is_kept(k) else _Slots(reader.add(h) for h in levels[k].hp) for k in raw_ks]  # type: ignore[union-attr]
+    states = [
+        kept.states[k]
+        if is_kept(k)
+        else _Slots([None if f is None else reader.add(f) for f in s] for s in levels[k].rule)  # type: ignore[union-attr]
+        for k in state_ks
+    ]
+    return raw, states
+
+
 def update(plan: Plan, state: TowerState, hypergrads: Sequence[Sequence[Tensor]], step: int):
     """Levels top..1 of one step of :func:`hypergrad.core.update`: ``(new raw hyperparameters of level 0, new level
     states of levels 1..top, traces of levels top-1..1)``, exactly the core's fields."""
@@ -359,45 +378,91 @@ def update(plan: Plan, state: TowerState, hypergrads: Sequence[Sequence[Tensor]]
 
     static = _static(plan)
     top = plan.height
-    levels = state.levels
-    # Read: raw values of levels 0..top-1, rule states of levels 1..top, hypergradients of levels 0..top-1.
-    hp_t = [list(levels[k].hp) for k in range(top)]
-    st_t = [[]] + [list(levels[k].rule) for k in range(1, top + 1)]
-    hy_t = [list(level) for level in hypergrads]
-    tensors = [h for lv in hp_t for h in lv]
-    tensors += [f for k in range(1, top + 1) for s in st_t[k] for f in s if f is not None]
-    tensors += [h for lv in hy_t for h in lv]
-    vecs = _read(plan, tensors)
-    # A vector kept unchanged (a moment before the step, a hypergradient a rule keeps) is written as the tensor it
-    # was read from, as the rules keep the tensor itself.
-    sources = {id(v): t for t, v in zip(tensors, vecs, strict=True)}
-    it = iter(vecs)
-    raw = [[next(it) for _ in lv] for lv in hp_t]
-    states = [None] + [[[None if f is None else next(it) for f in s] for s in st_t[k]] for k in range(1, top + 1)]
-    hyper = [[next(it) for _ in lv] for lv in hy_t]
+    reader = _Reader()
+    raw, states = _read_levels(state, reader, _valid(_KEPT, plan), range(top), range(1, top + 1))
+    states = [None, *states]
+    flat_hyper = [h for level in hypergrads for h in level]
+    known = _valid(_HYPER, plan)
+    if (
+        known is not None
+        and len(known.tensors) == len(flat_hyper)
+        and all(a is b for a, b in zip(known.tensors, flat_hyper, strict=True))
+    ):
+        hyper_flat: list[Any] = known.floats
+    else:
+        hyper_flat = _Slots(reader.add(h) for h in flat_hyper)
+    reader.read()
+    raw, states, hyper_flat = reader.fill(raw), reader.fill(states), reader.fill([hyper_flat])[0]
+    it = iter(hyper_flat)
+    hyper = [[next(it) for _ in level] for level in hypergrads]
 
     values, new_states, new_raw = ieee(_chain, static, raw, states, hyper, step)
 
-    # Write: one tensor for everything new, views of it for each field.
-    w = _Writer(sources)
-    hp_slots = [[w.vector(v) for v in new_raw[k]] for k in range(top)]
-    st_slots = [None] + [[[w.vector(f) for f in s] for s in new_states[k]] for k in range(1, top + 1)]
-    val_slots = [None] + [
-        {n: (w.scalar(v) if n in static[k].learned else v) for n, v in values[k].items()} for k in range(1, top)
-    ]
-    vectors, scalars = w.make(levels[0].hp[0])
-    _remember(plan, [*zip(vectors, w.vectors, strict=True), *w.reused], fresh=True)
-    new_hp = [[_resolve(x, vectors, scalars) for x in hp_slots[k]] for k in range(top)]
+    # Write: the new vectors and scalars go into one tensor, whose views become the new fields. A vector kept
+    # unchanged (a moment before the step, a hypergradient a rule keeps) is written as the tensor it was read from,
+    # as the rules keep the tensor itself.
+    sources = {
+        id(v): t for level, vecs in zip(hypergrads, hyper, strict=True) for t, v in zip(level, vecs, strict=True)
+    }
+    for k in range(1, top + 1):
+        for s_t, s_f in zip(state.levels[k].rule, states[k], strict=True):
+            for t, f in zip(s_t, s_f, strict=True):
+                if f is not None:
+                    sources[id(f)] = t
+    new: list[Vec] = []  # the vectors to write, in order; a field refers to one by its index
+    scalars: list[float] = []
+    reused: list[Tensor] = []
+    hp_ix = []
+    for k in range(top):
+        hp_ix.append(list(range(len(new), len(new) + len(new_raw[k]))))
+        new += new_raw[k]
+    st_ix: list[Any] = [None]
+    for k in range(1, top + 1):
+        level = []
+        for s in new_states[k]:
+            fields: list[Any] = []
+            for f in s:
+                t = None if f is None else sources.get(id(f))
+                if t is not None:
+                    fields.append((t, f))
+                    reused.append(t)
+                elif f is None:
+                    fields.append(None)
+                else:
+                    fields.append(len(new))
+                    new.append(f)
+            level.append(fields)
+        st_ix.append(level)
+    val_ix: list[Any] = [None]
+    for k in range(1, top):
+        learned = static[k].learned
+        val_ix.append({n: (len(scalars), scalars.append(v))[0] if n in learned else v for n, v in values[k].items()})
+    base, stored = _tensor([*new, scalars], state.levels[0].hp[0])
+    parts = base.split([len(v) for v in stored])
+    made = parts[-1].unbind() if scalars else ()
+
+    def tensor(x: Any) -> Any:
+        return None if x is None else parts[x] if type(x) is int else x[0]
+
+    def floats(x: Any) -> Any:
+        return None if x is None else stored[x] if type(x) is int else x[1]
+
+    new_hp = [[parts[i] for i in hp_ix[k]] for k in range(top)]
     out_levels = []
     for k in range(1, top + 1):
         kind = _STATE_TYPE[type(plan.rules[k])]
-        rule_states = [kind(*[_resolve(x, vectors, scalars) for x in s]) for s in st_slots[k]]
+        rule_states = [kind(*[tensor(x) for x in fields]) for fields in st_ix[k]]
         out_levels.append(LevelState(new_hp[k] if k < top else [], rule_states))
     traces = []
     for k in range(top - 1, 0, -1):
-        vals = {n: _resolve(x, vectors, scalars) for n, x in val_slots[k].items()}
+        vals = {n: made[x] if n in static[k].learned else x for n, x in val_ix[k].items()}
         # Built-in rules' vjps read only the state after the step (vjp_needs_inputs is False): nothing else to keep.
         traces.append(Trace(new_hp[k], [vals], None, None, None))
+    # What the next step reads: the floats as stored, level by level.
+    kept_raw = [[stored[i] for i in hp_ix[k]] for k in range(top)]
+    kept_states = [None] + [[[floats(x) for x in fields] for fields in st_ix[k]] for k in range(1, top + 1)]
+    guards = [(base, base._version)] + [(t, t._version) for t in reused]
+    _keep(_KEPT, plan, _Kept(plan, new_hp[0], out_levels, kept_raw, kept_states, guards))
     return new_hp[0], out_levels, traces
 
 
@@ -405,25 +470,26 @@ def hypergradients(plan: Plan, state: TowerState, level0: Sequence[Tensor]) -> l
     """The hypergradients of levels 1..top-1 (one vector each) of :func:`hypergrad.core.hypergradients`, from
     level 0's (``level0``: one per param group)."""
     top = plan.height
+    reader = _Reader()
+    slots = _Slots(reader.add(h) for h in level0)
     if top < 2:
+        reader.read()
+        _keep(_HYPER, plan, _Hyper(plan, list(level0), reader.fill([slots])[0], _guards(level0)))
         return []
     static = _static(plan)
+    raw, after = _read_levels(state, reader, _valid(_KEPT, plan), range(1, top), range(1, top))
     traces = state.trace
-    tensors = list(level0)
-    for k in range(1, top):
-        tensors += [traces[k].hp[0]]
-        tensors += [f for s in state.levels[k].rule for f in s if f is not None]
-    vecs = _read(plan, tensors)
-    it = iter(vecs)
-    upstream = [next(it) for _ in level0]
-    raw, after = [None], [None]
-    for k in range(1, top):
-        raw.append(next(it))
-        after.append([[None if f is None else next(it) for f in s] for s in state.levels[k].rule])
+    for k in range(1, top):  # the values level k used: its current ones, unless the trace holds others
+        if traces[k].hp is not state.levels[k].hp:
+            raw[k - 1] = _Slots(reader.add(h) for h in traces[k].hp)
+    reader.read()
+    upstream = reader.fill([slots])[0]
+    raw, after = reader.fill(raw), reader.fill(after)
+    raw, after = [None, *(r[0] for r in raw)], [None, *after]
     out = ieee(_hyper_chain, static, raw, after, upstream, state.step)
     flat, out = _tensor(out, level0[0])
-    t = flat.split([len(v) for v in out])
-    _remember(plan, zip(t, out, strict=True))
+    t = list(flat.split([len(v) for v in out]))
+    _keep(_HYPER, plan, _Hyper(plan, [*level0, *t], upstream + out, [(flat, flat._version), *_guards(level0)]))
     return [[v] for v in t]
 
 

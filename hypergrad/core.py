@@ -408,6 +408,8 @@ def _broadcast(plan: Plan, values: dict[str, Value], target: Tensor) -> dict[str
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
+    if a.dim() == 1 and b.dim() == 1:  # a reshape is one more dispatch: not for vectors (every level above 0)
+        return torch.dot(a, b)
     return torch.dot(a.reshape(-1), b.reshape(-1))
 
 

@@ -213,13 +213,13 @@ class HyperOptimizer(torch.optim.Optimizer):
         params = self._params()
         dtype = self._compute_dtype
         # Passed as they are (cast where the parameters are half precision): core.update copies what it keeps.
-        grads = [None if p.grad is None else p.grad.detach().to(dtype) for p in params]
+        grads = [None if p.grad is None else _as(p.grad.detach(), dtype) for p in params]
         deltas, new = core.update(self._plan, state, grads)
         if self.check_finite:
             self._raise_if_not_finite(new, grads)
         updated = [(p, d) for p, d in zip(params, deltas, strict=True) if d is not None]
         if updated:
-            torch._foreach_sub_([p for p, _ in updated], [d.to(p.dtype) for p, d in updated])
+            torch._foreach_sub_([p for p, _ in updated], [_as(d, p.dtype) for p, d in updated])
         self._tower = new
         self._publish()
         return loss
@@ -342,6 +342,10 @@ class HyperOptimizer(torch.optim.Optimizer):
         self._plan = self._make_plan()
         self._tower = None if packed is None else _unpack(self._plan, packed, fresh, params[0])
         self._published = [self._group_values(g) for g in self.param_groups]
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)  # .to is a dispatch even where it returns t itself
 
 
 def _split_per_tensor(params: Iterable[Tensor] | Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
