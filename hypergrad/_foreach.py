@@ -12,6 +12,9 @@ functions with it.
   sums over tensors, this one sums the dot products over tensors first and applies the factors once (the formulas
   are linear in the dots), which saves a dozen scalar operations per tensor. The tests hold it to 1e-12 in float64.
 
+With ``compiled=True`` both run through ``torch.compile`` (opt-in, see :class:`hypergrad.HyperOptimizer`'s
+``compile``): the same operations, which the compiler may fuse and reorder, so equal to the eager results to round-off.
+
 Both return ``None`` where they do not apply (a rule that is not built in, hyperparameters with population
 dimensions, tensors on different devices or of different dtypes); the caller then takes the per-tensor path.
 """
@@ -72,6 +75,45 @@ def applies(rule: Rule, tensors: Sequence[Tensor], hp: Mapping[str, Any]) -> boo
     return True
 
 
+# -- torch.compile (opt-in) -----------------------------------------------------------------------------------------
+# What a compiled function reads must not change with the step count, or every step would compile again: Adam's bias
+# corrections (the only place a rule reads the step) are computed here and handed in as 0-dim tensors, the values the
+# eager path uses (a float scalar meets a float32 tensor as its float32 rounding, which is what the tensor holds).
+# Everything else a compiled function reads is a tensor or a value fixed for the life of the plan, so graphs are
+# compiled only while the state's structure settles (the first two or three steps) and then reused. One process keeps
+# at most torch._dynamo.config.cache_size_limit (8) graphs per function (rules, shapes, dtypes): beyond, torch says so
+# once and runs that function eagerly.
+_COMPILED: dict[Any, Any] = {}
+_BROKEN: list[str] = []  # why torch.compile cannot run here, once found
+
+
+def _corrections(rule: Rule, hp: Mapping[str, Any], step: int, like: Tensor, compiled: bool) -> Any:
+    if type(rule) not in (AdamRule, AdamWRule):
+        return None
+    out = _power_corrections(hp, step)
+    if not compiled:
+        return out
+    return tuple(None if c is None else torch.as_tensor(c, dtype=like.dtype, device=like.device) for c in out)
+
+
+def _run(fn: Any, compiled: bool, *args: Any) -> Any:
+    if not compiled or _BROKEN:
+        return fn(*args)
+    entry = _COMPILED.get(fn)
+    if entry is None:
+        entry = _COMPILED[fn] = [torch.compile(fn, dynamic=False), False]
+    if entry[1]:  # compiled once already: an error now is a real one
+        return entry[0](*args)
+    try:
+        out = entry[0](*args)
+    except Exception as e:  # the first compile: no compiler, an unsupported backend, ...
+        _BROKEN.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        _log.warning("hypergrad: torch.compile is unavailable here (%s); the steps run eagerly", _BROKEN[0])
+        return fn(*args)
+    entry[1] = True
+    return out
+
+
 # -- updates --------------------------------------------------------------------------------------------------------
 def update(
     rule: Rule,
@@ -79,16 +121,23 @@ def update(
     states: Sequence[Any],
     hp: Mapping[str, Any],
     step: int,
+    compiled: bool = False,
 ) -> tuple[list[Tensor], list[Any]] | None:
-    """The deltas and new states of ``rule`` for every tensor of a group, or None where foreach does not apply."""
+    """The deltas and new states of ``rule`` for every tensor of a group, or None where foreach does not apply.
+    ``compiled``: through ``torch.compile`` (see :func:`compiled`), equal to round-off."""
     grads = list(grads)
     if not applies(rule, grads, hp):
         return None
+    corrections = _corrections(rule, hp, step, grads[0], compiled)
+    return _run(_update, compiled, rule, grads, list(states), hp, corrections)
+
+
+def _update(rule: Rule, grads: list[Tensor], states: list[Any], hp: Mapping[str, Any], corrections: Any):
     kind = type(rule)
     if kind is SGDRule:
         return _sgd(grads, states, hp)
     if kind in (AdamRule, AdamWRule):
-        c1, c2, _, _ = _power_corrections(hp, step)
+        c1, c2, _, _ = corrections
         delta, fields = _adam(grads, states, hp, c1, c2)
         if kind is AdamRule:
             return delta, [AdamState(*f) for f in zip(*fields, strict=True)]
@@ -190,7 +239,12 @@ def _dots(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
 
 
 def vjp(
-    rule: Rule, grads_next: Sequence[Tensor], afters: Sequence[Any], hp: Mapping[str, Any], step: int
+    rule: Rule,
+    grads_next: Sequence[Tensor],
+    afters: Sequence[Any],
+    hp: Mapping[str, Any],
+    step: int,
+    compiled: bool = False,
 ) -> dict[str, Tensor] | None:
     """``sum over the group of grad_next . d delta / d hp[name]`` for every learned (tensor) hyperparameter, from the
     rule states after the step; None where foreach does not apply. Equal to summing :meth:`Rule.vjp` over the
@@ -198,6 +252,11 @@ def vjp(
     grads_next = list(grads_next)
     if type(rule) not in BUILTIN or not applies(rule, grads_next, hp):
         return None
+    corrections = _corrections(rule, hp, step, grads_next[0], compiled)
+    return _run(_vjp, compiled, rule, grads_next, list(afters), hp, corrections)
+
+
+def _vjp(rule: Rule, grads_next: list[Tensor], afters: list[Any], hp: Mapping[str, Any], corrections: Any):
     kind = type(rule)
     out: dict[str, Tensor] = {}
     if kind is SGDRule:
@@ -209,7 +268,7 @@ def vjp(
             out["momentum"] = hp["lr"] * _dots([u for u, _ in pairs], [b for _, b in pairs])
         return out
     if kind in (AdamRule, AdamWRule):
-        out = _adam_vjp(grads_next, afters, hp, *_power_corrections(hp, step))
+        out = _adam_vjp(grads_next, afters, hp, *corrections)
         if kind is AdamWRule and (_learned(hp, "lr") or _learned(hp, "weight_decay")):
             decay = _dots(grads_next, [a.previous_param for a in afters])  # the decay term lr * wd * param_before
             if _learned(hp, "lr"):

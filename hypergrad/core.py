@@ -58,7 +58,8 @@ that masks members passes its own ``hypergrads`` to :func:`update` (e.g. zeros f
 multi-tensor (``torch._foreach_*``) operation per param group (:mod:`hypergrad._foreach`: updates bitwise those of
 the rule, vjps to round-off), and levels 1..top run as Python floats (:mod:`hypergrad._scalar`, to round-off) when
 one of them is more than plain SGD. Both write exactly this module's state; anything else takes the per-tensor path
-below.
+below. ``make_plan(..., compile=True)`` (opt-in) runs level 0's multi-tensor update and vjp through ``torch.compile``
+(to round-off; :mod:`hypergrad._foreach` says why no step compiles again once the state has settled).
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ class Plan:
     initial: tuple[tuple[Mapping[str, Value], ...], ...]  # per level, per group: every hyperparameter's initial value
     group_of: tuple[int, ...]  # level-0 tensor index -> its param group
     batch_shape: tuple[int, ...] = ()
+    compile: bool = False  # level 0's multi-tensor update and vjp through torch.compile (to round-off; see _foreach)
 
     @property
     def height(self) -> int:
@@ -136,10 +138,13 @@ def make_plan(
     group_sizes: Sequence[int],
     parameterization: str = "reference",
     batch_shape: Sequence[int] = (),
+    compile: bool = False,
 ) -> Plan:
     """Resolve a tower for concrete param groups. ``group_values`` override level 0's initial values per group."""
     if parameterization not in ("reference", "log"):
         raise ValueError(f"parameterization must be 'reference' or 'log', but got {parameterization!r}")
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be True or False, but got {compile!r}")
     levels = tower.levels
     learned, transforms, initial = [], [], []
     for k, level in enumerate(levels):
@@ -165,7 +170,7 @@ def make_plan(
         initial.append(tuple(per_group))
     group_of = tuple(g for g, n in enumerate(group_sizes) for _ in range(n))
     rules = tuple(lv.rule for lv in levels)
-    return Plan(rules, tuple(learned), tuple(transforms), tuple(initial), group_of, tuple(batch_shape))
+    return Plan(rules, tuple(learned), tuple(transforms), tuple(initial), group_of, tuple(batch_shape), compile)
 
 
 def init(plan: Plan, params: Sequence[Tensor]) -> TowerState:
@@ -283,7 +288,7 @@ def apply_rule(
     """Level ``k``'s rule on every tensor it updates: the deltas and the new rule states."""
     rule = plan.rules[k]
     if _fused(plan, k):
-        fused = _apply_foreach(rule, grads, states, values, groups, step)
+        fused = _apply_foreach(rule, grads, states, values, groups, step, plan.compile)
         if fused is not None:
             return fused
     deltas: list[Tensor | None] = []
@@ -306,7 +311,7 @@ def rule_vjp(
     rule, dot = plan.rules[k], _reducer(plan.batch_shape)
     groups = plan.group_of if k == 0 else (0,) * len(after)
     if _fused(plan, k):
-        fused = _vjp_foreach(rule, upstream, trace, after, groups, step)
+        fused = _vjp_foreach(rule, upstream, trace, after, groups, step, plan.compile)
         if fused is not None:
             return fused
     sums: list[dict[str, Tensor]] = [{} for _ in trace.values]
@@ -333,6 +338,8 @@ def _fused(plan: Plan, k: int) -> bool:
     rule = plan.rules[k]
     if k or plan.batch_shape or type(rule) not in _foreach.BUILTIN:
         return False
+    if plan.compile:  # compiled, even plain SGD's two operations are worth one call
+        return True
     plain_sgd = (
         type(rule) is SGDRule
         and "momentum" not in plan.learned[0]
@@ -349,14 +356,14 @@ def _by_group(groups: Sequence[int], keep: Sequence[bool], n: int) -> list[list[
     return out
 
 
-def _apply_foreach(rule, grads, states, values, groups, step):
+def _apply_foreach(rule, grads, states, values, groups, step, compiled):
     """apply_rule with one multi-tensor operation per group (hypergrad._foreach: bitwise the same results)."""
     deltas: list[Tensor | None] = [None] * len(grads)
     new_states = list(states)
     for g, idx in enumerate(_by_group(groups, [x is not None for x in grads], len(values))):
         if not idx:
             continue
-        out = _foreach.update(rule, [grads[i] for i in idx], [states[i] for i in idx], values[g], step)
+        out = _foreach.update(rule, [grads[i] for i in idx], [states[i] for i in idx], values[g], step, compiled)
         if out is None:
             return None
         for i, d, st in zip(idx, *out, strict=True):
@@ -364,14 +371,14 @@ def _apply_foreach(rule, grads, states, values, groups, step):
     return deltas, new_states
 
 
-def _vjp_foreach(rule, upstream, trace, after, groups, step):
+def _vjp_foreach(rule, upstream, trace, after, groups, step, compiled):
     """rule_vjp with one multi-tensor operation per group (hypergrad._foreach: the same to round-off)."""
     keep = [u is not None and (trace.moved is None or trace.moved[i]) for i, u in enumerate(upstream)]
     sums: list[dict[str, Tensor]] = [{} for _ in trace.values]
     for g, idx in enumerate(_by_group(groups, keep, len(trace.values))):
         if not idx:
             continue
-        out = _foreach.vjp(rule, [upstream[i] for i in idx], [after[i] for i in idx], trace.values[g], step)
+        out = _foreach.vjp(rule, [upstream[i] for i in idx], [after[i] for i in idx], trace.values[g], step, compiled)
         if out is None:
             return None
         sums[g] = out

@@ -48,6 +48,11 @@ class HyperOptimizer(torch.optim.Optimizer):
       step size (the reference's ``SGDPerParam``); ``param_groups[i]`` is then tensor ``i``.
     - ``stable`` (default False): the opt-in mode of docs/stable.md (log step sizes, hyper-updates bounded per
       step); False follows the paper's reference exactly.
+    - ``compile`` (default False): run the weights' update and its hypergradient (the work the size of the weights)
+      through ``torch.compile``, which fuses their passes over memory. Opt-in because the first step compiles for
+      tens of seconds (about 30-40 s on a CPU) and the results equal the eager ones only to float round-off (the
+      compiler reorders arithmetic); later steps do not compile again. Where ``torch.compile`` cannot run, one
+      warning is logged (logger ``hypergrad``) and the steps run eagerly.
 
     **param_groups and schedulers.** After every step, ``param_groups[i][key]`` holds the current learned value of
     every level-1 hyperparameter (what LR monitors log). A write to it, by a ``torch.optim.lr_scheduler`` or by hand,
@@ -80,6 +85,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         check_finite: bool = True,
         stable: bool = False,
         per_tensor: bool = False,
+        compile: bool = False,
     ) -> None:
         if not _is_spec(spec) and _is_spec(params):
             spec, params = params, spec  # the torch.optim order, HyperOptimizer(params, spec), kept working
@@ -91,6 +97,9 @@ class HyperOptimizer(torch.optim.Optimizer):
         self.stable = stable
         self.parameterization = parameterization
         self.check_finite = check_finite
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile must be True or False, but got {compile!r}")
+        self.compile = compile
         self._tower: core.TowerState | None = None  # None until the first step or hyperparameters() call
         self._published: list[dict[str, float]] = []
         if not isinstance(per_tensor, bool):
@@ -142,6 +151,7 @@ class HyperOptimizer(torch.optim.Optimizer):
             [{k: v for k, v in g.items() if k in names} for g in self.param_groups],
             [len(g["params"]) for g in self.param_groups],
             self.parameterization,
+            compile=self.compile,
         )
         # A value that overflows the dtype the hyperparameters live in would make the first step non-finite.
         dtype = self._dtype()
@@ -504,7 +514,8 @@ def tower(spec: str | Tower | Level, params: Iterable[Tensor] | Iterable[dict[st
     take PyTorch's defaults. Brackets choose which hyperparameters the level above learns (all learnable ones when
     absent): ``adam[lr]/sgd(1e-5)`` is the paper's Adam^alpha. Every value is checked against its range here.
 
-    Keywords (``**kw``) go to :class:`HyperOptimizer`: ``parameterization``, ``check_finite``, ``per_tensor``.
+    Keywords (``**kw``) go to :class:`HyperOptimizer`: ``parameterization``, ``check_finite``, ``per_tensor``,
+    ``stable``, ``compile``.
 
     >>> import torch, hypergrad
     >>> opt = hypergrad.tower("sgd(0.1)/sgd(1e-3)", torch.nn.Linear(2, 1).parameters())

@@ -16,10 +16,11 @@ dispatch mode adds up the storages of the tensors that every op returns while th
 few steps (forward, backward, optimizer step). The model's saved activations are counted only while Python holds them,
 so the CPU figure is mostly the optimizer's temporaries and state; compare it to the plain optimizer's, never
 across devices. With ``--reference``, the paper's reference package (``gradient-descent-the-ultimate-optimizer``)
-is timed on the MLP rows too.
+is timed on the MLP rows too. With ``--compile``, each MLP tower is timed again with ``compile=True`` (impl
+``compiled``; level 0's update and hypergradient through torch.compile, compiled during the warm-up steps).
 
     python scripts/bench_overhead.py [--steps 200] [--rounds 5] [--threads 1] [--device cpu|cuda|all]
-        [--heights 0,1,3,50] [--model-steps 3] [--model-rounds 3] [--no-models] [--reference]
+        [--heights 0,1,3,50] [--model-steps 3] [--model-rounds 3] [--no-models] [--reference] [--compile]
 """
 
 from __future__ import annotations
@@ -118,15 +119,15 @@ def build(model: str, device: str) -> tuple[nn.Module, Callable[[], tuple[torch.
 
 
 def make_loop(kind: str, model: str, row: Row, device: str) -> Callable[[], None]:
-    """One training step closure for ``kind`` in plain | ours | reference."""
+    """One training step closure for ``kind`` in plain | ours | compiled | reference."""
     net, data, loss_fn = build(model, device)
-    if kind in ("plain", "ours"):
+    if kind in ("plain", "ours", "compiled"):
         if kind == "plain":
             cls = torch.optim.SGD if row.base == "sgd" else torch.optim.Adam
             opt: torch.optim.Optimizer = cls(net.parameters(), lr=0.01 if row.base == "sgd" else 0.001)
         else:
             # Random data can drive tall towers to NaN; the cost, not the result, is measured here.
-            opt = hypergrad.tower(row.spec, net.parameters(), check_finite=False)
+            opt = hypergrad.tower(row.spec, net.parameters(), check_finite=False, compile=kind == "compiled")
 
         def step() -> None:
             x, y = data()
@@ -264,11 +265,12 @@ def main() -> None:
     ap.add_argument("--no-models", action="store_true", help="skip the ResNet-20 and char-LSTM rows")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory column")
     ap.add_argument("--reference", action="store_true", help="time the paper's reference package on the MLP too")
+    ap.add_argument("--compile", action="store_true", help="time the MLP towers with compile=True too")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
-    kinds = ["ours", "reference"] if args.reference else ["ours"]
+    kinds = ["ours"] + (["compiled"] if args.compile else []) + (["reference"] if args.reference else [])
     heights = {int(h) for h in args.heights.split(",")}
     print(f"torch {torch.__version__}, {args.threads} CPU thread(s); MLP {args.steps} steps x {args.rounds} rounds")
     header = (
@@ -284,7 +286,7 @@ def main() -> None:
         plain_mem: dict[tuple[str, str], float] = {}
         for model, row, steps, rounds in work:
             for kind in kinds:
-                if kind == "reference" and model != "mlp":
+                if kind in ("reference", "compiled") and (model != "mlp" or (kind == "compiled" and not row.height)):
                     continue
                 t_ours, t_plain, ratio = measure(model, row, kind, device, steps, rounds)
                 mem = base = float("nan")

@@ -1,0 +1,71 @@
+"""``compile=True`` (opt-in) runs level 0's multi-tensor update and vjp through torch.compile: the same training as
+the eager path to round-off, no compile once the state has settled (the step count is not baked into a graph), and where
+torch.compile cannot run, one logged warning and the eager results. These tests compile for real (inductor, a C++
+compiler): about 10-20 s per tower on this 2-core CPU."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch._dynamo
+from torch import nn
+
+import hypergrad
+from hypergrad import _foreach
+
+
+def _train(spec: str, compile: bool, steps: int, dtype: torch.dtype = torch.float64):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+    groups = [{"params": list(model.parameters())[:2]}, {"params": list(model.parameters())[2:], "lr": 0.02}]
+    opt = hypergrad.tower(spec, groups, compile=compile)
+    g = torch.Generator().manual_seed(0)
+    graphs = []
+    for _ in range(steps):
+        x, y = torch.randn(16, 10, generator=g, dtype=dtype), torch.randint(0, 3, (16,), generator=g)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    return [p.detach().clone() for p in model.parameters()], opt.hyperparameters(), graphs
+
+
+@pytest.mark.parametrize("spec", ["adam(0.01)/adam(1e-3)/sgd(1e-4)", "sgd(0.1, momentum=0.9)/sgd(1e-3)"])
+def test_a_compiled_tower_trains_as_the_eager_one_and_compiles_only_in_its_first_steps(spec) -> None:
+    eager, eager_hp, _ = _train(spec, False, 8)
+    compiled, compiled_hp, graphs = _train(spec, True, 8)
+    # Round-off: the compiler may reorder or fuse arithmetic (seen here: bitwise equal in float64).
+    for a, b in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+    for a, b in zip(compiled_hp, eager_hp, strict=True):
+        assert a == pytest.approx(b, rel=1e-10)
+    # Graphs are compiled while the state's structure settles (step 1: fresh states; step 2: the first vjp, states
+    # that hold what it reads; step 3: momentum's vjp, which acts from the second update on), then reused: Adam's
+    # bias corrections change every step but enter as tensors.
+    assert graphs[3:] == [graphs[2]] * (len(graphs) - 3), graphs
+
+
+def test_where_torch_compile_cannot_run_one_warning_and_the_eager_results(monkeypatch, caplog) -> None:
+    import torch._inductor.config as inductor
+
+    # A real failure of the real toolchain: inductor is pointed at a C++ compiler that does not exist.
+    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/c++",))
+    monkeypatch.setattr(inductor, "fx_graph_cache", False)
+    monkeypatch.setattr(_foreach, "_COMPILED", {})
+    monkeypatch.setattr(_foreach, "_BROKEN", [])
+    torch._dynamo.reset()  # no graph compiled by an earlier test may be reused
+    spec = "adam(0.01)/sgd(1e-3)"
+    with caplog.at_level(logging.WARNING, logger="hypergrad"):
+        fallen, _, _ = _train(spec, True, 4)
+    eager, _, _ = _train(spec, False, 4)
+    torch._dynamo.reset()
+    lines = [r.getMessage() for r in caplog.records if r.name == "hypergrad"]
+    assert len(lines) == 1 and "torch.compile is unavailable here" in lines[0], lines
+    assert all(torch.equal(a, b) for a, b in zip(fallen, eager, strict=True))
+
+
+def test_compile_must_be_a_bool() -> None:
+    with pytest.raises(TypeError, match="compile must be True or False, but got 'yes'"):
+        hypergrad.tower("sgd(0.1)/sgd(1e-3)", [torch.zeros(2, requires_grad=True)], compile="yes")
