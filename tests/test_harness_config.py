@@ -6,7 +6,6 @@ import copy
 import itertools
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bench.config import CONF_DIR, ConfigError, compose_config, validate
 from bench.train import run
-from tests.harness_helpers import QUICK, checkout_env, write_all
+from tests.harness_helpers import QUICK, checkout_env, run_text, write_all
 
 # Small inputs for each dataset kind, so that every model meets a dataset it fits, fast.
 MODEL_DATASET = {"mlp": "digits", "cnn": "digits", "resnet20": "cifar10", "char_lstm": "pydoc_text"}
@@ -215,7 +214,7 @@ def test_each_group_is_refused_by_its_own_package_imported_alone(package: str, t
         "    print(e)\n"
         "print('bench.config' in sys.modules)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], env=checkout_env(), capture_output=True, text=True, timeout=120)
+    proc = run_text([sys.executable, "-c", code], env=checkout_env(), timeout=120)
     assert proc.returncode == 0, proc.stderr
     refusal, config_imported = proc.stdout.splitlines()
     assert message in refusal
