@@ -390,11 +390,16 @@ def _owned(state: Any, grad: Tensor | None) -> Any:
     """``state`` with a copy of every tensor that shares ``grad``'s memory (a rule may keep the gradient it got)."""
     if grad is None:
         return state
-    if isinstance(state, Tensor):
-        return state.clone() if state.untyped_storage().data_ptr() == grad.untyped_storage().data_ptr() else state
-    if isinstance(state, tuple) and hasattr(state, "_fields"):
-        return type(state)(*(_owned(x, grad) for x in state))
-    return state
+    return _copy_shared(state, grad.untyped_storage().data_ptr())
+
+
+def _copy_shared(x: Any, ptr: int) -> Any:
+    if isinstance(x, Tensor):
+        return x.clone() if x.untyped_storage().data_ptr() == ptr else x
+    if isinstance(x, tuple) and hasattr(x, "_fields"):
+        fields = [_copy_shared(f, ptr) for f in x]
+        return x if all(a is b for a, b in zip(fields, x, strict=True)) else type(x)(*fields)
+    return x
 
 
 def _raw(plan: Plan, k: int, values: Mapping[str, Value], like: Tensor) -> Tensor:

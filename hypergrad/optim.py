@@ -242,7 +242,8 @@ class HyperOptimizer(torch.optim.Optimizer):
         tower = self._tower
         # the level-0 values the last step used are its current ones: no need to transform them again
         values = tower.trace[0].values if tower.trace else core.natural_values(self._plan, 0, tower.levels[0].hp)
-        flat = torch.stack([values[g][n] for g in range(len(values)) for n in learned]).tolist()
+        current = [values[g][n] for g in range(len(values)) for n in learned]
+        flat = [current[0].item()] if len(current) == 1 else torch.stack(current).tolist()  # one value: no stack
         for g, group in enumerate(self.param_groups):
             for i, name in enumerate(learned):
                 group[name] = flat[g * len(learned) + i]
