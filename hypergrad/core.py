@@ -334,12 +334,11 @@ def _fused(plan: Plan, k: int) -> bool:
     """Whether level ``k`` runs as one multi-tensor call per group (hypergrad._foreach). Level 0 only: a level above
     updates one small vector per group, where grouping costs more than it saves. Not plain SGD either (two operations
     per tensor): there the multi-tensor call costs more than it saves (measured on the MNIST MLP, CPU, one thread:
-    460 against 432 us per ``sgd/sgd`` step; with momentum, AdaGrad or Adam it is as fast or faster)."""
+    460 against 432 us per ``sgd/sgd`` step; with momentum, AdaGrad or Adam it is as fast or faster), nor compiled
+    (``plan.compile``: 888 against 633 us per optimizer step, the compiled call's own overhead)."""
     rule = plan.rules[k]
     if k or plan.batch_shape or type(rule) not in _foreach.BUILTIN:
         return False
-    if plan.compile:  # compiled, even plain SGD's two operations are worth one call
-        return True
     plain_sgd = (
         type(rule) is SGDRule
         and "momentum" not in plan.learned[0]
