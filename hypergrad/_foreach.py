@@ -22,8 +22,9 @@ dimensions, tensors on different devices or of different dtypes); the caller the
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -114,6 +115,39 @@ def _run(fn: Any, compiled: bool, *args: Any) -> Any:
     return out
 
 
+# -- what Adam's next vjp would compute again -----------------------------------------------------------------------
+# Adam's vjp at step t + 1 starts from sqrt(v_hat) and sqrt(v_hat) + eps of the states step t wrote: the operations
+# the update of step t ran, on the same values. The eager update keeps them for that one vjp (three passes over the
+# weights fewer; two weight-sized tensors held between steps). An entry is used once, only for the very states it
+# was made with (identity, unchanged in place: version counters) and the same values and step, else the vjp
+# computes them itself. A derived value, not state: a checkpoint or another caller never sees it.
+class _Den(NamedTuple):
+    refs: list[Any]  # weak references to the exp_avg_sq tensors written
+    versions: list[int]
+    hp: Mapping[str, Any]  # the values dict the update read (the core's trace keeps this very dict for the vjp)
+    step: int
+    den: tuple[list[Tensor], list[Tensor]]
+
+
+_DENS: dict[int, _Den] = {}
+
+
+def _remember_den(vs: list[Tensor], hp: Mapping[str, Any], step: int, den: Any) -> None:
+    for key in [k for k, e in _DENS.items() if e.refs[0]() is None] + list(_DENS)[:-3]:  # dead, or beyond 4 entries
+        _DENS.pop(key, None)
+    _DENS[id(vs[0])] = _Den([weakref.ref(v) for v in vs], [v._version for v in vs], hp, step, den)
+
+
+def _recall_den(afters: list[Any], hp: Mapping[str, Any], step: int) -> Any:
+    vs = [a.exp_avg_sq for a in afters]
+    entry = _DENS.pop(id(vs[0]), None)
+    if entry is None or entry.hp is not hp or entry.step != step or len(entry.refs) != len(vs):
+        return None
+    if any(r() is not v or v._version != n for r, v, n in zip(entry.refs, vs, entry.versions, strict=True)):
+        return None
+    return entry.den
+
+
 # -- updates --------------------------------------------------------------------------------------------------------
 def update(
     rule: Rule,
@@ -129,18 +163,30 @@ def update(
     if not applies(rule, grads, hp):
         return None
     corrections = _corrections(rule, hp, step, grads[0], compiled)
-    return _run(_update, compiled, rule, grads, list(states), hp, corrections)
+    # Eager Adam with a learned value keeps what the next step's vjp recomputes (see _Den); compiled, it is fused.
+    keep = not compiled and type(rule) in (AdamRule, AdamWRule) and any(isinstance(v, Tensor) for v in hp.values())
+    out = _run(_update, compiled, rule, grads, list(states), hp, corrections, keep)
+    if out is None:
+        return None
+    deltas, states_out, den = out
+    if den is not None:
+        _DENS.pop(id(states[0].exp_avg_sq), None)  # the last step's entry, which no vjp will ask for now
+        _remember_den([s.exp_avg_sq for s in states_out], hp, step, den)
+    return deltas, states_out
 
 
-def _update(rule: Rule, grads: list[Tensor], states: list[Any], hp: Mapping[str, Any], corrections: Any):
+def _update(
+    rule: Rule, grads: list[Tensor], states: list[Any], hp: Mapping[str, Any], corrections: Any, keep: bool = False
+):
+    """The deltas, the new states, and (``keep``: Adam only) the ``sqrt(v_hat)`` and ``sqrt(v_hat) + eps`` used."""
     kind = type(rule)
     if kind is SGDRule:
-        return _sgd(grads, states, hp)
+        return (*_sgd(grads, states, hp), None)
     if kind in (AdamRule, AdamWRule):
         c1, c2, _, _ = corrections
-        delta, fields = _adam(grads, states, hp, c1, c2)
+        delta, fields, den = _adam(grads, states, hp, c1, c2, keep)
         if kind is AdamRule:
-            return delta, [AdamState(*f) for f in zip(*fields, strict=True)]
+            return delta, [AdamState(*f) for f in zip(*fields, strict=True)], den
         params = [s.param for s in states]
         # delta + (lr * wd) * param, as AdamWRule.update
         torch._foreach_add_(delta, torch._foreach_mul(params, hp["lr"] * hp["weight_decay"]))
@@ -148,12 +194,12 @@ def _update(rule: Rule, grads: list[Tensor], states: list[Any], hp: Mapping[str,
         decay = _learned(hp, "lr") or _learned(hp, "weight_decay")
         old = params if decay else [None] * len(params)
         m, v, *kept = fields
-        return delta, [AdamWState(*f) for f in zip(m, v, new_params, *kept, old, strict=True)]
+        return delta, [AdamWState(*f) for f in zip(m, v, new_params, *kept, old, strict=True)], den
     if kind is AdaGradRule:
         sums = list(torch._foreach_add([s.sum for s in states], torch._foreach_pow(grads, 2)))  # sum + square(g)
         delta = _over_root(grads, sums, hp)
         kept = grads if _learned(hp, "lr") else [None] * len(grads)
-        return delta, [SumState(s, g) for s, g in zip(sums, kept, strict=True)]
+        return delta, [SumState(s, g) for s, g in zip(sums, kept, strict=True)], None
     if kind is RMSPropRule:
         gamma = hp["gamma"]
         olds = [s.sum for s in states]
@@ -162,10 +208,9 @@ def _update(rule: Rule, grads: list[Tensor], states: list[Any], hp: Mapping[str,
         torch._foreach_mul_(sq, 1.0 - gamma)  # (1 - gamma) * square(g): a product of two factors commutes bitwise
         torch._foreach_add_(sums, sq)
         delta = _over_root(grads, sums, hp)
-        keep = _learned(hp, "lr") or _learned(hp, "gamma")
-        kept = grads if keep else [None] * len(grads)
+        kept = grads if _learned(hp, "lr") or _learned(hp, "gamma") else [None] * len(grads)
         previous = olds if _learned(hp, "gamma") else [None] * len(grads)
-        return delta, [SumState(*f) for f in zip(sums, kept, previous, strict=True)]
+        return delta, [SumState(*f) for f in zip(sums, kept, previous, strict=True)], None
     return None
 
 
@@ -202,8 +247,8 @@ def _sgd(grads: list[Tensor], states: Sequence[Any], hp: Mapping[str, Any]) -> t
 
 
 def _adam(
-    grads: list[Tensor], states: Sequence[Any], hp: Mapping[str, Any], c1: Any, c2: Any
-) -> tuple[list[Tensor], list[list[Any]]]:
+    grads: list[Tensor], states: Sequence[Any], hp: Mapping[str, Any], c1: Any, c2: Any, keep: bool = False
+) -> tuple[list[Tensor], list[list[Any]], Any]:
     # The operations of rules.adam_step in its order; products and sums of two terms commute bitwise.
     beta1, beta2 = hp["beta1"], hp["beta2"]
     m0, v0 = [s.exp_avg for s in states], [s.exp_avg_sq for s in states]
@@ -215,16 +260,20 @@ def _adam(
     v = torch._foreach_mul(v0, beta2)
     torch._foreach_add_(v, g2)
     delta = torch._foreach_div(m, c1)  # m_hat
-    den = torch._foreach_div(v, c2)  # v_hat
-    torch._foreach_sqrt_(den)  # v_hat ** 0.5, which torch computes as sqrt
-    torch._foreach_add_(den, hp["eps"])
+    sq = torch._foreach_div(v, c2)  # v_hat
+    torch._foreach_sqrt_(sq)  # v_hat ** 0.5, which torch computes as sqrt
+    if keep:  # sqrt(v_hat) is kept too: the same sum, out of place
+        den = torch._foreach_add(sq, hp["eps"])
+    else:
+        torch._foreach_add_(sq, hp["eps"])
+        den = sq
     torch._foreach_div_(delta, den)
     torch._foreach_mul_(delta, hp["lr"])
     none = [None] * len(grads)
     keep1, keep2 = _learned(hp, "beta1"), _learned(hp, "beta2")
     fields = [list(m), list(v), m0 if keep1 else none, v0 if keep2 else none]
     fields += [list(g1) if keep1 else none, list(g2) if keep2 else none]
-    return list(delta), fields
+    return list(delta), fields, (list(sq), list(den)) if keep else None
 
 
 # -- closed-form vector-Jacobian products -----------------------------------------------------------------------
@@ -253,10 +302,19 @@ def vjp(
     if type(rule) not in BUILTIN or not applies(rule, grads_next, hp):
         return None
     corrections = _corrections(rule, hp, step, grads_next[0], compiled)
-    return _run(_vjp, compiled, rule, grads_next, list(afters), hp, corrections)
+    afters = list(afters)
+    den = None if compiled or type(rule) not in (AdamRule, AdamWRule) else _recall_den(afters, hp, step)
+    return _run(_vjp, compiled, rule, grads_next, afters, hp, corrections, den)
 
 
-def _vjp(rule: Rule, grads_next: list[Tensor], afters: list[Any], hp: Mapping[str, Any], corrections: Any):
+def _vjp(
+    rule: Rule,
+    grads_next: list[Tensor],
+    afters: list[Any],
+    hp: Mapping[str, Any],
+    corrections: Any,
+    den: Any = None,
+):
     kind = type(rule)
     out: dict[str, Tensor] = {}
     if kind is SGDRule:
@@ -268,7 +326,7 @@ def _vjp(rule: Rule, grads_next: list[Tensor], afters: list[Any], hp: Mapping[st
             out["momentum"] = hp["lr"] * _dots([u for u, _ in pairs], [b for _, b in pairs])
         return out
     if kind in (AdamRule, AdamWRule):
-        out = _adam_vjp(grads_next, afters, hp, *corrections)
+        out = _adam_vjp(grads_next, afters, hp, *corrections, den)
         if kind is AdamWRule and (_learned(hp, "lr") or _learned(hp, "weight_decay")):
             decay = _dots(grads_next, [a.previous_param for a in afters])  # the decay term lr * wd * param_before
             if _learned(hp, "lr"):
@@ -294,13 +352,17 @@ def _vjp(rule: Rule, grads_next: list[Tensor], afters: list[Any], hp: Mapping[st
     return out
 
 
-def _adam_vjp(grads_next, afters, hp, c1, c2, dc1, dc2) -> dict[str, Tensor]:
-    # The formulas of rules.adam_vjp with the dots summed over the group before the scalar factors.
+def _adam_vjp(grads_next, afters, hp, c1, c2, dc1, dc2, kept=None) -> dict[str, Tensor]:
+    # The formulas of rules.adam_vjp with the dots summed over the group before the scalar factors. ``kept``: the
+    # update's sqrt(v_hat) and sqrt(v_hat) + eps for these states, the very values the next three lines compute.
     lr, b1, b2 = hp["lr"], hp["beta1"], hp["beta2"]
     m_after = [a.exp_avg for a in afters]
-    sqrt_v_hat = torch._foreach_div([a.exp_avg_sq for a in afters], c2)
-    torch._foreach_sqrt_(sqrt_v_hat)
-    den = torch._foreach_add(sqrt_v_hat, hp["eps"])
+    if kept is None:
+        sqrt_v_hat = torch._foreach_div([a.exp_avg_sq for a in afters], c2)
+        torch._foreach_sqrt_(sqrt_v_hat)
+        den = torch._foreach_add(sqrt_v_hat, hp["eps"])
+    else:
+        sqrt_v_hat, den = kept
     q = torch._foreach_div(grads_next, den)
     out: dict[str, Tensor] = {}
     if _learned(hp, "beta1"):

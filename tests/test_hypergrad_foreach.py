@@ -159,3 +159,27 @@ def test_a_tower_on_the_foreach_path_trains_as_per_tensor(spec, monkeypatch) -> 
     slow = _train(spec, torch.float64)
     for a, b in zip(fast, slow, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_adam_vjp_on_the_updates_kept_values_is_bitwise_the_vjp_that_computes_them(name, monkeypatch) -> None:
+    """The eager update keeps sqrt(v_hat) and sqrt(v_hat) + eps for the next vjp: it must give the very same bits as
+    the vjp computing them, and a state written in place since must not be served the kept values."""
+    monkeypatch.setattr(_foreach, "_DENS", {})  # nothing left by another test
+    rule, grads, states, hp = setup(name, {"lr": 0.01}, tuple(rules()[name].transforms), torch.float32)
+    _, after = _foreach.update(rule, grads[0], states, hp, 1)
+    _, after = _foreach.update(rule, grads[1], after, hp, 2)
+    key = id(after[0].exp_avg_sq)
+    assert key in _foreach._DENS and len(_foreach._DENS) == 1  # kept by the update; the step before's dropped
+    kept = _foreach.vjp(rule, grads[2], after, hp, 2)
+    assert key not in _foreach._DENS  # used once
+    computed = _foreach.vjp(rule, grads[2], after, hp, 2)
+    assert sorted(kept) == sorted(computed) and all(torch.equal(kept[k], computed[k]) for k in kept)
+
+    _, after = _foreach.update(rule, grads[2], after, hp, 3)
+    after[0].exp_avg_sq.mul_(2.0)  # a write in place after the update
+    calls = []
+    real = _foreach._adam_vjp
+    monkeypatch.setattr(_foreach, "_adam_vjp", lambda *a: calls.append(a[-1]) or real(*a))
+    _foreach.vjp(rule, grads[3], after, hp, 3)
+    assert calls == [None]  # computed from the state as it is now, not taken from the update
