@@ -315,7 +315,7 @@ def _resolve_output_dir(output_dir: str | Path | None) -> Path:
 
 
 def _show_progress(wanted: bool) -> bool:
-    """A progress bar only where it stays readable: not in a job of a parallel launcher.
+    """A progress bar only where it stays readable: not in a job of a parallel launcher (one process draws it).
 
     Parallel workers (joblib, submitit) would draw over each other's line; they log one line per epoch instead.
     """
@@ -326,7 +326,10 @@ def _show_progress(wanted: bool) -> bool:
     if not HydraConfig.initialized():
         return True
     hc = HydraConfig.get()
-    return str(hc.mode) != "RunMode.MULTIRUN" or "BasicLauncher" in str(hc.launcher.get("_target_", ""))
+    target = str(hc.launcher.get("_target_", ""))
+    return str(hc.mode) != "RunMode.MULTIRUN" or any(
+        f".{name}" in target for name in ("BasicLauncher", "PopulationLauncher")
+    )
 
 
 def _device(name: str) -> torch.device:
@@ -693,11 +696,12 @@ class Trainer:
         bs, data = self.cfg.trainer.batch_size, self.data
         seeds = self.seeds if self.learner.per_member else self.seeds[:1]
         perms = [epoch_permutation(len(data.train[0]), s, epoch, self.device) for s in seeds]
+        stacked = torch.stack(perms)
         for b in range(start, self.steps_per_epoch):
             if not self.learner.per_member:
                 yield epoch_batch(data, perms[0], b, bs, seeds[0], epoch)
             elif data.augment is None:
-                idx = torch.stack(perms)[:, b * bs : (b + 1) * bs]
+                idx = stacked[:, b * bs : (b + 1) * bs]
                 yield data.train[0][idx], data.train[1][idx]
             else:  # each member's own augmentation draw
                 pairs = [epoch_batch(data, p, b, bs, s, epoch) for p, s in zip(perms, seeds, strict=True)]
@@ -855,7 +859,7 @@ class Trainer:
                 "diverged_step": step,
                 "diverged_reason": reason,
                 "epochs": len(job.history),
-                "steps": steps[i],
+                "steps": last.get("steps", steps[i]),  # a pruned member's too: where it stopped
                 # A member's own cost is its share of the population: the report adds wall times up as compute.
                 "wall_time_s": wall / len(self.jobs),
                 **described[i],

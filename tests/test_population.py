@@ -226,6 +226,7 @@ def test_optuna_trials_train_together_and_each_is_reported_pruned_and_told(tmp_p
         assert frozen.intermediate_values == dict(zip(history.epoch, history.val_error, strict=True))
         assert json.loads((directory / "metrics.json").read_text())["status"] == m["status"]
     assert metrics[0]["epochs"] == 1 and metrics[1]["epochs"] == 2
+    assert metrics[0]["steps"] == 4 and metrics[1]["steps"] == 8  # 4 steps per epoch: the pruned one stopped there
     assert [t.value for t in study.get_trials()[1:]] == [metrics[1]["val_error"], metrics[2]["val_error"]]
     # The pruned neighbour changed nothing: each completed trial equals its own harness run.
     for cfg, m in zip(cfgs[1:], metrics[1:], strict=True):
