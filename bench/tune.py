@@ -397,6 +397,44 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write_json(path, data)
 
 
+def _epoch_reporter(trial: optuna.Trial, progress: dict[str, Any]) -> Any:
+    """A trial's epoch callback: record its progress, report its validation error, prune when its pruner says so."""
+    start = time.perf_counter()
+
+    def on_epoch(epoch: int, row: dict[str, Any]) -> None:
+        progress.update(epochs=epoch, steps=row.get("steps", 0))
+        # Recorded every epoch so a worker killed mid-trial still leaves its compute on the books.
+        trial.set_user_attr("epochs", epoch)
+        trial.set_user_attr("steps", progress["steps"])
+        trial.set_user_attr("wall_time_s", time.perf_counter() - start)
+        value = row["val_error"]
+        if value is not None and math.isfinite(value):
+            trial.report(value, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"val_error {value:.4f} after epoch {epoch}")
+
+    return on_epoch
+
+
+def _write_trial(
+    cfg: DictConfig, plan: _Plan, trial: optuna.Trial, params: dict[str, Any], facts: dict[str, Any]
+) -> None:
+    """`trial.json` next to the trial's metrics.json, whose schema has no room for tuning facts."""
+    run_dir = Path(trial.user_attrs["run_dir"])
+    _write_json(
+        run_dir / "trial.json",
+        {
+            "role": "trial",
+            "study_name": plan.study_name,
+            "storage": plan.storage.display(),
+            "trial_number": trial.number,
+            "worker": cfg.tune.worker,
+            "params": params,
+            **facts,
+        },
+    )
+
+
 class _Objective:
     """One trial = one harness run in `<trials_dir>/<trial number>`."""
 
@@ -415,19 +453,7 @@ class _Objective:
         _record_config(trial, self.plan, run_cfg)
         progress = {"epochs": 0, "steps": 0}
         start = time.perf_counter()
-
-        def on_epoch(epoch: int, metrics: dict[str, Any]) -> None:
-            progress.update(epochs=epoch, steps=metrics.get("steps", 0))
-            # Recorded every epoch so a worker killed mid-trial still leaves its compute on the books.
-            trial.set_user_attr("epochs", epoch)
-            trial.set_user_attr("steps", progress["steps"])
-            trial.set_user_attr("wall_time_s", time.perf_counter() - start)
-            value = metrics["val_error"]
-            if value is not None and math.isfinite(value):
-                trial.report(value, epoch)
-                if trial.should_prune():
-                    raise optuna.TrialPruned(f"val_error {value:.4f} after epoch {epoch}")
-
+        on_epoch = _epoch_reporter(trial, progress)
         outcome: dict[str, Any] = {"state": "error"}
         try:
             metrics = train.run(run_cfg, output_dir=run_dir, epoch_callback=on_epoch)
@@ -456,22 +482,7 @@ class _Objective:
             trial.set_user_attr("epochs", progress["epochs"])
             trial.set_user_attr("steps", progress["steps"])
             trial.set_user_attr("wall_time_s", wall)
-            # The harness's metrics.json schema has no room for tuning facts, so they sit next to it.
-            _write_json(
-                run_dir / "trial.json",
-                {
-                    "role": "trial",
-                    "study_name": self.plan.study_name,
-                    "storage": self.plan.storage.display(),
-                    "trial_number": trial.number,
-                    "worker": self.cfg.tune.worker,
-                    "params": params,
-                    "epochs": progress["epochs"],
-                    "steps": progress["steps"],
-                    "wall_time_s": wall,
-                    **outcome,
-                },
-            )
+            _write_trial(self.cfg, self.plan, trial, params, {**progress, "wall_time_s": wall, **outcome})
 
 
 def _logger_overrides(cfg: DictConfig, plan: _Plan, job_type: str) -> dict[str, Any]:
@@ -656,22 +667,12 @@ def evaluate_trials_as_population(
                 f"`tune.population_mode` must be sequential for these trials ({problem}), but got {mode!r}"
             )
 
-    def report(trial: optuna.Trial) -> Any:
-        def on_epoch(epoch: int, row: dict[str, Any]) -> None:
-            value = row["val_error"]
-            if value is not None and math.isfinite(value):
-                trial.report(value, epoch)
-                if trial.should_prune():
-                    raise optuna.TrialPruned(f"val_error {value:.4f} after epoch {epoch}")
-
-        return on_epoch
-
     dirs = [Path(d) for d in run_dirs]
     if mode == "sequential":
         out = []
         for trial, cfg, d in zip(trials, run_cfgs, dirs, strict=True):
             with contextlib.suppress(optuna.TrialPruned):
-                run(cfg, d, epoch_callback=report(trial))
+                run(cfg, d, epoch_callback=_epoch_reporter(trial, {}))
             out.append(
                 {**json.loads((d / "metrics.json").read_text()), "population": {"mode": mode, "size": len(trials)}}
             )
@@ -683,7 +684,7 @@ def evaluate_trials_as_population(
             [run_cfgs[i] for i in group],
             [dirs[i] for i in group],
             stacked=True,
-            callbacks=[report(trials[i]) for i in group],
+            callbacks=[_epoch_reporter(trials[i], {}) for i in group],
             population={"mode": mode, "data_seed": int(run_cfgs[0].seed), "dtype": str(run_cfgs[0].trainer.dtype)},
             data=data,
         )
@@ -744,22 +745,8 @@ def _optimize_in_populations(cfg: DictConfig, plan: _Plan, study: optuna.Study, 
             _record_config(trial, plan, run_cfg)
             if m.get("status") == "completed":
                 trial.set_user_attr("test_error", m.get("test_error"))
-            _write_json(
-                run_dir / "trial.json",
-                {
-                    "role": "trial",
-                    "study_name": plan.study_name,
-                    "storage": plan.storage.display(),
-                    "trial_number": trial.number,
-                    "worker": cfg.tune.worker,
-                    "params": ps,
-                    "epochs": m["epochs"],
-                    "steps": m["steps"],
-                    "wall_time_s": share,
-                    "state": m["status"],
-                    "population_size": len(trials),
-                },
-            )
+            facts = {"epochs": m["epochs"], "steps": m["steps"], "wall_time_s": share, "state": m["status"]}
+            _write_trial(cfg, plan, trial, ps, {**facts, "population_size": len(trials)})
         tell_trials(study, trials, metrics)
 
 
