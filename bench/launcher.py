@@ -98,12 +98,8 @@ def stack_key(task: DictConfig) -> str:
     shared = {
         k: v
         for k, v in identity.items()
-        if k != "seed"
-        and k != "optimizer.spec"
-        and not (k.startswith("optimizer.") and (_is_number(v) or v is None))
-        and k not in ("trainer.max_steps",)  # the same for all by the population's construction: see below
+        if k not in ("seed", "optimizer.spec") and not (k.startswith("optimizer.") and (_is_number(v) or v is None))
     }
-    shared["trainer.max_steps"] = identity.get("trainer.max_steps")
     return json.dumps(shared, sort_keys=True, default=str)
 
 
