@@ -505,7 +505,7 @@ class ModuleLearner:
 
     def __init__(self, cfg: DictConfig, data: Data, device: torch.device, steps_per_epoch: int, total: int) -> None:
         t = cfg.trainer
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # the model's initialization, then dropout's draws (the dataset draws nothing)
         self.model = build_model(cfg.model, data).to(device, DTYPES[t.dtype])
         self.forward = torch.compile(self.model) if t.compile else self.model
         self.opt: BuiltOptimizer = build_optimizer(cfg.optimizer, self.model.parameters(), steps_per_epoch, total)
@@ -581,7 +581,6 @@ def load_data(cfg: DictConfig) -> tuple[torch.device, Data]:
     device = _device(t.device)
     if t.num_threads is not None:
         torch.set_num_threads(t.num_threads)
-    torch.manual_seed(cfg.seed)  # before the dataset, as every run before populations existed did
     data = build_dataset(cfg.dataset, device)
     to_dtype(data, DTYPES[t.dtype])
     return device, data
