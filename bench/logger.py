@@ -22,9 +22,19 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from bench.errors import check_int, fail
 from bench.io import mask_secrets
 
-__all__ = ["BACKENDS", "CsvLogger", "RunLogger", "TensorBoardLogger", "WandbLogger", "backends", "build_logger"]
+__all__ = [
+    "BACKENDS",
+    "CsvLogger",
+    "RunLogger",
+    "TensorBoardLogger",
+    "WandbLogger",
+    "backends",
+    "build_logger",
+    "validate",
+]
 
 BACKENDS = ("csv", "tensorboard", "wandb")
 
@@ -38,6 +48,24 @@ def backends(logger_cfg: Any) -> list[str]:
         name = logger_cfg.get("name", "none")
         return [] if name in (None, "none") else [str(name)]
     return [b for b in BACKENDS if chosen.get(b)]
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check the run config's `logger` group; raise `ConfigError` with one line."""
+    lg = cfg.logger
+    allowed = ["none", *BACKENDS]
+    if lg.get("name") not in allowed:
+        raise fail("logger.name", f"one of {allowed}", lg.get("name"))
+    chosen = lg.get("backends")
+    if chosen is not None and any(k not in BACKENDS for k in chosen):
+        raise fail("logger.backends", f"keys among {list(BACKENDS)}", OmegaConf.to_container(chosen))
+    if backends(lg):
+        check_int(lg, "log_every_n_steps", 1, prefix="logger.")
+    if "wandb" in backends(lg):
+        if lg.get("mode") not in ("offline", "online", "disabled"):
+            raise fail("logger.mode", "one of ['offline', 'online', 'disabled']", lg.get("mode"))
+        if not all(isinstance(t, str) for t in lg.get("tags") or []):
+            raise fail("logger.tags", "a list of strings", lg.get("tags"))
 
 
 class RunLogger:

@@ -19,6 +19,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from bench.conf import group_defaults
+from bench.errors import check_int, check_known_keys, check_number, fail, is_int
+
 __all__ = [
     "BASELINES",
     "SCHEDULES",
@@ -29,6 +32,7 @@ __all__ = [
     "method_of",
     "schedule_factor",
     "tower_spec",
+    "validate",
 ]
 
 TOWER_BASES = ("sgd", "adam", "adagrad", "rmsprop")
@@ -85,6 +89,80 @@ def schedule_factor(cfg: DictConfig, steps_per_epoch: int, total_steps: int) -> 
         milestones = sorted(int(m) for m in cfg.milestones)
         return lambda step: cfg.gamma ** sum(step // steps_per_epoch >= m for m in milestones)
     raise ValueError(f"`optimizer.schedule` must be one of {list(SCHEDULES)}, but got {name!r}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check the run config's `optimizer` group (a tower's spec is parsed); raise `ConfigError` with one line."""
+    o = cfg.optimizer
+    names = ["tower", *BASELINES, *TUNING_FREE]
+    if o.get("name") not in names:
+        raise fail("optimizer.name", f"one of {names}", o.get("name"))
+    presets = group_defaults("optimizer", o.name)
+    if presets:
+        check_known_keys(o, "optimizer", set().union(*(p.keys() for p in presets)))
+    if o.name == "tower" and o.get("spec") and presets:
+        # The spec gives every level's optimizer and values; the separate keys would be ignored without a word.
+        defaults = presets[0]
+        for key in ("base", "hyper", "lr", "hyper_lr", "height", "momentum"):
+            if key in o and key in defaults and o[key] != defaults[key]:
+                raise fail(
+                    f"optimizer.{key}",
+                    f"left at its default {defaults[key]!r} when optimizer.spec is set (the spec decides it)",
+                    o[key],
+                    "put the value into optimizer.spec instead",
+                )
+    if o.name == "tower":
+        _validate_tower(o)
+        return
+    p = "optimizer."
+    check_number(o, "lr", "(0, inf)", prefix=p)
+    check_number(o, "weight_decay", "[0, inf)", prefix=p)
+    check_number(o, "momentum", "[0, 1]", prefix=p)
+    for key in ("beta1", "beta2", "alpha"):
+        check_number(o, key, "[0, 1)", prefix=p)  # torch requires < 1 (a moment that never decays)
+    for key in ("eps", "d_coef", "reps_rel"):
+        check_number(o, key, "(0, inf)", prefix=p)
+    if "warmup_steps" in o:
+        check_int(o, "warmup_steps", 0, prefix=p)
+    schedule = o.get("schedule", "constant")
+    if schedule not in SCHEDULES:
+        raise fail("optimizer.schedule", f"one of {list(SCHEDULES)}", schedule)
+    if o.name.startswith("schedulefree") and schedule != "constant":
+        raise fail("optimizer.schedule", f"'constant' for {o.name} (it replaces the schedule)", schedule)
+    if schedule == "warmup_cosine":
+        check_number(o, "warmup_fraction", "[0, 1]", prefix=p)
+    if schedule == "step":
+        check_number(o, "gamma", "(0, 1]", prefix=p)
+        if not all(is_int(m) and m > 0 for m in o.get("milestones", [])):
+            raise fail("optimizer.milestones", "a list of positive epoch numbers", o.get("milestones"))
+
+
+def _validate_tower(o: DictConfig) -> None:
+    if not isinstance(o.get("stable", False), bool):
+        raise fail("optimizer.stable", "true or false", o.get("stable"))
+    if not o.get("spec"):
+        for key in ("base", "hyper"):
+            if o.get(key) not in TOWER_BASES:
+                raise fail(f"optimizer.{key}", f"one of {list(TOWER_BASES)}", o.get(key))
+        check_number(o, "lr", "(0, inf)", prefix="optimizer.")
+        check_number(o, "hyper_lr", "[0, inf)", prefix="optimizer.")
+        check_int(o, "height", 0, prefix="optimizer.")
+        if o.get("momentum") is not None:
+            if o.base != "sgd":
+                raise fail("optimizer.momentum", f"null for base {o.base!r} (only sgd has momentum)", o.momentum)
+            check_number(o, "momentum", "[0, 1]", prefix="optimizer.")
+    elif not isinstance(o.spec, str):
+        raise fail("optimizer.spec", "a string in the paper's notation, e.g. 'adam(0.001)/sgd(1e-05)'", o.spec)
+    import hypergrad
+
+    spec = tower_spec(o)
+    try:
+        hypergrad.parse_spec(spec)
+    except ValueError as e:
+        first_line = str(e).splitlines()[0]
+        raise fail(
+            "optimizer.spec", "a tower in the paper's notation such as 'adam(0.001)/sgd(1e-05)'", spec, first_line
+        ) from None
 
 
 @dataclass

@@ -107,11 +107,11 @@ def _config(source: Path, spec: str, overrides: list[str]) -> tuple[DictConfig, 
     kept = [o for o in src_overrides if not str(o).startswith("optimizer.")]
     new_overrides = [*kept, f"optimizer.spec='{spec}'", *overrides]
     cfg.merge_with_dotlist(overrides)
-    from bench.config import _group_defaults
+    from bench.conf import group_defaults
 
     # A tower built from the sweep keys (optimizer.lr=..., height=...) keeps them in its config; the spec decides
     # them now, so they go back to the preset's defaults (validation refuses a spec beside changed keys).
-    (tower_defaults,) = _group_defaults("optimizer", "tower")
+    (tower_defaults,) = group_defaults("optimizer", "tower")
     with open_dict(cfg):
         for key in ("base", "hyper", "lr", "hyper_lr", "height", "momentum"):
             if key in cfg.optimizer and key in tower_defaults:

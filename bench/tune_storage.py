@@ -24,6 +24,8 @@ import sqlalchemy
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from bench.errors import ConfigError
+
 __all__ = ["RDB_BACKENDS", "StorageSpec", "StorageUnavailableError", "parse_storage"]
 
 # The RDB backends the project tests against (SQLite embedded, PostgreSQL for clusters).
@@ -31,13 +33,7 @@ RDB_BACKENDS = ("sqlite", "postgresql")
 _JOURNAL_PREFIX = "journal:"
 
 
-def _config_error() -> type[ValueError]:
-    from bench.errors import ConfigError
-
-    return ConfigError
-
-
-class StorageUnavailableError(_config_error()):  # a ConfigError: the CLIs print its one line and exit 2
+class StorageUnavailableError(ConfigError):  # the CLIs print its one line and exit 2
     """`tune.storage` is well formed but cannot be opened (server down, path not writable)."""
 
 

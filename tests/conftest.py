@@ -74,16 +74,9 @@ def bench_cli():
     import subprocess
     import sys
 
-    from tests.harness_helpers import checkout_env
+    from tests.harness_helpers import checkout_env, run_text
 
     def run(*args: str, cwd, timeout: float = 600) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "bench", *args],
-            cwd=cwd,
-            env=checkout_env(),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        return run_text([sys.executable, "-m", "bench", *args], cwd, checkout_env(), timeout)
 
     return run

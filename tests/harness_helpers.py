@@ -105,29 +105,22 @@ def checkout_env(extra_env: dict[str, str] | None = None) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(extra_env or {})}
 
 
-def run_bench(
-    args: list[str], tmp_path: Path, timeout: float = 240, extra_env: dict[str, str] | None = None
+def run_text(
+    argv: list[str], cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 240
 ) -> subprocess.CompletedProcess:
-    """Run `python -m bench args` from the repository root; return the finished process (text output)."""
-    return subprocess.run(
-        [sys.executable, "-m", "bench", *args],
-        cwd=REPO,
-        env=bench_env(tmp_path, extra_env),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """Run a program to its end with stdout and stderr captured as text, as a test that runs one reads it."""
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def run_module(
     module: str, args: list[str], tmp_path: Path, timeout: float = 240, extra_env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    """Run `python -m module args` (bench, bench.tune, bench.report) like `run_bench`."""
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=REPO,
-        env=bench_env(tmp_path, extra_env),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """Run `python -m module args` (bench, bench.tune, bench.report) from the repository root, W&B offline in tmp."""
+    return run_text([sys.executable, "-m", module, *args], REPO, bench_env(tmp_path, extra_env), timeout)
+
+
+def run_bench(
+    args: list[str], tmp_path: Path, timeout: float = 240, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run `python -m bench args` like `run_module`."""
+    return run_module("bench", args, tmp_path, timeout, extra_env)

@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from tests.harness_helpers import REPO
+from tests.harness_helpers import REPO, run_text
 from tests.slurm_cluster import SlurmCluster, SlurmUnavailableError
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
@@ -80,9 +80,8 @@ def job_logs(folders: set[Path]) -> str:
 
 def run_locally_as_populations(sweep_dir: Path, sweep: list[str], cwd: Path, env: dict[str, str]) -> None:
     """The same sweep through the local hydra/launcher=population, the numbers a SLURM population must give."""
-    here = subprocess.run([sys.executable, "-m", "bench", "--multirun", "hydra/launcher=population",
-                           f"hydra.sweep.dir={sweep_dir}", *sweep], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    command = [sys.executable, "-m", "bench", "--multirun", "hydra/launcher=population", f"hydra.sweep.dir={sweep_dir}"]
+    here = run_text([*command, *sweep], cwd, env, timeout=600)
     assert here.returncode == 0, here.stderr[-3000:]
 
 
@@ -179,14 +178,8 @@ def test_a_resubmitted_sweep_trains_no_finished_run_again(interrupted_sweep: Swe
     # Resubmitted the way a user would: the helper script, naming the sweep directory.
     script = [str(REPO / "scripts/slurm/submit_sweep.sh"), "--driver", "foreground", interrupted_sweep.dir.name]
     launcher = [o for o in SMALL_JOBS if not o.startswith("hydra/launcher=")]  # the script chooses the launcher
-    proc = subprocess.run(
-        ["bash", *script, *launcher, *SWEEP],
-        cwd=interrupted_sweep.cwd,
-        env=dict(slurm.env, SWEEP_ROOT=str(interrupted_sweep.dir.parent), PYTHON=sys.executable),
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    env = dict(slurm.env, SWEEP_ROOT=str(interrupted_sweep.dir.parent), PYTHON=sys.executable)
+    proc = run_text(["bash", *script, *launcher, *SWEEP], interrupted_sweep.cwd, env, timeout=240)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     # Every job of the new array found its run's finished metrics.json and returned it untouched.
     after = {p: ((p / "metrics.json").stat().st_mtime_ns, (p / "history.csv").stat().st_mtime_ns) for p in runs}
@@ -212,14 +205,8 @@ def submit_tune_workers(slurm: SlurmCluster, url: str, cwd: Path, workers: int, 
     """scripts/slurm/submit_tune_workers.sh with jobs sized for the test node; returns the array's job id."""
     env = dict(slurm.env, TUNE_STORAGE=url, TUNE_ROOT=str(cwd), PYTHON=sys.executable)
     env.update(WORKER_GPUS="0", WORKER_CPUS="1", WORKER_MEM="1G", WORKER_TIME_MIN="10")
-    proc = subprocess.run(
-        ["bash", str(REPO / "scripts/slurm/submit_tune_workers.sh"), str(workers), study, *overrides],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    script = str(REPO / "scripts/slurm/submit_tune_workers.sh")
+    proc = run_text(["bash", script, str(workers), study, *overrides], cwd, env, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert url not in proc.stdout + proc.stderr
     return re.search(r"submitted job array (\d+)", proc.stdout).group(1)
@@ -310,8 +297,7 @@ def test_a_population_sweep_is_one_array_of_chunks_that_lands_every_job(slurm: S
              "optimizer.height=0,1", "seed=0,1,2", "hydra.launcher.max_members=5"]  # fmt: skip
     on_slurm, local = tmp_path / "slurm", tmp_path / "local"
     command = [sys.executable, "-m", "bench", "--multirun", "hydra/launcher=population_slurm", *SMALL_JOBS[1:]]
-    done = subprocess.run([*command, f"hydra.sweep.dir={on_slurm}", *sweep], cwd=tmp_path, env=slurm.env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    done = run_text([*command, f"hydra.sweep.dir={on_slurm}", *sweep], tmp_path, slurm.env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:] + slurm.logs()
     assert len(job_folders(on_slurm)) == 3
     run_locally_as_populations(local, sweep, tmp_path, slurm.env)

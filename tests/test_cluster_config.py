@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,8 +15,7 @@ import pytest
 
 from bench.cluster import CheckpointOnPreemption, sbatch_options
 from bench.config import compose_config
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.harness_helpers import REPO, run_text
 
 # bench/conf/hydra/launcher/submitit_slurm.yaml keeps the plugin's preset name (the documented `hydra/launcher=
 # submitit_slurm`), so Hydra validates it against the plugin's schema of that name and says this is deprecated.
@@ -74,9 +72,7 @@ def test_site_settings_become_sbatch_options_for_scripts(tmp_path: Path) -> None
     assert sbatch_options(tmp_path / "missing.yaml") == []
 
     site.write_text("- partition\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.cluster", "sbatch-options", str(site)], capture_output=True, text=True
-    )
+    proc = run_text([sys.executable, "-m", "bench.cluster", "sbatch-options", str(site)])
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip() == f"`{site}` must hold a mapping of launcher keys, but got ['partition']"
 
@@ -110,13 +106,8 @@ def test_submit_tune_workers_refuses_bad_input_before_submitting(
     tmp_path: Path, args: list[str], env: dict[str, str], message: str
 ) -> None:
     clean = {k: v for k, v in os.environ.items() if k != "TUNE_STORAGE"}
-    proc = subprocess.run(
-        ["bash", str(REPO / "scripts/slurm/submit_tune_workers.sh"), *args],
-        cwd=tmp_path,
-        env={**clean, **env, "TUNE_ROOT": str(tmp_path / "tune")},
-        capture_output=True,
-        text=True,
-    )
+    env = {**clean, **env, "TUNE_ROOT": str(tmp_path / "tune")}
+    proc = run_text(["bash", str(REPO / "scripts/slurm/submit_tune_workers.sh"), *args], tmp_path, env)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith(message)
     assert not (tmp_path / "tune").exists()  # nothing written, nothing submitted
@@ -131,7 +122,7 @@ def test_submit_tune_workers_refuses_bad_input_before_submitting(
 )
 def test_a_scripts_help_is_its_header_comment_and_exit_0(tmp_path: Path, script: str, first_line: str) -> None:
     # README lists `--help` for these scripts: it prints the comment block at the top, nothing of the code below.
-    proc = subprocess.run(["bash", str(REPO / script), "--help"], cwd=tmp_path, capture_output=True, text=True)
+    proc = run_text(["bash", str(REPO / script), "--help"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     header = []
     for line in (REPO / script).read_text().splitlines()[1:]:
@@ -151,13 +142,8 @@ def test_a_scripts_help_is_its_header_comment_and_exit_0(tmp_path: Path, script:
     ],
 )
 def test_submit_sweep_refuses_bad_input_before_submitting(tmp_path: Path, args: list[str], message: str) -> None:
-    proc = subprocess.run(
-        ["bash", str(REPO / "scripts/slurm/submit_sweep.sh"), *args],
-        cwd=tmp_path,
-        env={**os.environ, "SWEEP_ROOT": str(tmp_path / "sweeps")},
-        capture_output=True,
-        text=True,
-    )
+    env = {**os.environ, "SWEEP_ROOT": str(tmp_path / "sweeps")}
+    proc = run_text(["bash", str(REPO / "scripts/slurm/submit_sweep.sh"), *args], tmp_path, env)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith(message)
     assert not (tmp_path / "sweeps").exists()
@@ -166,13 +152,8 @@ def test_submit_sweep_refuses_bad_input_before_submitting(tmp_path: Path, args: 
 def test_a_sweep_through_the_submitit_local_preset_lands_every_run(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
     command = [sys.executable, "-m", "bench", "-m", "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep_dir}"]
-    proc = subprocess.run(
-        [*command, "dataset=digits", "trainer.epochs=1", "trainer.progress=false", "trainer.device=cpu", "seed=0,1"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    overrides = ["dataset=digits", "trainer.epochs=1", "trainer.progress=false", "trainer.device=cpu", "seed=0,1"]
+    proc = run_text([*command, *overrides], tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     seeds = sorted(json.loads((sweep_dir / n / "metrics.json").read_text())["seed"] for n in ("0", "1"))
     assert seeds == [0, 1]

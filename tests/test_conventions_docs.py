@@ -11,15 +11,12 @@ from pathlib import Path
 
 import yaml
 
-from tests.harness_helpers import QUICK, REPO, bench_env
+from tests.harness_helpers import QUICK, REPO, bench_env, run_text
 
 
 def _mkdocs(tmp_path: Path, root: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")],
-        cwd=root, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    return run_text([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")], root, env, 300)
 
 
 def test_docs_build_strict_with_the_api_reference_rendered(tmp_path: Path) -> None:
@@ -54,7 +51,7 @@ def test_wandb_sweep_example_command_runs_the_harness(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     # Offline here: the example streams to W&B (logger.mode=online), which this machine cannot reach.
     command += ["logger.mode=offline", *QUICK, f"hydra.run.dir={run_dir}"]
-    proc = subprocess.run(command, cwd=REPO, env=bench_env(tmp_path), capture_output=True, text=True, timeout=300)
+    proc = run_text(command, REPO, bench_env(tmp_path), timeout=300)
     assert proc.returncode == 0, proc.stderr
     cfg = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
     assert (cfg["optimizer"]["lr"], cfg["optimizer"]["hyper_lr"], cfg["seed"]) == (0.01, 1e-5, 2)

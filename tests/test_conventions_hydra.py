@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 import tomllib
 
 from bench.config import compose_config
-from tests.harness_helpers import QUICK, REPO, bench_env, run_bench
+from tests.harness_helpers import QUICK, REPO, bench_env, run_bench, run_text
 
 
 def test_experiment_preset_is_selected_without_plus() -> None:
@@ -102,9 +101,7 @@ def test_debug_profile_writes_a_readable_profile(tmp_path: Path) -> None:
 def test_each_entry_point_has_its_own_help(
     tmp_path: Path, module: str, app: str, shows: list[str], hides: list[str]
 ) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", module, "--help"], cwd=REPO, env=bench_env(tmp_path), capture_output=True, text=True
-    )
+    proc = run_text([sys.executable, "-m", module, "--help"], REPO, bench_env(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"{app}: ") and "powered by Hydra" not in proc.stdout
     assert f'eval "$({app} -sc install=bash)"' in proc.stdout
@@ -132,14 +129,10 @@ def test_console_scripts_complete_config_groups_in_bash(tmp_path: Path) -> None:
         script = _console_script(tmp_path, name)
         # What the function installed by `eval "$(hypergrad-bench -sc install=bash)"` runs on <TAB>.
         env = {**bench_env(tmp_path), "COMP_LINE": line, "PATH": f"{script.parent}{os.pathsep}{os.environ['PATH']}"}
-        proc = subprocess.run([str(script), "-sc", "query=bash"], cwd=REPO, env=env, capture_output=True, text=True)
+        proc = run_text([str(script), "-sc", "query=bash"], REPO, env)
         assert proc.returncode == 0, proc.stderr
         assert expected <= set(proc.stdout.split()), proc.stdout
-    install = subprocess.run(
-        [str(_console_script(tmp_path, "hypergrad-bench")), "-sc", "install=bash"],
-        cwd=REPO,
-        env=bench_env(tmp_path),
-        capture_output=True,
-        text=True,
+    install = run_text(
+        [str(_console_script(tmp_path, "hypergrad-bench")), "-sc", "install=bash"], REPO, bench_env(tmp_path)
     )
     assert "complete -o nospace -o default -F hydra_bash_completion hypergrad-bench" in install.stdout

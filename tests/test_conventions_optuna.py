@@ -10,7 +10,7 @@ from pathlib import Path
 
 import optuna
 
-from tests.harness_helpers import REPO, bench_env
+from tests.harness_helpers import REPO, bench_env, run_text
 
 FAST = ["dataset=digits", "trainer.progress=false", "trainer.epochs=1", "trainer.max_steps=4", "tune.reruns=0"]
 
@@ -18,14 +18,7 @@ FAST = ["dataset=digits", "trainer.progress=false", "trainer.epochs=1", "trainer
 def _tune(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = {**bench_env(tmp_path), "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     # From tmp_path: the default storage is <paths.log_dir>/studies/<study>.db relative to the working directory.
-    return subprocess.run(
-        [sys.executable, "-m", "bench.tune", *FAST, *overrides],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_text([sys.executable, "-m", "bench.tune", *FAST, *overrides], tmp_path, env, timeout=300)
 
 
 def test_second_invocation_continues_the_study_and_trials_record_how_to_reproduce_them(tmp_path: Path) -> None:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import tomllib
 
-from tests.harness_helpers import REPO
+from tests.harness_helpers import REPO, run_text
 
 
 def test_library_depends_on_torch_alone_and_imports_nothing_of_the_harness() -> None:
@@ -22,7 +21,7 @@ def test_library_depends_on_torch_alone_and_imports_nothing_of_the_harness() -> 
         "bench = {'torchvision', 'hydra', 'omegaconf', 'optuna', 'wandb', 'pandas', 'matplotlib', 'sklearn'}\n"
         "print(sorted(bench & {m.split('.')[0] for m in sys.modules}))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = run_text([sys.executable, "-c", code], REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
 

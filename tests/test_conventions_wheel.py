@@ -15,16 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness_helpers import REPO, bench_env
+from tests.harness_helpers import REPO, bench_env, run_text
 
 
 @pytest.mark.slow
 def test_installed_wheel_shows_help_and_trains_one_epoch(tmp_path: Path) -> None:
     source = tmp_path / "source"
     shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", "outputs", "site", "build", "*.egg-info"))
-    build = subprocess.run(
+    build = run_text(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), "."],
-        cwd=source, capture_output=True, text=True, timeout=300,
+        source, timeout=300,
     )  # fmt: skip
     assert build.returncode == 0, build.stderr
     [wheel] = list((tmp_path / "dist").glob("hypergrad-*.whl"))
@@ -33,9 +33,9 @@ def test_installed_wheel_shows_help_and_trains_one_epoch(tmp_path: Path) -> None
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     [venv_site] = list(venv.glob("lib/python*/site-packages"))
     (venv_site / "_reuse_deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
-    install = subprocess.run(
+    install = run_text(
         [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--no-deps", str(wheel)],
-        capture_output=True, text=True, timeout=300,
+        timeout=300,
     )  # fmt: skip
     assert install.returncode == 0, install.stderr
 
@@ -43,27 +43,20 @@ def test_installed_wheel_shows_help_and_trains_one_epoch(tmp_path: Path) -> None
     env.pop("PYTHONPATH", None)  # the installed wheel, not this checkout
     work = tmp_path / "work"
     work.mkdir()
-    where = subprocess.run(
+    where = run_text(
         [str(venv / "bin" / "python"), "-c", "import bench, hypergrad; print(bench.__file__, hypergrad.__file__)"],
-        cwd=work, env=env, capture_output=True, text=True, timeout=120,
+        work, env, timeout=120,
     )  # fmt: skip
     assert where.stdout.split() and all(str(venv_site) in p for p in where.stdout.split()), where.stdout + where.stderr
 
-    helped = subprocess.run(
-        [str(venv / "bin" / "hypergrad-bench"), "--help"],
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    helped = run_text([str(venv / "bin" / "hypergrad-bench"), "--help"], work, env, timeout=120)
     assert helped.returncode == 0, helped.stderr
     assert helped.stdout.startswith("hypergrad-bench: ") and "experiment: " in helped.stdout
     run_dir = work / "run"
-    trained = subprocess.run(
+    trained = run_text(
         [str(venv / "bin" / "hypergrad-bench"), "debug=one_epoch", "trainer.num_threads=1", "trainer.progress=false",
          f"hydra.run.dir={run_dir}"],
-        cwd=work, env=env, capture_output=True, text=True, timeout=300,
+        work, env, timeout=300,
     )  # fmt: skip
     assert trained.returncode == 0, trained.stderr
     assert '"status": "completed"' in (run_dir / "metrics.json").read_text()

@@ -6,6 +6,7 @@ import copy
 import itertools
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bench.config import CONF_DIR, ConfigError, compose_config, validate
 from bench.train import run
-from tests.harness_helpers import QUICK, write_all
+from tests.harness_helpers import QUICK, checkout_env, run_text, write_all
 
 # Small inputs for each dataset kind, so that every model meets a dataset it fits, fast.
 MODEL_DATASET = {"mlp": "digits", "cnn": "digits", "resnet20": "cifar10", "char_lstm": "pydoc_text"}
@@ -185,6 +186,39 @@ def test_each_bad_value_fails_validation_with_one_line_naming_key_and_value(over
         validate(compose_config(overrides))
     assert message in str(e.value)
     assert "\n" not in str(e.value)
+
+
+# One bad value of each package's group, from BAD.
+OWN_PACKAGE = {
+    "bench.data": ("dataset.name=imagenet",),
+    "bench.models": ("model=resnet20", "model.depth=21"),
+    "bench.optim": ("optimizer.lr=-0.1",),
+    "bench.logger": ("logger=wandb", "logger.mode=sometimes"),
+}
+
+
+@pytest.mark.parametrize("package", sorted(OWN_PACKAGE))
+def test_each_group_is_refused_by_its_own_package_imported_alone(package: str, tmp_path: Path) -> None:
+    # A fresh interpreter that imports the package first: an import circle would fail here, and the package must
+    # check its group without the central validator (bench.config only calls each package's `validate` in turn).
+    overrides = OWN_PACKAGE[package]
+    message = {tuple(o): m for o, m in BAD}[overrides]
+    (tmp_path / "cfg.yaml").write_text(OmegaConf.to_yaml(compose_config(overrides)))
+    code = (
+        f"import sys, {package} as group\n"
+        "from omegaconf import OmegaConf\n"
+        "from bench.errors import ConfigError\n"
+        "try:\n"
+        f"    group.validate(OmegaConf.load({str(tmp_path / 'cfg.yaml')!r}))\n"
+        "except ConfigError as e:\n"
+        "    print(e)\n"
+        "print('bench.config' in sys.modules)\n"
+    )
+    proc = run_text([sys.executable, "-c", code], env=checkout_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    refusal, config_imported = proc.stdout.splitlines()
+    assert message in refusal
+    assert config_imported == "False"
 
 
 def test_a_bad_value_fails_before_any_file_is_written(tmp_path: Path) -> None:

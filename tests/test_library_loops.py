@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -35,16 +36,26 @@ def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 Trajectory = list[tuple[list[torch.Tensor], list[dict[str, float]]]]
 
 
-def canonical(spec: str, steps: int = 6) -> Trajectory:
-    model = make_model()
+def trajectory(
+    spec: str, train_step: Callable[[nn.Module, hypergrad.HyperOptimizer, int], None], model: nn.Module | None = None
+) -> Trajectory:
+    """Weights and hyperparameters after each of 6 calls of `train_step(model, opt, i)`, from `make_model()`'s start."""
+    model = make_model() if model is None else model
     opt = hypergrad.tower(spec, model.parameters())
     out = []
-    for i in range(steps):
+    for i in range(6):
+        train_step(model, opt, i)
+        out.append(([p.detach().clone() for p in model.parameters()], opt.hyperparameters()))
+    return out
+
+
+def canonical(spec: str) -> Trajectory:
+    def train_step(model: nn.Module, opt: hypergrad.HyperOptimizer, i: int) -> None:
         loss_of(model, *data(i)).backward()
         opt.step()
         opt.zero_grad()
-        out.append(([p.detach().clone() for p in model.parameters()], opt.hyperparameters()))
-    return out
+
+    return trajectory(spec, train_step)
 
 
 def assert_same(a: Trajectory, b: Trajectory) -> None:
@@ -59,50 +70,39 @@ def assert_same(a: Trajectory, b: Trajectory) -> None:
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_in_place_zeroing_gives_the_same_trajectory_as_set_to_none(spec: str) -> None:
-    model = make_model()
-    opt = hypergrad.tower(spec, model.parameters())
-    out = []
-    for i in range(6):
+    def train_step(model: nn.Module, opt: hypergrad.HyperOptimizer, i: int) -> None:
         loss_of(model, *data(i)).backward()
         opt.step()
         opt.zero_grad(set_to_none=False)
-        out.append(([p.detach().clone() for p in model.parameters()], opt.hyperparameters()))
-    assert_same(out, canonical(spec))
-    opt.state_dict()  # and the state can still be saved
+        opt.state_dict()  # and the state can still be saved
+
+    assert_same(trajectory(spec, train_step), canonical(spec))
 
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_gradient_accumulation_over_micro_batches_equals_the_full_batch(spec: str) -> None:
-    model = make_model()
-    opt = hypergrad.tower(spec, model.parameters())
-    out = []
-    for i in range(6):
+    def train_step(model: nn.Module, opt: hypergrad.HyperOptimizer, i: int) -> None:
         x, y = data(i)
         for part in (slice(0, 4), slice(4, 8)):  # two micro-batches, each half of the mean
             (loss_of(model, x[part], y[part]) / 2).backward()
         opt.step()
         opt.zero_grad(set_to_none=False)
-        out.append(([p.detach().clone() for p in model.parameters()], opt.hyperparameters()))
-    assert_same(out, canonical(spec))
+
+    assert_same(trajectory(spec, train_step), canonical(spec))
 
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_step_with_a_closure_equals_the_canonical_loop(spec: str) -> None:
-    model = make_model()
-    opt = hypergrad.tower(spec, model.parameters())
-    out = []
-    for i in range(6):
-
-        def closure(i: int = i) -> torch.Tensor:
+    def train_step(model: nn.Module, opt: hypergrad.HyperOptimizer, i: int) -> None:
+        def closure() -> torch.Tensor:
             opt.zero_grad()
             loss = loss_of(model, *data(i))
             loss.backward()
             return loss
 
-        loss = opt.step(closure)
-        assert isinstance(loss, torch.Tensor)
-        out.append(([p.detach().clone() for p in model.parameters()], opt.hyperparameters()))
-    assert_same(out, canonical(spec))
+        assert isinstance(opt.step(closure), torch.Tensor)
+
+    assert_same(trajectory(spec, train_step), canonical(spec))
 
 
 def test_momentum_buffer_never_aliases_the_gradient() -> None:
@@ -121,28 +121,25 @@ def test_a_compiled_model_trains_as_the_eager_one() -> None:
     torch._dynamo.reset()
     model = make_model()
     compiled = torch.compile(model, backend="aot_eager")
-    opt = hypergrad.tower("adam/sgd(1e-4)", model.parameters())
-    out = []
-    for i in range(6):
+
+    def train_step(model: nn.Module, opt: hypergrad.HyperOptimizer, i: int) -> None:
         loss_of(compiled, *data(i)).backward()
         opt.step()
         opt.zero_grad(set_to_none=False)
-        out.append(([p.detach().clone() for p in model.parameters()], opt.hyperparameters()))
-    assert_same(out, canonical("adam/sgd(1e-4)"))
+
+    assert_same(trajectory("adam/sgd(1e-4)", train_step, model), canonical("adam/sgd(1e-4)"))
 
 
 def test_grad_scaler_with_in_place_zeroing_equals_the_plain_loop() -> None:
-    model = make_model()
-    opt = hypergrad.tower("adam/sgd(1e-4)", model.parameters())
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    out = []
-    for i in range(6):
+
+    def train_step(model: nn.Module, opt: hypergrad.HyperOptimizer, i: int) -> None:
         scaler.scale(loss_of(model, *data(i))).backward()
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=False)
-        out.append(([p.detach().clone() for p in model.parameters()], opt.hyperparameters()))
-    assert_same(out, canonical("adam/sgd(1e-4)"))
+
+    assert_same(trajectory("adam/sgd(1e-4)", train_step), canonical("adam/sgd(1e-4)"))
 
 
 # -- DDP, gradients as views of the communication buckets -----------------------------------------------------------

@@ -10,7 +10,6 @@ import itertools
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,7 @@ import pytest
 from bench.report import ReportInputError, compose_report_config, load_runs, run
 from bench.report.stats import bootstrap_ci, expected_best_of_n, robust_range_decades, t_interval
 from bench.report.tables import reference_error, robustness, summarize
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.harness_helpers import REPO, run_text
 
 
 def write_run(
@@ -354,19 +352,19 @@ def test_cli_merges_repeated_inputs_and_fails_cleanly_on_bad_input(tmp_path: Pat
     _sensitivity_tree(tmp_path / "results")
     env = {**os.environ, "MPLBACKEND": "Agg"}
     out = tmp_path / "cli"
-    ok = subprocess.run(
+    ok = run_text(
         [sys.executable, "-m", "bench.report", f"input={tmp_path / 'results' / 'sweep'}",
          f"input={tmp_path / 'results' / 'tune'}", f"output_dir={out}", "hydra.run.dir=" + str(tmp_path / "hydra")],
-        capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
+        REPO, env, timeout=300,
     )  # fmt: skip
     assert ok.returncode == 0, ok.stderr
     assert "25 runs (1 diverged" in ok.stdout  # both inputs read: 20 sweep runs, 3 trials and 2 reruns
     # A directory name with `=` (population members are named so) must reach the report intact.
     write_run(tmp_path / "bad" / "lr=0.1_seed=0", drop=("seed",))
-    bad = subprocess.run(
+    bad = run_text(
         [sys.executable, "-m", "bench.report", f"input={tmp_path / 'bad'}", f"output_dir={tmp_path / 'badout'}",
          "hydra.run.dir=" + str(tmp_path / "hydra2")],
-        capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
+        REPO, env, timeout=300,
     )  # fmt: skip
     assert bad.returncode != 0
     assert (

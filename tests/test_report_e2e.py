@@ -15,15 +15,15 @@ import pandas as pd
 import pytest
 
 from bench.report.stats import robust_range_decades
+from tests.harness_helpers import run_text
 
-REPO = Path(__file__).resolve().parents[1]
 STEP_SIZES = (1e-3, 1e-2, 1e38)
 SHORT = ["dataset=mnist5k", "trainer.epochs=2", "trainer.max_steps=20", "trainer.progress=false"]
 
 
 def _python(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    result = run_text([sys.executable, *args], tmp_path, env, timeout=600)
     assert result.returncode == 0, f"{args[:2]} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
     return result
 

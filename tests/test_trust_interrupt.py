@@ -15,7 +15,7 @@ import pytest
 
 from bench.config import compose_config
 from bench.train import run
-from tests.harness_helpers import QUICK, REPO, bench_env, run_bench
+from tests.harness_helpers import QUICK, REPO, bench_env, run_bench, run_text
 
 # Long enough to be interrupted mid-training (thousands of small steps), short enough to finish on resume.
 LONG = ["dataset=synthetic", "model=mlp", "trainer.epochs=6", "trainer.batch_size=4", "trainer.progress=false"]
@@ -54,7 +54,7 @@ def test_a_signal_saves_a_checkpoint_and_the_same_command_resumes(tmp_path: Path
 
 
 def test_temporary_files_of_a_killed_write_are_removed_at_the_next_start(tmp_path: Path) -> None:
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = run_text([sys.executable, "-c", "import os; print(os.getpid())"])
     stale = tmp_path / f".checkpoint.pt.{int(dead.stdout)}.{uuid.uuid4().hex}.tmp"
     stale.write_bytes(b"\0" * 1024)
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

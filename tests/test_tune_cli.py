@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,8 +10,8 @@ import optuna
 import pytest
 
 from bench.tune import main
+from tests.harness_helpers import REPO, run_text
 
-REPO = Path(__file__).resolve().parent.parent
 SGD = ["optimizer=sgd", "dataset=digits"]
 
 
@@ -92,14 +91,8 @@ def test_unusable_storage_is_rejected_before_anything_is_created(
 
 def test_command_line_exit_code_and_stderr(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.tune", *SGD, "tune.sampler=bogus", f"hydra.run.dir={run_dir}"],
-        cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    command = [sys.executable, "-m", "bench.tune", *SGD, "tune.sampler=bogus", f"hydra.run.dir={run_dir}"]
+    result = run_text(command, REPO, {**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
     assert result.returncode == 2
     assert result.stderr.startswith("error: `tune.sampler` must be one of") and result.stderr.count("\n") == 1
     assert not run_dir.exists()  # no run directory, no default SQLite study

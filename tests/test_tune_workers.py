@@ -15,9 +15,9 @@ from optuna.trial import TrialState
 
 from bench.tune import compose_tune_config, tune
 from bench.tune_storage import parse_storage
+from tests.harness_helpers import REPO
 from tests.pg_server import start_postgres
 
-REPO = Path(__file__).resolve().parent.parent
 N_TRIALS = 6
 FAST = ["optimizer=sgd", "dataset=digits", "trainer.progress=false", "trainer.epochs=2", "trainer.max_steps=6"]
 

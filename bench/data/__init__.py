@@ -10,12 +10,15 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
 
-__all__ = ["DATASETS", "KINDS", "Data", "build_dataset", "split_indices"]
+from bench.errors import ConfigError, check_bool, check_int, check_number, fail
+
+__all__ = ["DATASETS", "KINDS", "Data", "build_dataset", "split_indices", "validate"]
 
 Split = tuple[torch.Tensor, torch.Tensor]
 
@@ -50,8 +53,6 @@ class Data:
 def split_indices(n: int, val_size: int, test_size: int, seed: int) -> tuple[torch.Tensor, ...]:
     """Seeded disjoint train/val/test index sets over `n` examples."""
     if val_size + test_size >= n:
-        from bench.errors import ConfigError
-
         raise ConfigError(
             f"`dataset.val_size` + `dataset.test_size` must leave training examples out of {n}, "
             f"but got {val_size} + {test_size}"
@@ -63,8 +64,6 @@ def split_indices(n: int, val_size: int, test_size: int, seed: int) -> tuple[tor
 def _cap(split: Split, size: int | None) -> Split:
     """Keep the first `size` training examples, for quick runs (image splits are already shuffled)."""
     if size is not None and size > len(split[0]):
-        from bench.errors import ConfigError
-
         raise ConfigError(
             f"`dataset.train_size` must be at most the {len(split[0])} training examples of this dataset "
             f"(or null for all), but got {size}"
@@ -84,6 +83,54 @@ KINDS: dict[str, str] = {
 }
 """Every dataset name, with the kind of input it gives (which decides the models it fits)."""
 DATASETS: tuple[str, ...] = tuple(KINDS)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check the run config's `dataset` group, files on disk included; raise `ConfigError` with one line."""
+    d = cfg.dataset
+    if d.get("name") not in DATASETS:
+        raise fail("dataset.name", f"one of {list(DATASETS)}", d.get("name"))
+    check_int(d, "train_size", 1, optional=True, prefix="dataset.")
+    for key in ("val_size", "test_size"):
+        if key in d:
+            check_int(d, key, 0, prefix="dataset.")
+    if "seq_len" in d:
+        check_int(d, "seq_len", 1, prefix="dataset.")
+        for key in ("val_fraction", "test_fraction"):
+            check_number(d, key, "(0, 0.5]", prefix="dataset.")
+    if d.name in ("mnist", "fashion_mnist", "cifar10"):
+        check_bool(d, "download", "dataset.")
+        if not d.download:
+            from bench.data.vision import missing_files
+
+            missing = missing_files(d)
+            if missing:
+                root = Path(d.data_dir).expanduser()
+                names = ", ".join(str(p.relative_to(root)) for p in missing[:3])
+                more = ", ..." if len(missing) > 3 else ""
+                raise fail(
+                    "dataset.data_dir",
+                    f"a directory holding the {d.name} files",
+                    str(d.data_dir),
+                    f"missing {names}{more} (pass dataset.download=true to fetch them)",
+                )
+    if d.name == "cifar10":
+        check_bool(d, "verify_checksums", "dataset.")
+        if d.verify_checksums:
+            from bench.data.vision import cifar_checksum_mismatches
+
+            bad = cifar_checksum_mismatches(d)
+            if bad:
+                raise fail(
+                    "dataset.data_dir",
+                    "a directory holding the official CIFAR-10 files (torchvision's md5 checksums)",
+                    str(d.data_dir),
+                    f"{bad[0].name} does not match; for re-packed files pass dataset.verify_checksums=false",
+                )
+    if d.name == "war_and_peace":
+        check_bool(d, "download", "dataset.")
+        if not d.download and not Path(d.path).expanduser().is_file():
+            raise fail("dataset.path", "an existing text file", str(d.path), "pass dataset.download=true to fetch it")
 
 
 # The module of each loader, imported only when used: torchvision alone takes seconds to import.

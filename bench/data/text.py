@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from bench.data import Data
+from bench.errors import ConfigError
 
 __all__ = ["encode_windows", "pydoc_text", "war_and_peace", "war_and_peace_path"]
 
@@ -34,8 +35,6 @@ def encode_windows(name: str, text: str, cfg: DictConfig) -> Data:
     for split, stretch in stretches.items():
         windows = stretch[: len(stretch) // width * width].reshape(-1, width)
         if len(windows) == 0:
-            from bench.errors import ConfigError
-
             raise ConfigError(
                 f"`dataset.seq_len` must leave at least one window in the {split} split, but got "
                 f"{cfg.seq_len} for a {split} split of {len(stretch)} characters"

@@ -13,6 +13,7 @@ import torchvision.datasets as tvd
 from omegaconf import DictConfig
 
 from bench.data import Data, split_indices
+from bench.errors import ConfigError
 
 __all__ = ["cifar10", "cifar_checksum_mismatches", "fashion_mnist", "missing_files", "mnist", "random_crop_flip"]
 
@@ -72,8 +73,6 @@ def _load_repacked_cifar(root: Path, train: bool) -> tuple[np.ndarray, list[int]
             data.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.extend(int(v) for v in entry["labels"])
         except Exception as e:
-            from bench.errors import ConfigError
-
             raise ConfigError(
                 f"`dataset.data_dir` must hold CIFAR-10 batches, but {path} is not one ({str(e)[:160]}); "
                 "replace it with the official file"
@@ -95,8 +94,6 @@ def missing_files(cfg: DictConfig) -> list[Path]:
 
 def _torchvision(cls: type, cfg: DictConfig, train: bool) -> tvd.VisionDataset:
     """torchvision's dataset, with a failed download or a corrupt file reported in one line."""
-    from bench.errors import ConfigError
-
     try:
         return cls(str(Path(cfg.data_dir).expanduser()), train=train, download=cfg.download)
     except (OSError, RuntimeError, ValueError) as e:  # URLError is an OSError; torchvision's checks raise RuntimeError

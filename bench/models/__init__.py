@@ -7,9 +7,10 @@ import math
 from omegaconf import DictConfig
 from torch import nn
 
-from bench.data import Data
+from bench.data import KINDS, Data
+from bench.errors import check_int, fail, is_int
 
-__all__ = ["MODELS", "build_model"]
+__all__ = ["MODELS", "build_model", "validate"]
 
 MODELS: dict[str, tuple[str, ...]] = {
     "mlp": ("image", "vector"),
@@ -18,6 +19,22 @@ MODELS: dict[str, tuple[str, ...]] = {
     "char_lstm": ("text",),
 }
 """Every model name, with the dataset kinds (see `bench.data.KINDS`) it accepts."""
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check the run config's `model` group against its dataset; raise `ConfigError` with one line."""
+    name = cfg.model.get("name")
+    if name not in MODELS:
+        raise fail("model.name", f"one of {sorted(MODELS)}", name)
+    kind = KINDS[cfg.dataset.name]
+    if kind not in MODELS[name]:
+        fitting = [m for m, kinds in MODELS.items() if kind in kinds]
+        raise fail("model", f"one of {fitting} for the {kind} dataset {cfg.dataset.name!r}", name)
+    for key in ("hidden", "channels", "embedding", "layers", "width"):
+        if key in cfg.model:
+            check_int(cfg.model, key, 1, prefix="model.")
+    if name == "resnet20" and (not is_int(cfg.model.depth) or cfg.model.depth < 8 or (cfg.model.depth - 2) % 6):
+        raise fail("model.depth", "6n+2 for n >= 1 (20, 32, 44, 56, ...)", cfg.model.depth)
 
 
 def build_model(cfg: DictConfig, data: Data) -> nn.Module:
