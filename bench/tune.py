@@ -635,6 +635,7 @@ def evaluate_trials_as_population(
     trains the trials one after another as single runs. Telling the study is the caller's (`tell_trials`).
     """
     from bench.config import ConfigError, validate
+    from bench.errors import fail
     from bench.population import plan_groups, stacked_problem
     from bench.train import Trainer, load_data, run
 
@@ -657,15 +658,11 @@ def evaluate_trials_as_population(
                 f"{shared(cfg).get(diff[0])!r}"
             )
         if mode == "vectorized" and cfg.trainer.checkpoint_every:
-            raise ConfigError(
-                "`trainer.checkpoint_every` must be 0 for trials trained as one population (a batch of trials is not "
-                f"resumed), but got {cfg.trainer.checkpoint_every!r}"
-            )
+            why = "0 for trials trained as one population (a batch of trials is not resumed)"
+            raise fail("trainer.checkpoint_every", why, cfg.trainer.checkpoint_every)
         problem = stacked_problem(cfg) if mode == "vectorized" else None
         if problem is not None:
-            raise ConfigError(
-                f"`tune.population_mode` must be sequential for these trials ({problem}), but got {mode!r}"
-            )
+            raise fail("tune.population_mode", f"sequential for these trials ({problem})", mode)
 
     dirs = [Path(d) for d in run_dirs]
     if mode == "sequential":
