@@ -60,7 +60,7 @@ def _job_row(job_dir: Path, sweep_dir: Path) -> dict[str, Any]:
             wall_time_s=s.get("total_wall_time_s"),
         )
     else:
-        row["status"] = "no result"  # crashed, killed, still running, or a population (it writes its own table)
+        row["status"] = "no result"  # crashed, killed or still running
     return row
 
 

@@ -11,7 +11,7 @@ Hydra's own `run_job`, exactly as the basic launcher does: `${hydra.sweep.dir}/<
 launcher's (float64: to 1e-10; float32: to round-off), so the report and every other tool cannot tell the
 difference; metrics.json carries one extra entry, `population`, saying which group trained it.
 
-Jobs that cannot be stacked (a BatchNorm or dropout model, a tuning-free baseline, a logger, AMP, ...) run one by one
+Jobs that cannot be stacked (a BatchNorm or dropout model, a tuning-free baseline, AMP, ...) run one by one
 through the ordinary task function, each with one line saying why. `hydra.launcher.max_members` caps a population's
 size: a larger group is split into chunks trained one after another.
 """
@@ -21,15 +21,12 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import shutil
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 __all__ = ["Job", "launch_population", "plan_jobs", "stack_key", "train_jobs", "why_alone"]
@@ -45,7 +42,7 @@ class Job:
     overrides: Sequence[str]
     config: DictConfig  # with the `hydra` node, as run_job receives it
     task: DictConfig  # without it, as the task function receives it
-    result: dict[str, Any] | None = field(default=None)  # metrics and history, once its population trained
+    result: dict[str, Any] | None = field(default=None)  # its metrics, once its population trained and wrote them
 
 
 def _output_dir(config: DictConfig) -> Path:
@@ -67,35 +64,23 @@ _INVALID = "its config is invalid (the run says why)"
 def why_alone(task: DictConfig, out: Path) -> str | None:
     """Why this job cannot join a population (one phrase), or None when it can."""
     from bench.config import ConfigError, validate
-    from bench.optim import TUNING_FREE
     from bench.train import check_run_dir
 
     try:
         validate(task)
     except ConfigError:
         return _INVALID
-    t = task.trainer
-    if not t.force:
+    if not task.trainer.force:
         try:
             if check_run_dir(out, task, hydra_dir=True) is not None:
                 return "its directory already holds a finished run"
         except ConfigError:
             return "its directory holds another config's run (the run says why)"
-    if (out / "checkpoint.pt").is_file() and t.resume:
+    if (out / "checkpoint.pt").is_file() and task.trainer.resume:
         return "its directory holds a checkpoint to resume"
-    if task.logger.get("name", "none") != "none":
-        return f"logger={task.logger.name} writes one logger run per process"
-    if t.amp:
-        return "trainer.amp=true: autocast is not applied to stacked members"
-    if t.compile:
-        return "trainer.compile=true: the vmapped forward is not compiled"
-    if task.optimizer.name in TUNING_FREE:
-        from bench.population import _baseline_problem
+    from bench.population import stacked_problem
 
-        return f"optimizer={task.optimizer.name}: {_baseline_problem(str(task.optimizer.name))}"
-    if task.optimizer.get("stable"):
-        return "optimizer.stable=true: the stacked towers have no stable mode"
-    return None
+    return stacked_problem(task)
 
 
 def _is_number(v: Any) -> bool:
@@ -113,12 +98,8 @@ def stack_key(task: DictConfig) -> str:
     shared = {
         k: v
         for k, v in identity.items()
-        if k != "seed"
-        and k != "optimizer.spec"
-        and not (k.startswith("optimizer.") and (_is_number(v) or v is None))
-        and k not in ("trainer.max_steps",)  # the same for all by the population's construction: see below
+        if k not in ("seed", "optimizer.spec") and not (k.startswith("optimizer.") and (_is_number(v) or v is None))
     }
-    shared["trainer.max_steps"] = identity.get("trainer.max_steps")
     return json.dumps(shared, sort_keys=True, default=str)
 
 
@@ -142,38 +123,6 @@ def plan_jobs(jobs: Sequence[Job], max_members: int | None) -> tuple[list[list[J
     return chunks, alone
 
 
-def _member(task: DictConfig, name: str) -> Any:
-    from bench.optim import tower_spec
-    from bench.population import Member
-    from hypergrad.spec import parse_spec
-
-    if task.optimizer.name == "tower":
-        return Member(parse_spec(tower_spec(task.optimizer)), int(task.seed), name)
-    return Member(None, int(task.seed), name, task.optimizer)
-
-
-def member_batches(data: Any, batch_size: int, seeds: Sequence[int]) -> Callable[[int], Any]:
-    """Each member's batches, drawn from its own seed exactly as its harness run draws them, stacked (K x batch)."""
-    from bench.train import epoch_batch, epoch_permutation
-
-    x_all, y_all = data.train
-    n = len(x_all)
-
-    def batches(epoch: int) -> Any:
-        e = epoch - 1  # the harness counts completed epochs
-        perms = [epoch_permutation(n, s, e, x_all.device) for s in seeds]
-        stacked = torch.stack(perms)
-        for b in range(math.ceil(n / batch_size)):
-            if data.augment is None:
-                idx = stacked[:, b * batch_size : (b + 1) * batch_size]
-                yield x_all[idx], y_all[idx]
-            else:  # each member's own augmentation draw
-                pairs = [epoch_batch(data, p, b, batch_size, s, e) for p, s in zip(perms, seeds, strict=True)]
-                yield torch.stack([x for x, _ in pairs]), torch.stack([y for _, y in pairs])
-
-    return batches
-
-
 def checkpoint_path(folder: Path, names: Sequence[str]) -> Path:
     """Where the population of these members keeps its checkpoint (one file per population)."""
     import hashlib
@@ -182,119 +131,54 @@ def checkpoint_path(folder: Path, names: Sequence[str]) -> Path:
     return folder / f"population-{names[0]}-{names[-1]}-{digest}.pt"
 
 
-def _first_member(batches: Callable[[int], Any]) -> Callable[[int], Any]:
-    """The batches of a one-member stack, unstacked (one batch shared by every member)."""
+class PopulationStopped(Exception):
+    """A stop was requested (SIGTERM, SIGINT, SLURM's warning): the checkpoint is saved; rerunning resumes it."""
 
-    def shared(epoch: int) -> Any:
-        for x, y in batches(epoch):
-            yield x[0], y[0]
-
-    return shared
+    def __init__(self, steps: int) -> None:
+        super().__init__(f"population stopped after step {steps}; its checkpoint is saved, rerun to resume")
+        self.steps = steps
 
 
-def train_jobs(
-    tasks: Sequence[DictConfig], names: Sequence[str] | None = None, checkpoints: Path | None = None
-) -> list[dict[str, Any]]:
-    """Train the stackable configs `tasks` as populations; return each one's `{"metrics", "history"}`.
+def train_jobs(tasks: Sequence[DictConfig], outs: Sequence[Path], names: Sequence[str], checkpoints: Path | None = None
+               ) -> list[dict[str, Any]]:  # fmt: skip
+    """Train the stackable configs `tasks` as populations into their job directories `outs`; return their metrics.
 
-    `checkpoints`: a folder for the populations' checkpoints (saved every epoch and on a stop request; a rerun
-    resumes from them). Raises `bench.population.PopulationError` when the model cannot be stacked (BatchNorm,
-    dropout, an RNN) and `bench.population.PopulationStopped` when a stop was requested.
+    `bench.train.Trainer` with a stacked learner writes each job's history.csv and metrics.json (and its logger's
+    files) exactly as a single run does. `checkpoints`: a folder for the populations' checkpoints (a rerun resumes
+    from them). Raises `bench.population.PopulationError` when the model cannot be stacked (BatchNorm, dropout, an
+    RNN) and `PopulationStopped` when a stop was requested.
     """
-    from bench.data import build_dataset
-    from bench.models import build_model
-    from bench.optim import build_optimizer
-    from bench.population import _train_vectorized, check_vectorizable, group_members, member_metrics
-    from bench.train import DTYPES, _device, fingerprint, run_identity, to_dtype
+    from bench.population import plan_groups
+    from bench.train import Trainer, load_data
 
-    first = tasks[0]
-    t = first.trainer
-    device, dtype = _device(t.device), DTYPES[t.get("dtype", "float32")]
-    if t.num_threads is not None:
-        torch.set_num_threads(t.num_threads)
-    data = build_dataset(first.dataset, device)
-    to_dtype(data, dtype)
-
-    def make_model(seed: int) -> torch.nn.Module:
-        torch.manual_seed(seed)  # as bench.train: the seed, then the dataset (which draws nothing), then the model
-        return build_model(first.model, data).to(device, dtype)
-
-    check_vectorizable(make_model(0), str(first.model.name))
-    steps_per_epoch = math.ceil(len(data.train[0]) / t.batch_size)
-    total = min(steps_per_epoch * t.epochs, t.get("max_steps") or math.inf)
-
-    def make_optimizer(member: Any, params: Sequence[torch.Tensor]) -> Any:
-        built = build_optimizer(member.baseline, params, steps_per_epoch, total)
-        built.zero_grad = built.optimizer.zero_grad  # type: ignore[attr-defined]
-        return built
-
-    names = list(names or [str(i) for i in range(len(tasks))])
-    members = [_member(task, name) for task, name in zip(tasks, names, strict=True)]
-    plans = group_members(members)
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=int(total) * len(plans),
-        disable=not t.progress,
-        desc=f"{first.model.name}/{first.dataset.name} population of {len(members)}",
-        unit="step",
-        dynamic_ncols=True,
-    )
-    out: list[dict[str, Any] | None] = [None] * len(tasks)
-    with bar:
-        for plan in plans:
-            seeds = [members[i].seed for i in plan]
-            # Members of one seed draw the same batches: one batch for all is cheaper (one wide matrix product).
-            per_member = len(set(seeds)) > 1
-            batches = member_batches(data, t.batch_size, seeds if per_member else seeds[:1])
-            start = time.perf_counter()
-            results = _train_vectorized(
-                [make_model(s) for s in seeds],
-                [members[i] for i in plan],
-                plan,
-                batches if per_member else _first_member(batches),
-                {"val": data.val, "test": data.test},
-                t.epochs,
-                t.get("max_steps"),
-                t.eval_batch_size,
-                None,
-                make_optimizer,
-                str(first.model.name),
-                per_member=per_member,
-                diverge_factor=t.get("diverge_factor"),
-                on_step=bar.update,
-                checkpoint=None if checkpoints is None else checkpoint_path(checkpoints, [names[i] for i in plan]),
-            )
-            wall = time.perf_counter() - start
-            for k, (i, r) in enumerate(zip(plan, results, strict=True)):
-                extra = {"size": len(plan), "index": k, "dtype": str(t.get("dtype", "float32")), "wall_time_s": wall}
-                # A member's own cost is its share of the population: the report adds wall times up as compute.
-                metrics = member_metrics(tasks[i], r, wall / len(plan), extra)
-                identity = run_identity(tasks[i])
-                metrics.update(config=identity, config_fingerprint=fingerprint(identity))
-                from bench.io import to_jsonable
-
-                out[i] = {"metrics": to_jsonable(metrics), "history": r.history}
-    return [o for o in out if o is not None]
+    data = load_data(tasks[0])
+    out: list[dict[str, Any]] = [{}] * len(tasks)
+    for group in plan_groups(tasks):
+        trainer = Trainer(
+            [tasks[i] for i in group],
+            [outs[i] for i in group],
+            stacked=True,
+            checkpoint=None if checkpoints is None else checkpoint_path(checkpoints, [names[i] for i in group]),
+            population={"dtype": str(tasks[0].trainer.dtype)},
+            data=data,
+        )
+        for i, metrics in zip(group, trainer.fit(), strict=True):
+            if metrics["status"] == "preempted":
+                raise PopulationStopped(metrics["steps"])
+            out[i] = metrics
+    return out
 
 
-def _land(result: dict[str, Any]) -> Callable[[DictConfig], float | None]:
-    """A task function that writes a population member's results into the job's directory (run_job made it)."""
+def _land(metrics: dict[str, Any]) -> Callable[[DictConfig], float | None]:
+    """A task function for a job its population trained (and wrote): the job log's summary, the job's value."""
 
     def task(cfg: DictConfig) -> float | None:
         from hydra.core.hydra_config import HydraConfig
 
-        from bench.io import atomic_write_csv, atomic_write_json, remove_stale_temp_files
         from bench.train import format_summary
 
-        out = Path(HydraConfig.get().runtime.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        remove_stale_temp_files(out)
-        # history.csv first: a metrics.json on disk always has its history next to it (as bench.train writes).
-        atomic_write_csv(out / "history.csv", result["history"])
-        atomic_write_json(out / "metrics.json", result["metrics"])
-        log.info("%s", format_summary(result["metrics"], out))
-        return result["metrics"].get("val_error")
+        log.info("%s", format_summary(metrics, HydraConfig.get().runtime.output_dir))
+        return metrics.get("val_error")
 
     return task
 
@@ -354,10 +238,10 @@ def launch_population(launcher: Any, job_overrides: Sequence[Sequence[str]], ini
         log.info("population of %d: jobs %s", len(chunk), ", ".join(f"#{n}" for n in nums))
         HydraConfig.instance().set_config(chunk[0].config)
         try:
-            results = _train_until_stopped([job.task for job in chunk], [str(n) for n in nums], checkpoints)
+            results = _train_until_stopped(chunk, checkpoints)
         except PopulationError as e:
             for job in chunk:
-                alone[job.num] = str(e).split(": ", 1)[-1].split("; use ")[0]
+                alone[job.num] = str(e).split(": ", 1)[-1].split("; ")[0]
             continue
         for job, result in zip(chunk, results, strict=True):
             job.result = result
@@ -371,17 +255,21 @@ def launch_population(launcher: Any, job_overrides: Sequence[Sequence[str]], ini
     return runs
 
 
-def _train_until_stopped(tasks: Sequence[DictConfig], names: Sequence[str], checkpoints: Path) -> list[dict[str, Any]]:
+def _train(jobs: Sequence[Job], checkpoints: Path) -> list[dict[str, Any]]:
+    return train_jobs([j.task for j in jobs], [_output_dir(j.config) for j in jobs], [str(j.num) for j in jobs],
+                      checkpoints)  # fmt: skip
+
+
+def _train_until_stopped(jobs: Sequence[Job], checkpoints: Path) -> list[dict[str, Any]]:
     """`train_jobs`, where SIGINT or SIGTERM saves the checkpoint and ends the sweep (128 + signal, one line)."""
     import sys
 
     import bench.train
-    from bench.population import PopulationStopped
 
     checkpoints.mkdir(parents=True, exist_ok=True)
     with bench.train._stop_on_signals():
         try:
-            return train_jobs(tasks, names, checkpoints)
+            return _train(jobs, checkpoints)
         except PopulationStopped as e:
             signum = bench.train._interrupted_by
             if signum is None:
@@ -441,7 +329,6 @@ def run_unit(launcher: Any, unit: Sequence[tuple[list[str], int]], singleton_sta
 
     import bench.train
     from bench.cluster import CheckpointOnPreemption
-    from bench.population import PopulationStopped
 
     Singleton.set_state(singleton_state)
     setup_globals()
@@ -459,7 +346,7 @@ def run_unit(launcher: Any, unit: Sequence[tuple[list[str], int]], singleton_sta
         ended = JobReturn()
         ended.status = JobStatus.COMPLETED
         try:
-            results = train_jobs([job.task for job in jobs], [str(job.num) for job in jobs], checkpoints)
+            results = _train(jobs, checkpoints)
         except PopulationStopped:
             bench.train._preempted = True
             preemption.on_job_end(jobs[0].config, ended)  # requeues (USR2) or exits (SIGTERM)

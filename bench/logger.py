@@ -107,6 +107,8 @@ class WandbLogger(RunLogger):
                 # One W&B run per run directory, so a resumed run continues its W&B run.
                 id=hashlib.sha1(str(output_dir.resolve()).encode()).hexdigest()[:16],
                 resume="allow",
+                # A population trains its members in one process: one W&B run each, side by side.
+                reinit="create_new",
                 config=mask_secrets(OmegaConf.to_container(cfg, resolve=True)),  # a storage URL's password stays home
                 # No banner (about 34 lines per run); warnings and errors still show.
                 settings=wandb.Settings(silent=True),

@@ -1,6 +1,6 @@
 """What a run directory holds, stated once: the keys of metrics.json and the columns of history.csv.
 
-The trainer (bench/train.py), the population trainer (bench/population.py, bench/launcher.py), the report loader
+The one trainer (bench/train.py: single runs and populations alike), the report loader
 (bench/report/load.py) and the tests all read these names from here.
 """
 

@@ -1,4 +1,4 @@
-"""One training run: `run(cfg) -> metrics`, the importable core under `python -m bench`.
+"""The one trainer: `run(cfg) -> metrics` under `python -m bench`, and `Trainer` for K >= 1 members.
 
 A run trains the composed model on the composed dataset with the composed optimizer, evaluates on
 the validation and test splits after every epoch, and writes into its run directory (atomically):
@@ -11,6 +11,10 @@ Statuses: "completed"; "diverged" (a non-finite loss or hyperparameter stopped t
 counts as a result: exit code 0, so a sweep goes on); "pruned" (the epoch callback raised
 `optuna.TrialPruned`); "failed" (the epoch callback raised anything else). A directory whose
 metrics.json says "completed" or "diverged" is not run again unless `trainer.force=true`.
+
+A single run is a population of one: `Trainer` trains K >= 1 members through one `Learner`, either a
+`ModuleLearner` (one `nn.Module` with its optimizer) or a `bench.population.StackedLearner` (K members
+stacked under `torch.vmap`), and gives every member all of the above in its own run directory.
 """
 
 from __future__ import annotations
@@ -25,10 +29,11 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +57,12 @@ from bench.schema import FINAL_KEYS, hyperparameter_columns
 
 __all__ = [
     "FINISHED",
+    "Health",
     "Interrupted",
+    "Learner",
+    "ModuleLearner",
     "RunDirError",
+    "Trainer",
     "fingerprint",
     "format_summary",
     "read_checkpoint",
@@ -92,24 +101,10 @@ def stopped_for_checkpoint() -> bool:
     return _preempted
 
 
-class _CallbackRaised(Exception):
-    """Carries what the epoch callback raised out of the loop, so the run directory can record it first."""
-
-    def __init__(self, error: Exception) -> None:
-        super().__init__(str(error))
-        self.error = error
-
-
 def _is_pruned(error: Exception) -> bool:
     import optuna
 
     return isinstance(error, optuna.TrialPruned)
-
-
-class _Diverged(Exception):
-    def __init__(self, step: int, reason: str) -> None:
-        super().__init__(reason)
-        self.step, self.reason = step, reason
 
 
 # -- the identity of a run directory ------------------------------------------------------------------------------
@@ -214,11 +209,13 @@ def refuse_other_config(
 def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
     """Load a checkpoint as tensors and plain containers only (`weights_only=True`: a crafted file runs no code)."""
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.serialization.safe_globals(_state_classes()):
             warnings.simplefilter("ignore")  # e.g. torch's note on a foreign pickle protocol: the error says enough
             state = torch.load(path, map_location=device, weights_only=True)
         if not isinstance(state, dict) or not {"model", "optimizer", "progress"} <= state.keys():
             raise ValueError("not a bench checkpoint")
+        if "health" not in state:
+            raise ValueError("written by a version of bench before one trainer served populations")
     except Exception as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         # torch's weights-only refusal names the offending global on a later line; that is the reason to show.
@@ -228,6 +225,20 @@ def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str,
             "start over"
         ) from None
     return state
+
+
+def _state_classes() -> list[type]:
+    """The NamedTuple types of hypergrad's functional state (a stacked learner's checkpoint holds them)."""
+    import hypergrad.rules
+    import hypergrad.stable
+    from hypergrad import core
+
+    return [
+        v
+        for module in (core, hypergrad.rules, hypergrad.stable)
+        for v in vars(module).values()
+        if isinstance(v, type) and issubclass(v, tuple) and hasattr(v, "_fields")
+    ]
 
 
 def check_run_dir(out: Path, cfg: DictConfig, hydra_dir: bool) -> dict[str, Any] | None:
@@ -304,7 +315,7 @@ def _resolve_output_dir(output_dir: str | Path | None) -> Path:
 
 
 def _show_progress(wanted: bool) -> bool:
-    """A progress bar only where it stays readable: not in a job of a parallel launcher.
+    """A progress bar only where it stays readable: not in a job of a parallel launcher (one process draws it).
 
     Parallel workers (joblib, submitit) would draw over each other's line; they log one line per epoch instead.
     """
@@ -315,7 +326,10 @@ def _show_progress(wanted: bool) -> bool:
     if not HydraConfig.initialized():
         return True
     hc = HydraConfig.get()
-    return str(hc.mode) != "RunMode.MULTIRUN" or "BasicLauncher" in str(hc.launcher.get("_target_", ""))
+    target = str(hc.launcher.get("_target_", ""))
+    return str(hc.mode) != "RunMode.MULTIRUN" or any(
+        f".{name}" in target for name in ("BasicLauncher", "PopulationLauncher")
+    )
 
 
 def _device(name: str) -> torch.device:
@@ -371,263 +385,497 @@ def _loss_and_errors(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tenso
     return loss, wrong.sum()
 
 
-class _Trainer:
-    def __init__(self, cfg: DictConfig, out: Path, epoch_callback: EpochCallback | None) -> None:
-        self.cfg, self.out, self.epoch_callback = cfg, out, epoch_callback
+# -- the members' health: who still trains, and why the others stopped ----------------------------------------------
+
+
+class Health:
+    """Which of K members still train: (K,) tensors on the training device, read by the host once per step.
+
+    A member leaves by diverging (`step` and `reason(i)` say when and why, in a single run's words) or by being
+    stopped from outside (pruned); nothing of a member that left changes afterwards, and the others never notice.
+    """
+
+    LOSS, VALIDATION, EXPLODED, NOTE = 1, -1, -2, -3  # `code`; 2 + j: hyperparameter j of `hp_names` went non-finite
+
+    def __init__(self, size: int, device: torch.device, diverge_factor: float | None) -> None:
+        self.factor, self.hp_names = diverge_factor, []  # the stacked learner names its hyperparameters
+        self.alive = torch.ones(size, dtype=torch.bool, device=device)
+        self.stopped = torch.zeros_like(self.alive)
+        self.step = torch.full((size,), -1, dtype=torch.long, device=device)
+        self.code = torch.zeros_like(self.step)
+        self.value = torch.zeros(size, dtype=torch.float64, device=device)
+        self.initial: torch.Tensor | None = None  # every member's first training loss
+        self.notes: dict[int, str] = {}  # reasons given in words (code NOTE)
+
+    def active(self) -> torch.Tensor:
+        return self.alive & ~self.stopped
+
+    def mark(self, newly: torch.Tensor, step: int, code: torch.Tensor | int, value: torch.Tensor) -> None:
+        """Members `newly` (a (K,) mask) diverged in `step`."""
+        self.step = torch.where(newly, step, self.step)
+        self.code = torch.where(newly, code, self.code)
+        self.value = torch.where(newly, value.to(self.value.dtype), self.value)
+        self.alive = self.alive & ~newly
+
+    def note(self, i: int, step: int, reason: str) -> None:
+        self.step[i], self.code[i], self.alive[i] = step, self.NOTE, False
+        self.notes[i] = reason
+
+    def check_explosion(self, losses: torch.Tensor, stepped: torch.Tensor, step: int) -> None:
+        """A finite training loss above `trainer.diverge_factor` times the member's first one: it diverged (a step
+        size of 2e9 can keep every number finite). Checked after the step, which the member keeps."""
+        if self.initial is None:
+            self.initial = losses.double().clone()
+        if self.factor is not None:
+            over = stepped & (losses.double() > self.factor * self.initial.clamp(min=1e-12))
+            self.mark(over, step, self.EXPLODED, losses)
+
+    def own_steps(self, steps: int) -> list[int]:
+        """Each member's count of completed steps (a diverging step does not count; a validation divergence does)."""
+        counted = torch.where(self.code == self.VALIDATION, self.step, self.step - 1)
+        return torch.where(self.step < 0, steps, counted).tolist()
+
+    def reason(self, i: int) -> str | None:
+        code, value = int(self.code[i]), float(self.value[i])
+        if code == 0:
+            return None
+        if code == self.LOSS:
+            return f"non-finite training loss ({value})"
+        if code == self.VALIDATION:
+            return f"non-finite validation loss ({value})"
+        if code == self.EXPLODED:
+            initial = float(self.initial[i])  # type: ignore[index]
+            return (
+                f"training loss {value:.4g} exceeded trainer.diverge_factor={self.factor:g} times its initial value "
+                f"{initial:.4g}"
+            )
+        if code == self.NOTE:
+            return self.notes[i]
+        level, name = self.hp_names[code - 2]
+        error = hypergrad.NonFiniteHyperparameterError(level + 1, name, value, int(self.step[i]))
+        return f"non-finite hyperparameter: {error}"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("alive", "stopped", "step", "code", "value", "initial", "notes")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+# -- learners: what trains the members ------------------------------------------------------------------------------
+
+
+class Learner(Protocol):
+    """K >= 1 members trained in lockstep on the same steps; the training loop (`Trainer`) needs only this.
+
+    `ModuleLearner` is one member: any `nn.Module` with its optimizer, AMP, torch.compile, BatchNorm, tuning-free
+    baselines. `bench.population.StackedLearner` is K members whose weights are stacked and trained by one vmapped
+    forward and backward. A member that diverges in `step` is marked in `health` and frozen from then on.
+    """
+
+    size: int
+    per_member: bool  # whether `step` takes one batch per member, stacked (K x batch), or one batch for all
+    health: Health
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
+        """One training step of every active member; returns the (K,) mean losses (the host reads them)."""
+
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor, chunk: int) -> tuple[list[float], list[float]]:
+        """Every member's mean loss and error rate on a split, evaluated in chunks of `chunk` examples."""
+
+    def hyperparameters(self) -> list[list[dict[str, float]]]:
+        """Every member's current hyperparameters, level 1 first, natural scale."""
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Every member's optimizer, method, family, height and initial hyperparameters (metrics.json's words)."""
+
+    def train_mode(self) -> None: ...
+    def eval_mode(self) -> None: ...
+    def state_dict(self) -> dict[str, Any]:
+        """`{"model": ..., "optimizer": ...}`: everything a checkpoint needs to continue exactly."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class ModuleLearner:
+    """One member: the config's model as an `nn.Module` and the optimizer its config builds (tower or baseline)."""
+
+    size, per_member = 1, False
+
+    def __init__(self, cfg: DictConfig, data: Data, device: torch.device, steps_per_epoch: int, total: int) -> None:
         t = cfg.trainer
-        self.device = _device(t.device)
-        if t.num_threads is not None:
-            torch.set_num_threads(t.num_threads)
-        torch.manual_seed(cfg.seed)
-        self.data: Data = build_dataset(cfg.dataset, self.device)
-        dtype = DTYPES[t.get("dtype", "float32")]
-        to_dtype(self.data, dtype)
-        self.model = build_model(cfg.model, self.data).to(self.device, dtype)
+        torch.manual_seed(cfg.seed)  # the model's initialization, then dropout's draws (the dataset draws nothing)
+        self.model = build_model(cfg.model, data).to(device, DTYPES[t.dtype])
         self.forward = torch.compile(self.model) if t.compile else self.model
-        n = len(self.data.train[0])
-        self.steps_per_epoch = math.ceil(n / t.batch_size)
-        self.total_steps = min(t.epochs * self.steps_per_epoch, t.max_steps or math.inf)
-        self.opt: BuiltOptimizer = build_optimizer(
-            cfg.optimizer, self.model.parameters(), self.steps_per_epoch, self.total_steps
-        )
-        self.amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if t.amp else nullcontext()
-        # Progress of the run; all of it goes into the checkpoint.
-        self.epoch = 0  # completed epochs
-        self.batch = 0  # next batch within the current epoch
-        self.steps = 0
-        self.loss_sum, self.loss_count = 0.0, 0
-        self.elapsed = 0.0
-        self.history: list[dict[str, Any]] = []
-        self.initial_loss: float | None = None  # the run's first training loss, for the divergence rule
-        self.saved_at = time.monotonic()
+        self.opt: BuiltOptimizer = build_optimizer(cfg.optimizer, self.model.parameters(), steps_per_epoch, total)
+        self.amp = torch.autocast(device.type, dtype=torch.bfloat16) if t.amp else nullcontext()
+        self.device = device
+        self.health = Health(1, torch.device("cpu"), t.diverge_factor)
 
-    # -- checkpoints ---------------------------------------------------------------------------
-
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.out / "checkpoint.pt"
-
-    def save_checkpoint(self) -> None:
-        state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.opt.state_dict(),
-            "progress": {
-                "epoch": self.epoch,
-                "batch": self.batch,
-                "steps": self.steps,
-                "loss_sum": self.loss_sum,
-                "loss_count": self.loss_count,
-                "elapsed": self.elapsed + time.perf_counter() - self.started,
-            },
-            "history": self.history,
-            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()},
-            "config": run_identity(self.cfg),
-            "initial_loss": self.initial_loss,
-        }
-        atomic_save_torch(self.checkpoint_path, state)
-        self.saved_at = time.monotonic()
-
-    def load_checkpoint(self) -> None:
-        state = read_checkpoint(self.checkpoint_path, self.device)
-        refuse_other_config(self.out, self.checkpoint_path.name, state.get("config"), run_identity(self.cfg))
-        self.initial_loss = state.get("initial_loss")
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
-        p = state["progress"]
-        self.epoch, self.batch, self.steps = p["epoch"], p["batch"], p["steps"]
-        self.loss_sum, self.loss_count, self.elapsed = p["loss_sum"], p["loss_count"], p["elapsed"]
-        self.history = state["history"]
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-
-    # -- evaluation ----------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def evaluate(self, split: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, float]:
-        """Mean loss and error rate over a split."""
-        x, y = split
-        loss, wrong = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
-        bs = self.cfg.trainer.eval_batch_size
-        for i in range(0, len(x), bs):
-            with self.amp:
-                logits = self.forward(x[i : i + bs])
-            batch_loss, batch_wrong = _loss_and_errors(logits, y[i : i + bs])
-            loss, wrong = loss + batch_loss, wrong + batch_wrong
-        return loss.item() / y.numel(), wrong.item() / y.numel()
-
-    def epoch_row(self, epoch: int) -> dict[str, Any]:
-        self.model.eval()
-        self.opt.eval_mode()
-        val_loss, val_error = self.evaluate(self.data.val)
-        test_loss, test_error = self.evaluate(self.data.test)
-        row = {
-            "epoch": epoch,
-            "steps": self.steps,
-            "train_loss": self.loss_sum / self.loss_count if self.loss_count else math.nan,
-            "val_loss": val_loss,
-            "val_error": val_error,
-            "test_loss": test_loss,
-            "test_error": test_error,
-            "wall_time_s": self.elapsed + time.perf_counter() - self.started,
-        }
-        row.update(hyperparameter_columns(self.opt.hyperparameters()))
-        return row
-
-    # -- training ------------------------------------------------------------------------------
-
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+    def step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
         with self.amp:
             logits = self.forward(x)
         loss, _ = _loss_and_errors(logits, y)
         loss = loss / y.numel()
-        value = loss.item()
+        value = torch.tensor([loss.item()], dtype=torch.float64)
         if not math.isfinite(value):
-            raise _Diverged(self.steps + 1, f"non-finite training loss ({value})")
+            self.health.mark(torch.tensor([True]), step, Health.LOSS, value)
+            return value
         loss.backward()
         try:
             self.opt.step()
         except hypergrad.NonFiniteHyperparameterError as e:
-            raise _Diverged(self.steps + 1, f"non-finite hyperparameter: {e}") from None
+            self.health.note(0, step, f"non-finite hyperparameter: {e}")
+            return value
         except RuntimeError as e:
             # torch.optim refuses a step size that overflows the parameters' dtype (e.g. Adam with lr=1e38):
             # that run diverged, it did not crash.
             if "without overflow" not in str(e):
                 raise
-            raise _Diverged(self.steps + 1, f"optimizer step overflowed: {e}") from None
+            self.health.note(0, step, f"optimizer step overflowed: {e}")
+            return value
         self.opt.optimizer.zero_grad(set_to_none=True)
+        self.health.check_explosion(value, torch.tensor([True]), step)
         return value
 
-    def fit(self, logger: RunLogger) -> dict[str, Any]:
-        cfg, t = self.cfg, self.cfg.trainer
-        if t.resume and self.checkpoint_path.is_file():
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor, chunk: int) -> tuple[list[float], list[float]]:
+        loss, wrong = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        for i in range(0, len(x), chunk):
+            with self.amp:
+                logits = self.forward(x[i : i + chunk])
+            batch_loss, batch_wrong = _loss_and_errors(logits, y[i : i + chunk])
+            loss, wrong = loss + batch_loss, wrong + batch_wrong
+        return [loss.item() / y.numel()], [wrong.item() / y.numel()]
+
+    def hyperparameters(self) -> list[list[dict[str, float]]]:
+        return [self.opt.hyperparameters()]
+
+    def describe(self) -> list[dict[str, Any]]:
+        o = self.opt
+        return [{"optimizer": o.name, "method": o.method, "family": o.family, "height": o.height, "init": o.init}]
+
+    def train_mode(self) -> None:
+        self.model.train()
+        self.opt.train_mode()
+
+    def eval_mode(self) -> None:
+        self.model.eval()
+        self.opt.eval_mode()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+
+
+# -- the training loop, for K >= 1 members ---------------------------------------------------------------------------
+
+
+def load_data(cfg: DictConfig) -> tuple[torch.device, Data]:
+    """The training device and the config's dataset on it, in `trainer.dtype` (set-up shared by every learner)."""
+    t = cfg.trainer
+    device = _device(t.device)
+    if t.num_threads is not None:
+        torch.set_num_threads(t.num_threads)
+    data = build_dataset(cfg.dataset, device)
+    to_dtype(data, DTYPES[t.dtype])
+    return device, data
+
+
+@dataclass
+class _Job:
+    """One member's side of the loop: its config, run directory, logger, epoch callback and what it has recorded."""
+
+    cfg: DictConfig
+    out: Path
+    callback: EpochCallback | None
+    logger: RunLogger = field(default_factory=RunLogger)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    done: bool = False  # its last row is written (diverged, pruned or failed)
+    status: str = "completed"
+    error: Exception | None = None
+
+
+class Trainer:
+    """Trains K >= 1 members that share the data, model architecture and trainer settings; a single run is K = 1.
+
+    Every member gets what a single run gets: its own batches (from its seed), one history row per epoch,
+    divergence recorded in its own words while the others go on, pruning by its epoch callback, metrics.json,
+    history.csv and its logger (W&B: one run per member). One checkpoint holds them all; a stop request saves it
+    mid-epoch and a rerun resumes from it to the same results.
+    """
+
+    def __init__(
+        self,
+        cfgs: Sequence[DictConfig],
+        outs: Sequence[Path],
+        *,
+        stacked: bool = False,
+        callbacks: Sequence[EpochCallback | None] | None = None,
+        checkpoint: Path | None = None,
+        population: dict[str, Any] | None = None,
+        data: tuple[torch.device, Data] | None = None,
+    ) -> None:
+        self.cfg, t = cfgs[0], cfgs[0].trainer
+        self.device, self.data = data or load_data(self.cfg)
+        self.steps_per_epoch = math.ceil(len(self.data.train[0]) / t.batch_size)
+        self.total_steps = min(t.epochs * self.steps_per_epoch, t.max_steps or math.inf)
+        if stacked:
+            from bench.population import StackedLearner
+
+            self.learner: Learner = StackedLearner(cfgs, self.data, self.device, self.steps_per_epoch, self.total_steps)
+        elif len(cfgs) == 1:
+            self.learner = ModuleLearner(self.cfg, self.data, self.device, self.steps_per_epoch, self.total_steps)
+        else:
+            raise ValueError(f"`cfgs` must hold one config for a module learner, but got {len(cfgs)}")
+        self.jobs = [_Job(c, o, b) for c, o, b in zip(cfgs, outs, callbacks or [None] * len(cfgs), strict=True)]
+        for job in self.jobs:  # its own directory, wherever its config says (W&B records the config)
+            job.cfg = copy.deepcopy(job.cfg)
+            with open_dict(job.cfg):
+                job.cfg.paths.output_dir = str(job.out)
+        self.seeds = [int(c.seed) for c in cfgs]
+        self.checkpoint, self.population = checkpoint, population
+        # A population is many runs' worth of work: it saves after every epoch unless told otherwise.
+        self.every = t.checkpoint_every or (1 if population is not None and checkpoint is not None else 0)
+        # Progress; all of it goes into the checkpoint.
+        self.epoch = self.batch = self.steps = 0  # completed epochs, next batch of this epoch, steps in all
+        self.sums = torch.zeros(2, len(cfgs), dtype=torch.float64, device=self.learner.health.alive.device)
+        self.elapsed = 0.0
+        self.saved_at = time.monotonic()
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def identity(self) -> dict[str, Any]:
+        if len(self.jobs) == 1:
+            return run_identity(self.cfg)
+        return {f"member{i}.{k}": v for i, job in enumerate(self.jobs) for k, v in run_identity(job.cfg).items()}
+
+    def save_checkpoint(self) -> None:
+        state = {
+            **self.learner.state_dict(),
+            "progress": {
+                "epoch": self.epoch,
+                "batch": self.batch,
+                "steps": self.steps,
+                "sums": self.sums,
+                "elapsed": self.elapsed + time.perf_counter() - self.started,
+            },
+            "members": [{"history": j.history, "done": j.done, "status": j.status} for j in self.jobs],
+            "health": self.learner.health.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()},
+            "config": self.identity(),
+        }
+        atomic_save_torch(self.checkpoint, state)
+        self.saved_at = time.monotonic()
+
+    def load_checkpoint(self) -> None:
+        out = self.jobs[0].out if len(self.jobs) == 1 else self.checkpoint.parent
+        state = read_checkpoint(self.checkpoint, self.device)
+        refuse_other_config(out, self.checkpoint.name, state.get("config"), self.identity())
+        self.learner.load_state_dict(state)
+        self.learner.health.load_state_dict(state["health"])
+        p = state["progress"]
+        self.epoch, self.batch, self.steps, self.sums, self.elapsed = (
+            p["epoch"], p["batch"], p["steps"], p["sums"], p["elapsed"],
+        )  # fmt: skip
+        for job, saved in zip(self.jobs, state["members"], strict=True):
+            job.history, job.done, job.status = saved["history"], saved["done"], saved["status"]
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+    # -- training ------------------------------------------------------------------------------
+
+    def batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches `start`, `start + 1`, ... of `epoch`: each member's own draw (stacked), or one for all."""
+        bs, data = self.cfg.trainer.batch_size, self.data
+        seeds = self.seeds if self.learner.per_member else self.seeds[:1]
+        perms = [epoch_permutation(len(data.train[0]), s, epoch, self.device) for s in seeds]
+        stacked = torch.stack(perms)
+        for b in range(start, self.steps_per_epoch):
+            if not self.learner.per_member:
+                yield epoch_batch(data, perms[0], b, bs, seeds[0], epoch)
+            elif data.augment is None:
+                idx = stacked[:, b * bs : (b + 1) * bs]
+                yield data.train[0][idx], data.train[1][idx]
+            else:  # each member's own augmentation draw
+                pairs = [epoch_batch(data, p, b, bs, s, epoch) for p, s in zip(perms, seeds, strict=True)]
+                yield torch.stack([x for x, _ in pairs]), torch.stack([y for _, y in pairs])
+
+    def fit(self) -> list[dict[str, Any]]:
+        """Train every member to its end; return each one's metrics (written to its run directory, then logged).
+
+        On a stop request (`request_checkpoint`) it saves the checkpoint and returns `{"status": "preempted", ...}`
+        for every member, writing no metrics.json.
+        """
+        try:
+            return self._fit()
+        finally:
+            for job in self.jobs:  # a stopped or crashed run's loggers close too (a finished one's already did)
+                job.logger.finish({})
+
+    def _fit(self) -> list[dict[str, Any]]:
+        t, health = self.cfg.trainer, self.learner.health
+        if self.checkpoint is not None and t.resume and self.checkpoint.is_file():
             self.load_checkpoint()
-            log.info("resuming %s from epoch %d, step %d", self.out, self.epoch, self.steps)
+            log.info("resuming %s from epoch %d, step %d", self.checkpoint.parent, self.epoch, self.steps)
+        for job in self.jobs:
+            job.logger = build_logger(job.cfg, job.out)
         self.started = time.perf_counter()
-        x_train = self.data.train[0]
+        size = len(self.jobs)
+        name = self.learner.describe()[0]["optimizer"] if size == 1 else f"population of {size}"
         bar = tqdm(
             total=self.total_steps,
             initial=self.steps,
             disable=not _show_progress(t.progress),
-            desc=f"{cfg.model.name}/{cfg.dataset.name} {self.opt.name}",
+            desc=f"{self.cfg.model.name}/{self.cfg.dataset.name} {name}",
             unit="step",
             dynamic_ncols=True,
         )
-        status, diverged, error = "completed", None, None
+        logging_steps = any(type(job.logger) is not RunLogger for job in self.jobs)
         try:
-            while self.epoch < t.epochs and self.steps < self.total_steps:
-                perm = epoch_permutation(len(x_train), cfg.seed, self.epoch, self.device)
-                self.model.train()
-                self.opt.train_mode()
-                while self.batch < self.steps_per_epoch and self.steps < self.total_steps:
-                    x, y = epoch_batch(self.data, perm, self.batch, t.batch_size, cfg.seed, self.epoch)
-                    value = self.train_step(x, y)
-                    self.check_explosion(value)
+            while self.epoch < t.epochs and self.steps < self.total_steps and bool(health.active().any()):
+                self.learner.train_mode()
+                for x, y in self.batches(self.epoch, self.batch):
+                    was = health.active()
+                    losses = self.learner.step(x, y, self.steps + 1)
                     self.steps += 1
                     self.batch += 1
-                    self.loss_sum += value * len(y)
-                    self.loss_count += len(y)
-                    logger.log_step(self.steps, value, self.opt.hyperparameters)
+                    # Weighted by batch size, as an epoch's mean: a short last batch counts less.
+                    counted = (was & health.alive).double() * (y.shape[1] if self.learner.per_member else len(y))
+                    self.sums += torch.stack([losses.double() * counted, counted]).nan_to_num_(0.0)
+                    active = health.active().tolist()
+                    if logging_steps:
+                        self.log_step(losses.tolist(), active)
                     bar.update()
                     if self.steps % 10 == 0:
-                        bar.set_postfix(loss=f"{value:.4f}", refresh=False)
-                    if _checkpoint_requested:
+                        bar.set_postfix(loss=f"{float(losses[0]):.4f}", refresh=False)
+                    if _checkpoint_requested and self.checkpoint is not None:
                         self.save_checkpoint()
-                        return {"status": "preempted", "steps": self.steps, "output_dir": str(self.out)}
-                    minutes = t.get("checkpoint_minutes")
-                    if minutes and time.monotonic() - self.saved_at >= 60 * minutes:
+                        return [{"status": "preempted", "steps": self.steps, "output_dir": str(j.out)}
+                                for j in self.jobs]  # fmt: skip
+                    minutes = t.checkpoint_minutes
+                    if minutes and self.checkpoint is not None and time.monotonic() - self.saved_at >= 60 * minutes:
                         self.save_checkpoint()
-                # When max_steps stops the run inside an epoch, that partial epoch is the run's last row: it is
+                    if not any(active) or self.steps >= self.total_steps:
+                        break
+                # When max_steps or divergence stops the run inside an epoch, that partial epoch is its last row:
                 # evaluated and reported like any other (a pruner then sees the final value of a finished trial).
-                self.end_epoch(logger)
-        except _Diverged as d:
-            status, diverged = "diverged", d
-            if not self.history or self.history[-1]["steps"] != self.steps:
-                self.history.append(self.epoch_row(self.epoch + 1))
-                logger.log_epoch(self.history[-1])
-        except _CallbackRaised as raised:
-            # A pruned trial, or the callback's own failure: record it, then let it go on to the caller.
-            error = raised.error
-            status = "pruned" if _is_pruned(error) else "failed"
+                self.end_epoch()
         finally:
             bar.close()
-        # Exactly what metrics.json holds: non-finite numbers are null there, so they are None here too.
-        metrics = to_jsonable(self.metrics(status, diverged, error))
-        self.write(metrics)
-        logger.finish(metrics)
-        if error is not None:
-            raise error
-        return metrics
+        wall = self.elapsed + time.perf_counter() - self.started
+        out = []
+        for i, (job, metrics) in enumerate(zip(self.jobs, self.metrics(wall), strict=True)):
+            # Exactly what metrics.json holds: non-finite numbers are null there, so they are None here too.
+            metrics = to_jsonable(metrics)
+            # history.csv first: a metrics.json on disk always has its history next to it.
+            atomic_write_csv(job.out / "history.csv", job.history)
+            atomic_write_json(job.out / "metrics.json", metrics)
+            job.logger.finish(metrics)
+            out.append(metrics)
+            if size > 1 and job.status != "completed":
+                log.info("member %d (%s): %s", i, job.out, job.status)
+        return out
 
-    def check_explosion(self, value: float) -> None:
-        """The divergence rule for finite losses: a training loss above `trainer.diverge_factor` times the run's
-        first training loss means the run exploded (a step size of 2e9 can keep every number finite)."""
-        if self.initial_loss is None:
-            self.initial_loss = value
-        factor = self.cfg.trainer.get("diverge_factor")
-        if factor is not None and value > factor * max(self.initial_loss, 1e-12):
-            raise _Diverged(
-                self.steps + 1,
-                f"training loss {value:.4g} exceeded trainer.diverge_factor={factor:g} times its initial value "
-                f"{self.initial_loss:.4g}",
-            )
+    def log_step(self, losses: list[float], active: list[bool]) -> None:
+        hps: list[list[list[dict[str, float]]]] = []  # computed once, and only when a logger asks
 
-    def end_epoch(self, logger: RunLogger, callback: bool = True) -> None:
-        self.history.append(self.epoch_row(self.epoch + 1))
-        row = self.history[-1]
-        self.epoch, self.batch, self.loss_sum, self.loss_count = self.epoch + 1, 0, 0.0, 0
-        logger.log_epoch(row)
-        log.info(
-            "epoch %d: train loss %.4f, val error %.2f%%, test error %.2f%%, %d steps",
-            row["epoch"],
-            row["train_loss"],
-            100 * row["val_error"],
-            100 * row["test_error"],
-            row["steps"],
-        )
-        if not math.isfinite(row["val_loss"]):
-            # Training losses were finite, yet the weights now give non-finite outputs: as diverged as it gets.
-            raise _Diverged(self.steps, f"non-finite validation loss ({row['val_loss']})")
-        every = self.cfg.trainer.checkpoint_every
-        if every and self.epoch % every == 0:
+        def hyperparameters(i: int) -> list[dict[str, float]]:
+            if not hps:
+                hps.append(self.learner.hyperparameters())
+            return hps[0][i]
+
+        for i, job in enumerate(self.jobs):
+            if active[i]:
+                job.logger.log_step(self.steps, losses[i], lambda i=i: hyperparameters(i))
+
+    def end_epoch(self) -> None:
+        """Every member's row for this epoch; then the checks that may end a member, and its epoch callback."""
+        health, learner, chunk = self.learner.health, self.learner, self.cfg.trainer.eval_batch_size
+        learner.eval_mode()
+        val_loss, val_error = learner.evaluate(*self.data.val, chunk)
+        test_loss, test_error = learner.evaluate(*self.data.test, chunk)
+        wall = self.elapsed + time.perf_counter() - self.started
+        active, steps, hps = health.active().tolist(), health.own_steps(self.steps), learner.hyperparameters()
+        total, count = self.sums.tolist()
+        self.epoch, self.batch = self.epoch + 1, 0
+        self.sums.zero_()
+        for i, job in enumerate(self.jobs):
+            if job.done or (not active[i] and job.history and job.history[-1]["steps"] == steps[i]):
+                job.done = True  # it ended at its epoch's first step: the row before is its last
+                continue
+            row = {
+                "epoch": self.epoch,
+                "steps": steps[i],
+                "train_loss": total[i] / count[i] if count[i] else math.nan,
+                "val_loss": val_loss[i],
+                "val_error": val_error[i],
+                "test_loss": test_loss[i],
+                "test_error": test_error[i],
+                "wall_time_s": wall,
+                **hyperparameter_columns(hps[i]),
+            }
+            job.history.append(row)
+            job.logger.log_epoch(row)
+            if len(self.jobs) == 1:
+                log.info(
+                    "epoch %d: train loss %.4f, val error %.2f%%, test error %.2f%%, %d steps",
+                    row["epoch"], row["train_loss"], 100 * row["val_error"], 100 * row["test_error"], row["steps"],
+                )  # fmt: skip
+            if active[i] and not math.isfinite(row["val_loss"]):
+                # Training losses were finite, yet the weights now give non-finite outputs: as diverged as it gets.
+                one = torch.arange(len(self.jobs), device=health.alive.device) == i
+                health.mark(one, steps[i], Health.VALIDATION, torch.full_like(health.value, row["val_loss"]))
+                active[i] = False
+            job.done = not active[i]
+        if self.every and self.epoch % self.every == 0 and any(active) and self.checkpoint is not None:
             self.save_checkpoint()
-        if callback and self.epoch_callback is not None:
-            try:
-                self.epoch_callback(row["epoch"], dict(row))
-            except Exception as e:
-                raise _CallbackRaised(e) from e
+        for i, job in enumerate(self.jobs):
+            if active[i] and job.callback is not None:
+                try:
+                    job.callback(self.epoch, dict(job.history[-1]))
+                except Exception as e:  # a pruned trial, or the callback's own failure: recorded, then raised
+                    job.error, job.status, job.done = e, "pruned" if _is_pruned(e) else "failed", True
+                    health.stopped[i] = True
 
-    def metrics(self, status: str, diverged: _Diverged | None, error: Exception | None) -> dict[str, Any]:
-        last = self.history[-1] if self.history else {}
-        metrics = {key: last.get(key, math.nan) for key in FINAL_KEYS}
-        metrics.update(
-            diverged=diverged is not None,
-            diverged_step=None if diverged is None else diverged.step,
-            diverged_reason=None if diverged is None else diverged.reason,
-            epochs=len(self.history),
-            steps=self.steps,
-            wall_time_s=self.elapsed + time.perf_counter() - self.started,
-            optimizer=self.opt.name,
-            method=self.opt.method,
-            family=self.opt.family,
-            height=self.opt.height,
-            init=self.opt.init,
-            hyperparameters=self.opt.hyperparameters(),
-            seed=self.cfg.seed,
-            model=self.cfg.model.name,
-            dataset=self.cfg.dataset.name,
-            status=status,
-            config=run_identity(self.cfg),
-            config_fingerprint=fingerprint(run_identity(self.cfg)),
-        )
-        if error is not None:
-            metrics["error"] = f"{type(error).__name__}: {error}"
-        return metrics
-
-    def write(self, metrics: dict[str, Any]) -> None:
-        # history.csv first: a metrics.json on disk always has its history next to it.
-        atomic_write_csv(self.out / "history.csv", self.history)
-        atomic_write_json(self.out / "metrics.json", metrics)
+    def metrics(self, wall: float) -> list[dict[str, Any]]:
+        health = self.learner.health
+        steps, described, hps = health.own_steps(self.steps), self.learner.describe(), self.learner.hyperparameters()
+        out = []
+        for i, job in enumerate(self.jobs):
+            last = job.history[-1] if job.history else {}
+            reason = health.reason(i)
+            step = int(health.step[i]) if reason is not None else None
+            identity = run_identity(job.cfg)
+            metrics = {
+                **{key: last.get(key, math.nan) for key in FINAL_KEYS},
+                "diverged": reason is not None,
+                "diverged_step": step,
+                "diverged_reason": reason,
+                "epochs": len(job.history),
+                "steps": last.get("steps", steps[i]),  # a pruned member's too: where it stopped
+                # A member's own cost is its share of the population: the report adds wall times up as compute.
+                "wall_time_s": wall / len(self.jobs),
+                **described[i],
+                "hyperparameters": hps[i],
+                "seed": job.cfg.seed,
+                "model": job.cfg.model.name,
+                "dataset": job.cfg.dataset.name,
+                "status": "diverged" if reason is not None else job.status,
+                "config": identity,
+                "config_fingerprint": fingerprint(identity),
+            }
+            if self.population is not None:
+                metrics["population"] = {**self.population, "size": len(self.jobs), "index": i, "wall_time_s": wall}
+            if job.error is not None:
+                metrics["error"] = f"{type(job.error).__name__}: {job.error}"
+            out.append(metrics)
+        return out
 
 
 def run(
@@ -640,7 +888,7 @@ def run(
     records the run as "pruned" (`optuna.TrialPruned`) or "failed" and the exception propagates.
     Raises `bench.config.ConfigError` before any work when the config is invalid.
     """
-    global _checkpoint_requested
+    global _checkpoint_requested, _preempted
     out = _resolve_output_dir(output_dir)
     cfg = copy.deepcopy(cfg)
     with open_dict(cfg):
@@ -656,21 +904,20 @@ def run(
     if cfg.trainer.force:
         for name in ("metrics.json", "history.csv", "checkpoint.pt"):
             (out / name).unlink(missing_ok=True)
-    global _preempted
     # From here on a signal asks for a checkpoint (saved after the first step when it arrives while data loads).
     with _stop_on_signals():
-        trainer = _Trainer(cfg, out, epoch_callback)
-        logger = build_logger(cfg, out)
+        trainer = Trainer([cfg], [out], callbacks=[epoch_callback], checkpoint=out / "checkpoint.pt")
         try:
-            metrics = trainer.fit(logger)
-            _preempted = _preempted or metrics.get("status") == "preempted"
-            if metrics.get("status") == "preempted" and _interrupted_by is not None:
-                raise Interrupted(metrics["steps"], _interrupted_by)
-            return metrics
+            [metrics] = trainer.fit()
         finally:
-            logger.finish({})
             # Cleared at the end, not the start: a preemption signal that arrives while the data loads still counts.
             _checkpoint_requested = False
+        _preempted = _preempted or metrics.get("status") == "preempted"
+        if metrics.get("status") == "preempted" and _interrupted_by is not None:
+            raise Interrupted(metrics["steps"], _interrupted_by)
+        if trainer.jobs[0].error is not None:
+            raise trainer.jobs[0].error
+        return metrics
 
 
 def format_summary(metrics: dict[str, Any], output_dir: str | Path | None = None) -> str:

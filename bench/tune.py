@@ -397,6 +397,44 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write_json(path, data)
 
 
+def _epoch_reporter(trial: optuna.Trial, progress: dict[str, Any]) -> Any:
+    """A trial's epoch callback: record its progress, report its validation error, prune when its pruner says so."""
+    start = time.perf_counter()
+
+    def on_epoch(epoch: int, row: dict[str, Any]) -> None:
+        progress.update(epochs=epoch, steps=row.get("steps", 0))
+        # Recorded every epoch so a worker killed mid-trial still leaves its compute on the books.
+        trial.set_user_attr("epochs", epoch)
+        trial.set_user_attr("steps", progress["steps"])
+        trial.set_user_attr("wall_time_s", time.perf_counter() - start)
+        value = row["val_error"]
+        if value is not None and math.isfinite(value):
+            trial.report(value, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"val_error {value:.4f} after epoch {epoch}")
+
+    return on_epoch
+
+
+def _write_trial(
+    cfg: DictConfig, plan: _Plan, trial: optuna.Trial, params: dict[str, Any], facts: dict[str, Any]
+) -> None:
+    """`trial.json` next to the trial's metrics.json, whose schema has no room for tuning facts."""
+    run_dir = Path(trial.user_attrs["run_dir"])
+    _write_json(
+        run_dir / "trial.json",
+        {
+            "role": "trial",
+            "study_name": plan.study_name,
+            "storage": plan.storage.display(),
+            "trial_number": trial.number,
+            "worker": cfg.tune.worker,
+            "params": params,
+            **facts,
+        },
+    )
+
+
 class _Objective:
     """One trial = one harness run in `<trials_dir>/<trial number>`."""
 
@@ -415,19 +453,7 @@ class _Objective:
         _record_config(trial, self.plan, run_cfg)
         progress = {"epochs": 0, "steps": 0}
         start = time.perf_counter()
-
-        def on_epoch(epoch: int, metrics: dict[str, Any]) -> None:
-            progress.update(epochs=epoch, steps=metrics.get("steps", 0))
-            # Recorded every epoch so a worker killed mid-trial still leaves its compute on the books.
-            trial.set_user_attr("epochs", epoch)
-            trial.set_user_attr("steps", progress["steps"])
-            trial.set_user_attr("wall_time_s", time.perf_counter() - start)
-            value = metrics["val_error"]
-            if value is not None and math.isfinite(value):
-                trial.report(value, epoch)
-                if trial.should_prune():
-                    raise optuna.TrialPruned(f"val_error {value:.4f} after epoch {epoch}")
-
+        on_epoch = _epoch_reporter(trial, progress)
         outcome: dict[str, Any] = {"state": "error"}
         try:
             metrics = train.run(run_cfg, output_dir=run_dir, epoch_callback=on_epoch)
@@ -456,22 +482,7 @@ class _Objective:
             trial.set_user_attr("epochs", progress["epochs"])
             trial.set_user_attr("steps", progress["steps"])
             trial.set_user_attr("wall_time_s", wall)
-            # The harness's metrics.json schema has no room for tuning facts, so they sit next to it.
-            _write_json(
-                run_dir / "trial.json",
-                {
-                    "role": "trial",
-                    "study_name": self.plan.study_name,
-                    "storage": self.plan.storage.display(),
-                    "trial_number": trial.number,
-                    "worker": self.cfg.tune.worker,
-                    "params": params,
-                    "epochs": progress["epochs"],
-                    "steps": progress["steps"],
-                    "wall_time_s": wall,
-                    **outcome,
-                },
-            )
+            _write_trial(self.cfg, self.plan, trial, params, {**progress, "wall_time_s": wall, **outcome})
 
 
 def _logger_overrides(cfg: DictConfig, plan: _Plan, job_type: str) -> dict[str, Any]:
@@ -551,7 +562,7 @@ def _summary(cfg: DictConfig, plan: _Plan, study: optuna.Study, reruns: list[dic
         "dataset": cfg.dataset.name,
         "seed": cfg.seed,
         "search_space": OmegaConf.to_container(cfg.search_space),
-        # > 1: trials were sampled in batches of this size before any of them was told (bench.population).
+        # > 1: trials were sampled in batches of this size before any of them was told (one stacked learner).
         "population_size": cfg.tune.population_size,
         "n_trials": len(trials),
         "n_complete": len(complete),
@@ -611,14 +622,96 @@ def _log_summary_to_wandb(cfg: DictConfig, plan: _Plan, summary: dict[str, Any],
         run.finish()
 
 
+def evaluate_trials_as_population(
+    trials: Sequence[optuna.Trial], run_cfgs: Sequence[DictConfig], run_dirs: Sequence[str | Path], *,
+    mode: str = "vectorized",
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Train several asked Optuna trials together as one population; return each trial's metrics.
+
+    `run_cfgs[i]` is trial i's harness config (what `bench.train.run` would get) and `run_dirs[i]` its run directory,
+    which receives the harness's files. The configs may differ only in `optimizer`: the members share the data, the
+    model, the trainer and the seed, so each member equals the harness run of its own config. After every epoch each
+    trial reports its validation error; a trial that its pruner stops is frozen there and ends "pruned". `sequential`
+    trains the trials one after another as single runs. Telling the study is the caller's (`tell_trials`).
+    """
+    from bench.config import ConfigError, validate
+    from bench.errors import fail
+    from bench.population import plan_groups, stacked_problem
+    from bench.train import Trainer, load_data, run
+
+    if not (len(trials) == len(run_cfgs) == len(run_dirs)) or not trials:
+        raise ValueError(
+            f"trials, run_cfgs and run_dirs must be non-empty and of one length, but got "
+            f"{len(trials)}, {len(run_cfgs)} and {len(run_dirs)}"
+        )
+
+    def shared(cfg: DictConfig) -> dict[str, Any]:
+        return {k: v for k, v in OmegaConf.to_container(cfg).items() if k not in ("optimizer", "paths", "logger")}
+
+    for trial, cfg in zip(trials, run_cfgs, strict=True):
+        validate(cfg)
+        diff = sorted(k for k in shared(run_cfgs[0]).keys() | shared(cfg).keys()
+                      if shared(run_cfgs[0]).get(k) != shared(cfg).get(k))  # fmt: skip
+        if diff:
+            raise ConfigError(
+                f"`{diff[0]}` must be the same for every trial of a population, but trial {trial.number} has "
+                f"{shared(cfg).get(diff[0])!r}"
+            )
+        if mode == "vectorized" and cfg.trainer.checkpoint_every:
+            why = "0 for trials trained as one population (a batch of trials is not resumed)"
+            raise fail("trainer.checkpoint_every", why, cfg.trainer.checkpoint_every)
+        problem = stacked_problem(cfg) if mode == "vectorized" else None
+        if problem is not None:
+            raise fail("tune.population_mode", f"sequential for these trials ({problem})", mode)
+
+    dirs = [Path(d) for d in run_dirs]
+    if mode == "sequential":
+        out = []
+        for trial, cfg, d in zip(trials, run_cfgs, dirs, strict=True):
+            with contextlib.suppress(optuna.TrialPruned):
+                run(cfg, d, epoch_callback=_epoch_reporter(trial, {}))
+            out.append(
+                {**json.loads((d / "metrics.json").read_text()), "population": {"mode": mode, "size": len(trials)}}
+            )
+        return out
+    data = load_data(run_cfgs[0])
+    out = [{}] * len(trials)
+    for group in plan_groups(run_cfgs):
+        trainer = Trainer(
+            [run_cfgs[i] for i in group],
+            [dirs[i] for i in group],
+            stacked=True,
+            callbacks=[_epoch_reporter(trials[i], {}) for i in group],
+            population={"mode": mode, "data_seed": int(run_cfgs[0].seed), "dtype": str(run_cfgs[0].trainer.dtype)},
+            data=data,
+        )
+        for i, metrics in zip(group, trainer.fit(), strict=True):
+            out[i] = metrics
+    return out
+
+
+def tell_trials(study: optuna.Study, trials: Sequence[optuna.Trial], metrics: Sequence[dict[str, Any]]) -> None:
+    """Tell `study` how each trial of a population ended: its validation error, pruned, or failed (diverged)."""
+    for trial, m in zip(trials, metrics, strict=True):
+        trial.set_user_attr("epochs", m["epochs"])
+        trial.set_user_attr("steps", m["steps"])
+        trial.set_user_attr("population_size", m["population"]["size"])
+        if m["status"] == "pruned":
+            study.tell(trial, state=TrialState.PRUNED)
+        elif m["status"] in ("diverged", "failed"):
+            reason = m.get("error") or f"diverged at step {m['diverged_step']}: {m['diverged_reason']}"
+            trial.set_user_attr("fail_reason", reason)
+            study.tell(trial, state=TrialState.FAIL)
+        else:
+            study.tell(trial, m["val_error"])
+
+
 def _optimize_in_populations(cfg: DictConfig, plan: _Plan, study: optuna.Study, trials_dir: Path) -> None:
     """Ask `tune.population_size` trials, train them together as one population, tell each; until the budget ends.
 
     The trials of a batch are sampled before any of them is told, so the sampler learns only between batches;
     the summary records the batch size for that reason.
     """
-    from bench.population import evaluate_trials_as_population, tell_trials
-
     started = time.perf_counter()
     while cfg.tune.timeout_s is None or time.perf_counter() - started < cfg.tune.timeout_s:
         trials = []
@@ -649,22 +742,8 @@ def _optimize_in_populations(cfg: DictConfig, plan: _Plan, study: optuna.Study, 
             _record_config(trial, plan, run_cfg)
             if m.get("status") == "completed":
                 trial.set_user_attr("test_error", m.get("test_error"))
-            _write_json(
-                run_dir / "trial.json",
-                {
-                    "role": "trial",
-                    "study_name": plan.study_name,
-                    "storage": plan.storage.display(),
-                    "trial_number": trial.number,
-                    "worker": cfg.tune.worker,
-                    "params": ps,
-                    "epochs": m["epochs"],
-                    "steps": m["steps"],
-                    "wall_time_s": share,
-                    "state": m["status"],
-                    "population_size": len(trials),
-                },
-            )
+            facts = {"epochs": m["epochs"], "steps": m["steps"], "wall_time_s": share, "state": m["status"]}
+            _write_trial(cfg, plan, trial, ps, {**facts, "population_size": len(trials)})
         tell_trials(study, trials, metrics)
 
 

@@ -9,9 +9,9 @@ where the full comparison takes too long on a shared machine; it says so in its 
 Part 2, time per step:
 
 The paper's MNIST MLP (784-128-10, tanh; bench.models.mlp) with sgd/sgd towers, one member per initial step size,
-batch 256 (the paper's; --batch-size) of random data (the cost does not depend on the values). The vectorized column
-times `bench.population`'s own training step for all K members at once. The sequential column times steps of one
-ordinary run (`nn.Module` + `hypergrad.tower`, `loss.item()` each step, as the harness does) and multiplies by K:
+batch 256 (the paper's; --batch-size) of random data (the cost does not depend on the values). The vectorized
+column times `bench.population.StackedLearner`'s step for all K members at once. The sequential column times steps
+of one ordinary run (`nn.Module` + `hypergrad.tower`, `loss.item()` each step, as the harness does) and multiplies by K:
 every member of the grid costs the same, so K runs one after another take K times as long. Both are timed in the
 same process, interleaved in rounds so that load from other processes hits both alike; the best round is reported.
 
@@ -82,17 +82,24 @@ def _sync(device: str) -> None:
 
 
 def _population_step(k: int, device: str, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    import hypergrad
-    from bench.population import Member, _Vectorized
+    from bench.config import compose_config
+    from bench.data import Data
+    from bench.population import StackedLearner
 
     lrs = torch.logspace(-3, -1, k).tolist()
-    members = [Member(hypergrad.parse_spec(f"sgd({lr})/sgd(1e-05)"), i, str(i)) for i, lr in enumerate(lrs)]
-    pop = _Vectorized([_model(m.seed).to(device) for m in members], members)
-    # Each member's own batch, gathered from a pool as the launcher gathers it from the training set.
+    cfgs = [compose_config(["model=mlp", f'optimizer.spec="sgd({lr})/sgd(1e-05)"', f"seed={i}", "trainer.device=cpu"])
+            for i, lr in enumerate(lrs)]  # fmt: skip
+    # Each member's own batch, gathered from a pool as the trainer gathers it from the training set.
     pool_x, pool_y = torch.randn(4 * len(x), *x.shape[1:], device=device), torch.randint(0, 10, (4 * len(x),))
     pool_y = pool_y.to(device)
+    split = (pool_x, pool_y)
+    data = Data("random", "image", split, split, split, tuple(x.shape[1:]), 10)
+    pop = StackedLearner(cfgs, data, torch.device(device), 1, 1)
+    pop.health.factor = None  # random data: no divergence rule, every step is timed alike
     idx = torch.stack([torch.randperm(len(pool_x))[: len(x)] for _ in range(k)]).to(device)
-    return lambda: pop.step(pool_x[idx], pool_y[idx], per_member=True)
+    if not pop.per_member:  # K = 1: one seed, one batch
+        return lambda: pop.step(pool_x[idx[0]], pool_y[idx[0]], 1)
+    return lambda: pop.step(pool_x[idx], pool_y[idx], 1)
 
 
 def _single_step(device: str, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:

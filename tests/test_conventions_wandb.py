@@ -54,3 +54,27 @@ def test_report_logs_native_tables_and_charts(tmp_path: Path, monkeypatch) -> No
     # The summary as a W&B table, and the sensitivity curve as a native line chart (a vega spec over its own table).
     assert any(f.startswith("summary_") for f in files) and any(f.startswith("sensitivity_chart_table") for f in files)
     assert b"test error by initial step size" in next(run.glob("*.wandb")).read_bytes()
+
+
+def test_a_population_logs_each_member_to_its_own_wandb_run(tmp_path: Path) -> None:
+    # Four jobs trained as one population (hydra/launcher=population): each still gets its own offline W&B run in
+    # its own job directory, named, grouped and charted as the basic launcher's runs are, with its own results.
+    sweep = tmp_path / "sweep"
+    proc = run_bench(
+        ["-m", "optimizer.base=sgd", "optimizer.lr=0.03,0.3", "seed=0,1", "logger=wandb", "debug=steps", *QUICK,
+         "hydra/launcher=population", f"hydra.sweep.dir={sweep}"], tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "population of 4: jobs #0, #1, #2, #3" in proc.stdout + proc.stderr
+    assert "runs alone" not in proc.stdout + proc.stderr
+    from wandb.proto import wandb_internal_pb2
+
+    step_axis = wandb_internal_pb2.MetricRecord(glob_name="*", step_metric="step").SerializeToString()
+    for job, (lr, seed) in enumerate([(0.03, 0), (0.03, 1), (0.3, 0), (0.3, 1)]):
+        content = _record_bytes(sweep / str(job))
+        assert f"sgd({lr})/sgd(1e-05)-seed{seed}".encode() in content  # the member's own name
+        assert f"sweep-{sweep.parent.name}-{sweep.name}".encode() in content and step_axis in content
+        metrics = (sweep / str(job) / "metrics.json").read_text()
+        [saved] = list((sweep / str(job) / "wandb").glob("offline-run-*/files/metrics.json"))
+        assert saved.read_text() == metrics  # its own results, not a neighbour's
+        assert '"population"' in metrics

@@ -1,4 +1,6 @@
-"""Population training (bench.population): a grid trained as one vectorized job equals its members run alone.
+"""The stacked learner (bench.population.StackedLearner): K configurations trained as one vectorized job equal their
+members run alone, step by step, and a member that diverges is frozen without touching the others. One trainer
+(bench.train.Trainer) drives it exactly as it drives a single run.
 
 Sweeps through `hydra/launcher=population` (the grid as users ask for it) are tested in test_population_launcher.py.
 """
@@ -16,17 +18,12 @@ from torch import nn
 
 import hypergrad
 from bench.config import ConfigError, compose_config
-from bench.population import (
-    Member,
-    PopulationError,
-    evaluate_trials_as_population,
-    group_members,
-    tell_trials,
-    train_population,
-)
-from bench.train import run
+from bench.models import build_model
+from bench.population import PopulationError, StackedLearner, plan_groups
+from bench.train import Trainer, load_data, run
+from bench.tune import evaluate_trials_as_population, tell_trials
 
-N_TRAIN, BATCH, EPOCHS = 96, 32, 2  # 3 steps per epoch, 6 in all
+BATCH, STEPS = 32, 6
 
 
 @pytest.fixture(autouse=True)
@@ -37,46 +34,48 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _problem(dtype: torch.dtype):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(N_TRAIN + 40, 10, generator=g, dtype=dtype)
-    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
-    train = (x[:N_TRAIN], y[:N_TRAIN])
-    splits = {
-        "val": (x[N_TRAIN : N_TRAIN + 20], y[N_TRAIN : N_TRAIN + 20]),
-        "test": (x[N_TRAIN + 20 :], y[N_TRAIN + 20 :]),
-    }
-    seen: list[torch.Tensor] = []
-
-    def batches(epoch: int):
-        perm = torch.randperm(N_TRAIN, generator=torch.Generator().manual_seed(100 + epoch))
-        for i in range(0, N_TRAIN, BATCH):
-            idx = perm[i : i + BATCH]
-            seen.append(idx)
-            yield train[0][idx], train[1][idx]
-
-    def make_model(seed: int) -> nn.Module:
-        torch.manual_seed(seed)
-        return nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
-
-    return batches, splits, make_model, seen
+def _cfgs(configs: list[tuple[str, int]], dtype: str, *extra: str) -> list:
+    common = ["dataset=digits", "dataset.train_size=96", "model.hidden=8", "model.output_tanh=false",
+              f"trainer.dtype={dtype}", f"trainer.batch_size={BATCH}", "trainer.num_threads=1", *extra]  # fmt: skip
+    return [compose_config([*common, f'optimizer.spec="{spec}"', f"seed={seed}"]) for spec, seed in configs]
 
 
-def _alone(spec: str, seed: int, dtype: torch.dtype) -> tuple[list[float], list[dict[str, float]]]:
+def _batches(data) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The same batches for every member, in every run."""
+    x, y = data.train
+    g = torch.Generator().manual_seed(100)
+    return [(x[idx], y[idx]) for idx in (torch.randperm(len(x), generator=g)[:BATCH] for _ in range(STEPS))]
+
+
+def _stacked(configs: list[tuple[str, int]], dtype: str) -> tuple[StackedLearner, list[list[float]]]:
+    """Every member's step losses, trained as one stacked learner."""
+    cfgs = _cfgs(configs, dtype)
+    device, data = load_data(cfgs[0])
+    learner = StackedLearner(cfgs, data, device, 3, STEPS)
+    losses = []
+    for step, (x, y) in enumerate(_batches(data), start=1):
+        if learner.per_member:  # one batch per member, stacked: here the same one for all
+            x, y = x.expand(learner.size, *x.shape), y.expand(learner.size, *y.shape)
+        losses.append(learner.step(x, y, step))
+    return learner, torch.stack(losses).T.tolist()
+
+
+def _alone(spec: str, seed: int, dtype: str) -> tuple[list[float], list[dict[str, float]]]:
     """The obvious single run: an nn.Module, hypergrad.tower, loss.backward(); opt.step(); opt.zero_grad()."""
-    batches, _, make_model, _ = _problem(dtype)
-    model = make_model(seed)
+    [cfg] = _cfgs([(spec, seed)], dtype)
+    _, data = load_data(cfg)
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, data).to(getattr(torch, dtype))
     opt = hypergrad.tower(spec, model.parameters())
     losses = []
-    for epoch in range(1, EPOCHS + 1):
-        for x, y in batches(epoch):
-            loss = nn.functional.cross_entropy(model(x), y)
-            losses.append(loss.item())
-            if not math.isfinite(losses[-1]):
-                return losses, opt.hyperparameters()
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
+    for x, y in _batches(data):
+        loss = nn.functional.cross_entropy(model(x), y)
+        losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            break
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
     return losses, opt.hyperparameters()
 
 
@@ -85,7 +84,7 @@ def _rel(a: list[float], b: list[float]) -> float:
     return float(((ta - tb).abs() / tb.abs()).max())
 
 
-MIXED = [  # four heights, each member its own seed; the last one a different base, so a second group
+MIXED = [  # four heights, each member its own seed
     ("sgd(0.3)", 0),
     ("sgd(0.1)/sgd(0.01)", 1),
     ("sgd(0.05)/sgd(0.01)/sgd(0.001)", 2),
@@ -100,86 +99,83 @@ ADAM = [
 
 
 @pytest.mark.parametrize("configs", [MIXED, ADAM], ids=["sgd", "adam"])
-@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-10), (torch.float32, 1e-5)], ids=["f64", "f32"])
+@pytest.mark.parametrize(("dtype", "tol"), [("float64", 1e-10), ("float32", 1e-5)], ids=["f64", "f32"])
 def test_mixed_heights_equal_single_runs(configs, dtype, tol):
-    batches, splits, make_model, seen = _problem(dtype)
-    members = [Member(hypergrad.parse_spec(s), seed, f"m{i}") for i, (s, seed) in enumerate(configs)]
-    assert len(group_members(members)) == 1  # all four heights share one padded plan
-    results = train_population(make_model, members, batches, splits, epochs=EPOCHS)
-    # One pass over the data serves every member: they all saw the same batches in the same order.
-    assert len(seen) == EPOCHS * math.ceil(N_TRAIN / BATCH)
-    for (spec, seed), r in zip(configs, results, strict=True):
-        losses, hps = _alone(spec, seed, dtype)
-        assert r.status == "completed" and r.steps == len(losses) == 6
-        assert _rel(r.step_losses, losses) < tol, spec
-        flat = [v for level in hps for v in level.values()]
-        assert _rel([v for level in r.hyperparameters for v in level.values()], flat) < tol * 10, spec
-        assert [list(level) for level in r.hyperparameters] == [list(level) for level in hps]
+    assert plan_groups(_cfgs(configs, dtype)) == [[3, 0, 1, 2]]  # all four heights share one padded plan
+    learner, losses = _stacked(configs, dtype)
+    for (spec, seed), mine, hps in zip(configs, losses, learner.hyperparameters(), strict=True):
+        alone, alone_hps = _alone(spec, seed, dtype)
+        assert len(mine) == len(alone) == STEPS
+        assert _rel(mine, alone) < tol, spec
+        flat = [v for level in alone_hps for v in level.values()]
+        assert _rel([v for level in hps for v in level.values()], flat) < tol * 10, spec
+        assert [list(level) for level in hps] == [list(level) for level in alone_hps]
 
 
 def test_members_that_cannot_share_a_plan_train_in_separate_groups():
-    batches, splits, make_model, _ = _problem(torch.float64)
     configs = [("sgd(0.1)/sgd(0.01)", 0), ("adam(0.01)/sgd(0.001)", 0), ("sgd(0.1, momentum=0.5)/sgd(0.01)", 1)]
-    members = [Member(hypergrad.parse_spec(s), seed, str(i)) for i, (s, seed) in enumerate(configs)]
-    assert sorted(map(sorted, group_members(members))) == [[0], [1], [2]]
-    results = train_population(make_model, members, batches, splits, epochs=EPOCHS)
-    for (spec, seed), r in zip(configs, results, strict=True):
-        assert _rel(r.step_losses, _alone(spec, seed, torch.float64)[0]) < 1e-10, spec
+    assert sorted(map(sorted, plan_groups(_cfgs(configs, "float64")))) == [[0], [1], [2]]
+    for spec, seed in configs:
+        _, [losses] = _stacked([(spec, seed)], "float64")
+        assert _rel(losses, _alone(spec, seed, "float64")[0]) < 1e-10, spec
 
 
 def test_a_diverging_member_is_frozen_and_the_others_are_unaffected():
-    batches, splits, make_model, _ = _problem(torch.float64)
     healthy = [("sgd(0.1)/sgd(0.01)", 0), ("sgd(0.3)", 1), ("sgd(0.05)/sgd(0.01)/sgd(0.001)", 2)]
     huge = ("sgd(1e308)/sgd(0.01)", 3)  # the first update overflows the weights: the second loss is not finite
-    configs = [healthy[0], huge, *healthy[1:]]
-    members = [Member(hypergrad.parse_spec(s), seed, str(i)) for i, (s, seed) in enumerate(configs)]
-    with_it = train_population(make_model, members, batches, splits, epochs=EPOCHS)
-    without = train_population(make_model, [m for i, m in enumerate(members) if i != 1], batches, splits, epochs=EPOCHS)
+    with_it, losses = _stacked([healthy[0], huge, *healthy[1:]], "float64")
+    without, losses_without = _stacked(healthy, "float64")
 
-    bad = with_it[1]
-    assert (bad.status, bad.diverged_step, bad.steps) == ("diverged", 2, 1)
-    assert bad.diverged_reason == f"non-finite training loss ({bad.step_losses[1]})"
-    assert math.isfinite(bad.step_losses[0]) and not math.isfinite(bad.step_losses[1])
-    assert bad.step_losses[0] == pytest.approx(_alone(*huge, torch.float64)[0][0], rel=1e-12)
-    # As a single run records it: one last row for the epoch it died in, with the step count it reached.
-    assert [(row["epoch"], row["steps"]) for row in bad.history] == [(1, 1)]
-    for r, alone in zip([with_it[0], *with_it[2:]], without, strict=True):
-        assert r.status == "completed" and r.history[-1]["epoch"] == EPOCHS
-        assert r.step_losses == alone.step_losses  # bit for bit: nothing of the diverged member leaks
-        assert r.hyperparameters == alone.hyperparameters
-    for (spec, seed), r in zip(healthy, [with_it[0], *with_it[2:]], strict=True):
-        assert _rel(r.step_losses, _alone(spec, seed, torch.float64)[0]) < 1e-10
+    health = with_it.health
+    assert health.alive.tolist() == [True, False, True, True]
+    assert int(health.step[1]) == 2 and health.own_steps(STEPS) == [STEPS, 1, STEPS, STEPS]
+    bad = losses[1]
+    assert health.reason(1) == f"non-finite training loss ({bad[1]})"
+    assert math.isfinite(bad[0]) and not math.isfinite(bad[1])
+    assert bad[0] == pytest.approx(_alone(*huge, "float64")[0][0], rel=1e-12)
+    # Bit for bit: nothing of the diverged member leaks into the others.
+    assert [losses[0], *losses[2:]] == losses_without
+    hps = with_it.hyperparameters()
+    assert [hps[0], *hps[2:]] == without.hyperparameters()
+    for (spec, seed), mine in zip(healthy, losses_without, strict=True):
+        assert _rel(mine, _alone(spec, seed, "float64")[0]) < 1e-10
 
 
 def test_a_non_finite_hyperparameter_freezes_its_member_before_the_update():
-    batches, splits, make_model, _ = _problem(torch.float64)
-    members = [
-        Member(hypergrad.parse_spec("sgd(0.1, momentum=0.5)/sgd(1e305)"), 0, "bad"),
-        Member(hypergrad.parse_spec("sgd(0.1, momentum=0.5)/sgd(0.01)"), 0, "good"),
-    ]
-    bad, good = train_population(make_model, members, batches, splits, epochs=EPOCHS)
-    assert bad.status == "diverged"
+    configs = [("sgd(0.1, momentum=0.5)/sgd(1e305)", 0), ("sgd(0.1, momentum=0.5)/sgd(0.01)", 0)]
+    learner, losses = _stacked(configs, "float64")
+    assert learner.health.alive.tolist() == [False, True]
+    step = int(learner.health.step[0])
     assert re.fullmatch(r"non-finite hyperparameter: hyperparameter '(lr|momentum)' of level 1 became (inf|-inf|nan) "
-                        rf"at step {bad.diverged_step}; .*", bad.diverged_reason)  # fmt: skip
+                        rf"at step {step}; .*", learner.health.reason(0))  # fmt: skip
     # Frozen with the last finite values, as HyperOptimizer leaves a run when it raises.
-    assert all(math.isfinite(v) for level in bad.hyperparameters for v in level.values())
-    assert good.status == "completed"
-    assert _rel(good.step_losses, _alone("sgd(0.1, momentum=0.5)/sgd(0.01)", 0, torch.float64)[0]) < 1e-10
+    assert all(math.isfinite(v) for level in learner.hyperparameters()[0] for v in level.values())
+    assert _rel(losses[1], _alone(*configs[1], "float64")[0]) < 1e-10
 
 
-def test_batchnorm_models_get_a_clear_error_and_run_sequentially():
-    batches, splits, _, _ = _problem(torch.float64)
+def test_batchnorm_models_get_a_clear_error():
+    cfg = compose_config(["dataset=digits", "model=resnet20", 'optimizer.spec="sgd(0.1)/sgd(0.01)"'])
+    device, data = load_data(cfg)
+    with pytest.raises(PopulationError, match=r"BatchNorm layer `.*`.*running statistics.*as single runs"):
+        StackedLearner([cfg, cfg], data, device, 3, STEPS)
 
-    def make_model(seed: int) -> nn.Module:
-        torch.manual_seed(seed)
-        return nn.Sequential(nn.Linear(10, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).double()
 
-    members = [Member(hypergrad.parse_spec("sgd(0.1)/sgd(0.01)"), s, str(s)) for s in (0, 1)]
-    with pytest.raises(PopulationError, match=r"BatchNorm layer `1`.*running statistics.*population.mode=sequential"):
-        train_population(make_model, members, batches, splits, epochs=1, model_name="bn_mlp")
-    results = train_population(make_model, members, batches, splits, epochs=1, mode="sequential")
-    assert [r.status for r in results] == ["completed", "completed"]
-    assert results[0].step_losses != results[1].step_losses  # two seeds, two runs
+@pytest.mark.parametrize("spec", ["sgd(0.1)/sgd(0.01)/sgd(0.001)", "adam(0.01)/sgd(0.001)"])
+def test_one_trainer_gives_a_population_of_one_the_single_runs_results(tmp_path, spec):
+    # The same config through the one trainer, once with the module learner (`python -m bench`) and once as a
+    # stacked population of one: the same history and metrics, float64, to round-off.
+    [cfg] = _cfgs([(spec, 3)], "float64", "trainer.epochs=2", "trainer.progress=false")
+    single = run(cfg, tmp_path / "single")
+    [stacked] = Trainer([cfg], [tmp_path / "stacked"], stacked=True).fit()
+    for key in set(single) - {"wall_time_s", "hyperparameters", "init"}:
+        if isinstance(single[key], float):
+            assert stacked[key] == pytest.approx(single[key], rel=1e-10, abs=0), key
+        else:
+            assert stacked[key] == single[key], key
+    for mine, theirs in zip(stacked["hyperparameters"], single["hyperparameters"], strict=True):
+        assert mine == pytest.approx(theirs, rel=1e-10)
+    a, b = (pd.read_csv(tmp_path / d / "history.csv").drop(columns="wall_time_s") for d in ("single", "stacked"))
+    pd.testing.assert_frame_equal(a, b, rtol=1e-10, atol=0)
 
 
 def _cfg(tmp_path, *overrides: str):
@@ -230,6 +226,7 @@ def test_optuna_trials_train_together_and_each_is_reported_pruned_and_told(tmp_p
         assert frozen.intermediate_values == dict(zip(history.epoch, history.val_error, strict=True))
         assert json.loads((directory / "metrics.json").read_text())["status"] == m["status"]
     assert metrics[0]["epochs"] == 1 and metrics[1]["epochs"] == 2
+    assert metrics[0]["steps"] == 4 and metrics[1]["steps"] == 8  # 4 steps per epoch: the pruned one stopped there
     assert [t.value for t in study.get_trials()[1:]] == [metrics[1]["val_error"], metrics[2]["val_error"]]
     # The pruned neighbour changed nothing: each completed trial equals its own harness run.
     for cfg, m in zip(cfgs[1:], metrics[1:], strict=True):
