@@ -158,7 +158,7 @@ def update(
     compiled: bool = False,
 ) -> tuple[list[Tensor], list[Any]] | None:
     """The deltas and new states of ``rule`` for every tensor of a group, or None where foreach does not apply.
-    ``compiled``: through ``torch.compile`` (see :func:`compiled`), equal to round-off."""
+    ``compiled``: through ``torch.compile`` (the module docstring says when and why), equal to round-off."""
     grads = list(grads)
     if not applies(rule, grads, hp):
         return None
