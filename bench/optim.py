@@ -138,8 +138,9 @@ def validate(cfg: DictConfig) -> None:
 
 
 def _validate_tower(o: DictConfig) -> None:
-    if not isinstance(o.get("stable", False), bool):
-        raise fail("optimizer.stable", "true or false", o.get("stable"))
+    for key in ("stable", "compile"):
+        if not isinstance(o.get(key, False), bool):
+            raise fail(f"optimizer.{key}", "true or false", o.get(key))
     if not o.get("spec"):
         for key in ("base", "hyper"):
             if o.get(key) not in TOWER_BASES:
@@ -274,7 +275,9 @@ def build_optimizer(
     if cfg.name == "tower":
         import hypergrad
 
-        opt = hypergrad.tower(tower_spec(cfg), params, stable=bool(cfg.get("stable", False)))
+        opt = hypergrad.tower(
+            tower_spec(cfg), params, stable=bool(cfg.get("stable", False)), compile=bool(cfg.get("compile", False))
+        )
         return BuiltOptimizer(opt, None, "tower", str(opt), method_of(str(opt)), opt.height)
     family = "tuning_free" if cfg.name in TUNING_FREE else "baseline"
     built = BuiltOptimizer(_baseline(cfg, params), None, family, cfg.name, cfg.name, 0)

@@ -188,6 +188,8 @@ def stacked_problem(cfg: Any) -> str | None:
         return f"optimizer={cfg.optimizer.name}: {_baseline_problem(str(cfg.optimizer.name))}"
     if cfg.optimizer.get("stable"):
         return "optimizer.stable=true: the stacked towers have no stable mode"
+    if cfg.optimizer.get("compile"):
+        return "optimizer.compile=true: the stacked towers are not compiled"
     return None
 
 

@@ -69,3 +69,17 @@ def test_where_torch_compile_cannot_run_one_warning_and_the_eager_results(monkey
 def test_compile_must_be_a_bool() -> None:
     with pytest.raises(TypeError, match="compile must be True or False, but got 'yes'"):
         hypergrad.tower("sgd(0.1)/sgd(1e-3)", [torch.zeros(2, requires_grad=True)], compile="yes")
+
+
+def test_the_harness_key_reaches_the_library_and_a_bad_value_is_one_line() -> None:
+    from bench.config import ConfigError, compose_config, validate
+    from bench.optim import build_optimizer
+    from bench.population import stacked_problem
+
+    for value in (True, False):
+        cfg = compose_config([f"optimizer.compile={str(value).lower()}"])
+        validate(cfg)
+        assert build_optimizer(cfg.optimizer, nn.Linear(3, 2).parameters(), 10, 100).optimizer.compile is value
+        assert (stacked_problem(cfg) is not None) is value  # a compiled tower trains alone, never stacked
+    with pytest.raises(ConfigError, match=r"^`optimizer.compile` must be true or false, but got 'yes'$"):
+        validate(compose_config(["optimizer.compile=yes"]))
