@@ -451,7 +451,8 @@ def stabilize(
 
 def _has_momentum(level: Level) -> bool:
     # Adam's first moment and SGD's buffer already sum ~1/(1 - beta) past gradients into each step: a trail on top
-    # double counts them (measured: the step size collapsed to 1e-41 in 9 of 18 momentum and Adam runs on mnist5k).
+    # double counts them (measured on mnist5k: the step size collapsed to ~1e-41 in 8 to 9 of 18 momentum and Adam
+    # runs at each horizon from 0.9 to 0.99).
     if isinstance(level.rule, AdamRule):
         return True
     return "momentum" in level.rule.defaults and level.values.get("momentum", 0.0) != 0.0

@@ -72,7 +72,8 @@ def _block(text: str) -> str:
 
 
 def robustness(c: pd.DataFrame) -> tuple[pd.Series, pd.DataFrame]:
-    fixed = c[(c["height"] == 0) & ~c["failed"]]
+    # The best fixed run is the base alone in the reference mode; a stable height-0 run is the guarded base.
+    fixed = c[(c["height"] == 0) & (c["mode"] == "reference") & ~c["failed"]]
     best = fixed.groupby("base")["test_error"].min()
     rows = []
     for (mode, base, height, k), g in c[c["height"] > 0].groupby(["mode", "base", "height", "hyper_lr"]):
@@ -142,7 +143,7 @@ def comparison(df: pd.DataFrame, c: pd.DataFrame, tuned: Path | None) -> pd.Data
 
 def tables(df: pd.DataFrame, tuned: Path | None) -> str:
     c = cells(df)
-    runs = df[df["height"] > 0]
+    runs = df[(df["height"] > 0) | ((df["height"] == 0) & (df["mode"] == "stable"))]  # stable height 0: guarded
     fails = runs.groupby(["mode", "height"])["failed"].agg(["sum", "count"]).reset_index()
     lines = [
         "## Failed runs (diverged, crashed, or final training loss above the initial one), all seeds",
@@ -192,7 +193,7 @@ def figure(df: pd.DataFrame, path: Path, title: str) -> None:
     cols = [(k, m) for k in ks for m in ("reference", "stable")]
     fig, axes = plt.subplots(len(bases), len(cols), figsize=(2.2 * len(cols), 2.0 * len(bases)), squeeze=False)
     for r, base in enumerate(bases):
-        fixed = c[(c["base"] == base) & (c["height"] == 0)].sort_values("lr")
+        fixed = c[(c["base"] == base) & (c["height"] == 0) & (c["mode"] == "reference")].sort_values("lr")
         for col, (k, mode) in enumerate(cols):
             ax = axes[r][col]
             ax.plot(fixed["lr"], (100 * fixed["test_error"]).clip(upper=TOP), "k--", lw=1, label="height 0")
