@@ -203,7 +203,7 @@ def figure(df: pd.DataFrame, path: Path, title: str) -> None:
             for h, g in sel.groupby("height"):
                 g = g.sort_values("lr")
                 err = [min(100 * e, TOP) if not f else TOP for e, f in zip(g["test_error"], g["failed"], strict=True)]
-                ax.plot(g["lr"], err, marker="o", ms=3, label=f"height {int(h)}")
+                ax.plot(g["lr"], err, marker="o", ms=3, color=f"C{int(h) - 1}", label=f"height {int(h)}")
             ax.set_xscale("log")
             ax.set_ylim(0, TOP + 1)
             if r == 0:
@@ -213,7 +213,8 @@ def figure(df: pd.DataFrame, path: Path, title: str) -> None:
             if r == len(bases) - 1:
                 ax.set_xlabel("initial step size", fontsize=8)
             ax.tick_params(labelsize=6)
-    axes[0][0].legend(fontsize=6)
+    # The legend goes where the most heights are drawn (the stable mode's panels also hold heights 1, 2, 4, 5).
+    max(axes.flat, key=lambda a: len(a.get_lines())).legend(fontsize=6)
     fig.suptitle(
         f"{title}\ntest error vs initial step size, mean over seeds; dotted: best fixed run + 1 point;\n"
         f"errors above {TOP:g}% and failed runs drawn at {TOP:g}%",
