@@ -72,7 +72,8 @@ def _block(text: str) -> str:
 
 
 def robustness(c: pd.DataFrame) -> tuple[pd.Series, pd.DataFrame]:
-    fixed = c[(c["height"] == 0) & ~c["failed"]]
+    # The best fixed run is the base alone in the reference mode; a stable height-0 run is the guarded base.
+    fixed = c[(c["height"] == 0) & (c["mode"] == "reference") & ~c["failed"]]
     best = fixed.groupby("base")["test_error"].min()
     rows = []
     for (mode, base, height, k), g in c[c["height"] > 0].groupby(["mode", "base", "height", "hyper_lr"]):
@@ -142,7 +143,7 @@ def comparison(df: pd.DataFrame, c: pd.DataFrame, tuned: Path | None) -> pd.Data
 
 def tables(df: pd.DataFrame, tuned: Path | None) -> str:
     c = cells(df)
-    runs = df[df["height"] > 0]
+    runs = df[(df["height"] > 0) | ((df["height"] == 0) & (df["mode"] == "stable"))]  # stable height 0: guarded
     fails = runs.groupby(["mode", "height"])["failed"].agg(["sum", "count"]).reset_index()
     lines = [
         "## Failed runs (diverged, crashed, or final training loss above the initial one), all seeds",
@@ -192,7 +193,7 @@ def figure(df: pd.DataFrame, path: Path, title: str) -> None:
     cols = [(k, m) for k in ks for m in ("reference", "stable")]
     fig, axes = plt.subplots(len(bases), len(cols), figsize=(2.2 * len(cols), 2.0 * len(bases)), squeeze=False)
     for r, base in enumerate(bases):
-        fixed = c[(c["base"] == base) & (c["height"] == 0)].sort_values("lr")
+        fixed = c[(c["base"] == base) & (c["height"] == 0) & (c["mode"] == "reference")].sort_values("lr")
         for col, (k, mode) in enumerate(cols):
             ax = axes[r][col]
             ax.plot(fixed["lr"], (100 * fixed["test_error"]).clip(upper=TOP), "k--", lw=1, label="height 0")
@@ -202,7 +203,7 @@ def figure(df: pd.DataFrame, path: Path, title: str) -> None:
             for h, g in sel.groupby("height"):
                 g = g.sort_values("lr")
                 err = [min(100 * e, TOP) if not f else TOP for e, f in zip(g["test_error"], g["failed"], strict=True)]
-                ax.plot(g["lr"], err, marker="o", ms=3, label=f"height {int(h)}")
+                ax.plot(g["lr"], err, marker="o", ms=3, color=f"C{int(h) - 1}", label=f"height {int(h)}")
             ax.set_xscale("log")
             ax.set_ylim(0, TOP + 1)
             if r == 0:
@@ -212,7 +213,8 @@ def figure(df: pd.DataFrame, path: Path, title: str) -> None:
             if r == len(bases) - 1:
                 ax.set_xlabel("initial step size", fontsize=8)
             ax.tick_params(labelsize=6)
-    axes[0][0].legend(fontsize=6)
+    # The legend goes where the most heights are drawn (the stable mode's panels also hold heights 1, 2, 4, 5).
+    max(axes.flat, key=lambda a: len(a.get_lines())).legend(fontsize=6)
     fig.suptitle(
         f"{title}\ntest error vs initial step size, mean over seeds; dotted: best fixed run + 1 point;\n"
         f"errors above {TOP:g}% and failed runs drawn at {TOP:g}%",
