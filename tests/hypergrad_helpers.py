@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -40,6 +41,20 @@ class DefaultVJP(Rule):
 
     def __hash__(self) -> int:
         return hash((DefaultVJP, self.inner))
+
+
+def losses_until_nonfinite(model: nn.Module, opt: torch.optim.Optimizer, batches: Any) -> list[float]:
+    """Train ``model`` with ``opt`` over ``batches`` (x, y) by cross-entropy; the losses, up to the first non-finite."""
+    losses = []
+    for x, y in batches:
+        loss = nn.functional.cross_entropy(model(x), y)
+        losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            break
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return losses
 
 
 def with_default_vjp(plan: core.Plan) -> core.Plan:

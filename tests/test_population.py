@@ -14,7 +14,6 @@ import re
 import pandas as pd
 import pytest
 import torch
-from torch import nn
 
 import hypergrad
 from bench.config import ConfigError, compose_config
@@ -22,6 +21,7 @@ from bench.models import build_model
 from bench.population import PopulationError, StackedLearner, plan_groups
 from bench.train import Trainer, load_data, run
 from bench.tune import evaluate_trials_as_population, tell_trials
+from tests.hypergrad_helpers import losses_until_nonfinite
 
 BATCH, STEPS = 32, 6
 
@@ -67,16 +67,7 @@ def _alone(spec: str, seed: int, dtype: str) -> tuple[list[float], list[dict[str
     torch.manual_seed(seed)
     model = build_model(cfg.model, data).to(getattr(torch, dtype))
     opt = hypergrad.tower(spec, model.parameters())
-    losses = []
-    for x, y in _batches(data):
-        loss = nn.functional.cross_entropy(model(x), y)
-        losses.append(loss.item())
-        if not math.isfinite(losses[-1]):
-            break
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return losses, opt.hyperparameters()
+    return losses_until_nonfinite(model, opt, _batches(data)), opt.hyperparameters()
 
 
 def _rel(a: list[float], b: list[float]) -> float:

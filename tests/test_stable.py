@@ -27,7 +27,7 @@ from hypergrad.stable import (
     stabilize,
 )
 from hypergrad.transforms import EXP, IDENTITY
-from tests.hypergrad_helpers import check_hypergradients_by_finite_differences
+from tests.hypergrad_helpers import check_hypergradients_by_finite_differences, losses_until_nonfinite
 from tests.test_hypergrad_exact import REFERENCE_TOWERS, batches, make_mlp, reference_losses, train
 
 BASES = ["sgd({lr})", "sgd({lr}, momentum=0.9)", "adam({lr})", "adamw({lr})", "adagrad({lr})", "rmsprop({lr})"]
@@ -37,16 +37,7 @@ def full_batch_losses(spec: str, stable: bool, steps: int) -> list[float]:
     model = make_mlp()
     x, y = torch.cat([b[0] for b in batches(4)]), torch.cat([b[1] for b in batches(4)])
     opt = hypergrad.tower(spec, model.parameters(), stable=stable, check_finite=False)
-    losses = []
-    for _ in range(steps):
-        loss = nn.functional.cross_entropy(model(x), y)
-        losses.append(loss.item())
-        if not math.isfinite(losses[-1]):
-            break
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return losses
+    return losses_until_nonfinite(model, opt, [(x, y)] * steps)
 
 
 @pytest.mark.parametrize("base", BASES)
