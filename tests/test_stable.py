@@ -61,16 +61,7 @@ def test_the_reference_mode_explodes_where_the_stable_mode_does_not() -> None:
         x, y = torch.rand(256, 64, generator=g), torch.randint(0, 10, (256,), generator=g)
         spec = "adam(0.001)/sgd(1e-5)/sgd(1e-5)/sgd(1e-5)"
         opt = hypergrad.tower(spec, model.parameters(), stable=stable, check_finite=False)
-        out = []
-        for _ in range(40):
-            loss = nn.functional.cross_entropy(model(x), y)
-            out.append(loss.item())
-            if not math.isfinite(out[-1]):
-                break
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-        return out
+        return losses_until_nonfinite(model, opt, [(x, y)] * 40)
 
     assert not math.isfinite(losses(stable=False)[-1])
     stable = losses(stable=True)
