@@ -211,7 +211,10 @@ def test_the_guard_bounds_a_step_by_rho_times_the_initial_norm_and_leaves_smalle
         GuardedRule(SGDRule(), horizon=1.0)
 
 
-@pytest.mark.parametrize("spec", ["adam(0.01)/sgd(1e-2)/sgd(1e-2)", "sgd(0.1)/sgd(1e-2)"])  # sgd: with its trail
+# sgd: with its trail; momentum: with its adaptive trail and the last step size it reads
+@pytest.mark.parametrize(
+    "spec", ["adam(0.01)/sgd(1e-2)/sgd(1e-2)", "sgd(0.1)/sgd(1e-2)", "sgd(0.1, momentum=0.9)/sgd(1e-2)"]
+)
 def test_a_stable_optimizer_survives_a_checkpoint_round_trip(spec: str) -> None:
     straight, _, _ = train(spec, steps=12, stable=True)
     model = make_mlp()
