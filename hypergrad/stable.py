@@ -65,6 +65,13 @@ GUARD = 0.3
 #: sees ``d loss_t / d log lr`` as if the step size had scaled every earlier step, decayed by HORIZON per step
 #: (0: the paper's one-step hypergradient). A base with momentum (SGD with momentum, Adam, AdamW) keeps 0.
 HORIZON = 0.99
+#: A learned SGD momentum stays in [1 - MAX_MOMENTUM, MAX_MOMENTUM]: its stored value x (momentum = (tanh x + 1)/2)
+#: is clamped to |x| <= atanh(2 MAX_MOMENTUM - 1). Unclamped, a run of "larger" took x past 9, where tanh is 1 in
+#: float32: momentum exactly 1 (the buffer a plain sum of every gradient) with a zero hypergradient, for good.
+MAX_MOMENTUM = 0.99
+#: What the horizon's trail sums: "steps" (the steps taken, ``delta_t``) or "directions" (the steps per unit step
+#: size, ``delta_t / lr_t``).
+TRAILS = ("steps", "directions", "adaptive")
 
 
 class StableState(NamedTuple):
@@ -209,6 +216,7 @@ class GuardState(NamedTuple):
     bound: Tensor  # the largest norm of one step of this tensor: rho times its initial norm
     scale: Tensor  # the factor the last step was scaled by (1: the guard did not bind)
     trail: Tensor | None = None  # horizon > 0: the decayed sum of the steps taken, sum_j horizon^j delta_(t-j)
+    lr: Tensor | None = None  # trail "adaptive": the step size of the last step
 
 
 class GuardedRule(Rule):
@@ -228,15 +236,24 @@ class GuardedRule(Rule):
     the last ~1/(1-b) steps, not only the last one (``b = 0`` is the paper's ``grad_t . delta_(t-1)``). Every
     built-in step is linear in lr. The one-step hypergradient is greedy: it stops raising the step size where the
     next loss stops falling, below the step size that trains best over many steps (short-horizon bias).
+
+    ``trail="adaptive"`` (SGD with momentum) sums the steps per unit step size instead, ``U_t = b_t U_(t-1) +
+    delta_t / lr_t``, and forgets them as fast as the step size falls, ``b_t = b min(1, lr_t / lr_(t-1))``;
+    then ``d loss_t / d log lr = lr_t grad_t . U_t``, the effect of the current step size over the recent steps.
+    A trail of the steps taken keeps, after a fall of the step size, the large steps of before, which point back
+    uphill: it says "smaller" for ~1/(1-b) steps while the level above lowers the step size by up to a factor e
+    per step (measured: collapsed to ~1e-41). The adaptive trail drops them in proportion to the fall.
     """
 
-    def __init__(self, inner: Rule, rho: float = 1.0, horizon: float = 0.0) -> None:
+    def __init__(self, inner: Rule, rho: float = 1.0, horizon: float = 0.0, trail: str = "steps") -> None:
         if isinstance(inner, GuardedRule | _HyperLevel):
             raise ValueError(f"GuardedRule must wrap a plain rule, but got {type(inner).__name__}")
         _check_positive("rho", rho)
         if not 0.0 <= horizon < 1.0:
             raise ValueError(f"horizon must be in [0, 1), but got {horizon!r}")
-        self.inner, self.rho, self.horizon = inner, rho, horizon
+        if trail not in TRAILS:
+            raise ValueError(f"trail must be one of {', '.join(map(repr, TRAILS))}, but got {trail!r}")
+        self.inner, self.rho, self.horizon, self.trail = inner, rho, horizon, trail
         self.name = inner.name  # type: ignore[misc]
         self.defaults = inner.defaults  # type: ignore[misc]
         self.transforms = inner.transforms  # type: ignore[misc]
@@ -258,30 +275,38 @@ class GuardedRule(Rule):
         delta = delta * scale
         trail = None
         if self.horizon > 0.0 and isinstance(hp["lr"], Tensor):  # only a learned step size reads it
-            trail = delta.detach() if state.trail is None else self.horizon * state.trail + delta.detach()
+            # "directions": the step per unit step size (every built-in step is linear in lr)
+            lr = hp["lr"].detach()
+            taken = delta.detach() if self.trail == "steps" else delta.detach() / lr
+            decay = self.horizon
+            if self.trail == "adaptive" and state.lr is not None:
+                decay = decay * torch.exp((lr.log() - state.lr.log()).clamp(max=0.0))
+            trail = taken if state.trail is None else decay * state.trail + taken
+            return delta, GuardState(inner, state.bound, scale, trail, lr if self.trail == "adaptive" else None)
         return delta, GuardState(inner, state.bound, scale, trail)
 
     def vjp(self, grad_next, grad, before, after, hp, step, dot):
         found = self.inner.vjp(grad_next, grad, None if before is None else before.inner, after.inner, hp, step, dot)
         out = {n: v * after.scale for n, v in found.items()}
         if "lr" in out and after.trail is not None:  # every built-in step is linear in lr: d delta / d lr = delta / lr
-            out["lr"] = dot(grad_next, after.trail) / hp["lr"]
+            out["lr"] = dot(grad_next, after.trail) / (hp["lr"] if self.trail == "steps" else 1.0)
         if "lr" in out:  # binding: keep only "smaller" (d loss / d lr = -out["lr"] > 0)
             out["lr"] = torch.where(after.scale < 1.0, out["lr"].clamp(max=0.0), out["lr"])
         return out
 
     def __repr__(self) -> str:
-        return f"GuardedRule({self.inner!r}, rho={self.rho}, horizon={self.horizon})"
+        return f"GuardedRule({self.inner!r}, rho={self.rho}, horizon={self.horizon}, trail={self.trail!r})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, GuardedRule) and (other.inner, other.rho, other.horizon) == (
+        return isinstance(other, GuardedRule) and (other.inner, other.rho, other.horizon, other.trail) == (
             self.inner,
             self.rho,
             self.horizon,
+            self.trail,
         )
 
     def __hash__(self) -> int:
-        return hash((GuardedRule, self.inner, self.rho, self.horizon))
+        return hash((GuardedRule, self.inner, self.rho, self.horizon, self.trail))
 
 
 class TrustState(NamedTuple):
@@ -334,8 +359,11 @@ class TrustRegionRule(_HyperLevel):
         max_radius: float = MAX_RADIUS,
         max_gain: float = MAX_GAIN,
         min_radius: float = MIN_RADIUS,
+        limits: tuple[float, ...] | None = None,
     ) -> None:
         super().__init__(inner, radius)
+        if limits is not None and (len(limits) != len(below) or not all(v > 0.0 for v in limits)):
+            raise ValueError(f"limits must be one number > 0 (or inf) per value below, but got {limits!r}")
         for key, value in (("max_radius", max_radius), ("min_radius", min_radius)):
             _check_positive(key, value)
         if not (max_gain >= 1.0 and math.isfinite(max_gain)):
@@ -350,6 +378,7 @@ class TrustRegionRule(_HyperLevel):
             raise ValueError(f"shrink must be in (0, 1], but got {shrink!r}")
         self.below, self.grow, self.shrink = below, grow, shrink
         self.max_radius, self.min_radius, self.max_gain = max_radius, min_radius, max_gain
+        self.limits = limits
 
     def init(self, param: Tensor, hp: HP) -> TrustState:
         raw = param.detach().clone()
@@ -384,12 +413,19 @@ class TrustRegionRule(_HyperLevel):
             gain = gain.clamp(1.0, self.max_gain)
             last = torch.where(flip, torch.zeros_like(sign), sign)
         delta = trust(gain * u, radius)
+        if self.limits is not None:  # a stored value past its limit stops there (no hypergradient through the stop)
+            limit = torch.tensor(self.limits, dtype=state.raw.dtype, device=state.raw.device)
+            moved = state.raw - delta.detach()
+            stop = moved.clamp(-limit, limit)
+            delta = torch.where(stop != moved, state.raw - stop, delta)
         return delta, TrustState(inner, (state.raw - delta).detach(), radius, gain, last)
 
     def __repr__(self) -> str:
         return (
             f"TrustRegionRule({self.inner!r}, radius={self.radius}, grow={self.grow}, shrink={self.shrink}, "
-            f"max_radius={self.max_radius}, max_gain={self.max_gain})"
+            f"max_radius={self.max_radius}, max_gain={self.max_gain}"
+            + ("" if self.limits is None else f", limits={self.limits}")
+            + ")"
         )
 
     def _key(self) -> tuple[Any, ...]:
@@ -402,6 +438,7 @@ class TrustRegionRule(_HyperLevel):
             self.max_radius,
             self.min_radius,
             self.max_gain,
+            self.limits,
         )
 
     def __eq__(self, other: object) -> bool:
@@ -415,7 +452,13 @@ _STABLE_BASES: dict[type, type] = {AdamRule: StableAdamRule, SGDRule: StableSGDR
 
 
 def stabilize(
-    tower: Tower, method: str = "trust", *, guard: float | None = GUARD, horizon: float | None = None, **kw: float
+    tower: Tower,
+    method: str = "trust",
+    *,
+    guard: float | None = GUARD,
+    horizon: float | None = None,
+    trail: str | None = None,
+    **kw: float,
 ) -> Tower:
     """The same tower with every level above the weights' optimizer wrapped in a :class:`TrustRegionRule` (``method=
     "trust"``, the default; ``kw`` sets its radius, grow, shrink, max_radius, min_radius, max_gain) or a
@@ -429,9 +472,12 @@ def stabilize(
     if type(base.rule) in _STABLE_BASES:
         base = Level(_STABLE_BASES[type(base.rule)](), dict(base.values), base.learned)
     if guard is not None and not isinstance(base.rule, GuardedRule):
+        sgd_momentum = _has_momentum(base) and not isinstance(base.rule, AdamRule)
         if horizon is None:
-            horizon = HORIZON if not _has_momentum(base) else 0.0
-        base = Level(GuardedRule(base.rule, guard, horizon), dict(base.values), base.learned)
+            horizon = HORIZON if sgd_momentum or not _has_momentum(base) else 0.0
+        if trail is None:
+            trail = "adaptive" if sgd_momentum else "steps"
+        base = Level(GuardedRule(base.rule, guard, horizon, trail), dict(base.values), base.learned)
     levels = [base]
     for level in tower.levels[1:]:
         below = levels[-1]
@@ -441,10 +487,13 @@ def stabilize(
             rule = StableRule(level.rule, **kw)
         else:
             stored = _bounded(below.rule.transforms)
-            pairs = tuple(
-                (EXP if n == "lr" else stored[n], _reference_transform(below.rule, n)) for n in below.learned_names()
-            )
-            rule = TrustRegionRule(level.rule, pairs, **kw)
+            names = below.learned_names()
+            pairs = tuple((EXP if n == "lr" else stored[n], _reference_transform(below.rule, n)) for n in names)
+            limits = None
+            if "momentum" in names:
+                raw = math.atanh(2.0 * MAX_MOMENTUM - 1.0)
+                limits = tuple(raw if n == "momentum" else math.inf for n in names)
+            rule = TrustRegionRule(level.rule, pairs, limits=limits, **kw)
         levels.append(Level(rule, dict(level.values), level.learned))
     return Tower(tuple(levels))
 

@@ -3,6 +3,7 @@ stable parameterization's hypergradients are exact, and the harness key reaches 
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 
@@ -17,6 +18,7 @@ from hypergrad.rules import AdamRule, SGDRule
 from hypergrad.stable import (
     GROW,
     HORIZON,
+    MAX_MOMENTUM,
     MAX_RADIUS,
     RADIUS,
     SHRINK,
@@ -26,7 +28,7 @@ from hypergrad.stable import (
     TrustRegionRule,
     stabilize,
 )
-from hypergrad.transforms import EXP, IDENTITY
+from hypergrad.transforms import EXP, HALF_TANH, IDENTITY
 from tests.hypergrad_helpers import check_hypergradients_by_finite_differences, losses_until_nonfinite
 from tests.test_hypergrad_exact import REFERENCE_TOWERS, batches, make_mlp, reference_losses, train
 
@@ -111,6 +113,8 @@ def test_stable_hypergradients_equal_central_finite_differences(spec: str, metho
     horizon > 0 changes what the step size's hypergradient is, see the next test)."""
     tower = stabilize(hypergrad.parse_spec(spec), method, horizon=0.0)
     assert isinstance(tower.levels[0].rule, GuardedRule)
+    if "momentum" in spec and method == "trust":  # the momentum's limit is part of what is checked (not binding here)
+        assert tower.levels[1].rule.limits == (math.inf, math.atanh(2 * MAX_MOMENTUM - 1))
     model = make_mlp(dtype=torch.float64)
     n = len(list(model.parameters()))
     plan = core.make_plan(tower, [{}], [n], parameterization="log")
@@ -119,30 +123,69 @@ def test_stable_hypergradients_equal_central_finite_differences(spec: str, metho
     assert check_hypergradients_by_finite_differences(plan, model, batches(5, torch.float64)) > 0
 
 
-@pytest.mark.parametrize("base", ["sgd(0.05)", "rmsprop(0.01)", "adagrad(0.1)"])
-def test_with_a_horizon_the_step_size_hypergradient_is_the_next_gradient_dot_the_decayed_sum_of_steps(base) -> None:
-    # d loss_t / d log lr = grad_t . sum_j b^j delta_(t-j): the first-order effect of scaling the last ~1/(1-b) steps.
+@pytest.mark.parametrize(
+    ("base", "trail"),
+    [
+        ("sgd(0.05)", "steps"),
+        ("rmsprop(0.01)", "steps"),
+        ("adagrad(0.1)", "steps"),
+        ("sgd(0.05, momentum=0.9)", "adaptive"),
+        ("sgd(0.05)", "adaptive"),
+    ],
+)
+def test_with_a_horizon_the_step_size_hypergradient_is_the_next_gradient_dot_the_decayed_sum_of_steps(
+    base: str, trail: str
+) -> None:
+    # steps:    d loss_t / d log lr = grad_t . sum_j b^j delta_(t-j), the first-order effect of scaling the last
+    #           ~1/(1-b) steps.
+    # adaptive: d loss_t / d log lr = lr_t grad_t . U_t, U_t = b_t U_(t-1) + delta_t / lr_t, with
+    #           b_t = b min(1, lr_t / lr_(t-1)): the steps per unit step size, forgotten as fast as the step size falls.
     b = 0.9
-    # guard=1e6: never binds (RMSProp's first steps at 0.01 would bind the default guard on this MLP)
-    tower = stabilize(hypergrad.parse_spec(base + "/sgd(1e-3)"), guard=1e6, horizon=b)
+    # guard=1e6: never binds (RMSProp's first steps at 0.01 would bind the default guard on this MLP). The level
+    # above is fast (1e-1) so that the step size moves both ways and the adaptive trail forgets.
+    tower = stabilize(hypergrad.parse_spec(base + "/sgd(1e-1)"), guard=1e6, horizon=b, trail=trail)
     model = make_mlp(dtype=torch.float64)
     params = list(model.parameters())
     plan = core.make_plan(tower, [{}], [len(params)], parameterization="log")
     state = core.init(plan, params)
-    trail = [torch.zeros_like(p) for p in params]
-    for x, y in batches(6, torch.float64):
+    trail_sum = [torch.zeros_like(p) for p in params]
+    lrs: list[float] = []
+    for x, y in batches(8, torch.float64):
         loss = nn.functional.cross_entropy(model(x), y)
         grads = torch.autograd.grad(loss, params)
         if state.trace:
-            expected = -sum(torch.dot(g.flatten(), t.flatten()) for g, t in zip(grads, trail, strict=True))
+            dots = sum(torch.dot(g.flatten(), t.flatten()) for g, t in zip(grads, trail_sum, strict=True))
+            expected = -dots if trail == "steps" else -lrs[-1] * dots
             found = core.hypergradients(plan, state, grads)[0][0][0]
             assert found.item() == pytest.approx(expected.item(), rel=1e-9)
         deltas, state = core.update(plan, state, grads)
+        lr = core.natural_values(plan, 0, state.levels[0].hp)[0]["lr"].item()  # the step size this step used
+        decay = b if trail == "steps" or not lrs else b * min(1.0, lr / lrs[-1])
+        lrs.append(lr)
         with torch.no_grad():
-            for p, d, t in zip(params, deltas, trail, strict=True):
+            for p, d, t in zip(params, deltas, trail_sum, strict=True):
                 p -= d
-                t.mul_(b).add_(d)
+                t.mul_(decay).add_(d if trail == "steps" else d / lr)
     assert found.item() != 0.0
+    if trail == "adaptive":  # the step size fell at least once: the forgetting was exercised
+        assert any(later < earlier for earlier, later in itertools.pairwise(lrs))
+
+
+def test_a_learned_momentum_stops_at_its_limit_and_still_comes_back() -> None:
+    # Unbounded, a run of "larger" walks the stored value past 9, where (tanh + 1)/2 is exactly 1 in float32: the
+    # buffer then sums every gradient forever and the hypergradient through tanh is 0, so nothing can undo it.
+    rule = stabilize(hypergrad.parse_spec("sgd(0.1, momentum=0.9)/sgd(1e-2)")).levels[1].rule
+    hp = {"lr": 1e-2, "momentum": 0.0}
+    state = rule.init(torch.tensor([math.log(0.1), math.atanh(0.8)]), hp)
+    for _ in range(60):  # d loss / d stored momentum < 0: "larger", at a size the region binds
+        _, state = rule.update(torch.tensor([0.0, -1e3]), state, hp, 1)
+    momentum = HALF_TANH.forward(state.raw[1]).item()
+    assert momentum == pytest.approx(MAX_MOMENTUM, rel=1e-6)
+    assert state.raw[0].item() == pytest.approx(math.log(0.1))  # the step size's column is not limited
+    _, state = rule.update(torch.tensor([0.0, 1e-3]), state, hp, 1)  # "smaller" moves it back at once
+    assert HALF_TANH.forward(state.raw[1]).item() < momentum
+    with pytest.raises(ValueError, match=re.escape("limits must be one number > 0 (or inf) per value below")):
+        TrustRegionRule(SGDRule(), ((EXP, IDENTITY),), limits=(1.0, 2.0))
 
 
 def test_the_guard_bounds_a_step_by_rho_times_the_initial_norm_and_leaves_smaller_steps_alone() -> None:
@@ -168,7 +211,10 @@ def test_the_guard_bounds_a_step_by_rho_times_the_initial_norm_and_leaves_smalle
         GuardedRule(SGDRule(), horizon=1.0)
 
 
-@pytest.mark.parametrize("spec", ["adam(0.01)/sgd(1e-2)/sgd(1e-2)", "sgd(0.1)/sgd(1e-2)"])  # sgd: with its trail
+# sgd: with its trail; momentum: with its adaptive trail and the last step size it reads
+@pytest.mark.parametrize(
+    "spec", ["adam(0.01)/sgd(1e-2)/sgd(1e-2)", "sgd(0.1)/sgd(1e-2)", "sgd(0.1, momentum=0.9)/sgd(1e-2)"]
+)
 def test_a_stable_optimizer_survives_a_checkpoint_round_trip(spec: str) -> None:
     straight, _, _ = train(spec, steps=12, stable=True)
     model = make_mlp()
@@ -218,8 +264,19 @@ def test_stabilize_keeps_the_spelling_and_wraps_the_base_in_the_guard() -> None:
     assert isinstance(stable.levels[0].rule, GuardedRule)
     assert isinstance(stable.levels[0].rule.inner, StableAdamRule)
     assert stable.levels[0].rule.horizon == 0.0  # Adam has momentum: the one-step hypergradient
-    assert stabilize(hypergrad.parse_spec("sgd(0.1)/sgd(1e-5)")).levels[0].rule.horizon == HORIZON
-    assert stabilize(hypergrad.parse_spec("sgd(0.1, momentum=0.9)/sgd(1e-5)")).levels[0].rule.horizon == 0.0
+    # The defaults per base: the steps' trail for the bases without momentum, no trail for Adam, the adaptive trail
+    # and a limited momentum for SGD with momentum (every other base is as before the momentum's change).
+    for spec, horizon, trail in [
+        ("sgd(0.1)/sgd(1e-5)", HORIZON, "steps"),
+        ("adagrad(0.1)/sgd(1e-5)", HORIZON, "steps"),
+        ("rmsprop(0.01)/sgd(1e-5)", HORIZON, "steps"),
+        ("adam(0.001)/sgd(1e-5)", 0.0, "steps"),
+        ("adamw(0.001)/sgd(1e-5)", 0.0, "steps"),
+        ("sgd(0.1, momentum=0.9)/sgd(1e-5)", HORIZON, "adaptive"),
+    ]:
+        levels = stabilize(hypergrad.parse_spec(spec)).levels
+        assert (levels[0].rule.horizon, levels[0].rule.trail) == (horizon, trail), spec
+        assert (levels[1].rule.limits is None) == ("momentum" not in spec), spec
     assert [type(lv.rule) for lv in stable.levels[1:]] == [TrustRegionRule, TrustRegionRule]
     assert [type(lv.rule) for lv in stabilize(tower, "normalized").levels[1:]] == [StableRule, StableRule]
     with pytest.raises(ValueError, match="method must be 'trust' or 'normalized', but got 'sign'"):
