@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = ["applies", "derivative", "forward", "hypergradients", "ieee", "supports", "update"]
 
 Vec = list[float]
+Guards = tuple[tuple[Tensor, ...], tuple[int, ...]]  # tensors, and their version counters when recorded
 
 
 class _Math(NamedTuple):
@@ -301,14 +302,14 @@ class _Kept(NamedTuple):
     levels: list[Any]  # the LevelState objects of levels 1..top
     raw: list[list[Vec]]  # raw vectors of levels 0..top-1
     states: list[Any]  # per level 1..top: per tensor, the fields' vectors (None where the field is None)
-    guards: list[tuple[Tensor, int]]  # (base tensor, its version when written)
+    guards: Guards  # the tensors written or kept, and their versions then
 
 
 class _Hyper(NamedTuple):
     plan: Plan
     tensors: list[Tensor]  # the hypergradients of levels 0..top-1 last handed to the core, flat
     floats: list[Vec]
-    guards: list[tuple[Tensor, int]]
+    guards: Guards
 
 
 _KEPT: dict[int, _Kept] = {}
@@ -323,13 +324,17 @@ def _keep(table: dict[int, Any], plan: Plan, entry: Any) -> None:
 
 def _valid(table: dict[int, Any], plan: Plan) -> Any:
     entry = table.get(id(plan))
-    if entry is None or entry.plan is not plan or any(t._version != v for t, v in entry.guards):
+    if entry is None or entry.plan is not plan or any(t._version != v for t, v in zip(*entry.guards, strict=True)):
         return None
     return entry
 
 
-def _guards(tensors: Any) -> list[tuple[Tensor, int]]:
-    return [(t, t._version) for t in tensors]
+def _guards(tensors: Sequence[Tensor]) -> Guards:
+    # Two tuples rather than a pair per tensor: fewer objects for Python's cyclic garbage collector to track (a tall
+    # tower's step writes hundreds of them, and every one that outlives a collection makes the next full one come
+    # sooner: a full collection scans every object of the process, torch's included).
+    tensors = tuple(tensors)
+    return tensors, tuple(t._version for t in tensors)
 
 
 class _Reader:
@@ -350,7 +355,7 @@ class _Reader:
         i = 0
         for t in self.tensors:
             n = t.numel()
-            self.values.append(flat[i : i + n])
+            self.values.append(tuple(flat[i : i + n]))
             i += n
 
     def fill(self, items: list[Any]) -> list[Any]:
@@ -372,10 +377,10 @@ def _tensor(vectors: list[Vec], like: Tensor) -> tuple[Tensor, list[Vec]]:
     the next step reads must be what a checkpoint of this state holds."""
     t = torch.tensor([x for v in vectors for x in v], dtype=like.dtype, device=like.device)
     if like.dtype == torch.float64:
-        return t, vectors
+        return t, [tuple(v) for v in vectors]
     flat, out, i = t.tolist(), [], 0
     for v in vectors:
-        out.append(flat[i : i + len(v)])
+        out.append(tuple(flat[i : i + len(v)]))
         i += len(v)
     return t, out
 
@@ -512,9 +517,9 @@ def update(plan: Plan, state: TowerState, hypergrads: Sequence[Sequence[Tensor]]
         # Built-in rules' vjps read only the state after the step (vjp_needs_inputs is False): nothing else to keep.
         traces.append(Trace(new_hp[k], [vals], None, None, None))
     # What the next step reads: the floats as stored, level by level.
-    kept_raw = [[stored[i] for i in hp_ix[k]] for k in range(top)]
-    kept_states = [None] + [[[floats(x) for x in fields] for fields in st_ix[k]] for k in range(1, top + 1)]
-    guards = [(base, base._version)] + [(t, t._version) for t in reused]
+    kept_raw = [tuple(stored[i] for i in hp_ix[k]) for k in range(top)]
+    kept_states = [None] + [tuple(tuple(floats(x) for x in fields) for fields in st_ix[k]) for k in range(1, top + 1)]
+    guards = _guards([base, *reused])
     _keep(_KEPT, plan, _Kept(plan, new_hp[0], out_levels, kept_raw, kept_states, guards))
     return new_hp[0], out_levels, traces
 
@@ -546,7 +551,7 @@ def hypergradients(plan: Plan, state: TowerState, level0: Sequence[Tensor]) -> l
     out = ieee(_hyper_chain, static, raw, after, upstream, state.step)
     flat, out = _tensor(out, level0[0])
     t = list(flat.split([len(v) for v in out]))
-    _keep(_HYPER, plan, _Hyper(plan, [*level0, *t], upstream + out, [(flat, flat._version), *_guards(level0)]))
+    _keep(_HYPER, plan, _Hyper(plan, [*level0, *t], (*upstream, *out), _guards([flat, *level0])))
     return [[v] for v in t]
 
 
@@ -591,14 +596,14 @@ class _SGDKept(NamedTuple):
     levels: list[Any]  # the LevelState objects of levels 1..top
     raw: list[list[Any]]  # the raw values of levels 0..top-1, as numbers of the dtype
     grads: list[list[Any]]  # per level 1..top-1: the hypergradients its states keep (SGDState.grad), as numbers
-    guards: list[tuple[Tensor, int]]
+    guards: Guards
 
 
 class _SGDHyper(NamedTuple):
     plan: Plan
     tensors: list[Tensor]  # the hypergradients of levels 0..top-1 last handed to the core, flat
     values: list[Any]  # their values, as numbers of the dtype
-    guards: list[tuple[Tensor, int]]
+    guards: Guards
 
 
 _SGD_KEPT: dict[int, _SGDKept] = {}
@@ -648,7 +653,7 @@ def _sgd_hypergradients(plan: Plan, state: TowerState, level0: Sequence[Tensor],
     like = level0[0]
     flat = torch.tensor([float(h) for h in out], dtype=like.dtype, device=like.device)
     views = list(flat.view(-1, 1).unbind())  # (1,) views, as torch.stack([-s]) makes on the tensor path
-    _keep(_SGD_HYPER, plan, _SGDHyper(plan, [*level0, *views], values + out, [(flat, flat._version), *_guards(level0)]))
+    _keep(_SGD_HYPER, plan, _SGDHyper(plan, [*level0, *views], values + out, _guards([flat, *level0])))
     return [[v] for v in views]
 
 
@@ -713,6 +718,6 @@ def _sgd_update(plan: Plan, state: TowerState, hypergrads: Sequence[Sequence[Ten
         values["lr"] = scalars[n0 + k - 1]
         traces.append(Trace(out_levels[k - 1].hp, [values], None, None, None))
     kept_tensors = [g for k in range(1, top) for g in hypergrads[k - 1]]
-    guards = [(base, base._version), *_guards(kept_tensors)]
+    guards = _guards([base, *kept_tensors])
     _keep(_SGD_KEPT, plan, _SGDKept(plan, new_hp0, out_levels, new_raw, hyper[: top - 1], guards))
     return new_hp0, out_levels, traces
