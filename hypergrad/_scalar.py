@@ -151,8 +151,8 @@ def _kind(plan: Plan) -> str | None:
 _KIND: dict[int, tuple[Plan, str | None]] = {}
 
 # From this height on, a tower of plain SGD levels runs them as exact floats. Below, its few tensor operations per
-# level cost less than reading and writing the floats (measured on the MNIST MLP, CPU, one thread, step alone:
-# floats/tensors 1.12-1.29 at heights 1-4, 1.04 at 6, 1.00 at 8, 0.91 at 12, 0.63 at 50).
+# level cost less than reading and writing the floats (measured on the MNIST MLP, CPU, one thread, step alone,
+# interleaved in one process: floats/tensors 1.14 at height 1, 1.13 at 3, 1.12 at 5, 0.98 at 8, 0.88 at 12, 0.62 at 50).
 _SGD_FROM = 8
 
 
