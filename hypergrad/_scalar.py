@@ -616,7 +616,9 @@ def _number(dtype: torch.dtype) -> Any:
 
 
 def _read(tensors: list[Tensor], num: Any) -> tuple[Any, ...]:
-    """The values of one-number tensors, with one ``cat`` and one ``tolist``."""
+    """The values of one-number tensors (of any shape: a caller may pass its own hypergradients), with one ``cat``
+    and one ``tolist``."""
+    tensors = [t if t.dim() == 1 else t.reshape(-1) for t in tensors]
     flat = (tensors[0] if len(tensors) == 1 else torch.cat(tensors)).tolist()
     return tuple(flat) if num is float else tuple(num(x) for x in flat)
 
