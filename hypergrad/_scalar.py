@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = ["applies", "derivative", "forward", "hypergradients", "ieee", "supports", "update"]
 
 Vec = list[float]
+Guards = tuple[tuple[Tensor, ...], tuple[int, ...]]  # tensors, and their version counters when recorded
 
 
 class _Math(NamedTuple):
@@ -150,8 +151,8 @@ def _kind(plan: Plan) -> str | None:
 _KIND: dict[int, tuple[Plan, str | None]] = {}
 
 # From this height on, a tower of plain SGD levels runs them as exact floats. Below, its few tensor operations per
-# level cost less than reading and writing the floats (measured on the MNIST MLP, CPU, one thread, step alone:
-# floats/tensors 1.12-1.29 at heights 1-4, 1.04 at 6, 1.00 at 8, 0.91 at 12, 0.63 at 50).
+# level cost less than reading and writing the floats (measured on the MNIST MLP, CPU, one thread, step alone,
+# interleaved in one process: floats/tensors 1.14 at height 1, 1.13 at 3, 1.12 at 5, 0.98 at 8, 0.88 at 12, 0.62 at 50).
 _SGD_FROM = 8
 
 
@@ -301,14 +302,14 @@ class _Kept(NamedTuple):
     levels: list[Any]  # the LevelState objects of levels 1..top
     raw: list[list[Vec]]  # raw vectors of levels 0..top-1
     states: list[Any]  # per level 1..top: per tensor, the fields' vectors (None where the field is None)
-    guards: list[tuple[Tensor, int]]  # (base tensor, its version when written)
+    guards: Guards  # the tensors written or kept, and their versions then
 
 
 class _Hyper(NamedTuple):
     plan: Plan
     tensors: list[Tensor]  # the hypergradients of levels 0..top-1 last handed to the core, flat
     floats: list[Vec]
-    guards: list[tuple[Tensor, int]]
+    guards: Guards
 
 
 _KEPT: dict[int, _Kept] = {}
@@ -323,13 +324,17 @@ def _keep(table: dict[int, Any], plan: Plan, entry: Any) -> None:
 
 def _valid(table: dict[int, Any], plan: Plan) -> Any:
     entry = table.get(id(plan))
-    if entry is None or entry.plan is not plan or any(t._version != v for t, v in entry.guards):
+    if entry is None or entry.plan is not plan or any(t._version != v for t, v in zip(*entry.guards, strict=True)):
         return None
     return entry
 
 
-def _guards(tensors: Any) -> list[tuple[Tensor, int]]:
-    return [(t, t._version) for t in tensors]
+def _guards(tensors: Sequence[Tensor]) -> Guards:
+    # Two tuples rather than a pair per tensor: fewer objects for Python's cyclic garbage collector to track (a tall
+    # tower's step writes hundreds of them, and every one that outlives a collection makes the next full one come
+    # sooner: a full collection scans every object of the process, torch's included).
+    tensors = tuple(tensors)
+    return tensors, tuple(t._version for t in tensors)
 
 
 class _Reader:
@@ -350,7 +355,7 @@ class _Reader:
         i = 0
         for t in self.tensors:
             n = t.numel()
-            self.values.append(flat[i : i + n])
+            self.values.append(tuple(flat[i : i + n]))
             i += n
 
     def fill(self, items: list[Any]) -> list[Any]:
@@ -372,10 +377,10 @@ def _tensor(vectors: list[Vec], like: Tensor) -> tuple[Tensor, list[Vec]]:
     the next step reads must be what a checkpoint of this state holds."""
     t = torch.tensor([x for v in vectors for x in v], dtype=like.dtype, device=like.device)
     if like.dtype == torch.float64:
-        return t, vectors
+        return t, [tuple(v) for v in vectors]
     flat, out, i = t.tolist(), [], 0
     for v in vectors:
-        out.append(flat[i : i + len(v)])
+        out.append(tuple(flat[i : i + len(v)]))
         i += len(v)
     return t, out
 
@@ -512,9 +517,9 @@ def update(plan: Plan, state: TowerState, hypergrads: Sequence[Sequence[Tensor]]
         # Built-in rules' vjps read only the state after the step (vjp_needs_inputs is False): nothing else to keep.
         traces.append(Trace(new_hp[k], [vals], None, None, None))
     # What the next step reads: the floats as stored, level by level.
-    kept_raw = [[stored[i] for i in hp_ix[k]] for k in range(top)]
-    kept_states = [None] + [[[floats(x) for x in fields] for fields in st_ix[k]] for k in range(1, top + 1)]
-    guards = [(base, base._version)] + [(t, t._version) for t in reused]
+    kept_raw = [tuple(stored[i] for i in hp_ix[k]) for k in range(top)]
+    kept_states = [None] + [tuple(tuple(floats(x) for x in fields) for fields in st_ix[k]) for k in range(1, top + 1)]
+    guards = _guards([base, *reused])
     _keep(_KEPT, plan, _Kept(plan, new_hp[0], out_levels, kept_raw, kept_states, guards))
     return new_hp[0], out_levels, traces
 
@@ -546,7 +551,7 @@ def hypergradients(plan: Plan, state: TowerState, level0: Sequence[Tensor]) -> l
     out = ieee(_hyper_chain, static, raw, after, upstream, state.step)
     flat, out = _tensor(out, level0[0])
     t = list(flat.split([len(v) for v in out]))
-    _keep(_HYPER, plan, _Hyper(plan, [*level0, *t], upstream + out, [(flat, flat._version), *_guards(level0)]))
+    _keep(_HYPER, plan, _Hyper(plan, [*level0, *t], (*upstream, *out), _guards([flat, *level0])))
     return [[v] for v in t]
 
 
@@ -589,16 +594,16 @@ class _SGDKept(NamedTuple):
     plan: Plan
     hp0: list[Tensor]  # the list of level 0's raw tensors
     levels: list[Any]  # the LevelState objects of levels 1..top
-    raw: list[list[Any]]  # the raw values of levels 0..top-1, as numbers of the dtype
-    grads: list[list[Any]]  # per level 1..top-1: the hypergradients its states keep (SGDState.grad), as numbers
-    guards: list[tuple[Tensor, int]]
+    raw: tuple[Any, ...]  # the raw values of levels 0..top-1 (one per group at level 0), numbers of the dtype
+    grads: tuple[Any, ...]  # the hypergradients the states of levels 1..top-1 keep (SGDState.grad), in that order
+    guards: Guards
 
 
 class _SGDHyper(NamedTuple):
     plan: Plan
     tensors: list[Tensor]  # the hypergradients of levels 0..top-1 last handed to the core, flat
-    values: list[Any]  # their values, as numbers of the dtype
-    guards: list[tuple[Tensor, int]]
+    values: tuple[Any, ...]  # their values, numbers of the dtype
+    guards: Guards
 
 
 _SGD_KEPT: dict[int, _SGDKept] = {}
@@ -610,45 +615,51 @@ def _number(dtype: torch.dtype) -> Any:
     return np.float32 if dtype == torch.float32 else float if dtype == torch.float64 else None
 
 
-def _read(tensors: list[Tensor], num: Any) -> list[Any]:
-    """The values of one-number tensors, with one ``cat`` and one ``tolist``."""
+def _read(tensors: list[Tensor], num: Any) -> tuple[Any, ...]:
+    """The values of one-number tensors (of any shape: a caller may pass its own hypergradients), with one ``cat``
+    and one ``tolist``."""
+    tensors = [t if t.dim() == 1 else t.reshape(-1) for t in tensors]
     flat = (tensors[0] if len(tensors) == 1 else torch.cat(tensors)).tolist()
-    return flat if num is float else [num(x) for x in flat]
+    return tuple(flat) if num is float else tuple(num(x) for x in flat)
 
 
+def _same_levels(kept: _SGDKept | None, levels: Sequence[Any], top: int) -> bool:
+    """Whether levels 1..top-1 are the very ones written at the last step (then their kept numbers are theirs)."""
+    if kept is None:
+        return False
+    written = kept.levels
+    return all(levels[k] is written[k - 1] for k in range(1, top))
+
+
+# One flat layout for every vector here: level 0's values, one per param group, then one value per level 1..top-1.
+# The raw values, the hypergradients and what the states keep all line up in it: the hypergradient at index i is that
+# of the raw value at index i, and the gradient level k keeps is the hypergradient it received at the last step.
 def _sgd_hypergradients(plan: Plan, state: TowerState, level0: Sequence[Tensor], num: Any) -> list[list[Tensor]]:
     top = plan.height
     ups = _read(list(level0), num)
-    values = list(ups)
     if top < 2:
-        _keep(_SGD_HYPER, plan, _SGDHyper(plan, list(level0), values, _guards(level0)))
+        _keep(_SGD_HYPER, plan, _SGDHyper(plan, list(level0), ups, _guards(level0)))
         return []
     kept = _valid(_SGD_KEPT, plan)
     levels = state.levels
-    grads: list[Any] = [None] * top
-    missing: list[Tensor] = []
-    for k in range(1, top):
-        if kept is not None and levels[k] is kept.levels[k - 1]:
-            grads[k] = kept.grads[k - 1]
-        else:
-            missing += [s.grad for s in levels[k].rule]
-    if missing:
-        it = iter(_read(missing, num))
-        for k in range(1, top):
-            if grads[k] is None:
-                grads[k] = [next(it) for _ in levels[k].rule]
-    out = []
+    if _same_levels(kept, levels, top):
+        grads = kept.grads  # type: ignore[union-attr]
+    else:
+        grads = _read([s.grad for k in range(1, top) for s in levels[k].rule], num)
+    n0 = len(ups)
     with np.errstate(all="ignore"):  # overflow is inf, as in torch, not a warning
-        for k in range(1, top):
-            s = None
-            for u, g in zip(ups, grads[k], strict=True):  # sum over tensors of u . d (g * lr) / d lr, in order
-                s = u * g if s is None else s + u * g
-            ups = [-s]  # what level k updated moved by -delta (identity transform: no derivative factor)
-            out.append(ups[0])
+        s = ups[0] * grads[0]  # level 1: the sum over param groups of u . d (g * lr) / d lr, in their order
+        for i in range(1, n0):
+            s = s + ups[i] * grads[i]
+        h = -s  # what level k updated moved by -delta (identity transform: no derivative factor)
+        out = [h]
+        for i in range(n0, n0 + top - 2):  # levels 2..top-1: one term each
+            h = -(h * grads[i])
+            out.append(h)
     like = level0[0]
     flat = torch.tensor([float(h) for h in out], dtype=like.dtype, device=like.device)
-    views = list(flat.view(-1, 1).unbind())  # (1,) views, as torch.stack([-s]) makes on the tensor path
-    _keep(_SGD_HYPER, plan, _SGDHyper(plan, [*level0, *views], values + out, [(flat, flat._version), *_guards(level0)]))
+    views = flat.view(-1, 1).unbind()  # (1,) views, as torch.stack([-s]) makes on the tensor path
+    _keep(_SGD_HYPER, plan, _SGDHyper(plan, [*level0, *views], (*ups, *out), _guards([flat, *level0])))
     return [[v] for v in views]
 
 
@@ -658,61 +669,50 @@ def _sgd_update(plan: Plan, state: TowerState, hypergrads: Sequence[Sequence[Ten
     top = plan.height
     levels = state.levels
     flat_hyper = [h for level in hypergrads for h in level]
-    to_read: list[Tensor] = []
     known = _valid(_SGD_HYPER, plan)
     if (
         known is not None
         and len(known.tensors) == len(flat_hyper)
         and all(a is b for a, b in zip(known.tensors, flat_hyper, strict=True))
     ):
-        hyper_flat: list[Any] | None = known.values
+        hyper = known.values
     else:
-        hyper_flat = None
-        to_read += flat_hyper
+        hyper = _read(flat_hyper, num)
     kept = _valid(_SGD_KEPT, plan)
-    raw: list[Any] = [None] * top
-    for k in range(top):
-        if kept is not None and (levels[0].hp is kept.hp0 if k == 0 else levels[k] is kept.levels[k - 1]):
-            raw[k] = kept.raw[k]
-        else:
-            to_read += levels[k].hp
-    if to_read:
-        it = iter(_read(to_read, num))
-        if hyper_flat is None:
-            hyper_flat = [next(it) for _ in flat_hyper]
-        for k in range(top):
-            if raw[k] is None:
-                raw[k] = [next(it) for _ in levels[k].hp]
-    it = iter(hyper_flat)  # type: ignore[arg-type]
-    hyper = [[next(it) for _ in level] for level in hypergrads]
+    hp0 = levels[0].hp
+    n0 = len(hp0)
+    if _same_levels(kept, levels, top):
+        above = kept.raw[n0:]  # type: ignore[union-attr]
+        raw = (*(kept.raw[:n0] if hp0 is kept.hp0 else _read(hp0, num)), *above)  # type: ignore[union-attr]
+    else:
+        raw = _read([*hp0, *(levels[k].hp[0] for k in range(1, top))], num)
 
-    new_raw: list[Any] = [None] * top
+    new: list[Any] = [None] * len(raw)
     lr = num(plan.initial[top][0]["lr"])  # the top level's fixed step size, rounded to the dtype as torch does
     with np.errstate(all="ignore"):
-        for k in range(top, 0, -1):
-            if k < top:
-                lr = new_raw[k][0]
-            # SGDRule.update: delta = grad * lr; the core: raw - delta
-            new_raw[k - 1] = [r - h * lr for r, h in zip(raw[k - 1], hyper[k - 1], strict=True)]
+        # Level j updates the raw values at index i = n0 + j - 2 (j = top..2), then level 1 those of level 0, each with
+        # the step size just updated above it: SGDRule.update's delta = grad * lr, then the core's raw - delta.
+        for i in range(n0 + top - 2, n0 - 1, -1):
+            lr = new[i] = raw[i] - hyper[i] * lr
+        for i in range(n0):
+            new[i] = raw[i] - hyper[i] * lr
 
-    like = levels[0].hp[0]
-    base = torch.tensor([float(x) for v in new_raw for x in v], dtype=like.dtype, device=like.device)
+    like = hp0[0]
+    base = torch.tensor([float(x) for x in new], dtype=like.dtype, device=like.device)
     views = base.view(-1, 1).unbind()  # one (1,) view per raw vector
     scalars = base.unbind()  # the natural values the traces hold (identity: the raw value itself)
-    n0 = len(new_raw[0])
     new_hp0 = list(views[:n0])
     out_levels = []
-    for k in range(1, top + 1):
-        if k < top:  # the state keeps the hypergradient it received (d delta / d lr), as SGDRule.update does
-            out_levels.append(LevelState([views[n0 + k - 1]], [SGDState(None, g) for g in hypergrads[k - 1]]))
-        else:
-            out_levels.append(LevelState([], [SGDState(None) for _ in hypergrads[k - 1]]))
     traces = []
-    for k in range(top - 1, 0, -1):
+    for k in range(1, top):  # the state keeps the hypergradient it received (d delta / d lr), as SGDRule.update does
+        hp = [views[n0 + k - 1]]
+        received = hypergrads[k - 1]
+        out_levels.append(LevelState(hp, [SGDState(None, g) for g in received]))
         values = dict(plan.initial[k][0])
         values["lr"] = scalars[n0 + k - 1]
-        traces.append(Trace(out_levels[k - 1].hp, [values], None, None, None))
-    kept_tensors = [g for k in range(1, top) for g in hypergrads[k - 1]]
-    guards = [(base, base._version), *_guards(kept_tensors)]
-    _keep(_SGD_KEPT, plan, _SGDKept(plan, new_hp0, out_levels, new_raw, hyper[: top - 1], guards))
-    return new_hp0, out_levels, traces
+        traces.append(Trace(hp, [values], None, None, None))
+    out_levels.append(LevelState([], [SGDState(None) for _ in hypergrads[top - 1]]))
+    n_kept = n0 + top - 2 if top > 1 else 0  # what levels 1..top-1 keep: the hypergradients they received
+    guards = _guards([base, *flat_hyper[:n_kept]])
+    _keep(_SGD_KEPT, plan, _SGDKept(plan, new_hp0, out_levels, tuple(new), tuple(hyper[:n_kept]), guards))
+    return new_hp0, out_levels, traces[::-1]
