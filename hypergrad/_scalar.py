@@ -291,29 +291,27 @@ def _static(plan: Plan) -> list[_Level]:
     return levels
 
 
-# What this module wrote at the last step of each plan, as floats: the next step takes them instead of reading the
-# tensors back, for every level whose state holds the very objects written (checked by identity; the core never
-# writes a tensor in place, and a state changed in between, by load_state_dict or a scheduler's write, holds new
-# objects). A write in place into one of these tensors is caught too: each tensor written is a view of one new tensor
-# per step, and views share their base's version counter.
-class _Kept(NamedTuple):
+class Floats(NamedTuple):
+    """Levels 1..top of a state as the floats :func:`update` computed, rounded to the tower's dtype: what a state
+    holds in ``TowerState.floats`` between steps instead of their tensors (``core.update(..., lazy=True)``).
+    :func:`tensors` builds those tensors, field for field the ones the tensor path writes, when something reads them.
+    Tuples of floats only: Python's cyclic garbage collector stops tracking them at their first collection."""
+
     plan: Plan
-    hp0: list[Tensor]  # the list of level 0's raw tensors
-    levels: list[Any]  # the LevelState objects of levels 1..top
-    raw: list[list[Vec]]  # raw vectors of levels 0..top-1
-    states: list[Any]  # per level 1..top: per tensor, the fields' vectors (None where the field is None)
-    guards: Guards  # the tensors written or kept, and their versions then
+    dtype: torch.dtype
+    device: torch.device
+    hp0: list[Tensor]  # the level-0 raw tensors written with these floats (their values are raw[0])
+    base: Tensor  # the tensor those are views of, and its version counter then: an in-place write is seen
+    version: int
+    raw: tuple[tuple[tuple[float, ...], ...], ...]  # per level 0..top-1, per vector: the raw values
+    states: tuple[Any, ...]  # per level 1..top (None at 0), per tensor: the fields' vectors (None where None)
+    values: tuple[Any, ...]  # per level 1..top-1 (None at 0): the natural values the level used, as floats
 
 
-class _Hyper(NamedTuple):
-    plan: Plan
-    tensors: list[Tensor]  # the hypergradients of levels 0..top-1 last handed to the core, flat
-    floats: list[Vec]
-    guards: Guards
+class Hyper(NamedTuple):
+    """The hypergradients of levels 0..top-1 as floats (what :func:`update` reads; see :func:`hyper_floats`)."""
 
-
-_KEPT: dict[int, _Kept] = {}
-_HYPER: dict[int, _Hyper] = {}
+    vectors: list[list[Any]]  # per level, per vector it updates
 
 
 def _keep(table: dict[int, Any], plan: Plan, entry: Any) -> None:
@@ -372,17 +370,21 @@ class _Slots(list):
     """A structure of slots of a :class:`_Reader` (ints, as ``add`` returned), to fill once it has read."""
 
 
-def _tensor(vectors: list[Vec], like: Tensor) -> tuple[Tensor, list[Vec]]:
-    """One tensor of the vectors' values in ``like``'s dtype, and the vectors as stored (rounded to that dtype): what
-    the next step reads must be what a checkpoint of this state holds."""
-    t = torch.tensor([x for v in vectors for x in v], dtype=like.dtype, device=like.device)
-    if like.dtype == torch.float64:
-        return t, [tuple(v) for v in vectors]
-    flat, out, i = t.tolist(), [], 0
+def _round(vectors: list[Vec], dtype: torch.dtype) -> list[tuple[float, ...]]:
+    """The vectors as the dtype stores them (float32: each value rounded once to nearest, as ``torch.tensor`` does):
+    what the next step reads must be what a checkpoint of this state holds."""
+    flat = [x for v in vectors for x in v]
+    if dtype == torch.float64:
+        pass
+    elif dtype == torch.float32:
+        flat = np.asarray(flat, dtype=np.float64).astype(np.float32).tolist()
+    else:
+        flat = torch.tensor(flat, dtype=dtype).tolist()
+    out, i = [], 0
     for v in vectors:
         out.append(tuple(flat[i : i + len(v)]))
         i += len(v)
-    return t, out
+    return out
 
 
 def _chain(static: list[_Level], raw: list, states: list, hyper: list, step: int, ops: _Math):
@@ -407,121 +409,168 @@ def _chain(static: list[_Level], raw: list, states: list, hyper: list, step: int
     return values, new_states, new_raw
 
 
-def _read_levels(state: TowerState, reader: _Reader, kept: _Kept | None, raw_ks: range, state_ks: range):
-    """Per level in ``raw_ks`` its raw vectors, per level in ``state_ks`` its rule states' field vectors: the floats
-    kept at the last step where the level is the one written then, else slots of ``reader``."""
+def _floats(plan: Plan, state: TowerState) -> Floats | None:
+    """The state's levels 1..top as floats, where it holds them for this plan."""
+    fl = state.floats
+    return fl if fl is not None and fl.plan is plan else None
+
+
+def lazy(plan: Plan) -> bool:
+    """Whether the core may keep ``plan``'s levels 1..top as :class:`Floats` between steps: wherever it hands them to
+    this module, but for the exact plain-SGD towers (which keep their own floats, checked by identity)."""
+    return applies(plan) and _kind(plan) != "sgd"
+
+
+def readable(plan: Plan, state: TowerState) -> bool:
+    """Whether this module reads ``state`` for ``plan`` as it is: a state whose levels 1..top are tensors, or floats
+    that :func:`update` wrote for this very plan."""
+    return state.floats is None or (state.floats.plan is plan and lazy(plan))
+
+
+def _read_levels(state: TowerState, reader: _Reader, raw_ks: range, state_ks: range):
+    """Per level in ``raw_ks`` its raw vectors, per level in ``state_ks`` its rule states' field vectors: the state's
+    floats where it holds them (level 0's only while its tensors are the ones written with them, unchanged), else
+    slots of ``reader``."""
     levels = state.levels
-
-    def is_kept(k: int) -> bool:
-        return kept is not None and (levels[0].hp is kept.hp0 if k == 0 else levels[k] is kept.levels[k - 1])
-
-    raw = [kept.raw[k] if is_kept(k) else _Slots(reader.add(h) for h in levels[k].hp) for k in raw_ks]  # type: ignore[union-attr]
-    states = [
-        kept.states[k]
-        if is_kept(k)
-        else _Slots([None if f is None else reader.add(f) for f in s] for s in levels[k].rule)  # type: ignore[union-attr]
-        for k in state_ks
-    ]
+    fl = state.floats
+    raw: list[Any] = []
+    for k in raw_ks:
+        if fl is not None and (k or (levels[0].hp is fl.hp0 and fl.base._version == fl.version)):
+            raw.append(fl.raw[k])
+        else:
+            raw.append(_Slots(reader.add(h) for h in levels[k].hp))
+    if fl is not None:
+        return raw, [fl.states[k] for k in state_ks]
+    states = [_Slots([None if f is None else reader.add(f) for f in s] for s in levels[k].rule) for k in state_ks]
     return raw, states
 
 
-def update(plan: Plan, state: TowerState, hypergrads: Sequence[Sequence[Tensor]], step: int):
+def update(plan: Plan, state: TowerState, hypergrads: Sequence[Sequence[Tensor]] | Hyper, step: int):
     """Levels top..1 of one step of :func:`hypergrad.core.update`: ``(new raw hyperparameters of level 0, new level
-    states of levels 1..top, traces of levels top-1..1)``, exactly the core's fields."""
+    states of levels 1..top, traces of levels 1..top-1, None)``, exactly the core's fields; or, for every tower but
+    the exact plain-SGD one, ``(new raw hyperparameters of level 0, None, None, Floats)``: levels 1..top as floats,
+    whose tensors :func:`tensors` builds."""
     if _kind(plan) == "sgd":
         num = _number(state.levels[0].hp[0].dtype)
         if num is not None:
-            return _sgd_update(plan, state, hypergrads, num)
-    from hypergrad.core import LevelState, Trace
-
+            hp0, levels, traces = _sgd_update(plan, state, hypergrads, num)  # type: ignore[arg-type]
+            return hp0, levels, traces[::-1], None
     static = _static(plan)
     top = plan.height
     reader = _Reader()
-    raw, states = _read_levels(state, reader, _valid(_KEPT, plan), range(top), range(1, top + 1))
+    raw, states = _read_levels(state, reader, range(top), range(1, top + 1))
     states = [None, *states]
-    flat_hyper = [h for level in hypergrads for h in level]
-    known = _valid(_HYPER, plan)
-    if (
-        known is not None
-        and len(known.tensors) == len(flat_hyper)
-        and all(a is b for a, b in zip(known.tensors, flat_hyper, strict=True))
-    ):
-        hyper_flat: list[Any] = known.floats
+    hyper: Any
+    if isinstance(hypergrads, Hyper):
+        hyper = hypergrads.vectors
     else:
-        hyper_flat = _Slots(reader.add(h) for h in flat_hyper)
+        hyper = _Slots(_Slots(reader.add(h) for h in level) for level in hypergrads)
     reader.read()
-    raw, states, hyper_flat = reader.fill(raw), reader.fill(states), reader.fill([hyper_flat])[0]
-    it = iter(hyper_flat)
-    hyper = [[next(it) for _ in level] for level in hypergrads]
+    raw, states, hyper = reader.fill(raw), reader.fill(states), reader.fill([hyper])[0]
 
     values, new_states, new_raw = ieee(_chain, static, raw, states, hyper, step)
 
-    # Write: the new vectors and scalars go into one tensor, whose views become the new fields. A vector kept
-    # unchanged (a moment before the step, a hypergradient a rule keeps) is written as the tensor it was read from,
-    # as the rules keep the tensor itself.
-    sources = {
-        id(v): t for level, vecs in zip(hypergrads, hyper, strict=True) for t, v in zip(level, vecs, strict=True)
-    }
-    for k in range(1, top + 1):
-        for s_t, s_f in zip(state.levels[k].rule, states[k], strict=True):
-            for t, f in zip(s_t, s_f, strict=True):
-                if f is not None:
-                    sources[id(f)] = t
-    new: list[Vec] = []  # the vectors to write, in order; a field refers to one by its index
-    scalars: list[float] = []
-    reused: list[Tensor] = []
-    hp_ix = []
-    for k in range(top):
-        hp_ix.append(list(range(len(new), len(new) + len(new_raw[k]))))
-        new += new_raw[k]
-    st_ix: list[Any] = [None]
-    for k in range(1, top + 1):
-        level = []
-        for s in new_states[k]:
-            fields: list[Any] = []
-            for f in s:
-                t = None if f is None else sources.get(id(f))
-                if t is not None:
-                    fields.append((t, f))
-                    reused.append(t)
-                elif f is None:
-                    fields.append(None)
-                else:
-                    fields.append(len(new))
-                    new.append(f)
-            level.append(fields)
-        st_ix.append(level)
-    val_ix: list[Any] = [None]
+    # Everything stored, rounded to the dtype in one pass: the raw vectors, the rule states' fields, the learned
+    # values each level used (the traces' values), each vector by its index in `vectors`.
+    like = state.levels[0].hp[0]
+    vectors: list[Vec] = []
+
+    def put(v: Vec) -> int:
+        vectors.append(v)
+        return len(vectors) - 1
+
+    raw_ix = [[put(v) for v in new_raw[k]] for k in range(top)]
+    state_ix = [[[None if f is None else put(f) for f in s] for s in new_states[k]] for k in range(1, top + 1)]
+    value_ix = [put([values[k][n] for n in static[k].learned]) for k in range(1, top)]
+    stored = _round(vectors, like.dtype)
+    base = torch.tensor([x for i in raw_ix[0] for x in stored[i]], dtype=like.dtype, device=like.device)
+    hp0 = list(base.split([len(stored[i]) for i in raw_ix[0]]))
+
+    def vec(i: int | None) -> Any:
+        return None if i is None else stored[i]
+
+    kept_values: list[Any] = [None]
     for k in range(1, top):
-        learned = static[k].learned
-        val_ix.append({n: (len(scalars), scalars.append(v))[0] if n in learned else v for n, v in values[k].items()})
-    base, stored = _tensor([*new, scalars], state.levels[0].hp[0])
-    parts = base.split([len(v) for v in stored])
-    made = parts[-1].unbind() if scalars else ()
+        vals = dict(values[k])
+        vals.update(zip(static[k].learned, stored[value_ix[k - 1]], strict=True))
+        kept_values.append(vals)
+    floats = Floats(
+        plan,
+        like.dtype,
+        like.device,
+        hp0,
+        base,
+        base._version,
+        tuple(tuple(stored[i] for i in ix) for ix in raw_ix),
+        (None, *(tuple(tuple(vec(i) for i in fields) for fields in level) for level in state_ix)),
+        tuple(kept_values),
+    )
+    return hp0, None, None, floats
 
-    def tensor(x: Any) -> Any:
-        return None if x is None else parts[x] if type(x) is int else x[0]
 
-    def floats(x: Any) -> Any:
-        return None if x is None else stored[x] if type(x) is int else x[1]
+def tensors(fl: Floats) -> tuple[list[Any], list[Any]]:
+    """The tensors of levels 1..top that ``fl`` holds as floats: their :class:`~hypergrad.core.LevelState` s and
+    the :class:`~hypergrad.core.Trace` s of levels 1..top-1, as the core's tensor path writes them (one tensor of
+    every value, whose views are the fields; the learned values are 0-dim views)."""
+    from hypergrad.core import LevelState, Trace
 
-    new_hp = [[parts[i] for i in hp_ix[k]] for k in range(top)]
-    out_levels = []
+    plan = fl.plan
+    static = _static(plan)
+    top = plan.height
+    vectors: list[Any] = []
+
+    def put(v: Any) -> int | None:
+        if v is None:
+            return None
+        vectors.append(v)
+        return len(vectors) - 1
+
+    hp_ix = [put(fl.raw[k][0]) for k in range(1, top)]
+    state_ix = [[[put(f) for f in fields] for fields in fl.states[k]] for k in range(1, top + 1)]
+    scalars = [fl.values[k][n] for k in range(1, top) for n in static[k].learned]
+    flat = torch.tensor([x for v in vectors for x in v] + scalars, dtype=fl.dtype, device=fl.device)
+    parts = flat.split([len(v) for v in vectors] + [len(scalars)])
+    made = iter(parts[-1].unbind())
+    levels, traces = [], []
     for k in range(1, top + 1):
+        hp = [parts[hp_ix[k - 1]]] if k < top else []  # type: ignore[index]
         kind = _STATE_TYPE[type(plan.rules[k])]
-        rule_states = [kind(*[tensor(x) for x in fields]) for fields in st_ix[k]]
-        out_levels.append(LevelState(new_hp[k] if k < top else [], rule_states))
-    traces = []
-    for k in range(top - 1, 0, -1):
-        vals = {n: made[x] if n in static[k].learned else x for n, x in val_ix[k].items()}
-        # Built-in rules' vjps read only the state after the step (vjp_needs_inputs is False): nothing else to keep.
-        traces.append(Trace(new_hp[k], [vals], None, None, None))
-    # What the next step reads: the floats as stored, level by level.
-    kept_raw = [tuple(stored[i] for i in hp_ix[k]) for k in range(top)]
-    kept_states = [None] + [tuple(tuple(floats(x) for x in fields) for fields in st_ix[k]) for k in range(1, top + 1)]
-    guards = _guards([base, *reused])
-    _keep(_KEPT, plan, _Kept(plan, new_hp[0], out_levels, kept_raw, kept_states, guards))
-    return new_hp[0], out_levels, traces
+        rule_states = [kind(*[None if i is None else parts[i] for i in fields]) for fields in state_ix[k - 1]]
+        levels.append(LevelState(hp, rule_states))
+        if k < top:
+            learned = static[k].learned
+            vals = {n: next(made) if n in learned else v for n, v in fl.values[k].items()}
+            # Built-in rules' vjps read only the state after the step (vjp_needs_inputs is False): nothing else kept.
+            traces.append(Trace(hp, [vals], None, None, None))
+    return levels, traces
+
+
+def finite(fl: Floats) -> bool:
+    """Whether every raw hyperparameter ``fl`` holds is finite."""
+    return all(math.isfinite(x) for level in fl.raw for v in level for x in v)
+
+
+def hyper_floats(plan: Plan, state: TowerState, level0: Sequence[Tensor]) -> Hyper:
+    """The hypergradients of levels 0..top-1 as floats, from level 0's (``level0``: one per param group)."""
+    top = plan.height
+    reader = _Reader()
+    slots = _Slots(reader.add(h) for h in level0)
+    if top < 2:
+        reader.read()
+        return Hyper([reader.fill([slots])[0]])
+    static = _static(plan)
+    raw, after = _read_levels(state, reader, range(1, top), range(1, top))
+    if state.floats is None:
+        traces = state.trace
+        for k in range(1, top):  # the values level k used: its current ones, unless the trace holds others
+            if traces[k].hp is not state.levels[k].hp:
+                raw[k - 1] = _Slots(reader.add(h) for h in traces[k].hp)
+    reader.read()
+    upstream = reader.fill([slots])[0]
+    raw, after = reader.fill(raw), reader.fill(after)
+    raw, after = [None, *(r[0] for r in raw)], [None, *after]
+    out = ieee(_hyper_chain, static, raw, after, upstream, state.step)
+    return Hyper([list(upstream), *([v] for v in _round(out, level0[0].dtype))])
 
 
 def hypergradients(plan: Plan, state: TowerState, level0: Sequence[Tensor]) -> list[list[Tensor]]:
@@ -531,28 +580,12 @@ def hypergradients(plan: Plan, state: TowerState, level0: Sequence[Tensor]) -> l
         num = _number(level0[0].dtype)
         if num is not None:
             return _sgd_hypergradients(plan, state, level0, num)
-    top = plan.height
-    reader = _Reader()
-    slots = _Slots(reader.add(h) for h in level0)
-    if top < 2:
-        reader.read()
-        _keep(_HYPER, plan, _Hyper(plan, list(level0), reader.fill([slots])[0], _guards(level0)))
+    out = [v[0] for v in hyper_floats(plan, state, level0).vectors[1:]]
+    if not out:
         return []
-    static = _static(plan)
-    raw, after = _read_levels(state, reader, _valid(_KEPT, plan), range(1, top), range(1, top))
-    traces = state.trace
-    for k in range(1, top):  # the values level k used: its current ones, unless the trace holds others
-        if traces[k].hp is not state.levels[k].hp:
-            raw[k - 1] = _Slots(reader.add(h) for h in traces[k].hp)
-    reader.read()
-    upstream = reader.fill([slots])[0]
-    raw, after = reader.fill(raw), reader.fill(after)
-    raw, after = [None, *(r[0] for r in raw)], [None, *after]
-    out = ieee(_hyper_chain, static, raw, after, upstream, state.step)
-    flat, out = _tensor(out, level0[0])
-    t = list(flat.split([len(v) for v in out]))
-    _keep(_HYPER, plan, _Hyper(plan, [*level0, *t], (*upstream, *out), _guards([flat, *level0])))
-    return [[v] for v in t]
+    like = level0[0]
+    flat = torch.tensor([x for v in out for x in v], dtype=like.dtype, device=like.device)
+    return [[v] for v in flat.split([len(v) for v in out])]
 
 
 def _hyper_chain(static: list[_Level], raw: list, after: list, upstream: list[Vec], step: int, ops: _Math) -> list:
