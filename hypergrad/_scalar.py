@@ -3,9 +3,12 @@
 A level k >= 1 updates a handful of numbers (the raw learned hyperparameters of level k - 1), so in tensors its cost
 is all dispatch: tens of microseconds a level for a few flops. :func:`hypergrad.core.update` and
 :func:`hypergrad.core.hypergradients` hand levels 1..top to this module when :func:`applies`: the floats are read
-from the state (or, when the state is the one this module wrote at the last step, taken from what it kept), computed
-here, and written back as tensors with one ``tensor`` and one ``split``. The state is the core's, field for field:
-a checkpoint, or the tensor path, cannot tell which path wrote it.
+from the state's tensors, or from the :class:`Floats` a lazy state holds instead of them (see
+:func:`hypergrad.core.update`'s ``lazy``), computed here, rounded to the dtype, and kept as :class:`Floats`; level 0's
+new raw values become tensors (one ``tensor`` and one ``split``), the levels above only where :func:`tensors` is
+called. Those tensors are the core's state, field for field: a checkpoint, or the tensor path, cannot tell which path
+wrote it. Keeping floats between steps also keeps the several hundred small tensors, views and NamedTuples a tall
+tower's levels are made of from being built every step, and so from driving Python's cyclic garbage collector.
 
 The arithmetic is that of :mod:`hypergrad.rules` (the built-in rules' ``update`` and closed-form ``vjp``), operation
 by operation, in float64: in a float64 tower it agrees with the tensor path to round-off (tested to 1e-12 for one
@@ -621,8 +624,8 @@ def _hyper_chain(static: list[_Level], raw: list, after: list, upstream: list[Ve
 # tensor path each of these is one IEEE operation in the tensors' dtype, rounded once: the product h * lr, the
 # difference raw - h * lr, the one-term dot product u . g (summed over param groups in their order) and its negation.
 # Here each is the same IEEE operation on numpy float32 scalars (float32) or Python floats (float64), so both paths
-# agree bit for bit; any other dtype takes the float64 path above. What is kept between steps is checked as for
-# _Kept: identity of the state's objects, version counters of the tensors written.
+# agree bit for bit; any other dtype takes the float64 path above. What is kept between steps is checked by
+# identity of the state's objects and version counters of the tensors written (_guards).
 class _SGDKept(NamedTuple):
     plan: Plan
     hp0: list[Tensor]  # the list of level 0's raw tensors

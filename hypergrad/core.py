@@ -38,11 +38,16 @@ through the last step only, holding the previous weights, gradients and states c
 product ``u . d delta / d h`` is :meth:`Rule.vjp <hypergrad.rules.Rule.vjp>`: by default autograd through the rule's
 own ``update``, replayed on what the core kept of the last step (its gradient and state before); a built-in rule
 overrides it with a closed form that reads only its own state (tests compare every closed form with the default and
-with finite differences). Nothing is recorded between steps: the state is plain tensors.
+with finite differences). Nothing is recorded between steps: the state is plain tensors (or plain floats, below).
 
 **State.** Everything lives in :class:`TowerState`: the step count, each level's raw hyperparameters and rule states,
 and per learning level a :class:`Trace` of the last step (the values used, and the gradient and earlier state where
-the rule's vjp reads them). A checkpoint is the state; a restored state continues bit for bit.
+the rule's vjp reads them). A checkpoint is the state; a restored state continues bit for bit. Where levels 1..top
+run as Python floats (below), ``update(..., lazy=True)`` may leave them as floats: the state's ``levels`` and ``trace``
+then hold level 0's entries alone and ``floats`` holds the rest, rounded to the dtype, i.e. exactly the values their
+tensors would hold. :func:`materialize` builds those tensors (a checkpoint, a reader of the hyperparameters);
+:func:`update` and :func:`hypergradients` take either form and compute the same results bit for bit.
+:class:`hypergrad.HyperOptimizer` steps lazily and builds the tensors only when its state is read.
 
 **Ownership.** :func:`update` keeps no reference to ``grads``: where a rule's state (or the trace) keeps a gradient,
 the core keeps a copy, so a caller may zero or reuse gradient buffers in place (``zero_grad(set_to_none=False)``, DDP
