@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 __all__ = ["applies", "derivative", "forward", "hypergradients", "ieee", "supports", "update"]
 
 Vec = list[float]
-Guards = tuple[tuple[Tensor, ...], tuple[int, ...]]  # tensors, and their version counters when recorded
 
 
 class _Math(NamedTuple):
@@ -323,21 +322,6 @@ def _keep(table: dict[int, Any], plan: Plan, entry: Any) -> None:
     table[id(plan)] = entry
 
 
-def _valid(table: dict[int, Any], plan: Plan) -> Any:
-    entry = table.get(id(plan))
-    if entry is None or entry.plan is not plan or any(t._version != v for t, v in zip(*entry.guards, strict=True)):
-        return None
-    return entry
-
-
-def _guards(tensors: Sequence[Tensor]) -> Guards:
-    # Two tuples rather than a pair per tensor: fewer objects for Python's cyclic garbage collector to track (a tall
-    # tower's step writes hundreds of them, and every one that outlives a collection makes the next full one come
-    # sooner: a full collection scans every object of the process, torch's included).
-    tensors = tuple(tensors)
-    return tensors, tuple(t._version for t in tensors)
-
-
 class _Reader:
     """Collects the tensors whose values are not kept, then reads them all with one ``cat`` and one ``tolist``."""
 
@@ -420,8 +404,8 @@ def _floats(plan: Plan, state: TowerState) -> Floats | None:
 
 def lazy(plan: Plan) -> bool:
     """Whether the core may keep ``plan``'s levels 1..top as :class:`Floats` between steps: wherever it hands them to
-    this module, but for the exact plain-SGD towers (which keep their own floats, checked by identity)."""
-    return applies(plan) and _kind(plan) != "sgd"
+    this module."""
+    return applies(plan)
 
 
 def readable(plan: Plan, state: TowerState) -> bool:
@@ -438,7 +422,7 @@ def _read_levels(state: TowerState, reader: _Reader, raw_ks: range, state_ks: ra
     fl = state.floats
     raw: list[Any] = []
     for k in raw_ks:
-        if fl is not None and (k or (levels[0].hp is fl.hp0 and fl.base._version == fl.version)):
+        if fl is not None and (k or _level0_kept(fl, state)):
             raw.append(fl.raw[k])
         else:
             raw.append(_Slots(reader.add(h) for h in levels[k].hp))
@@ -456,8 +440,8 @@ def update(plan: Plan, state: TowerState, hypergrads: Sequence[Sequence[Tensor]]
     if _kind(plan) == "sgd":
         num = _number(state.levels[0].hp[0].dtype)
         if num is not None:
-            hp0, levels, traces = _sgd_update(plan, state, hypergrads, num)  # type: ignore[arg-type]
-            return hp0, levels, traces[::-1], None
+            fl = _sgd_update(plan, state, hypergrads, num)
+            return fl.hp0, None, None, fl
     static = _static(plan)
     top = plan.height
     reader = _Reader()
@@ -465,7 +449,7 @@ def update(plan: Plan, state: TowerState, hypergrads: Sequence[Sequence[Tensor]]
     states = [None, *states]
     hyper: Any
     if isinstance(hypergrads, Hyper):
-        hyper = hypergrads.vectors
+        hyper = [list(level) for level in hypergrads.vectors]
     else:
         hyper = _Slots(_Slots(reader.add(h) for h in level) for level in hypergrads)
     reader.read()
@@ -555,6 +539,11 @@ def finite(fl: Floats) -> bool:
 
 def hyper_floats(plan: Plan, state: TowerState, level0: Sequence[Tensor]) -> Hyper:
     """The hypergradients of levels 0..top-1 as floats, from level 0's (``level0``: one per param group)."""
+    if _kind(plan) == "sgd":
+        num = _number(level0[0].dtype)
+        if num is not None:
+            ups, out = _sgd_hyper(plan, state, level0, num)
+            return Hyper([[(float(u),) for u in ups], *([(float(h),)] for h in out)])
     top = plan.height
     reader = _Reader()
     slots = _Slots(reader.add(h) for h in level0)
@@ -624,28 +613,8 @@ def _hyper_chain(static: list[_Level], raw: list, after: list, upstream: list[Ve
 # tensor path each of these is one IEEE operation in the tensors' dtype, rounded once: the product h * lr, the
 # difference raw - h * lr, the one-term dot product u . g (summed over param groups in their order) and its negation.
 # Here each is the same IEEE operation on numpy float32 scalars (float32) or Python floats (float64), so both paths
-# agree bit for bit; any other dtype takes the float64 path above. What is kept between steps is checked by
-# identity of the state's objects and version counters of the tensors written (_guards).
-class _SGDKept(NamedTuple):
-    plan: Plan
-    hp0: list[Tensor]  # the list of level 0's raw tensors
-    levels: list[Any]  # the LevelState objects of levels 1..top
-    raw: tuple[Any, ...]  # the raw values of levels 0..top-1 (one per group at level 0), numbers of the dtype
-    grads: tuple[Any, ...]  # the hypergradients the states of levels 1..top-1 keep (SGDState.grad), in that order
-    guards: Guards
-
-
-class _SGDHyper(NamedTuple):
-    plan: Plan
-    tensors: list[Tensor]  # the hypergradients of levels 0..top-1 last handed to the core, flat
-    values: tuple[Any, ...]  # their values, numbers of the dtype
-    guards: Guards
-
-
-_SGD_KEPT: dict[int, _SGDKept] = {}
-_SGD_HYPER: dict[int, _SGDHyper] = {}
-
-
+# agree bit for bit; any other dtype takes the float64 path above. The state is written as Floats, as there: the
+# numbers of the dtype as Python floats (exact: a float32 number is a float64 one).
 def _number(dtype: torch.dtype) -> Any:
     """The scalar type whose arithmetic is the dtype's (IEEE, rounded once per operation); None for another."""
     return np.float32 if dtype == torch.float32 else float if dtype == torch.float64 else None
@@ -659,29 +628,25 @@ def _read(tensors: list[Tensor], num: Any) -> tuple[Any, ...]:
     return tuple(flat) if num is float else tuple(num(x) for x in flat)
 
 
-def _same_levels(kept: _SGDKept | None, levels: Sequence[Any], top: int) -> bool:
-    """Whether levels 1..top-1 are the very ones written at the last step (then their kept numbers are theirs)."""
-    if kept is None:
-        return False
-    written = kept.levels
-    return all(levels[k] is written[k - 1] for k in range(1, top))
+def _level0_kept(fl: Floats | None, state: TowerState) -> bool:
+    """Whether ``fl`` holds level 0's raw values: its tensors are the ones written with them, unchanged since."""
+    return fl is not None and state.levels[0].hp is fl.hp0 and fl.base._version == fl.version
 
 
 # One flat layout for every vector here: level 0's values, one per param group, then one value per level 1..top-1.
 # The raw values, the hypergradients and what the states keep all line up in it: the hypergradient at index i is that
 # of the raw value at index i, and the gradient level k keeps is the hypergradient it received at the last step.
-def _sgd_hypergradients(plan: Plan, state: TowerState, level0: Sequence[Tensor], num: Any) -> list[list[Tensor]]:
+def _sgd_hyper(plan: Plan, state: TowerState, level0: Sequence[Tensor], num: Any) -> tuple[tuple, list]:
+    """Level 0's hypergradients (one per group) and those of levels 1..top-1, numbers of the dtype."""
     top = plan.height
     ups = _read(list(level0), num)
     if top < 2:
-        _keep(_SGD_HYPER, plan, _SGDHyper(plan, list(level0), ups, _guards(level0)))
-        return []
-    kept = _valid(_SGD_KEPT, plan)
-    levels = state.levels
-    if _same_levels(kept, levels, top):
-        grads = kept.grads  # type: ignore[union-attr]
+        return ups, []
+    fl = _floats(plan, state)
+    if fl is not None:
+        grads = tuple(num(s[1][0]) for k in range(1, top) for s in fl.states[k])
     else:
-        grads = _read([s.grad for k in range(1, top) for s in levels[k].rule], num)
+        grads = _read([s.grad for k in range(1, top) for s in state.levels[k].rule], num)
     n0 = len(ups)
     with np.errstate(all="ignore"):  # overflow is inf, as in torch, not a warning
         s = ups[0] * grads[0]  # level 1: the sum over param groups of u . d (g * lr) / d lr, in their order
@@ -692,34 +657,34 @@ def _sgd_hypergradients(plan: Plan, state: TowerState, level0: Sequence[Tensor],
         for i in range(n0, n0 + top - 2):  # levels 2..top-1: one term each
             h = -(h * grads[i])
             out.append(h)
+    return ups, out
+
+
+def _sgd_hypergradients(plan: Plan, state: TowerState, level0: Sequence[Tensor], num: Any) -> list[list[Tensor]]:
+    _, out = _sgd_hyper(plan, state, level0, num)
+    if not out:
+        return []
     like = level0[0]
     flat = torch.tensor([float(h) for h in out], dtype=like.dtype, device=like.device)
-    views = flat.view(-1, 1).unbind()  # (1,) views, as torch.stack([-s]) makes on the tensor path
-    _keep(_SGD_HYPER, plan, _SGDHyper(plan, [*level0, *views], (*ups, *out), _guards([flat, *level0])))
-    return [[v] for v in views]
+    return [[v] for v in flat.view(-1, 1).unbind()]  # (1,) views, as torch.stack([-s]) makes on the tensor path
 
 
-def _sgd_update(plan: Plan, state: TowerState, hypergrads: Sequence[Sequence[Tensor]], num: Any):
-    from hypergrad.core import LevelState, Trace
-
+def _sgd_update(plan: Plan, state: TowerState, hypergrads: Sequence[Sequence[Tensor]] | Hyper, num: Any) -> Floats:
     top = plan.height
     levels = state.levels
-    flat_hyper = [h for level in hypergrads for h in level]
-    known = _valid(_SGD_HYPER, plan)
-    if (
-        known is not None
-        and len(known.tensors) == len(flat_hyper)
-        and all(a is b for a, b in zip(known.tensors, flat_hyper, strict=True))
-    ):
-        hyper = known.values
+    if isinstance(hypergrads, Hyper):
+        hyper = tuple(num(v[0]) for level in hypergrads.vectors for v in level)
+        counts = [len(level) for level in hypergrads.vectors]
     else:
-        hyper = _read(flat_hyper, num)
-    kept = _valid(_SGD_KEPT, plan)
+        hyper = _read([h for level in hypergrads for h in level], num)
+        counts = [len(level) for level in hypergrads]
+    fl = _floats(plan, state)
     hp0 = levels[0].hp
     n0 = len(hp0)
-    if _same_levels(kept, levels, top):
-        above = kept.raw[n0:]  # type: ignore[union-attr]
-        raw = (*(kept.raw[:n0] if hp0 is kept.hp0 else _read(hp0, num)), *above)  # type: ignore[union-attr]
+    if fl is not None:
+        above = tuple(num(fl.raw[k][0][0]) for k in range(1, top))
+        below = tuple(num(v[0]) for v in fl.raw[0]) if _level0_kept(fl, state) else _read(hp0, num)
+        raw = (*below, *above)
     else:
         raw = _read([*hp0, *(levels[k].hp[0] for k in range(1, top))], num)
 
@@ -734,21 +699,22 @@ def _sgd_update(plan: Plan, state: TowerState, hypergrads: Sequence[Sequence[Ten
             new[i] = raw[i] - hyper[i] * lr
 
     like = hp0[0]
-    base = torch.tensor([float(x) for x in new], dtype=like.dtype, device=like.device)
-    views = base.view(-1, 1).unbind()  # one (1,) view per raw vector
-    scalars = base.unbind()  # the natural values the traces hold (identity: the raw value itself)
-    new_hp0 = list(views[:n0])
-    out_levels = []
-    traces = []
-    for k in range(1, top):  # the state keeps the hypergradient it received (d delta / d lr), as SGDRule.update does
-        hp = [views[n0 + k - 1]]
-        received = hypergrads[k - 1]
-        out_levels.append(LevelState(hp, [SGDState(None, g) for g in received]))
-        values = dict(plan.initial[k][0])
-        values["lr"] = scalars[n0 + k - 1]
-        traces.append(Trace(hp, [values], None, None, None))
-    out_levels.append(LevelState([], [SGDState(None) for _ in hypergrads[top - 1]]))
-    n_kept = n0 + top - 2 if top > 1 else 0  # what levels 1..top-1 keep: the hypergradients they received
-    guards = _guards([base, *flat_hyper[:n_kept]])
-    _keep(_SGD_KEPT, plan, _SGDKept(plan, new_hp0, out_levels, tuple(new), tuple(hyper[:n_kept]), guards))
-    return new_hp0, out_levels, traces[::-1]
+    values = [float(x) for x in new]
+    base = torch.tensor(values[:n0], dtype=like.dtype, device=like.device)
+    hp = list(base.view(-1, 1).unbind())  # one (1,) view per group
+    # The state as floats: each level k < top keeps the hypergradient it received (d delta / d lr, SGDRule.update).
+    received = [float(h) for h in hyper]
+    states: list[Any] = [None]
+    offset = 0
+    for k in range(1, top + 1):
+        n = counts[k - 1]
+        keep = k < top
+        states.append(tuple((None, (received[offset + i],) if keep else None, None) for i in range(n)))
+        offset += n
+    level_values: list[Any] = [None]
+    for k in range(1, top):
+        vals = dict(plan.initial[k][0])
+        vals["lr"] = values[n0 + k - 1]
+        level_values.append(vals)
+    raw_out = (tuple((v,) for v in values[:n0]), *(((v,),) for v in values[n0:]))
+    return Floats(plan, like.dtype, like.device, hp, base, base._version, raw_out, tuple(states), tuple(level_values))

@@ -231,7 +231,11 @@ def test_plain_sgd_floats_read_what_was_written_between_steps(monkeypatch) -> No
     assert_bitwise(fast, run_tall_sgd(torch.float32, write=write))
 
 
-FLOAT_TOWERS = ["adam(0.01)" + "/adam(1e-4)" * 3, "rmsprop(0.01, gamma=0.9)/adagrad(1e-2)/rmsprop(1e-3)/sgd(1e-3)"]
+FLOAT_TOWERS = [
+    "adam(0.01)" + "/adam(1e-4)" * 3,
+    "rmsprop(0.01, gamma=0.9)/adagrad(1e-2)/rmsprop(1e-3)/sgd(1e-3)",
+    TALL_SGD,  # the exact plain-SGD chain keeps its floats the same way
+]
 
 
 def run_kept(spec: str, dtype, read_each_step: bool, write=None, steps: int = 6) -> list[torch.Tensor]:
