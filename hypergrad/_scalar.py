@@ -125,12 +125,12 @@ def supports(plan: Plan) -> bool:
 
 
 def applies(plan: Plan) -> bool:
-    """Whether the core hands ``plan``'s hyper levels to this module: where :func:`supports` and one of them is more
-    than plain SGD (an Adam level is a hundred tensor operations, and the floats win), or where there are at least
-    ``_SGD_FROM`` of them, all plain SGD on one number each (:func:`_plain_sgd`: computed exactly). Other plain SGD
-    levels stay in tensors: a handful of tensor operations costs about what reading and writing floats costs, and a
-    dot product of several numbers is summed in the BLAS library's order, which floats would not reproduce bit for
-    bit."""
+    """Whether the core hands ``plan``'s hyper levels to this module: where :func:`supports`, there are at least
+    ``_FLOATS_FROM`` of them and one is more than plain SGD (an Adam level is a hundred tensor operations, and the
+    floats win), or where there are at least ``_SGD_FROM`` of them, all plain SGD on one number each
+    (:func:`_plain_sgd`: computed exactly). Other towers stay in tensors: a few levels' tensor operations cost about
+    what reading and writing floats costs, and a dot product of several numbers is summed in the BLAS library's
+    order, which floats would not reproduce bit for bit."""
     return _kind(plan) is not None
 
 
@@ -144,7 +144,7 @@ def _kind(plan: Plan) -> str | None:
     if supports(plan):
         if _plain_sgd(plan):
             out = "sgd" if plan.height >= _SGD_FROM else None
-        elif not all(_plain(plan, k) for k in range(1, plan.height + 1)):
+        elif plan.height >= _FLOATS_FROM and not all(_plain(plan, k) for k in range(1, plan.height + 1)):
             out = "floats"
     _keep(_KIND, plan, (plan, out))
     return out
@@ -156,6 +156,12 @@ _KIND: dict[int, tuple[Plan, str | None]] = {}
 # level cost less than reading and writing the floats (measured on the MNIST MLP, CPU, one thread, step alone,
 # interleaved in one process: floats/tensors 1.14 at height 1, 1.13 at 3, 1.12 at 5, 0.98 at 8, 0.88 at 12, 0.62 at 50).
 _SGD_FROM = 8
+# From this height on, a tower with a level above the first that is more than plain SGD runs its levels as floats.
+# With one level, the level's tensor operations cost less than reading, computing and writing the floats (measured on
+# the MNIST MLP, CPU, one thread, optimizer step alone, interleaved in one process, three sittings at load 3-4:
+# floats/tensors 1.03-1.06 for adam/adam, 1.10-1.13 for sgd/adam, 1.03-1.16 for adam/sgd(momentum); 0.91-0.99 for
+# adam/adam/adam, and lower from there: 0.68-0.94 with three Adam levels).
+_FLOATS_FROM = 2
 
 
 def _plain(plan: Plan, k: int) -> bool:

@@ -61,9 +61,10 @@ that masks members passes its own ``hypergrads`` to :func:`update` (e.g. zeros f
 
 **Speed, same results.** Without population dimensions, a built-in rule at level 0 other than plain SGD runs as one
 multi-tensor (``torch._foreach_*``) operation per param group (:mod:`hypergrad._foreach`: updates bitwise those of
-the rule, vjps to round-off), and levels 1..top run as Python floats (:mod:`hypergrad._scalar`) when one of them is
-more than plain SGD (to round-off), or when they are many levels of plain SGD on one number each (bit for bit). Both
-write exactly this module's state; anything else takes the per-tensor path below. ``make_plan(..., compile=True)``
+the rule, vjps to round-off), and levels 1..top run as Python floats (:mod:`hypergrad._scalar`) when there are two or
+more and one of them is more than plain SGD (to round-off), or when they are many levels of plain SGD on one number
+each (bit for bit). Both write exactly this module's state (or its floats, with ``lazy=True``); anything else takes
+the per-tensor path below. ``make_plan(..., compile=True)``
 (opt-in) runs level 0's multi-tensor update and vjp through ``torch.compile`` (to round-off; :mod:`hypergrad._foreach`
 says why no step compiles again once the state has settled).
 """

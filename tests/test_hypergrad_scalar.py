@@ -114,8 +114,10 @@ def test_a_state_written_by_the_float_path_continues_on_the_tensor_path(monkeypa
 
 
 def test_the_core_takes_the_floats_where_a_hyper_level_is_more_than_plain_sgd() -> None:
-    assert _scalar.applies(trained("sgd(0.1)/adam(1e-3)", 1)[0]._plan)
-    assert _scalar.applies(trained("sgd(0.1)/sgd(1e-3, momentum=0.5)", 1)[0]._plan)
+    assert _scalar.applies(trained("sgd(0.1)/adam(1e-3)/sgd(1e-4)", 1)[0]._plan)
+    assert _scalar.applies(trained("sgd(0.1)/sgd(1e-3, momentum=0.5)/sgd(1e-4)", 1)[0]._plan)
+    # One level alone costs less in tensors (_scalar._FLOATS_FROM), which are then the rules' own operations.
+    assert not _scalar.applies(trained("sgd(0.1)/adam(1e-3)", 1)[0]._plan)
     plain = trained("adam(0.01)/sgd(1e-3)/sgd(1e-3)", 1)[0]._plan
     assert _scalar.supports(plain) and not _scalar.applies(plain)
 
@@ -123,7 +125,7 @@ def test_the_core_takes_the_floats_where_a_hyper_level_is_more_than_plain_sgd() 
 def test_population_and_wrapped_rules_keep_the_tensor_path() -> None:
     import dataclasses
 
-    opt, _ = trained("adam(0.01)/adam(1e-3)", 1)
+    opt, _ = trained("adam(0.01)/adam(1e-3)/adam(1e-4)", 1)
     assert _scalar.applies(opt._plan)
     assert not _scalar.applies(dataclasses.replace(opt._plan, batch_shape=(3,)))
     stable = hypergrad.tower("adam(0.01)/sgd(1e-3)", [torch.zeros(2, requires_grad=True)], stable=True)
