@@ -3,9 +3,12 @@
 A level k >= 1 updates a handful of numbers (the raw learned hyperparameters of level k - 1), so in tensors its cost
 is all dispatch: tens of microseconds a level for a few flops. :func:`hypergrad.core.update` and
 :func:`hypergrad.core.hypergradients` hand levels 1..top to this module when :func:`applies`: the floats are read
-from the state (or, when the state is the one this module wrote at the last step, taken from what it kept), computed
-here, and written back as tensors with one ``tensor`` and one ``split``. The state is the core's, field for field:
-a checkpoint, or the tensor path, cannot tell which path wrote it.
+from the state's tensors, or from the :class:`Floats` a lazy state holds instead of them (see
+:func:`hypergrad.core.update`'s ``lazy``), computed here, rounded to the dtype, and kept as :class:`Floats`; level 0's
+new raw values become tensors (one ``tensor`` and one ``split``), the levels above only where :func:`tensors` is
+called. Those tensors are the core's state, field for field: a checkpoint, or the tensor path, cannot tell which path
+wrote it. Keeping floats between steps also keeps the several hundred small tensors, views and NamedTuples a tall
+tower's levels are made of from being built every step, and so from driving Python's cyclic garbage collector.
 
 The arithmetic is that of :mod:`hypergrad.rules` (the built-in rules' ``update`` and closed-form ``vjp``), operation
 by operation, in float64: in a float64 tower it agrees with the tensor path to round-off (tested to 1e-12 for one
@@ -40,7 +43,6 @@ if TYPE_CHECKING:
 __all__ = ["applies", "derivative", "forward", "hypergradients", "ieee", "supports", "update"]
 
 Vec = list[float]
-Guards = tuple[tuple[Tensor, ...], tuple[int, ...]]  # tensors, and their version counters when recorded
 
 
 class _Math(NamedTuple):
@@ -123,12 +125,12 @@ def supports(plan: Plan) -> bool:
 
 
 def applies(plan: Plan) -> bool:
-    """Whether the core hands ``plan``'s hyper levels to this module: where :func:`supports` and one of them is more
-    than plain SGD (an Adam level is a hundred tensor operations, and the floats win), or where there are at least
-    ``_SGD_FROM`` of them, all plain SGD on one number each (:func:`_plain_sgd`: computed exactly). Other plain SGD
-    levels stay in tensors: a handful of tensor operations costs about what reading and writing floats costs, and a
-    dot product of several numbers is summed in the BLAS library's order, which floats would not reproduce bit for
-    bit."""
+    """Whether the core hands ``plan``'s hyper levels to this module: where :func:`supports`, there are at least
+    ``_FLOATS_FROM`` of them and one is more than plain SGD (an Adam level is a hundred tensor operations, and the
+    floats win), or where there are at least ``_SGD_FROM`` of them, all plain SGD on one number each
+    (:func:`_plain_sgd`: computed exactly). Other towers stay in tensors: a few levels' tensor operations cost about
+    what reading and writing floats costs, and a dot product of several numbers is summed in the BLAS library's
+    order, which floats would not reproduce bit for bit."""
     return _kind(plan) is not None
 
 
@@ -142,7 +144,7 @@ def _kind(plan: Plan) -> str | None:
     if supports(plan):
         if _plain_sgd(plan):
             out = "sgd" if plan.height >= _SGD_FROM else None
-        elif not all(_plain(plan, k) for k in range(1, plan.height + 1)):
+        elif plan.height >= _FLOATS_FROM and not all(_plain(plan, k) for k in range(1, plan.height + 1)):
             out = "floats"
     _keep(_KIND, plan, (plan, out))
     return out
@@ -154,6 +156,12 @@ _KIND: dict[int, tuple[Plan, str | None]] = {}
 # level cost less than reading and writing the floats (measured on the MNIST MLP, CPU, one thread, step alone,
 # interleaved in one process: floats/tensors 1.14 at height 1, 1.13 at 3, 1.12 at 5, 0.98 at 8, 0.88 at 12, 0.62 at 50).
 _SGD_FROM = 8
+# From this height on, a tower with a level above the first that is more than plain SGD runs its levels as floats.
+# With one level, the level's tensor operations cost less than reading, computing and writing the floats (measured on
+# the MNIST MLP, CPU, one thread, optimizer step alone, interleaved in one process, three sittings at load 3-4:
+# floats/tensors 1.03-1.06 for adam/adam, 1.10-1.13 for sgd/adam, 1.03-1.16 for adam/sgd(momentum); 0.91-0.99 for
+# adam/adam/adam, and lower from there: 0.68-0.94 with three Adam levels).
+_FLOATS_FROM = 2
 
 
 def _plain(plan: Plan, k: int) -> bool:
@@ -291,50 +299,33 @@ def _static(plan: Plan) -> list[_Level]:
     return levels
 
 
-# What this module wrote at the last step of each plan, as floats: the next step takes them instead of reading the
-# tensors back, for every level whose state holds the very objects written (checked by identity; the core never
-# writes a tensor in place, and a state changed in between, by load_state_dict or a scheduler's write, holds new
-# objects). A write in place into one of these tensors is caught too: each tensor written is a view of one new tensor
-# per step, and views share their base's version counter.
-class _Kept(NamedTuple):
+class Floats(NamedTuple):
+    """Levels 1..top of a state as the floats :func:`update` computed, rounded to the tower's dtype: what a state
+    holds in ``TowerState.floats`` between steps instead of their tensors (``core.update(..., lazy=True)``).
+    :func:`tensors` builds those tensors, field for field the ones the tensor path writes, when something reads them.
+    Tuples of floats only: Python's cyclic garbage collector stops tracking them at their first collection."""
+
     plan: Plan
-    hp0: list[Tensor]  # the list of level 0's raw tensors
-    levels: list[Any]  # the LevelState objects of levels 1..top
-    raw: list[list[Vec]]  # raw vectors of levels 0..top-1
-    states: list[Any]  # per level 1..top: per tensor, the fields' vectors (None where the field is None)
-    guards: Guards  # the tensors written or kept, and their versions then
+    dtype: torch.dtype
+    device: torch.device
+    hp0: list[Tensor]  # the level-0 raw tensors written with these floats (their values are raw[0])
+    base: Tensor  # the tensor those are views of, and its version counter then: an in-place write is seen
+    version: int
+    raw: tuple[tuple[tuple[float, ...], ...], ...]  # per level 0..top-1, per vector: the raw values
+    states: tuple[Any, ...]  # per level 1..top (None at 0), per tensor: the fields' vectors (None where None)
+    values: tuple[Any, ...]  # per level 1..top-1 (None at 0): the natural values the level used, as floats
 
 
-class _Hyper(NamedTuple):
-    plan: Plan
-    tensors: list[Tensor]  # the hypergradients of levels 0..top-1 last handed to the core, flat
-    floats: list[Vec]
-    guards: Guards
+class Hyper(NamedTuple):
+    """The hypergradients of levels 0..top-1 as floats (what :func:`update` reads; see :func:`hyper_floats`)."""
 
-
-_KEPT: dict[int, _Kept] = {}
-_HYPER: dict[int, _Hyper] = {}
+    vectors: list[list[Any]]  # per level, per vector it updates
 
 
 def _keep(table: dict[int, Any], plan: Plan, entry: Any) -> None:
     if len(table) > 64 and id(plan) not in table:  # plans of optimizers long gone
         table.clear()
     table[id(plan)] = entry
-
-
-def _valid(table: dict[int, Any], plan: Plan) -> Any:
-    entry = table.get(id(plan))
-    if entry is None or entry.plan is not plan or any(t._version != v for t, v in zip(*entry.guards, strict=True)):
-        return None
-    return entry
-
-
-def _guards(tensors: Sequence[Tensor]) -> Guards:
-    # Two tuples rather than a pair per tensor: fewer objects for Python's cyclic garbage collector to track (a tall
-    # tower's step writes hundreds of them, and every one that outlives a collection makes the next full one come
-    # sooner: a full collection scans every object of the process, torch's included).
-    tensors = tuple(tensors)
-    return tensors, tuple(t._version for t in tensors)
 
 
 class _Reader:
@@ -372,17 +363,21 @@ class _Slots(list):
     """A structure of slots of a :class:`_Reader` (ints, as ``add`` returned), to fill once it has read."""
 
 
-def _tensor(vectors: list[Vec], like: Tensor) -> tuple[Tensor, list[Vec]]:
-    """One tensor of the vectors' values in ``like``'s dtype, and the vectors as stored (rounded to that dtype): what
-    the next step reads must be what a checkpoint of this state holds."""
-    t = torch.tensor([x for v in vectors for x in v], dtype=like.dtype, device=like.device)
-    if like.dtype == torch.float64:
-        return t, [tuple(v) for v in vectors]
-    flat, out, i = t.tolist(), [], 0
+def _round(vectors: list[Vec], dtype: torch.dtype) -> list[tuple[float, ...]]:
+    """The vectors as the dtype stores them (float32: each value rounded once to nearest, as ``torch.tensor`` does):
+    what the next step reads must be what a checkpoint of this state holds."""
+    flat = [x for v in vectors for x in v]
+    if dtype == torch.float64:
+        pass
+    elif dtype == torch.float32:
+        flat = np.asarray(flat, dtype=np.float64).astype(np.float32).tolist()
+    else:
+        flat = torch.tensor(flat, dtype=dtype).tolist()
+    out, i = [], 0
     for v in vectors:
         out.append(tuple(flat[i : i + len(v)]))
         i += len(v)
-    return t, out
+    return out
 
 
 def _chain(static: list[_Level], raw: list, states: list, hyper: list, step: int, ops: _Math):
@@ -407,121 +402,173 @@ def _chain(static: list[_Level], raw: list, states: list, hyper: list, step: int
     return values, new_states, new_raw
 
 
-def _read_levels(state: TowerState, reader: _Reader, kept: _Kept | None, raw_ks: range, state_ks: range):
-    """Per level in ``raw_ks`` its raw vectors, per level in ``state_ks`` its rule states' field vectors: the floats
-    kept at the last step where the level is the one written then, else slots of ``reader``."""
+def _floats(plan: Plan, state: TowerState) -> Floats | None:
+    """The state's levels 1..top as floats, where it holds them for this plan."""
+    fl = state.floats
+    return fl if fl is not None and fl.plan is plan else None
+
+
+def lazy(plan: Plan) -> bool:
+    """Whether the core may keep ``plan``'s levels 1..top as :class:`Floats` between steps: wherever it hands them to
+    this module."""
+    return applies(plan)
+
+
+def readable(plan: Plan, state: TowerState) -> bool:
+    """Whether this module reads ``state`` for ``plan`` as it is: a state whose levels 1..top are tensors, or floats
+    that :func:`update` wrote for this very plan."""
+    return state.floats is None or (state.floats.plan is plan and lazy(plan))
+
+
+def _read_levels(state: TowerState, reader: _Reader, raw_ks: range, state_ks: range):
+    """Per level in ``raw_ks`` its raw vectors, per level in ``state_ks`` its rule states' field vectors: the state's
+    floats where it holds them (level 0's only while its tensors are the ones written with them, unchanged), else
+    slots of ``reader``."""
     levels = state.levels
-
-    def is_kept(k: int) -> bool:
-        return kept is not None and (levels[0].hp is kept.hp0 if k == 0 else levels[k] is kept.levels[k - 1])
-
-    raw = [kept.raw[k] if is_kept(k) else _Slots(reader.add(h) for h in levels[k].hp) for k in raw_ks]  # type: ignore[union-attr]
-    states = [
-        kept.states[k]
-        if is_kept(k)
-        else _Slots([None if f is None else reader.add(f) for f in s] for s in levels[k].rule)  # type: ignore[union-attr]
-        for k in state_ks
-    ]
+    fl = state.floats
+    raw: list[Any] = []
+    for k in raw_ks:
+        if fl is not None and (k or _level0_kept(fl, state)):
+            raw.append(fl.raw[k])
+        else:
+            raw.append(_Slots(reader.add(h) for h in levels[k].hp))
+    if fl is not None:
+        return raw, [fl.states[k] for k in state_ks]
+    states = [_Slots([None if f is None else reader.add(f) for f in s] for s in levels[k].rule) for k in state_ks]
     return raw, states
 
 
-def update(plan: Plan, state: TowerState, hypergrads: Sequence[Sequence[Tensor]], step: int):
+def update(plan: Plan, state: TowerState, hypergrads: Sequence[Sequence[Tensor]] | Hyper, step: int):
     """Levels top..1 of one step of :func:`hypergrad.core.update`: ``(new raw hyperparameters of level 0, new level
-    states of levels 1..top, traces of levels top-1..1)``, exactly the core's fields."""
+    states of levels 1..top, traces of levels 1..top-1, None)``, exactly the core's fields; or, for every tower but
+    the exact plain-SGD one, ``(new raw hyperparameters of level 0, None, None, Floats)``: levels 1..top as floats,
+    whose tensors :func:`tensors` builds."""
     if _kind(plan) == "sgd":
         num = _number(state.levels[0].hp[0].dtype)
         if num is not None:
-            return _sgd_update(plan, state, hypergrads, num)
-    from hypergrad.core import LevelState, Trace
-
+            fl = _sgd_update(plan, state, hypergrads, num)
+            return fl.hp0, None, None, fl
     static = _static(plan)
     top = plan.height
     reader = _Reader()
-    raw, states = _read_levels(state, reader, _valid(_KEPT, plan), range(top), range(1, top + 1))
+    raw, states = _read_levels(state, reader, range(top), range(1, top + 1))
     states = [None, *states]
-    flat_hyper = [h for level in hypergrads for h in level]
-    known = _valid(_HYPER, plan)
-    if (
-        known is not None
-        and len(known.tensors) == len(flat_hyper)
-        and all(a is b for a, b in zip(known.tensors, flat_hyper, strict=True))
-    ):
-        hyper_flat: list[Any] = known.floats
+    hyper: Any
+    if isinstance(hypergrads, Hyper):
+        hyper = [list(level) for level in hypergrads.vectors]
     else:
-        hyper_flat = _Slots(reader.add(h) for h in flat_hyper)
+        hyper = _Slots(_Slots(reader.add(h) for h in level) for level in hypergrads)
     reader.read()
-    raw, states, hyper_flat = reader.fill(raw), reader.fill(states), reader.fill([hyper_flat])[0]
-    it = iter(hyper_flat)
-    hyper = [[next(it) for _ in level] for level in hypergrads]
+    raw, states, hyper = reader.fill(raw), reader.fill(states), reader.fill([hyper])[0]
 
     values, new_states, new_raw = ieee(_chain, static, raw, states, hyper, step)
 
-    # Write: the new vectors and scalars go into one tensor, whose views become the new fields. A vector kept
-    # unchanged (a moment before the step, a hypergradient a rule keeps) is written as the tensor it was read from,
-    # as the rules keep the tensor itself.
-    sources = {
-        id(v): t for level, vecs in zip(hypergrads, hyper, strict=True) for t, v in zip(level, vecs, strict=True)
-    }
-    for k in range(1, top + 1):
-        for s_t, s_f in zip(state.levels[k].rule, states[k], strict=True):
-            for t, f in zip(s_t, s_f, strict=True):
-                if f is not None:
-                    sources[id(f)] = t
-    new: list[Vec] = []  # the vectors to write, in order; a field refers to one by its index
-    scalars: list[float] = []
-    reused: list[Tensor] = []
-    hp_ix = []
-    for k in range(top):
-        hp_ix.append(list(range(len(new), len(new) + len(new_raw[k]))))
-        new += new_raw[k]
-    st_ix: list[Any] = [None]
-    for k in range(1, top + 1):
-        level = []
-        for s in new_states[k]:
-            fields: list[Any] = []
-            for f in s:
-                t = None if f is None else sources.get(id(f))
-                if t is not None:
-                    fields.append((t, f))
-                    reused.append(t)
-                elif f is None:
-                    fields.append(None)
-                else:
-                    fields.append(len(new))
-                    new.append(f)
-            level.append(fields)
-        st_ix.append(level)
-    val_ix: list[Any] = [None]
+    # Everything stored, rounded to the dtype in one pass: the raw vectors, the rule states' fields, the learned
+    # values each level used (the traces' values), each vector by its index in `vectors`.
+    like = state.levels[0].hp[0]
+    vectors: list[Vec] = []
+
+    def put(v: Vec) -> int:
+        vectors.append(v)
+        return len(vectors) - 1
+
+    raw_ix = [[put(v) for v in new_raw[k]] for k in range(top)]
+    state_ix = [[[None if f is None else put(f) for f in s] for s in new_states[k]] for k in range(1, top + 1)]
+    value_ix = [put([values[k][n] for n in static[k].learned]) for k in range(1, top)]
+    stored = _round(vectors, like.dtype)
+    base = torch.tensor([x for i in raw_ix[0] for x in stored[i]], dtype=like.dtype, device=like.device)
+    hp0 = list(base.split([len(stored[i]) for i in raw_ix[0]]))
+
+    def vec(i: int | None) -> Any:
+        return None if i is None else stored[i]
+
+    kept_values: list[Any] = [None]
     for k in range(1, top):
-        learned = static[k].learned
-        val_ix.append({n: (len(scalars), scalars.append(v))[0] if n in learned else v for n, v in values[k].items()})
-    base, stored = _tensor([*new, scalars], state.levels[0].hp[0])
-    parts = base.split([len(v) for v in stored])
-    made = parts[-1].unbind() if scalars else ()
+        vals = dict(values[k])
+        vals.update(zip(static[k].learned, stored[value_ix[k - 1]], strict=True))
+        kept_values.append(vals)
+    floats = Floats(
+        plan,
+        like.dtype,
+        like.device,
+        hp0,
+        base,
+        base._version,
+        tuple(tuple(stored[i] for i in ix) for ix in raw_ix),
+        (None, *(tuple(tuple(vec(i) for i in fields) for fields in level) for level in state_ix)),
+        tuple(kept_values),
+    )
+    return hp0, None, None, floats
 
-    def tensor(x: Any) -> Any:
-        return None if x is None else parts[x] if type(x) is int else x[0]
 
-    def floats(x: Any) -> Any:
-        return None if x is None else stored[x] if type(x) is int else x[1]
+def tensors(fl: Floats) -> tuple[list[Any], list[Any]]:
+    """The tensors of levels 1..top that ``fl`` holds as floats: their :class:`~hypergrad.core.LevelState` s and
+    the :class:`~hypergrad.core.Trace` s of levels 1..top-1, as the core's tensor path writes them (one tensor of
+    every value, whose views are the fields; the learned values are 0-dim views)."""
+    from hypergrad.core import LevelState, Trace
 
-    new_hp = [[parts[i] for i in hp_ix[k]] for k in range(top)]
-    out_levels = []
+    plan = fl.plan
+    static = _static(plan)
+    top = plan.height
+    vectors: list[Any] = []
+
+    def put(v: Any) -> int | None:
+        if v is None:
+            return None
+        vectors.append(v)
+        return len(vectors) - 1
+
+    hp_ix = [put(fl.raw[k][0]) for k in range(1, top)]
+    state_ix = [[[put(f) for f in fields] for fields in fl.states[k]] for k in range(1, top + 1)]
+    scalars = [fl.values[k][n] for k in range(1, top) for n in static[k].learned]
+    flat = torch.tensor([x for v in vectors for x in v] + scalars, dtype=fl.dtype, device=fl.device)
+    parts = flat.split([len(v) for v in vectors] + [len(scalars)])
+    made = iter(parts[-1].unbind())
+    levels, traces = [], []
     for k in range(1, top + 1):
+        hp = [parts[hp_ix[k - 1]]] if k < top else []  # type: ignore[index]
         kind = _STATE_TYPE[type(plan.rules[k])]
-        rule_states = [kind(*[tensor(x) for x in fields]) for fields in st_ix[k]]
-        out_levels.append(LevelState(new_hp[k] if k < top else [], rule_states))
-    traces = []
-    for k in range(top - 1, 0, -1):
-        vals = {n: made[x] if n in static[k].learned else x for n, x in val_ix[k].items()}
-        # Built-in rules' vjps read only the state after the step (vjp_needs_inputs is False): nothing else to keep.
-        traces.append(Trace(new_hp[k], [vals], None, None, None))
-    # What the next step reads: the floats as stored, level by level.
-    kept_raw = [tuple(stored[i] for i in hp_ix[k]) for k in range(top)]
-    kept_states = [None] + [tuple(tuple(floats(x) for x in fields) for fields in st_ix[k]) for k in range(1, top + 1)]
-    guards = _guards([base, *reused])
-    _keep(_KEPT, plan, _Kept(plan, new_hp[0], out_levels, kept_raw, kept_states, guards))
-    return new_hp[0], out_levels, traces
+        rule_states = [kind(*[None if i is None else parts[i] for i in fields]) for fields in state_ix[k - 1]]
+        levels.append(LevelState(hp, rule_states))
+        if k < top:
+            learned = static[k].learned
+            vals = {n: next(made) if n in learned else v for n, v in fl.values[k].items()}
+            # Built-in rules' vjps read only the state after the step (vjp_needs_inputs is False): nothing else kept.
+            traces.append(Trace(hp, [vals], None, None, None))
+    return levels, traces
+
+
+def finite(fl: Floats) -> bool:
+    """Whether every raw hyperparameter ``fl`` holds is finite."""
+    return all(math.isfinite(x) for level in fl.raw for v in level for x in v)
+
+
+def hyper_floats(plan: Plan, state: TowerState, level0: Sequence[Tensor]) -> Hyper:
+    """The hypergradients of levels 0..top-1 as floats, from level 0's (``level0``: one per param group)."""
+    if _kind(plan) == "sgd":
+        num = _number(level0[0].dtype)
+        if num is not None:
+            ups, out = _sgd_hyper(plan, state, level0, num)
+            return Hyper([[(float(u),) for u in ups], *([(float(h),)] for h in out)])
+    top = plan.height
+    reader = _Reader()
+    slots = _Slots(reader.add(h) for h in level0)
+    if top < 2:
+        reader.read()
+        return Hyper([reader.fill([slots])[0]])
+    static = _static(plan)
+    raw, after = _read_levels(state, reader, range(1, top), range(1, top))
+    if state.floats is None:
+        traces = state.trace
+        for k in range(1, top):  # the values level k used: its current ones, unless the trace holds others
+            if traces[k].hp is not state.levels[k].hp:
+                raw[k - 1] = _Slots(reader.add(h) for h in traces[k].hp)
+    reader.read()
+    upstream = reader.fill([slots])[0]
+    raw, after = reader.fill(raw), reader.fill(after)
+    raw, after = [None, *(r[0] for r in raw)], [None, *after]
+    out = ieee(_hyper_chain, static, raw, after, upstream, state.step)
+    return Hyper([list(upstream), *([v] for v in _round(out, level0[0].dtype))])
 
 
 def hypergradients(plan: Plan, state: TowerState, level0: Sequence[Tensor]) -> list[list[Tensor]]:
@@ -531,28 +578,12 @@ def hypergradients(plan: Plan, state: TowerState, level0: Sequence[Tensor]) -> l
         num = _number(level0[0].dtype)
         if num is not None:
             return _sgd_hypergradients(plan, state, level0, num)
-    top = plan.height
-    reader = _Reader()
-    slots = _Slots(reader.add(h) for h in level0)
-    if top < 2:
-        reader.read()
-        _keep(_HYPER, plan, _Hyper(plan, list(level0), reader.fill([slots])[0], _guards(level0)))
+    out = [v[0] for v in hyper_floats(plan, state, level0).vectors[1:]]
+    if not out:
         return []
-    static = _static(plan)
-    raw, after = _read_levels(state, reader, _valid(_KEPT, plan), range(1, top), range(1, top))
-    traces = state.trace
-    for k in range(1, top):  # the values level k used: its current ones, unless the trace holds others
-        if traces[k].hp is not state.levels[k].hp:
-            raw[k - 1] = _Slots(reader.add(h) for h in traces[k].hp)
-    reader.read()
-    upstream = reader.fill([slots])[0]
-    raw, after = reader.fill(raw), reader.fill(after)
-    raw, after = [None, *(r[0] for r in raw)], [None, *after]
-    out = ieee(_hyper_chain, static, raw, after, upstream, state.step)
-    flat, out = _tensor(out, level0[0])
-    t = list(flat.split([len(v) for v in out]))
-    _keep(_HYPER, plan, _Hyper(plan, [*level0, *t], (*upstream, *out), _guards([flat, *level0])))
-    return [[v] for v in t]
+    like = level0[0]
+    flat = torch.tensor([x for v in out for x in v], dtype=like.dtype, device=like.device)
+    return [[v] for v in flat.split([len(v) for v in out])]
 
 
 def _hyper_chain(static: list[_Level], raw: list, after: list, upstream: list[Vec], step: int, ops: _Math) -> list:
@@ -588,28 +619,8 @@ def _hyper_chain(static: list[_Level], raw: list, after: list, upstream: list[Ve
 # tensor path each of these is one IEEE operation in the tensors' dtype, rounded once: the product h * lr, the
 # difference raw - h * lr, the one-term dot product u . g (summed over param groups in their order) and its negation.
 # Here each is the same IEEE operation on numpy float32 scalars (float32) or Python floats (float64), so both paths
-# agree bit for bit; any other dtype takes the float64 path above. What is kept between steps is checked as for
-# _Kept: identity of the state's objects, version counters of the tensors written.
-class _SGDKept(NamedTuple):
-    plan: Plan
-    hp0: list[Tensor]  # the list of level 0's raw tensors
-    levels: list[Any]  # the LevelState objects of levels 1..top
-    raw: tuple[Any, ...]  # the raw values of levels 0..top-1 (one per group at level 0), numbers of the dtype
-    grads: tuple[Any, ...]  # the hypergradients the states of levels 1..top-1 keep (SGDState.grad), in that order
-    guards: Guards
-
-
-class _SGDHyper(NamedTuple):
-    plan: Plan
-    tensors: list[Tensor]  # the hypergradients of levels 0..top-1 last handed to the core, flat
-    values: tuple[Any, ...]  # their values, numbers of the dtype
-    guards: Guards
-
-
-_SGD_KEPT: dict[int, _SGDKept] = {}
-_SGD_HYPER: dict[int, _SGDHyper] = {}
-
-
+# agree bit for bit; any other dtype takes the float64 path above. The state is written as Floats, as there: the
+# numbers of the dtype as Python floats (exact: a float32 number is a float64 one).
 def _number(dtype: torch.dtype) -> Any:
     """The scalar type whose arithmetic is the dtype's (IEEE, rounded once per operation); None for another."""
     return np.float32 if dtype == torch.float32 else float if dtype == torch.float64 else None
@@ -623,29 +634,25 @@ def _read(tensors: list[Tensor], num: Any) -> tuple[Any, ...]:
     return tuple(flat) if num is float else tuple(num(x) for x in flat)
 
 
-def _same_levels(kept: _SGDKept | None, levels: Sequence[Any], top: int) -> bool:
-    """Whether levels 1..top-1 are the very ones written at the last step (then their kept numbers are theirs)."""
-    if kept is None:
-        return False
-    written = kept.levels
-    return all(levels[k] is written[k - 1] for k in range(1, top))
+def _level0_kept(fl: Floats | None, state: TowerState) -> bool:
+    """Whether ``fl`` holds level 0's raw values: its tensors are the ones written with them, unchanged since."""
+    return fl is not None and state.levels[0].hp is fl.hp0 and fl.base._version == fl.version
 
 
 # One flat layout for every vector here: level 0's values, one per param group, then one value per level 1..top-1.
 # The raw values, the hypergradients and what the states keep all line up in it: the hypergradient at index i is that
 # of the raw value at index i, and the gradient level k keeps is the hypergradient it received at the last step.
-def _sgd_hypergradients(plan: Plan, state: TowerState, level0: Sequence[Tensor], num: Any) -> list[list[Tensor]]:
+def _sgd_hyper(plan: Plan, state: TowerState, level0: Sequence[Tensor], num: Any) -> tuple[tuple, list]:
+    """Level 0's hypergradients (one per group) and those of levels 1..top-1, numbers of the dtype."""
     top = plan.height
     ups = _read(list(level0), num)
     if top < 2:
-        _keep(_SGD_HYPER, plan, _SGDHyper(plan, list(level0), ups, _guards(level0)))
-        return []
-    kept = _valid(_SGD_KEPT, plan)
-    levels = state.levels
-    if _same_levels(kept, levels, top):
-        grads = kept.grads  # type: ignore[union-attr]
+        return ups, []
+    fl = _floats(plan, state)
+    if fl is not None:
+        grads = tuple(num(s[1][0]) for k in range(1, top) for s in fl.states[k])
     else:
-        grads = _read([s.grad for k in range(1, top) for s in levels[k].rule], num)
+        grads = _read([s.grad for k in range(1, top) for s in state.levels[k].rule], num)
     n0 = len(ups)
     with np.errstate(all="ignore"):  # overflow is inf, as in torch, not a warning
         s = ups[0] * grads[0]  # level 1: the sum over param groups of u . d (g * lr) / d lr, in their order
@@ -656,34 +663,34 @@ def _sgd_hypergradients(plan: Plan, state: TowerState, level0: Sequence[Tensor],
         for i in range(n0, n0 + top - 2):  # levels 2..top-1: one term each
             h = -(h * grads[i])
             out.append(h)
+    return ups, out
+
+
+def _sgd_hypergradients(plan: Plan, state: TowerState, level0: Sequence[Tensor], num: Any) -> list[list[Tensor]]:
+    _, out = _sgd_hyper(plan, state, level0, num)
+    if not out:
+        return []
     like = level0[0]
     flat = torch.tensor([float(h) for h in out], dtype=like.dtype, device=like.device)
-    views = flat.view(-1, 1).unbind()  # (1,) views, as torch.stack([-s]) makes on the tensor path
-    _keep(_SGD_HYPER, plan, _SGDHyper(plan, [*level0, *views], (*ups, *out), _guards([flat, *level0])))
-    return [[v] for v in views]
+    return [[v] for v in flat.view(-1, 1).unbind()]  # (1,) views, as torch.stack([-s]) makes on the tensor path
 
 
-def _sgd_update(plan: Plan, state: TowerState, hypergrads: Sequence[Sequence[Tensor]], num: Any):
-    from hypergrad.core import LevelState, Trace
-
+def _sgd_update(plan: Plan, state: TowerState, hypergrads: Sequence[Sequence[Tensor]] | Hyper, num: Any) -> Floats:
     top = plan.height
     levels = state.levels
-    flat_hyper = [h for level in hypergrads for h in level]
-    known = _valid(_SGD_HYPER, plan)
-    if (
-        known is not None
-        and len(known.tensors) == len(flat_hyper)
-        and all(a is b for a, b in zip(known.tensors, flat_hyper, strict=True))
-    ):
-        hyper = known.values
+    if isinstance(hypergrads, Hyper):
+        hyper = tuple(num(v[0]) for level in hypergrads.vectors for v in level)
+        counts = [len(level) for level in hypergrads.vectors]
     else:
-        hyper = _read(flat_hyper, num)
-    kept = _valid(_SGD_KEPT, plan)
+        hyper = _read([h for level in hypergrads for h in level], num)
+        counts = [len(level) for level in hypergrads]
+    fl = _floats(plan, state)
     hp0 = levels[0].hp
     n0 = len(hp0)
-    if _same_levels(kept, levels, top):
-        above = kept.raw[n0:]  # type: ignore[union-attr]
-        raw = (*(kept.raw[:n0] if hp0 is kept.hp0 else _read(hp0, num)), *above)  # type: ignore[union-attr]
+    if fl is not None:
+        above = tuple(num(fl.raw[k][0][0]) for k in range(1, top))
+        below = tuple(num(v[0]) for v in fl.raw[0]) if _level0_kept(fl, state) else _read(hp0, num)
+        raw = (*below, *above)
     else:
         raw = _read([*hp0, *(levels[k].hp[0] for k in range(1, top))], num)
 
@@ -698,21 +705,22 @@ def _sgd_update(plan: Plan, state: TowerState, hypergrads: Sequence[Sequence[Ten
             new[i] = raw[i] - hyper[i] * lr
 
     like = hp0[0]
-    base = torch.tensor([float(x) for x in new], dtype=like.dtype, device=like.device)
-    views = base.view(-1, 1).unbind()  # one (1,) view per raw vector
-    scalars = base.unbind()  # the natural values the traces hold (identity: the raw value itself)
-    new_hp0 = list(views[:n0])
-    out_levels = []
-    traces = []
-    for k in range(1, top):  # the state keeps the hypergradient it received (d delta / d lr), as SGDRule.update does
-        hp = [views[n0 + k - 1]]
-        received = hypergrads[k - 1]
-        out_levels.append(LevelState(hp, [SGDState(None, g) for g in received]))
-        values = dict(plan.initial[k][0])
-        values["lr"] = scalars[n0 + k - 1]
-        traces.append(Trace(hp, [values], None, None, None))
-    out_levels.append(LevelState([], [SGDState(None) for _ in hypergrads[top - 1]]))
-    n_kept = n0 + top - 2 if top > 1 else 0  # what levels 1..top-1 keep: the hypergradients they received
-    guards = _guards([base, *flat_hyper[:n_kept]])
-    _keep(_SGD_KEPT, plan, _SGDKept(plan, new_hp0, out_levels, tuple(new), tuple(hyper[:n_kept]), guards))
-    return new_hp0, out_levels, traces[::-1]
+    values = [float(x) for x in new]
+    base = torch.tensor(values[:n0], dtype=like.dtype, device=like.device)
+    hp = list(base.view(-1, 1).unbind())  # one (1,) view per group
+    # The state as floats: each level k < top keeps the hypergradient it received (d delta / d lr, SGDRule.update).
+    received = [float(h) for h in hyper]
+    states: list[Any] = [None]
+    offset = 0
+    for k in range(1, top + 1):
+        n = counts[k - 1]
+        keep = k < top
+        states.append(tuple((None, (received[offset + i],) if keep else None, None) for i in range(n)))
+        offset += n
+    level_values: list[Any] = [None]
+    for k in range(1, top):
+        vals = dict(plan.initial[k][0])
+        vals["lr"] = values[n0 + k - 1]
+        level_values.append(vals)
+    raw_out = (tuple((v,) for v in values[:n0]), *(((v,),) for v in values[n0:]))
+    return Floats(plan, like.dtype, like.device, hp, base, base._version, raw_out, tuple(states), tuple(level_values))

@@ -38,11 +38,16 @@ through the last step only, holding the previous weights, gradients and states c
 product ``u . d delta / d h`` is :meth:`Rule.vjp <hypergrad.rules.Rule.vjp>`: by default autograd through the rule's
 own ``update``, replayed on what the core kept of the last step (its gradient and state before); a built-in rule
 overrides it with a closed form that reads only its own state (tests compare every closed form with the default and
-with finite differences). Nothing is recorded between steps: the state is plain tensors.
+with finite differences). Nothing is recorded between steps: the state is plain tensors (or plain floats, below).
 
 **State.** Everything lives in :class:`TowerState`: the step count, each level's raw hyperparameters and rule states,
 and per learning level a :class:`Trace` of the last step (the values used, and the gradient and earlier state where
-the rule's vjp reads them). A checkpoint is the state; a restored state continues bit for bit.
+the rule's vjp reads them). A checkpoint is the state; a restored state continues bit for bit. Where levels 1..top
+run as Python floats (below), ``update(..., lazy=True)`` may leave them as floats: the state's ``levels`` and ``trace``
+then hold level 0's entries alone and ``floats`` holds the rest, rounded to the dtype, i.e. exactly the values their
+tensors would hold. :func:`materialize` builds those tensors (a checkpoint, a reader of the hyperparameters);
+:func:`update` and :func:`hypergradients` take either form and compute the same results bit for bit.
+:class:`hypergrad.HyperOptimizer` steps lazily and builds the tensors only when its state is read.
 
 **Ownership.** :func:`update` keeps no reference to ``grads``: where a rule's state (or the trace) keeps a gradient,
 the core keeps a copy, so a caller may zero or reuse gradient buffers in place (``zero_grad(set_to_none=False)``, DDP
@@ -56,9 +61,10 @@ that masks members passes its own ``hypergrads`` to :func:`update` (e.g. zeros f
 
 **Speed, same results.** Without population dimensions, a built-in rule at level 0 other than plain SGD runs as one
 multi-tensor (``torch._foreach_*``) operation per param group (:mod:`hypergrad._foreach`: updates bitwise those of
-the rule, vjps to round-off), and levels 1..top run as Python floats (:mod:`hypergrad._scalar`) when one of them is
-more than plain SGD (to round-off), or when they are many levels of plain SGD on one number each (bit for bit). Both
-write exactly this module's state; anything else takes the per-tensor path below. ``make_plan(..., compile=True)``
+the rule, vjps to round-off), and levels 1..top run as Python floats (:mod:`hypergrad._scalar`) when there are two or
+more and one of them is more than plain SGD (to round-off), or when they are many levels of plain SGD on one number
+each (bit for bit). Both write exactly this module's state (or its floats, with ``lazy=True``); anything else takes
+the per-tensor path below. ``make_plan(..., compile=True)``
 (opt-in) runs level 0's multi-tensor update and vjp through ``torch.compile`` (to round-off; :mod:`hypergrad._foreach`
 says why no step compiles again once the state has settled).
 """
@@ -87,6 +93,7 @@ __all__ = [
     "hypergradients",
     "init",
     "make_plan",
+    "materialize",
     "natural_values",
     "rule_vjp",
     "update",
@@ -114,6 +121,9 @@ class TowerState(NamedTuple):
     step: int
     levels: list[LevelState]  # level 0 (the weights' optimizer) first; the top level's hp is empty
     trace: list[Trace] = []  # noqa: RUF012 -- never mutated; one per learning level, empty before the first step
+    # Levels 1..top as floats (hypergrad._scalar.Floats), only in a state from update(..., lazy=True): then levels
+    # and trace hold level 0's entries alone, and materialize() gives the state with every level in tensors.
+    floats: Any = None
 
 
 @dataclass(frozen=True)
@@ -207,25 +217,38 @@ def update(
     state: TowerState,
     grads: Sequence[Tensor | None],
     hypergrads: Sequence[Sequence[Tensor]] | None = None,
+    *,
+    lazy: bool = False,
 ) -> tuple[list[Tensor | None], TowerState]:
     """One step: the weight updates (``param -= delta``; None where ``grads`` has None) and the new state.
 
     ``hypergrads`` defaults to :func:`hypergradients` of ``state`` and ``grads``; pass them to mask or replay a step.
+    With ``lazy=True`` the levels above the first may be returned as floats (see **State**).
     """
-    if hypergrads is None:
-        hypergrads = hypergradients(plan, state, grads)
+    if not _scalar.readable(plan, state):
+        state = materialize(state)
+    floats_path = _scalar.applies(plan) and _scalar.readable(plan, state)
+    hyper: Any = hypergrads
+    if hyper is None:
+        hyper = _hypergradients(plan, state, grads, floats=lazy and floats_path and _scalar.lazy(plan))
     step, top = state.step + 1, plan.height
-    levels: list[LevelState] = [state.levels[top]] * (top + 1)
-    trace: list[Trace] = []
-    hp = state.levels[top].hp
-    first = top
-    if _scalar.applies(plan):  # levels top..1 are a few numbers each: Python floats, no dispatch per level
-        hp, levels[1:], trace = _scalar.update(plan, state, hypergrads, step)
+    levels: list[Any] = [None] * (top + 1)
+    trace: list[Any] = [None] * top
+    above: list[LevelState] | None = None
+    above_trace: list[Trace] = []
+    floats = None
+    if floats_path:  # levels top..1 are a few numbers each: Python floats, no dispatch per level
+        hp, above, above_trace, floats = _scalar.update(plan, state, hyper, step)
+        if above is None and not lazy:
+            above, above_trace = _scalar.tensors(floats)
+            floats = None
         first = 0
+    else:
+        hp, first = state.levels[top].hp, top
     with torch.no_grad():
         for k in range(first, -1, -1):
             values = natural_values(plan, k, hp)
-            received = grads if k == 0 else hypergrads[k - 1]
+            received = grads if k == 0 else hyper[k - 1]
             groups = plan.group_of if k == 0 else (0,) * len(received)
             before = state.levels[k].rule
             deltas, rule_states = apply_rule(plan, k, received, before, values, groups, step)
@@ -240,16 +263,36 @@ def update(
                     kept_before = list(before)
                 # hypergradients are never None; a None gradient is recorded (None: every tensor moved)
                 moved = [g is not None for g in received] if k == 0 and any(g is None for g in received) else None
-                trace.append(Trace(hp, values, moved, kept, kept_before))
+                trace[k] = Trace(hp, values, moved, kept, kept_before)
             if k > 0:
                 hp = [h - d for h, d in zip(state.levels[k - 1].hp, deltas, strict=True)]
-    return deltas, TowerState(step, levels, trace[::-1])
+    if first == 0:
+        levels = [levels[0]] if above is None else [levels[0], *above]
+        trace = [trace[0], *(above_trace or [])] if top else []
+    return deltas, TowerState(step, levels, trace, floats)
+
+
+def materialize(state: TowerState) -> TowerState:
+    """``state`` with every level in tensors: itself, unless :func:`update` (``lazy=True``) left levels 1..top as
+    floats."""
+    if state.floats is None:
+        return state
+    levels, traces = _scalar.tensors(state.floats)
+    return TowerState(state.step, [state.levels[0], *levels], [state.trace[0], *traces])
 
 
 def hypergradients(plan: Plan, state: TowerState, grads: Sequence[Tensor | None]) -> list[list[Tensor]]:
     """``d loss / d raw hyperparameters`` of every learned level (level 0 first, one tensor per group), where the
     loss's gradients with respect to the weights are ``grads``: zero before the first step, when no hyperparameter
     has acted on the loss yet."""
+    if not _scalar.readable(plan, state):
+        state = materialize(state)
+    return _hypergradients(plan, state, grads, floats=False)
+
+
+def _hypergradients(plan: Plan, state: TowerState, grads: Sequence[Tensor | None], floats: bool) -> Any:
+    """:func:`hypergradients`; with ``floats``, where the levels above the first run as floats, those of levels
+    0..top-1 as :class:`hypergrad._scalar.Hyper` (what :func:`hypergrad._scalar.update` reads without a tensor)."""
     if not state.trace:
         return [[torch.zeros_like(h) for h in level.hp] for level in state.levels[:-1]]
     upstream: Sequence[Tensor | None] = grads
@@ -271,6 +314,8 @@ def hypergradients(plan: Plan, state: TowerState, grads: Sequence[Tensor | None]
             out.append(level)
             upstream = level
             if k == 0 and _scalar.applies(plan):
+                if floats:
+                    return _scalar.hyper_floats(plan, state, level)
                 return out + _scalar.hypergradients(plan, state, level)
     return out
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hypergrad import core
+from hypergrad import _scalar, core
 from hypergrad.errors import NonFiniteGradientError, NonFiniteHyperparameterError
 from hypergrad.rules import AdaGradRule, AdamRule, AdamWRule, RMSPropRule, SGDRule
 from hypergrad.spec import Level, Tower, format_spec, parse_spec, validate_value
@@ -101,7 +101,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         if not isinstance(compile, bool):
             raise TypeError(f"compile must be True or False, but got {compile!r}")
         self.compile = compile
-        self._tower: core.TowerState | None = None  # None until the first step or hyperparameters() call
+        self._live: core.TowerState | None = None  # None until the first step or hyperparameters() call
         self._published: list[dict[str, float]] = []
         if not isinstance(per_tensor, bool):
             raise TypeError(f"per_tensor must be True or False, but got {per_tensor!r}")
@@ -115,7 +115,7 @@ class HyperOptimizer(torch.optim.Optimizer):
 
     # -- torch.optim plumbing -------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        tower = getattr(self, "_tower", None)
+        tower = getattr(self, "_live", None)
         if tower is not None and tower.step > 0:
             raise ValueError("add_param_group must be called before the first step of a HyperOptimizer")
         self._tower = None  # a state made before any step (e.g. by hyperparameters()) is rebuilt with the new group
@@ -175,11 +175,25 @@ class HyperOptimizer(torch.optim.Optimizer):
         params = self._params()
         return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
 
+    @property
+    def _tower(self) -> core.TowerState | None:
+        """The tower's state with every level in tensors. Between steps the levels above the first may be held as
+        floats (``core.update(..., lazy=True)``); reading the state here builds their tensors, once."""
+        live = self._live
+        if live is not None and live.floats is not None:
+            live = self._live = core.materialize(live)
+        return live
+
+    @_tower.setter
+    def _tower(self, state: core.TowerState | None) -> None:
+        self._live = state
+
     def _ensure_state(self) -> core.TowerState:
-        if self._tower is None:
+        """The state as it is (levels above the first possibly floats), made on first use."""
+        if self._live is None:
             dtype = self._dtype()
-            self._tower = core.init(self._plan, [p.detach().to(dtype) for p in self._params()])
-        return self._tower
+            self._live = core.init(self._plan, [p.detach().to(dtype) for p in self._params()])
+        return self._live
 
     def _group_values(self, group: Mapping[str, Any]) -> dict[str, float]:
         return {n: group[n] for n in self.spec.levels[0].rule.defaults}
@@ -225,22 +239,22 @@ class HyperOptimizer(torch.optim.Optimizer):
         dtype = self._compute_dtype
         # Passed as they are (cast where the parameters are half precision): core.update copies what it keeps.
         grads = [None if p.grad is None else _as(p.grad.detach(), dtype) for p in params]
-        deltas, new = core.update(self._plan, state, grads)
+        deltas, new = core.update(self._plan, state, grads, lazy=True)
         if self.check_finite:
             self._raise_if_not_finite(new, grads)
         updated = [(p, d) for p, d in zip(params, deltas, strict=True) if d is not None]
         if updated:
             torch._foreach_sub_([p for p, _ in updated], [_as(d, p.dtype) for p, d in updated])
-        self._tower = new
+        self._live = new
         self._publish()
         return loss
 
     def _publish(self) -> None:
         """Write the learned level-1 values into ``param_groups`` (what LR monitors and schedulers read)."""
         learned = self._plan.learned[0]
-        if not learned or self._tower is None:
+        if not learned or self._live is None:
             return
-        tower = self._tower
+        tower = self._live  # level 0 and its trace: in tensors either way
         # the level-0 values the last step used are its current ones: no need to transform them again
         values = tower.trace[0].values if tower.trace else core.natural_values(self._plan, 0, tower.levels[0].hp)
         current = [values[g][n] for g in range(len(values)) for n in learned]
@@ -261,7 +275,7 @@ class HyperOptimizer(torch.optim.Optimizer):
                 if new is old or (isinstance(new, float) and new == old):
                     continue
                 new = group[name] = validate_value(name, new, f"param_groups[{g}][{name!r}]: ")
-                if name not in learned or self._tower is None:
+                if name not in learned or self._live is None:
                     rebuild = True
                     continue
                 i = learned.index(name)
@@ -271,16 +285,18 @@ class HyperOptimizer(torch.optim.Optimizer):
                         f"param_groups[{g}][{name!r}] must be > 0 with parameterization="
                         f"{self.parameterization!r}, but got {new!r}"
                     )
-                hp = list(self._tower.levels[0].hp)
+                live = self._live  # a new level-0 list: the levels above, floats or not, read it afresh
+                hp = list(live.levels[0].hp)
                 hp[g] = hp[g].detach().clone()
                 hp[g][..., i] = raw.to(hp[g].device)
-                levels = [self._tower.levels[0]._replace(hp=hp), *self._tower.levels[1:]]
-                self._tower = self._tower._replace(levels=levels)
+                self._live = live._replace(levels=[live.levels[0]._replace(hp=hp), *live.levels[1:]])
         if rebuild:
             self._plan = self._make_plan()
         self._published = [self._group_values(g) for g in self.param_groups]
 
     def _raise_if_not_finite(self, live: core.TowerState, grads: list[Tensor | None]) -> None:
+        if live.floats is not None and not _scalar.finite(live.floats):
+            live = core.materialize(live)  # the levels above as tensors, to name the first non-finite value
         hps = [h.detach().reshape(-1) for lv in live.levels for h in lv.hp]
         if not hps or bool(torch.isfinite(torch.cat(hps)).all()):
             return
@@ -303,7 +319,8 @@ class HyperOptimizer(torch.optim.Optimizer):
         Level 1 is reported for param group ``group``; levels above are shared by all groups.
         """
         self._take_writes()
-        state = self._ensure_state()
+        self._ensure_state()
+        state = self._tower
         out = []
         for k, level in enumerate(state.levels):
             values = core.natural_values(self._plan, k, level.hp)[group if k == 0 else 0]

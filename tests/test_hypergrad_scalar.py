@@ -114,8 +114,10 @@ def test_a_state_written_by_the_float_path_continues_on_the_tensor_path(monkeypa
 
 
 def test_the_core_takes_the_floats_where_a_hyper_level_is_more_than_plain_sgd() -> None:
-    assert _scalar.applies(trained("sgd(0.1)/adam(1e-3)", 1)[0]._plan)
-    assert _scalar.applies(trained("sgd(0.1)/sgd(1e-3, momentum=0.5)", 1)[0]._plan)
+    assert _scalar.applies(trained("sgd(0.1)/adam(1e-3)/sgd(1e-4)", 1)[0]._plan)
+    assert _scalar.applies(trained("sgd(0.1)/sgd(1e-3, momentum=0.5)/sgd(1e-4)", 1)[0]._plan)
+    # One level alone costs less in tensors (_scalar._FLOATS_FROM), which are then the rules' own operations.
+    assert not _scalar.applies(trained("sgd(0.1)/adam(1e-3)", 1)[0]._plan)
     plain = trained("adam(0.01)/sgd(1e-3)/sgd(1e-3)", 1)[0]._plan
     assert _scalar.supports(plain) and not _scalar.applies(plain)
 
@@ -123,7 +125,7 @@ def test_the_core_takes_the_floats_where_a_hyper_level_is_more_than_plain_sgd() 
 def test_population_and_wrapped_rules_keep_the_tensor_path() -> None:
     import dataclasses
 
-    opt, _ = trained("adam(0.01)/adam(1e-3)", 1)
+    opt, _ = trained("adam(0.01)/adam(1e-3)/adam(1e-4)", 1)
     assert _scalar.applies(opt._plan)
     assert not _scalar.applies(dataclasses.replace(opt._plan, batch_shape=(3,)))
     stable = hypergrad.tower("adam(0.01)/sgd(1e-3)", [torch.zeros(2, requires_grad=True)], stable=True)
@@ -229,3 +231,77 @@ def test_plain_sgd_floats_read_what_was_written_between_steps(monkeypatch) -> No
     fast = run_tall_sgd(torch.float32, write=write)
     monkeypatch.setattr(_scalar, "applies", lambda plan: False)
     assert_bitwise(fast, run_tall_sgd(torch.float32, write=write))
+
+
+FLOAT_TOWERS = [
+    "adam(0.01)" + "/adam(1e-4)" * 3,
+    "rmsprop(0.01, gamma=0.9)/adagrad(1e-2)/rmsprop(1e-3)/sgd(1e-3)",
+    TALL_SGD,  # the exact plain-SGD chain keeps its floats the same way
+]
+
+
+def run_kept(spec: str, dtype, read_each_step: bool, write=None, steps: int = 6) -> list[torch.Tensor]:
+    """Weights, learned values and every state tensor after ``steps`` steps of ``spec`` on two param groups; with
+    ``read_each_step`` the optimizer's state is read after every step (which builds the levels' tensors, so the next
+    step reads them), else the levels above the first stay floats between steps."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+    params = list(model.parameters())
+    opt = hypergrad.tower(spec, [{"params": params[:2]}, {"params": params[2:], "lr": 0.02}])
+    g = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        x, y = torch.randn(16, 10, generator=g, dtype=dtype), torch.randint(0, 3, (16,), generator=g)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        assert opt._live.floats is not None  # the step left the levels above as floats
+        if read_each_step:
+            assert len(opt._tower.levels) == opt.height + 1 and opt._live.floats is None
+        if write is not None:
+            write(opt, step)
+    learned = [torch.tensor(v, dtype=torch.float64) for level in opt.hyperparameters() for v in level.values()]
+    state = [t for t in leaves(opt.state_dict()["tower"]["state"]) if isinstance(t, torch.Tensor)]
+    return [p.detach().clone() for p in params] + learned + state
+
+
+@pytest.mark.parametrize("spec", FLOAT_TOWERS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_levels_kept_as_floats_between_steps_train_as_their_tensors_bit_for_bit(spec, dtype) -> None:
+    """Between two steps the levels above the first stay floats, rounded to the dtype: the weights, learned values
+    and checkpointed state are those of a run whose state is built as tensors (and read back) after every step."""
+    assert_bitwise(run_kept(spec, dtype, False), run_kept(spec, dtype, True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_floats_kept_between_steps_read_what_was_written(dtype) -> None:
+    """A scheduler's write to param_groups, a write in place into a level's tensor and a loaded checkpoint between
+    steps reach the next step as they do when the state is tensors throughout."""
+
+    def write(opt, step: int) -> None:
+        if step == 1:
+            opt.param_groups[1]["lr"] *= 0.5
+        if step == 2:
+            with torch.no_grad():
+                opt._tower.levels[2].hp[0].mul_(0.5)
+        if step == 3:
+            opt.load_state_dict(opt.state_dict())
+
+    spec = FLOAT_TOWERS[0]
+    assert_bitwise(run_kept(spec, dtype, False, write), run_kept(spec, dtype, True, write))
+
+
+def test_a_lazy_state_sees_a_write_in_place_into_level_0() -> None:
+    """core.update(..., lazy=True) keeps level 0's values as floats too, for as long as its tensors are unchanged: a
+    write in place into them is read at the next step, as on a state of tensors."""
+    opt, model = trained("adam(0.01)/adam(1e-3)/adam(1e-4)", 2, dtype=torch.float32)
+    plan = opt._plan
+    grads = [p.grad.detach().clone() for p in model.parameters()]
+    _, lazy = core.update(plan, opt._tower, grads, lazy=True)
+    assert lazy.floats is not None and len(lazy.levels) == 1
+    full = core.materialize(lazy)
+    with torch.no_grad():
+        lazy.levels[0].hp[1].mul_(0.5)  # the same tensors as full's level 0
+    _, a = core.update(plan, lazy, grads)
+    _, b = core.update(plan, full, grads)
+    assert lazy.floats is not None
+    assert_bitwise(*([t for t in leaves(x) if isinstance(t, torch.Tensor)] for x in (a, b)))
