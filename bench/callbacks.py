@@ -39,17 +39,21 @@ def _job_dirs(sweep_dir: Path) -> list[Path]:
 def _job_row(job_dir: Path, sweep_dir: Path) -> dict[str, Any]:
     overrides = OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")
     config_path = job_dir / ".hydra" / "config.yaml"
-    seed = OmegaConf.load(config_path).get("seed") if config_path.is_file() else None
+
+    def config_seed() -> Any:  # read only where metrics.json does not say (a sweep's configs are slow to load)
+        return OmegaConf.load(config_path).get("seed") if config_path.is_file() else None
+
     row: dict[str, Any] = dict.fromkeys(_COLUMNS)
     # Overrides may carry a storage URL's password or a token: masked like everything else a sweep writes.
     shown = " ".join(mask_secrets(list(overrides)))
-    row.update(job=str(job_dir.relative_to(sweep_dir)), overrides=shown, seed=seed, dir=str(job_dir))
+    row.update(job=str(job_dir.relative_to(sweep_dir)), overrides=shown, dir=str(job_dir))
     metrics_path, study_path = job_dir / "metrics.json", job_dir / "study_summary.json"
     if metrics_path.is_file():
         m = json.loads(metrics_path.read_text())
         row.update({k: m.get(k) for k in ("status", "val_error", "test_error", "epochs", "steps", "wall_time_s")})
-        row["seed"] = m.get("seed", seed)
+        row["seed"] = m["seed"] if "seed" in m else config_seed()
     elif study_path.is_file():  # a tune worker: its study's best trial and the mean test error of the reruns
+        row["seed"] = config_seed()
         s = json.loads(study_path.read_text())
         errors = [r["test_error"] for r in s.get("reruns") or [] if r.get("test_error") is not None]
         row.update(
@@ -60,7 +64,7 @@ def _job_row(job_dir: Path, sweep_dir: Path) -> dict[str, Any]:
             wall_time_s=s.get("total_wall_time_s"),
         )
     else:
-        row["status"] = "no result"  # crashed, killed or still running
+        row.update(seed=config_seed(), status="no result")  # crashed, killed or still running
     return row
 
 

@@ -139,6 +139,29 @@ class PopulationStopped(Exception):
         self.steps = steps
 
 
+def _keep_freed_memory() -> None:
+    """Make glibc keep freed memory for reuse instead of handing every large block back to the system.
+
+    A population's tensors are large (132 MNIST MLPs: a 106 MB batch and 53 MB per weight gradient, every step).
+    glibc serves each block over 32 MB with a fresh mmap and unmaps it when freed, so every step faults in hundreds
+    of MB of new pages: gathering the members' batches alone took 100 ms instead of 28 ms. Here no block is mapped
+    alone and the heap's free top is not trimmed (below 2 GB), so freed blocks are reused. Values are unchanged;
+    the process keeps its peak memory until it exits. No-op where the C library is not glibc.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's <malloc.h>
+    mallopt(m_trim_threshold, 2**31 - 1)
+    mallopt(m_mmap_max, 0)
+
+
 def train_jobs(tasks: Sequence[DictConfig], outs: Sequence[Path], names: Sequence[str], checkpoints: Path | None = None
                ) -> list[dict[str, Any]]:  # fmt: skip
     """Train the stackable configs `tasks` as populations into their job directories `outs`; return their metrics.
@@ -151,6 +174,7 @@ def train_jobs(tasks: Sequence[DictConfig], outs: Sequence[Path], names: Sequenc
     from bench.population import plan_groups
     from bench.train import Trainer, load_data
 
+    _keep_freed_memory()
     data = load_data(tasks[0])
     out: list[dict[str, Any]] = [{}] * len(tasks)
     for group in plan_groups(tasks):
@@ -194,8 +218,10 @@ def load_jobs(context: Any, config: DictConfig, jobs: Sequence[tuple[list[str], 
             sweep_config.hydra.job.id = num
             sweep_config.hydra.job.num = num
             sweep_config.hydra.runtime.output_dir = str(_output_dir(sweep_config))
-        HydraConfig.instance().set_config(sweep_config)  # ${hydra:...} in the task config resolves per job
+        OmegaConf.set_readonly(sweep_config.hydra, True)  # as HydraConfig.set_config leaves it (run_job sets it)
         out.append(Job(num, overrides, sweep_config, _task_config(sweep_config)))
+    if out:  # ${hydra:...} resolves from the last job's, as it did when each job was set in turn (nothing reads it
+        HydraConfig.instance().set_config(out[-1].config)  # in between; setting each costs a copy of its hydra node)
     return out
 
 

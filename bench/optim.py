@@ -35,7 +35,7 @@ __all__ = [
     "validate",
 ]
 
-TOWER_BASES = ("sgd", "adam", "adagrad", "rmsprop")
+TOWER_BASES = ("sgd", "adam", "adamw", "adagrad", "rmsprop")
 BASELINES = ("sgd", "momentum", "adam", "adamw", "rmsprop", "adagrad")
 TUNING_FREE = ("prodigy", "dadapt_adam", "schedulefree_adamw", "schedulefree_sgd", "dog")
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "step")
@@ -51,10 +51,17 @@ def tower_spec(cfg: DictConfig) -> str:
     >>> tower_spec(OmegaConf.create(
     ...     {"spec": None, "base": "sgd", "lr": 0.01, "momentum": 0.9, "height": 2, "hyper": "sgd", "hyper_lr": 1e-5}))
     'sgd(0.01, momentum=0.9)/sgd(1e-05)/sgd(1e-05)'
+    >>> tower_spec(OmegaConf.create(
+    ...     {"spec": None, "base": "adamw", "lr": 0.001, "weight_decay": 0.1, "height": 1, "hyper": "sgd",
+    ...      "hyper_lr": 1e-5}))
+    'adamw(0.001, weight_decay=0.1)/sgd(1e-05)'
     """
     if cfg.get("spec"):
         return str(cfg.spec)
-    args = f"{cfg.lr}" + (f", momentum={cfg.momentum}" if cfg.get("momentum") is not None else "")
+    args = f"{cfg.lr}"
+    for key in ("momentum", "weight_decay"):  # each set only for the one base that has it (validate checks)
+        if cfg.get(key) is not None:
+            args += f", {key}={cfg[key]}"
     return f"{cfg.base}({args})" + f"/{cfg.hyper}({cfg.hyper_lr})" * cfg.height
 
 
@@ -103,7 +110,7 @@ def validate(cfg: DictConfig) -> None:
     if o.name == "tower" and o.get("spec") and presets:
         # The spec gives every level's optimizer and values; the separate keys would be ignored without a word.
         defaults = presets[0]
-        for key in ("base", "hyper", "lr", "hyper_lr", "height", "momentum"):
+        for key in ("base", "hyper", "lr", "hyper_lr", "height", "momentum", "weight_decay"):
             if key in o and key in defaults and o[key] != defaults[key]:
                 raise fail(
                     f"optimizer.{key}",
@@ -152,6 +159,12 @@ def _validate_tower(o: DictConfig) -> None:
             if o.base != "sgd":
                 raise fail("optimizer.momentum", f"null for base {o.base!r} (only sgd has momentum)", o.momentum)
             check_number(o, "momentum", "[0, 1]", prefix="optimizer.")
+        if o.get("weight_decay") is not None:
+            if o.base != "adamw":
+                raise fail(
+                    "optimizer.weight_decay", f"null for base {o.base!r} (only adamw has weight decay)", o.weight_decay
+                )
+            check_number(o, "weight_decay", "[0, inf)", prefix="optimizer.")
     elif not isinstance(o.spec, str):
         raise fail("optimizer.spec", "a string in the paper's notation, e.g. 'adam(0.001)/sgd(1e-05)'", o.spec)
     import hypergrad

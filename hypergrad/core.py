@@ -56,10 +56,11 @@ that masks members passes its own ``hypergrads`` to :func:`update` (e.g. zeros f
 
 **Speed, same results.** Without population dimensions, a built-in rule at level 0 other than plain SGD runs as one
 multi-tensor (``torch._foreach_*``) operation per param group (:mod:`hypergrad._foreach`: updates bitwise those of
-the rule, vjps to round-off), and levels 1..top run as Python floats (:mod:`hypergrad._scalar`, to round-off) when
-one of them is more than plain SGD. Both write exactly this module's state; anything else takes the per-tensor path
-below. ``make_plan(..., compile=True)`` (opt-in) runs level 0's multi-tensor update and vjp through ``torch.compile``
-(to round-off; :mod:`hypergrad._foreach` says why no step compiles again once the state has settled).
+the rule, vjps to round-off), and levels 1..top run as Python floats (:mod:`hypergrad._scalar`) when one of them is
+more than plain SGD (to round-off), or when they are many levels of plain SGD on one number each (bit for bit). Both
+write exactly this module's state; anything else takes the per-tensor path below. ``make_plan(..., compile=True)``
+(opt-in) runs level 0's multi-tensor update and vjp through ``torch.compile`` (to round-off; :mod:`hypergrad._foreach`
+says why no step compiles again once the state has settled).
 """
 
 from __future__ import annotations
@@ -130,6 +131,17 @@ class Plan:
     @property
     def height(self) -> int:
         return len(self.rules) - 1
+
+    # What follows from the fields, worked out once per plan rather than once per step (a plan never changes).
+    @functools.cached_property
+    def fused(self) -> tuple[bool, ...]:
+        """Per level: whether it runs as one multi-tensor call per group (see :func:`_fused`)."""
+        return tuple(_fused(self, k) for k in range(len(self.rules)))
+
+    @functools.cached_property
+    def builtin(self) -> tuple[bool, ...]:
+        """Per level: whether its rule is built in, so that a state keeps the gradient itself, never a view of it."""
+        return tuple(type(r) in _foreach.BUILTIN for r in self.rules)
 
 
 def make_plan(
@@ -218,7 +230,7 @@ def update(
             before = state.levels[k].rule
             deltas, rule_states = apply_rule(plan, k, received, before, values, groups, step)
             if k == 0:  # the model's gradients are borrowed; the hypergradients above are this function's own
-                rule_states = [_owned(s, g) for s, g in zip(rule_states, received, strict=True)]
+                rule_states = _owned(plan, rule_states, received)
             levels[k] = LevelState(hp, rule_states)
             if k < top:
                 if not plan.rules[k].vjp_needs_inputs:  # the rule's state after the step holds all its vjp reads
@@ -226,7 +238,8 @@ def update(
                 else:  # the caller may zero or reuse its gradient buffers before the next step: keep a copy
                     kept = list(received) if k else [None if g is None else g.clone() for g in received]
                     kept_before = list(before)
-                moved = [g is not None for g in received] if k == 0 else None  # hypergradients are never None
+                # hypergradients are never None; a None gradient is recorded (None: every tensor moved)
+                moved = [g is not None for g in received] if k == 0 and any(g is None for g in received) else None
                 trace.append(Trace(hp, values, moved, kept, kept_before))
             if k > 0:
                 hp = [h - d for h, d in zip(state.levels[k - 1].hp, deltas, strict=True)]
@@ -287,7 +300,7 @@ def apply_rule(
 ) -> tuple[list[Tensor | None], list[Any]]:
     """Level ``k``'s rule on every tensor it updates: the deltas and the new rule states."""
     rule = plan.rules[k]
-    if _fused(plan, k):
+    if plan.fused[k]:
         fused = _apply_foreach(rule, grads, states, values, groups, step, plan.compile)
         if fused is not None:
             return fused
@@ -310,7 +323,7 @@ def rule_vjp(
     """Per group of level ``k``: ``sum over its tensors of upstream . d delta / d value`` for every learned value."""
     rule, dot = plan.rules[k], _reducer(plan.batch_shape)
     groups = plan.group_of if k == 0 else (0,) * len(after)
-    if _fused(plan, k):
+    if plan.fused[k]:
         fused = _vjp_foreach(rule, upstream, trace, after, groups, step, plan.compile)
         if fused is not None:
             return fused
@@ -385,11 +398,20 @@ def _vjp_foreach(rule, upstream, trace, after, groups, step, compiled):
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------------
-def _owned(state: Any, grad: Tensor | None) -> Any:
-    """``state`` with a copy of every tensor that shares ``grad``'s memory (a rule may keep the gradient it got)."""
-    if grad is None:
-        return state
-    return _copy_shared(state, grad.untyped_storage().data_ptr())
+def _owned(plan: Plan, states: list[Any], grads: Sequence[Tensor | None]) -> list[Any]:
+    """``states`` with a copy of every tensor that shares a gradient's memory (a rule may keep the gradient it got).
+    A built-in rule keeps the gradient tensor itself if anything (never a view of it): an identity check suffices."""
+    if plan.builtin[0]:
+        return [s if g is None else _copy_same(s, g) for s, g in zip(states, grads, strict=True)]
+    return [
+        s if g is None else _copy_shared(s, g.untyped_storage().data_ptr()) for s, g in zip(states, grads, strict=True)
+    ]
+
+
+def _copy_same(x: Any, grad: Tensor) -> Any:
+    if not any(f is grad for f in x):
+        return x
+    return type(x)(*[grad.clone() if f is grad else f for f in x])
 
 
 def _copy_shared(x: Any, ptr: int) -> Any:

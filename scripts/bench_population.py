@@ -205,8 +205,11 @@ def time_sweep(kind: str, out: Path) -> dict[str, float]:
         times[name] = time.perf_counter() - start
         if done.returncode != 0:
             raise SystemExit(f"the {name} sweep failed:\n{done.stderr[-2000:]}")
-        jobs = len([d for d in sweep_dir.iterdir() if (d / "metrics.json").is_file()])
-        print(f"{name:>18}: {times[name]:8.1f} s for {jobs} jobs ({sweep_dir})", flush=True)
+        metrics = [json.loads(p.read_text()) for p in sweep_dir.glob("*/metrics.json")]
+        # Training: the jobs' wall_time_s added up (a population member's is its share of the population's time).
+        trained = sum(m["wall_time_s"] for m in metrics)
+        print(f"{name:>22}: {times[name]:8.1f} s for {len(metrics)} jobs, of which training {trained:6.1f} s and "
+              f"everything else {times[name] - trained:6.1f} s ({sweep_dir})", flush=True)  # fmt: skip
     return times
 
 

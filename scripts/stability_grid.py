@@ -22,7 +22,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 CONF = Path(__file__).resolve().parents[1] / "bench" / "conf"
-BASES = ["sgd", "momentum", "adam", "adagrad", "rmsprop"]  # momentum: sgd with optimizer.momentum=0.9
+BASES = ["sgd", "momentum", "adam", "adagrad", "rmsprop", "adamw"]  # momentum: sgd with optimizer.momentum=0.9
 # Twelve decades: the goal's eight must fit inside wherever a base's good step sizes lie (SGD's best fixed step
 # size on the MNIST MLP is about 1, Adam's 1e-3).
 LRS = ["1e-11", "1e-10", "1e-9", "1e-8", "1e-7", "1e-6", "1e-5", "1e-4", "1e-3", "1e-2", "1e-1", "1e0", "1e1"]

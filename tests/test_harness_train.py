@@ -72,6 +72,19 @@ def test_tower_keys_build_the_spec_and_spec_overrides_them(tmp_path: Path) -> No
     assert spec["optimizer"].startswith("adam[lr](0.002)/adam(0.0001") and spec["height"] == 1
 
 
+@pytest.mark.parametrize("stable", [False, True])
+def test_an_adamw_base_takes_its_weight_decay_from_the_key(tmp_path: Path, stable: bool) -> None:
+    overrides = ["optimizer.base=adamw", "optimizer.weight_decay=0.1", f"optimizer.stable={str(stable).lower()}"]
+    metrics = run(compose_config([*QUICK, *overrides]), tmp_path)
+    assert metrics["optimizer"] == "adamw(0.001, weight_decay=0.1)/sgd(1e-05)"
+    assert metrics["init"]["weight_decay"] == pytest.approx(0.1)
+    # The level above learns it, as every other hyperparameter of the base.
+    assert metrics["hyperparameters"][0]["weight_decay"] != pytest.approx(0.1, rel=1e-9)
+    # Left null, the base keeps the library's (and torch.optim.AdamW's) default.
+    default = run(compose_config([*QUICK, "optimizer.base=adamw"]), tmp_path / "default")
+    assert default["optimizer"] == "adamw(0.001)/sgd(1e-05)" and default["init"]["weight_decay"] == pytest.approx(0.01)
+
+
 @pytest.mark.parametrize(
     ("overrides", "family"),
     [

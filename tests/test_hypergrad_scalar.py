@@ -169,3 +169,63 @@ def test_a_value_written_between_steps_is_read_by_the_float_path(monkeypatch) ->
     slow = run()
     for a, b in zip(fast, slow, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+
+
+TALL_SGD = "sgd(0.1)" + "/sgd(1e-3)" * 9  # plain SGD levels, tall enough for the floats (_scalar._SGD_FROM)
+
+
+def run_tall_sgd(dtype, steps: int = 6, write=None) -> list[torch.Tensor]:
+    """Weights, learned values and every state tensor after ``steps`` steps of TALL_SGD on two param groups;
+    ``write(opt, step)`` may change the optimizer between steps."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+    params = list(model.parameters())
+    opt = hypergrad.tower(TALL_SGD, [{"params": params[:2]}, {"params": params[2:], "lr": 0.02}])
+    g = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        x, y = torch.randn(16, 10, generator=g, dtype=dtype), torch.randint(0, 3, (16,), generator=g)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        if write is not None:
+            write(opt, step)
+    learned = [torch.tensor(v, dtype=torch.float64) for level in opt.hyperparameters() for v in level.values()]
+    state = [t for t in leaves(opt.state_dict()["tower"]["state"]) if isinstance(t, torch.Tensor)]
+    return [p.detach().clone() for p in params] + learned + state
+
+
+def assert_bitwise(fast: list[torch.Tensor], slow: list[torch.Tensor]) -> None:
+    assert len(fast) == len(slow)
+    for a, b in zip(fast, slow, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), (a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_plain_sgd_levels_on_floats_are_the_tensor_path_bit_for_bit(dtype, monkeypatch) -> None:
+    """A tall tower of plain SGD levels runs on floats that do the tensor path's IEEE operations one by one: the same
+    weights, learned values and state, bit for bit, in float32 as in float64."""
+    calls = []
+    real = _scalar._sgd_update
+    monkeypatch.setattr(_scalar, "_sgd_update", lambda *a: calls.append(1) or real(*a))
+    fast = run_tall_sgd(dtype)
+    assert len(calls) == 6
+    monkeypatch.setattr(_scalar, "applies", lambda plan: False)
+    assert_bitwise(fast, run_tall_sgd(dtype))
+
+
+def test_plain_sgd_floats_read_what_was_written_between_steps(monkeypatch) -> None:
+    """The floats kept between steps are never stale: a scheduler's write to param_groups, a write in place into a
+    level's tensor, and a loaded checkpoint reach the next step as on the tensor path."""
+
+    def write(opt, step: int) -> None:
+        if step == 1:
+            opt.param_groups[1]["lr"] *= 0.5
+        if step == 2:
+            with torch.no_grad():
+                opt._tower.levels[4].hp[0].mul_(3.0)  # a view of what the float path wrote: the version counter
+        if step == 3:
+            opt.load_state_dict(opt.state_dict())
+
+    fast = run_tall_sgd(torch.float32, write=write)
+    monkeypatch.setattr(_scalar, "applies", lambda plan: False)
+    assert_bitwise(fast, run_tall_sgd(torch.float32, write=write))

@@ -250,6 +250,22 @@ def test_the_harness_key_reaches_the_library(stable: bool) -> None:
     assert isinstance(opt.spec.levels[0].rule, GuardedRule) == stable
 
 
+@pytest.mark.parametrize("stable", [False, True])
+def test_the_weight_decay_key_reaches_an_adamw_base(stable: bool) -> None:
+    from bench.config import compose_config, validate
+    from bench.optim import build_optimizer
+
+    overrides = ["optimizer.base=adamw", "optimizer.lr=0.01", "optimizer.weight_decay=0.5", "optimizer.height=0"]
+    cfg = compose_config([*overrides, f"optimizer.stable={str(stable).lower()}"])
+    validate(cfg)
+    w = nn.Parameter(torch.full((4,), 2.0))
+    opt = build_optimizer(cfg.optimizer, [w], 10, 100).optimizer
+    # With a zero gradient AdamW's step is its decoupled decay alone: w <- w - lr * weight_decay * w.
+    w.grad = torch.zeros_like(w)
+    opt.step()
+    assert w.detach() == pytest.approx(torch.full((4,), 2.0 * (1 - 0.01 * 0.5)), rel=1e-6)
+
+
 def test_a_non_boolean_stable_key_is_one_clear_line() -> None:
     from bench.config import ConfigError, compose_config, validate
 

@@ -27,7 +27,10 @@ class PopulationLauncher(Launcher):
         self.hydra_context: HydraContext | None = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        from bench.sweepconfig import use
+
         self.config, self.task_function, self.hydra_context = config, task_function, hydra_context
+        use(hydra_context.config_loader)  # the sweeper's check of the batch and the launcher share compositions
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from bench.launcher import launch_population
@@ -48,6 +51,12 @@ class PopulationSlurmLauncher(_slurm_base()):  # type: ignore[misc]
     def __init__(self, max_members: int | None = None, **params: Any) -> None:
         PopulationLauncher.__init__(self, max_members)  # checks max_members
         super().__init__(**params)
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        from bench.sweepconfig import use
+
+        super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
+        use(hydra_context.config_loader)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from bench.launcher import launch_population_array
