@@ -29,7 +29,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-from hypergrad.rules import HP, AdamRule, Rule, SGDRule, adam_step, adam_vjp
+from hypergrad.rules import HP, AdamRule, RMSPropRule, Rule, SGDRule, adam_step, adam_vjp
 from hypergrad.spec import Level, Tower
 from hypergrad.transforms import EXP, HALF_TANH, IDENTITY, Transform
 
@@ -476,7 +476,9 @@ def stabilize(
         if horizon is None:
             horizon = HORIZON if sgd_momentum or not _has_momentum(base) else 0.0
         if trail is None:
-            trail = "adaptive" if sgd_momentum else "steps"
+            # SGD with momentum and RMSProp: the adaptive trail (measured better for both; docs/stable.md, point 7).
+            # SGD and AdaGrad keep the trail of steps they were measured with.
+            trail = "adaptive" if sgd_momentum or isinstance(base.rule, RMSPropRule) else "steps"
         base = Level(GuardedRule(base.rule, guard, horizon, trail), dict(base.values), base.learned)
     levels = [base]
     for level in tower.levels[1:]:
