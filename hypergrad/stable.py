@@ -11,9 +11,11 @@ Changes to the paper's method, all outside the functional core:
    shrink when it flips, as Rprop adapts its step sizes.
 3. **A guard on the weights' step** (:class:`GuardedRule`): one base step moves a tensor by at most ``GUARD`` times
    its initial norm, so a step size far too large (Adam at 10) cannot ruin the network before the tower reacts; and,
-   for bases without momentum, a step-size hypergradient over a horizon of ~1/(1 - HORIZON) steps.
-4. **Hyperparameters kept in their domain:** a learned SGD momentum is stored as ``(tanh(x)+1)/2`` and an Adam base
-   bias-corrects with the product of the betas it used (:class:`StableSGDRule`, :class:`StableAdamRule`).
+   for every base but Adam and AdamW, a step-size hypergradient over a horizon of ~1/(1 - HORIZON) steps (SGD with
+   momentum and RMSProp: the "adaptive" trail, forgotten as fast as the step size falls).
+4. **Hyperparameters kept in their domain:** a learned SGD momentum is stored as ``(tanh(x)+1)/2`` and limited to
+   ``[1 - MAX_MOMENTUM, MAX_MOMENTUM]``, and an Adam base bias-corrects with the product of the betas it used
+   (:class:`StableSGDRule`, :class:`StableAdamRule`).
 
 ``stabilize(tower, method="normalized")`` is the measured alternative (:class:`StableRule`: Adam-style normalized
 hypergradients under the same bound); it is safe too but learns nothing at small top hyper-steps. The paper's
