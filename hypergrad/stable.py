@@ -11,9 +11,11 @@ Changes to the paper's method, all outside the functional core:
    shrink when it flips, as Rprop adapts its step sizes.
 3. **A guard on the weights' step** (:class:`GuardedRule`): one base step moves a tensor by at most ``GUARD`` times
    its initial norm, so a step size far too large (Adam at 10) cannot ruin the network before the tower reacts; and,
-   for bases without momentum, a step-size hypergradient over a horizon of ~1/(1 - HORIZON) steps.
-4. **Hyperparameters kept in their domain:** a learned SGD momentum is stored as ``(tanh(x)+1)/2`` and an Adam base
-   bias-corrects with the product of the betas it used (:class:`StableSGDRule`, :class:`StableAdamRule`).
+   for every base but Adam and AdamW, a step-size hypergradient over a horizon of ~1/(1 - HORIZON) steps (SGD with
+   momentum and RMSProp: the "adaptive" trail, forgotten as fast as the step size falls).
+4. **Hyperparameters kept in their domain:** a learned SGD momentum is stored as ``(tanh(x)+1)/2`` and limited to
+   ``[1 - MAX_MOMENTUM, MAX_MOMENTUM]``, and an Adam base bias-corrects with the product of the betas it used
+   (:class:`StableSGDRule`, :class:`StableAdamRule`).
 
 ``stabilize(tower, method="normalized")`` is the measured alternative (:class:`StableRule`: Adam-style normalized
 hypergradients under the same bound); it is safe too but learns nothing at small top hyper-steps. The paper's
@@ -29,7 +31,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-from hypergrad.rules import HP, AdamRule, Rule, SGDRule, adam_step, adam_vjp
+from hypergrad.rules import HP, AdamRule, RMSPropRule, Rule, SGDRule, adam_step, adam_vjp
 from hypergrad.spec import Level, Tower
 from hypergrad.transforms import EXP, HALF_TANH, IDENTITY, Transform
 
@@ -476,7 +478,9 @@ def stabilize(
         if horizon is None:
             horizon = HORIZON if sgd_momentum or not _has_momentum(base) else 0.0
         if trail is None:
-            trail = "adaptive" if sgd_momentum else "steps"
+            # SGD with momentum and RMSProp: the adaptive trail (measured better for both; docs/stable.md, point 7).
+            # SGD and AdaGrad keep the trail of steps they were measured with.
+            trail = "adaptive" if sgd_momentum or isinstance(base.rule, RMSPropRule) else "steps"
         base = Level(GuardedRule(base.rule, guard, horizon, trail), dict(base.values), base.learned)
     levels = [base]
     for level in tower.levels[1:]:

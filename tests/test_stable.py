@@ -130,6 +130,7 @@ def test_stable_hypergradients_equal_central_finite_differences(spec: str, metho
         ("rmsprop(0.01)", "steps"),
         ("adagrad(0.1)", "steps"),
         ("sgd(0.05, momentum=0.9)", "adaptive"),
+        ("rmsprop(0.01)", "adaptive"),
         ("sgd(0.05)", "adaptive"),
     ],
 )
@@ -280,12 +281,12 @@ def test_stabilize_keeps_the_spelling_and_wraps_the_base_in_the_guard() -> None:
     assert isinstance(stable.levels[0].rule, GuardedRule)
     assert isinstance(stable.levels[0].rule.inner, StableAdamRule)
     assert stable.levels[0].rule.horizon == 0.0  # Adam has momentum: the one-step hypergradient
-    # The defaults per base: the steps' trail for the bases without momentum, no trail for Adam, the adaptive trail
-    # and a limited momentum for SGD with momentum (every other base is as before the momentum's change).
+    # The defaults per base: the steps' trail for SGD and AdaGrad, no trail for Adam and AdamW (all three as before
+    # the fourth round), the adaptive trail for RMSProp and for SGD with momentum, whose momentum is also limited.
     for spec, horizon, trail in [
         ("sgd(0.1)/sgd(1e-5)", HORIZON, "steps"),
         ("adagrad(0.1)/sgd(1e-5)", HORIZON, "steps"),
-        ("rmsprop(0.01)/sgd(1e-5)", HORIZON, "steps"),
+        ("rmsprop(0.01)/sgd(1e-5)", HORIZON, "adaptive"),
         ("adam(0.001)/sgd(1e-5)", 0.0, "steps"),
         ("adamw(0.001)/sgd(1e-5)", 0.0, "steps"),
         ("sgd(0.1, momentum=0.9)/sgd(1e-5)", HORIZON, "adaptive"),
