@@ -160,6 +160,9 @@ def tables(df: pd.DataFrame, tuned: Path | None) -> str:
         "",
         _block(fails.rename(columns={"sum": "failed", "count": "runs"}).to_string(index=False)),
     ]
+    per_base = runs.groupby(["mode", "base", "height"])["failed"].agg(["sum", "count"])
+    per_base = (per_base["sum"].astype(int).astype(str) + "/" + per_base["count"].astype(str)).unstack("height")
+    lines += ["", "Per base (failed/runs, by height):", "", _block(per_base.fillna("").to_string())]
     failed = runs[runs["failed"]]
     if not failed.empty:
         where = failed.groupby(["mode", "base", "lr"])["key"].count().rename("failed runs").reset_index()
