@@ -20,11 +20,13 @@ from tests.harness_helpers import REPO, bench_env, run_text
 
 @pytest.mark.slow
 def test_installed_wheel_shows_help_and_trains_one_epoch(tmp_path: Path) -> None:
+    env = bench_env(tmp_path)  # offline W&B in tmp, one thread
+    env.pop("PYTHONPATH", None)  # the installed wheel, not this checkout (pip would count its egg-info as installed)
     source = tmp_path / "source"
     shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", "outputs", "site", "build", "*.egg-info"))
     build = run_text(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), "."],
-        source, timeout=300,
+        source, env, timeout=300,
     )  # fmt: skip
     assert build.returncode == 0, build.stderr
     [wheel] = list((tmp_path / "dist").glob("hypergrad-*.whl"))
@@ -35,12 +37,10 @@ def test_installed_wheel_shows_help_and_trains_one_epoch(tmp_path: Path) -> None
     (venv_site / "_reuse_deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     install = run_text(
         [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--no-deps", str(wheel)],
-        timeout=300,
+        None, env, timeout=300,
     )  # fmt: skip
     assert install.returncode == 0, install.stderr
 
-    env = bench_env(tmp_path)  # offline W&B in tmp, one thread
-    env.pop("PYTHONPATH", None)  # the installed wheel, not this checkout
     work = tmp_path / "work"
     work.mkdir()
     where = run_text(
