@@ -85,6 +85,7 @@ def _population_step(k: int, device: str, x: torch.Tensor, y: torch.Tensor) -> C
     from bench.config import compose_config
     from bench.data import Data
     from bench.population import StackedLearner
+    from bench.train import _gather
 
     lrs = torch.logspace(-3, -1, k).tolist()
     cfgs = [compose_config(["model=mlp", f'optimizer.spec="sgd({lr})/sgd(1e-05)"', f"seed={i}", "trainer.device=cpu"])
@@ -99,7 +100,7 @@ def _population_step(k: int, device: str, x: torch.Tensor, y: torch.Tensor) -> C
     idx = torch.stack([torch.randperm(len(pool_x))[: len(x)] for _ in range(k)]).to(device)
     if not pop.per_member:  # K = 1: one seed, one batch
         return lambda: pop.step(pool_x[idx[0]], pool_y[idx[0]], 1)
-    return lambda: pop.step(pool_x[idx], pool_y[idx], 1)
+    return lambda: pop.step(_gather(pool_x, idx), _gather(pool_y, idx), 1)
 
 
 def _single_step(device: str, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
