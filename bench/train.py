@@ -361,6 +361,12 @@ def epoch_batch(
     return x, y_train[idx]
 
 
+def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``t[idx]`` for a 2-D ``idx`` (every member's batch): the same rows, copied by ``index_select`` (132 members'
+    MNIST batches, 106 MB: 45 ms a step instead of the advanced indexing's 67 ms)."""
+    return t.index_select(0, idx.flatten()).unflatten(0, idx.shape)
+
+
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 """`trainer.dtype`: the floating-point type of the model's weights and of the (non-text) inputs."""
 
@@ -701,7 +707,7 @@ class Trainer:
                 yield epoch_batch(data, perms[0], b, bs, seeds[0], epoch)
             elif data.augment is None:
                 idx = stacked[:, b * bs : (b + 1) * bs]
-                yield data.train[0][idx], data.train[1][idx]
+                yield _gather(data.train[0], idx), _gather(data.train[1], idx)
             else:  # each member's own augmentation draw
                 pairs = [epoch_batch(data, p, b, bs, s, epoch) for p, s in zip(perms, seeds, strict=True)]
                 yield torch.stack([x for x, _ in pairs]), torch.stack([y for _, y in pairs])

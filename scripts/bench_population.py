@@ -19,9 +19,10 @@ The floor column times the two large matrix products every member-step needs wha
 784x128 layer's forward and weight gradient): vectorizing removes per-run overhead, not this arithmetic, so one
 run's ms/step over the floor bounds the speed-up.
 
-Each K runs in a fresh subprocess, so peak memory is its own: on CPU the growth of the peak resident set while the
-population is built and trained (Linux VmHWM, reset first; glibc made to unmap every freed tensor), on CUDA
-torch.cuda.max_memory_allocated; the one-time set-up of the libraries is done before and counted in neither.
+Each K runs in two fresh subprocesses. One measures peak memory: on CPU the growth of the peak resident set while
+the population is built and trained (Linux VmHWM, reset first; glibc made to unmap every freed tensor), on CUDA
+torch.cuda.max_memory_allocated; the one-time set-up of the libraries is done before and counted in neither. The
+other times the steps with glibc keeping freed memory for reuse, as the population launcher sets it (bench/launcher.py).
 
 Every member draws its own batch (the population launcher's case: each member's seed sets its batch order), so
 the vectorized step gathers K batches and runs batched matrix products.
@@ -85,6 +86,7 @@ def _population_step(k: int, device: str, x: torch.Tensor, y: torch.Tensor) -> C
     from bench.config import compose_config
     from bench.data import Data
     from bench.population import StackedLearner
+    from bench.train import _gather
 
     lrs = torch.logspace(-3, -1, k).tolist()
     cfgs = [compose_config(["model=mlp", f'optimizer.spec="sgd({lr})/sgd(1e-05)"', f"seed={i}", "trainer.device=cpu"])
@@ -99,7 +101,7 @@ def _population_step(k: int, device: str, x: torch.Tensor, y: torch.Tensor) -> C
     idx = torch.stack([torch.randperm(len(pool_x))[: len(x)] for _ in range(k)]).to(device)
     if not pop.per_member:  # K = 1: one seed, one batch
         return lambda: pop.step(pool_x[idx[0]], pool_y[idx[0]], 1)
-    return lambda: pop.step(pool_x[idx], pool_y[idx], 1)
+    return lambda: pop.step(_gather(pool_x, idx), _gather(pool_y, idx), 1)
 
 
 def _single_step(device: str, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
@@ -127,8 +129,11 @@ def _time(step: Callable[[], None], steps: int, device: str) -> float:
     return (time.perf_counter() - start) / steps * 1e3
 
 
-def measure(k: int, steps: int, single_steps: int, rounds: int, device: str, batch_size: int) -> dict[str, float]:
-    """Best-round ms/step of the population (all K members) and of one single run; peak memory of each in MB."""
+def measure(
+    k: int, steps: int, single_steps: int, rounds: int, device: str, batch_size: int, memory: bool
+) -> dict[str, float]:
+    """Peak memory in MB of the population (all K members) and of one single run (``memory``), or else the
+    best-round ms/step of each, with glibc keeping freed memory as the population launcher makes it do."""
     x = torch.randn(batch_size, 1, 28, 28, device=device)
     y = torch.randint(0, 10, (batch_size,), device=device)
     warm = _single_step(device, x, y)
@@ -144,8 +149,9 @@ def measure(k: int, steps: int, single_steps: int, rounds: int, device: str, bat
     population = _population_step(k, device, x, y)
     for _ in range(3):  # warm-up: allocations, the first hypergradient graph, CUDA kernels
         population()
+    if memory:
+        return {"vectorized_mb": _peak(device, base), "single_mb": single_mb}
     best_pop = _time(population, steps, device)
-    pop_mb = _peak(device, base)
     w = torch.randn(784, 128, device=device)
     g = torch.randn(len(x), 128, device=device)
     flat = x.flatten(1)
@@ -160,13 +166,7 @@ def measure(k: int, steps: int, single_steps: int, rounds: int, device: str, bat
         best_pop = min(best_pop, _time(population, steps, device))
         best_single = min(best_single, _time(single, single_steps, device))
         best_floor = min(best_floor, _time(floor, single_steps, device))
-    return {
-        "vectorized_ms": best_pop,
-        "single_ms": best_single,
-        "floor_ms": best_floor,
-        "vectorized_mb": pop_mb,
-        "single_mb": single_mb,
-    }
+    return {"vectorized_ms": best_pop, "single_ms": best_single, "floor_ms": best_floor}
 
 
 def _child(k: int, args: argparse.Namespace, device: str) -> dict[str, float]:
@@ -174,11 +174,15 @@ def _child(k: int, args: argparse.Namespace, device: str) -> dict[str, float]:
     cmd = [sys.executable, __file__, "--one", str(k), "--steps", str(steps), "--single-steps", str(args.single_steps)]
     cmd += ["--rounds", str(args.rounds), "--device", device, "--threads", str(args.threads)]
     cmd += ["--batch-size", str(args.batch_size)]
-    # A fixed mmap threshold makes glibc return every freed tensor to the system, so the resident set follows the
-    # live tensors instead of the allocator's cache (otherwise a run reusing freed memory would look free).
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    out = {}
+    # Memory: a fixed mmap threshold makes glibc return every freed tensor to the system, so the resident set follows
+    # the live tensors instead of the allocator's cache (otherwise a run reusing freed memory would look free).
+    # Time: a separate child in which glibc keeps freed memory, as the population launcher makes it (with the fixed
+    # threshold every large tensor is mapped afresh and page-faulted in at every step, which no training pays).
+    for extra, env in (["--memory"], {"MALLOC_MMAP_THRESHOLD_": "65536"}), ([], {}):
+        done = subprocess.run(cmd + extra, check=True, capture_output=True, text=True, env=dict(os.environ, **env))
+        out.update(json.loads(done.stdout.strip().splitlines()[-1]))
+    return out
 
 
 REDUCED = ["optimizer.lr=1e-6,1e-4,1e-2,1.0", "seed=0"]  # 4 heights x 4 step sizes x 1 seed = 16 jobs
@@ -230,10 +234,18 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="256 is the paper's")
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.one is not None:
-        print(json.dumps(measure(args.one, args.steps, args.single_steps, args.rounds, args.device, args.batch_size)))
+        if not args.memory:
+            from bench.launcher import _keep_freed_memory
+
+            _keep_freed_memory()
+        result = measure(
+            args.one, args.steps, args.single_steps, args.rounds, args.device, args.batch_size, args.memory
+        )
+        print(json.dumps(result))
         return
 
     if args.sweep != "none":

@@ -144,6 +144,34 @@ def test_a_non_finite_hyperparameter_freezes_its_member_before_the_update():
     assert _rel(losses[1], _alone(*configs[1], "float64")[0]) < 1e-10
 
 
+@pytest.mark.parametrize("shape", [(5, 7), (3, 4, 7)], ids=["2d", "3d"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_stacked_linear_layers_give_autograds_outputs_and_gradients(shape, bias):
+    # The stacked members' nn.Linear (bench.population._stacked_skeleton, a faster weight-gradient layout) computes,
+    # for every member, what F.linear and its autograd gradients give that member alone: inputs of any rank, with
+    # or without bias, float64 to round-off.
+    from torch.func import functional_call, stack_module_state
+
+    from bench.population import _stacked_skeleton
+
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(7, 6, bias=bias).double() for _ in range(3)]
+    params, _ = stack_module_state(layers)
+    params = {n: p.detach().requires_grad_() for n, p in params.items()}
+    x = torch.randn(3, *shape, dtype=torch.float64, requires_grad=True)
+    skeleton = _stacked_skeleton(torch.nn.Linear(7, 6, bias=bias).double())
+    out = torch.vmap(lambda p, xi: functional_call(skeleton, p, (xi,)))(params, x)
+    weights = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weights).sum(), [x, *params.values()])
+    for k, layer in enumerate(layers):
+        xk = x[k].detach().requires_grad_()
+        alone = layer(xk)
+        assert torch.allclose(out[k], alone, rtol=1e-12, atol=1e-14)
+        own = torch.autograd.grad((alone * weights[k]).sum(), [xk, *layer.parameters()])
+        for mine, theirs in zip(grads, own, strict=True):
+            assert mine[k].is_contiguous() and torch.allclose(mine[k], theirs, rtol=1e-12, atol=1e-14)
+
+
 def test_batchnorm_models_get_a_clear_error():
     cfg = compose_config(["dataset=digits", "model=resnet20", 'optimizer.spec="sgd(0.1)/sgd(0.01)"'])
     device, data = load_data(cfg)
