@@ -181,11 +181,10 @@ def make_plan(
             t = level.rule.transforms[name]
             if parameterization == "log" and name == "lr":
                 t = EXP
-                for values in per_group:
-                    if isinstance(values["lr"], float) and values["lr"] <= 0.0:
-                        raise ValueError(
-                            f"{level.rule.name}: lr must be > 0 with parameterization='log', but got {values['lr']!r}"
-                        )
+            for values in per_group if t == EXP else ():  # stored as its log: log(0) does not exist
+                if isinstance(values[name], float) and values[name] <= 0.0:
+                    how = "with parameterization='log'" if name == "lr" else "while learned (stored as its log)"
+                    raise ValueError(f"{level.rule.name}: {name} must be > 0 {how}, but got {values[name]!r}")
             trans.append(t)
         learned.append(tuple(names))
         transforms.append(tuple(trans))

@@ -307,15 +307,19 @@ class AdamWRule(AdamRule):
         return delta, AdamWState(m, v, state.param - delta, *kept, state.param if decay_learned else None)
 
     def vjp(self, grad_next, grad, before, after, hp, step, dot):
-        out = adam_vjp(grad_next, after, hp, *_power_corrections(hp, step), dot)
-        if _learned(hp, "lr") or _learned(hp, "weight_decay"):
-            # the decay term lr * wd * param_before
-            decay = dot(grad_next, after.previous_param)
-            if _learned(hp, "lr"):
-                out["lr"] = out["lr"] + hp["weight_decay"] * decay
-            if _learned(hp, "weight_decay"):
-                out["weight_decay"] = hp["lr"] * decay
-        return out
+        return adamw_decay_vjp(adam_vjp(grad_next, after, hp, *_power_corrections(hp, step), dot), grad_next, after,
+                               hp, dot)  # fmt: skip
+
+
+def adamw_decay_vjp(out: dict[str, Tensor], grad_next: Tensor, after: Any, hp: HP, dot: Dot) -> dict[str, Tensor]:
+    """Adam's vjp ``out`` plus that of AdamW's decay term ``lr * wd * param_before`` (``after.previous_param``)."""
+    if _learned(hp, "lr") or _learned(hp, "weight_decay"):
+        decay = dot(grad_next, after.previous_param)
+        if _learned(hp, "lr"):
+            out["lr"] = out["lr"] + hp["weight_decay"] * decay
+        if _learned(hp, "weight_decay"):
+            out["weight_decay"] = hp["lr"] * decay
+    return out
 
 
 class AdaGradRule(Rule):

@@ -1,6 +1,8 @@
 """Run issue 14's stability grid in ONE process (no Hydra launcher start-up per run) and append one JSON line per
 run to RESULTS; runs already in RESULTS are skipped, so the script resumes after an interruption and several
-processes (different --part or --seeds) can share one file.
+processes (different --part or --seeds) can share one file. SIGINT or SIGTERM (a plain `kill`) stops the script:
+the run in progress saves its checkpoint and is not recorded, one line says so, and the exit status is 128 + the
+signal's number; the same command then resumes that run from its checkpoint and goes on with the grid.
 
     python scripts/stability_grid.py RESULTS.jsonl OUT_DIR [--part towers|fixed|baselines] [options] [override ...]
 
@@ -17,6 +19,7 @@ import argparse
 import itertools
 import json
 import math
+import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--modes", type=_csv, default=["ref", "stable"])
     p.add_argument("--seeds", type=_csv, default=["0"])
     args, extra = p.parse_known_args(argv)
-    from bench.train import run
+    from bench.train import Interrupted, run
 
     with initialize_config_dir(str(CONF), version_base=None):
         for c in grid(args):
@@ -98,6 +101,16 @@ def main(argv: list[str] | None = None) -> None:
             ov = [*overrides(c), f"seed={c['seed']}", "trainer.progress=false", *extra]
             try:
                 m = run(compose("config", overrides=ov), args.out_dir / k)
+            except Interrupted as e:  # a stop asked from outside is not a result of the run
+                print(
+                    f"stopped by signal {e.signum} at step {e.step} of run {k} (not recorded; its checkpoint is "
+                    "saved): rerun the same command to resume it and finish the grid",
+                    file=sys.stderr,
+                )
+                sys.exit(128 + e.signum)
+            except KeyboardInterrupt:  # a second Ctrl-C, before the checkpoint was saved
+                print(f"stopped during run {k} (not recorded): rerun the same command to redo it", file=sys.stderr)
+                sys.exit(130)
             except Exception as e:  # a crashed run is a result of the grid, not the end of it
                 m = {"status": "crashed", "error": f"{type(e).__name__}: {e}"}
             fields = (

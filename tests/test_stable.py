@@ -14,7 +14,7 @@ from torch import nn
 
 import hypergrad
 from hypergrad import core
-from hypergrad.rules import AdamRule, SGDRule
+from hypergrad.rules import AdaGradRule, AdamRule, AdamWRule, RMSPropRule, SGDRule
 from hypergrad.stable import (
     GROW,
     HORIZON,
@@ -24,11 +24,13 @@ from hypergrad.stable import (
     SHRINK,
     GuardedRule,
     StableAdamRule,
+    StableAdamWRule,
     StableRule,
+    StableSGDRule,
     TrustRegionRule,
     stabilize,
 )
-from hypergrad.transforms import EXP, HALF_TANH, IDENTITY
+from hypergrad.transforms import EXP, HALF_TANH, IDENTITY, SQUARE
 from tests.hypergrad_helpers import check_hypergradients_by_finite_differences, losses_until_nonfinite
 from tests.test_hypergrad_exact import REFERENCE_TOWERS, batches, make_mlp, reference_losses, train
 
@@ -97,9 +99,65 @@ def test_stable_adam_equals_adam_while_its_betas_are_constant() -> None:
         torch.testing.assert_close(d1, d2)
 
 
+def test_stable_adamw_equals_adamw_while_its_hyperparameters_are_constant() -> None:
+    torch.manual_seed(0)
+    grads, w = [torch.randn(5) for _ in range(6)], torch.randn(5)
+    hp = {"lr": 0.01, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.1}
+    plain, stable = AdamWRule(), StableAdamWRule()
+    s1, s2 = plain.init(w, hp), stable.init(w, hp)
+    for t, g in enumerate(grads, start=1):
+        d1, s1 = plain.update(g, s1, hp, t)
+        d2, s2 = stable.update(g, s2, hp, t)
+        torch.testing.assert_close(d1, d2)
+
+
+def weight_decays(spec: str, stable: bool, steps: int = 60) -> tuple[list[float], list[float]]:
+    """A linear regression whose weights start at 0.1 and must reach 5: every decay is in the way, so the tower's
+    hypergradient keeps pushing the learned weight decay down. Its weight decay and loss per step."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g)
+    y = x @ torch.full((4,), 5.0)
+    w = nn.Parameter(torch.full((4,), 0.1))
+    opt = hypergrad.tower(spec, [w], stable=stable, check_finite=False)
+    decays, losses = [], []
+    for _ in range(steps):
+        loss = ((x @ w - y) ** 2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        decays.append(opt.hyperparameters()[0]["weight_decay"])
+        losses.append(loss.item())
+    return decays, losses
+
+
+def test_a_learned_adamw_weight_decay_stays_positive_where_the_reference_drives_it_below_zero() -> None:
+    assert min(weight_decays("adamw(0.05, weight_decay=0.1)/sgd(1e-3)", stable=False)[0]) < 0.0
+    for hyper_lr in (1e-3, 1e-1):  # 1e-1: the reference is NaN; before, the stable AdamW's beta1 reached 1.0: NaN
+        decays, losses = weight_decays(f"adamw(0.05, weight_decay=0.1)/sgd({hyper_lr})", stable=True)
+        assert all(d > 0.0 for d in decays) and all(math.isfinite(v) for v in losses), hyper_lr
+        assert decays[-1] < 1e-3 * 0.1  # still learned: pushed down by decades (a factor per step), never past 0
+
+
+def test_a_zero_adamw_weight_decay_stays_zero_in_the_stable_mode_and_a_learned_one_must_start_above_zero() -> None:
+    w = nn.Parameter(torch.ones(3))
+    opt = hypergrad.tower("adamw(0.01, weight_decay=0)/sgd(1e-3)", [w], stable=True)
+    assert opt._plan.learned[0] == ("lr", "beta1", "beta2")  # log 0 does not exist: not learned, as SGD momentum 0
+    for _ in range(3):  # with a zero gradient AdamW's step is its decay alone: none
+        w.grad = torch.zeros(3)
+        opt.step()
+    assert w.detach().tolist() == [1.0, 1.0, 1.0] and opt.param_groups[0]["weight_decay"] == 0.0
+    groups = [{"params": [w]}, {"params": [nn.Parameter(torch.ones(2))], "weight_decay": 0.0}]
+    with pytest.raises(
+        ValueError, match=re.escape("adamw: weight_decay must be > 0 while learned (stored as its log), but got 0.0")
+    ):
+        hypergrad.tower("adamw(0.01, weight_decay=0.1)/sgd(1e-3)", groups, stable=True)
+    hypergrad.tower("adamw(0.01, weight_decay=0.1)/sgd(1e-3)", groups, stable=False)  # the reference stores it raw
+
+
 STABLE_FD_SPECS = [
     "sgd(0.1, momentum=0.9)/sgd(1e-2)/sgd(1e-2)",
     "adam(0.01)/sgd(1e-2)/sgd(1e-2)",
+    "adamw(0.01, weight_decay=0.1)/sgd(1e-2)/sgd(1e-2)",
     "adagrad(0.1)/adam(1e-2)/sgd(1e-2)",
     "rmsprop(0.01, gamma=0.9)/sgd(1e-2)",
 ]
@@ -294,6 +352,21 @@ def test_stabilize_keeps_the_spelling_and_wraps_the_base_in_the_guard() -> None:
         levels = stabilize(hypergrad.parse_spec(spec)).levels
         assert (levels[0].rule.horizon, levels[0].rule.trail) == (horizon, trail), spec
         assert (levels[1].rule.limits is None) == ("momentum" not in spec), spec
+    # The base each mode runs, and how the level above stores each value below (stored, reference): only step sizes
+    # and AdamW's weight decay are stored as their log; the weight decay is the only change of the fifth round.
+    log, half = (EXP, IDENTITY), (HALF_TANH, HALF_TANH)
+    for spec, base, pairs in [
+        ("sgd(0.1)/sgd(1e-5)", StableSGDRule, [log]),
+        ("sgd(0.1, momentum=0.9)/sgd(1e-5)", StableSGDRule, [log, (HALF_TANH, IDENTITY)]),
+        ("adagrad(0.1)/sgd(1e-5)", AdaGradRule, [log]),
+        ("rmsprop(0.01)/sgd(1e-5)", RMSPropRule, [(EXP, SQUARE), half]),
+        ("adam(0.001)/sgd(1e-5)", StableAdamRule, [log, half, half]),
+        ("adamw(0.001)/sgd(1e-5)", StableAdamWRule, [log, half, half, log]),
+        ("adamw(0.001, weight_decay=0)/sgd(1e-5)", StableAdamWRule, [log, half, half]),
+    ]:
+        levels = stabilize(hypergrad.parse_spec(spec)).levels
+        assert type(levels[0].rule.inner) is base, spec
+        assert list(levels[1].rule.below) == pairs, spec
     assert [type(lv.rule) for lv in stable.levels[1:]] == [TrustRegionRule, TrustRegionRule]
     assert [type(lv.rule) for lv in stabilize(tower, "normalized").levels[1:]] == [StableRule, StableRule]
     with pytest.raises(ValueError, match="method must be 'trust' or 'normalized', but got 'sign'"):
