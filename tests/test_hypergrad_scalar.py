@@ -176,24 +176,29 @@ def test_a_value_written_between_steps_is_read_by_the_float_path(monkeypatch) ->
 TALL_SGD = "sgd(0.1)" + "/sgd(1e-3)" * 9  # plain SGD levels, tall enough for the floats (_scalar._SGD_FROM)
 
 
-def run_tall_sgd(dtype, steps: int = 6, write=None) -> list[torch.Tensor]:
-    """Weights, learned values and every state tensor after ``steps`` steps of TALL_SGD on two param groups;
-    ``write(opt, step)`` may change the optimizer between steps."""
+def train_two_groups(spec: str, dtype, steps: int = 6, after_step=None) -> list[torch.Tensor]:
+    """Weights, learned values and every state tensor after ``steps`` steps of ``spec`` on two param groups;
+    ``after_step(opt, step)`` may check or change the optimizer between steps."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
     params = list(model.parameters())
-    opt = hypergrad.tower(TALL_SGD, [{"params": params[:2]}, {"params": params[2:], "lr": 0.02}])
+    opt = hypergrad.tower(spec, [{"params": params[:2]}, {"params": params[2:], "lr": 0.02}])
     g = torch.Generator().manual_seed(0)
     for step in range(steps):
         x, y = torch.randn(16, 10, generator=g, dtype=dtype), torch.randint(0, 3, (16,), generator=g)
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
         opt.zero_grad()
-        if write is not None:
-            write(opt, step)
+        if after_step is not None:
+            after_step(opt, step)
     learned = [torch.tensor(v, dtype=torch.float64) for level in opt.hyperparameters() for v in level.values()]
     state = [t for t in leaves(opt.state_dict()["tower"]["state"]) if isinstance(t, torch.Tensor)]
     return [p.detach().clone() for p in params] + learned + state
+
+
+def run_tall_sgd(dtype, steps: int = 6, write=None) -> list[torch.Tensor]:
+    """TALL_SGD through `train_two_groups`; ``write(opt, step)`` may change the optimizer between steps."""
+    return train_two_groups(TALL_SGD, dtype, steps, write)
 
 
 def assert_bitwise(fast: list[torch.Tensor], slow: list[torch.Tensor]) -> None:
@@ -241,27 +246,18 @@ FLOAT_TOWERS = [
 
 
 def run_kept(spec: str, dtype, read_each_step: bool, write=None, steps: int = 6) -> list[torch.Tensor]:
-    """Weights, learned values and every state tensor after ``steps`` steps of ``spec`` on two param groups; with
-    ``read_each_step`` the optimizer's state is read after every step (which builds the levels' tensors, so the next
-    step reads them), else the levels above the first stay floats between steps."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
-    params = list(model.parameters())
-    opt = hypergrad.tower(spec, [{"params": params[:2]}, {"params": params[2:], "lr": 0.02}])
-    g = torch.Generator().manual_seed(0)
-    for step in range(steps):
-        x, y = torch.randn(16, 10, generator=g, dtype=dtype), torch.randint(0, 3, (16,), generator=g)
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
+    """`train_two_groups` of ``spec``; with ``read_each_step`` the optimizer's state is read after every step (which
+    builds the levels' tensors, so the next step reads them), else the levels above the first stay floats between
+    steps."""
+
+    def after_step(opt, step: int) -> None:
         assert opt._live.floats is not None  # the step left the levels above as floats
         if read_each_step:
             assert len(opt._tower.levels) == opt.height + 1 and opt._live.floats is None
         if write is not None:
             write(opt, step)
-    learned = [torch.tensor(v, dtype=torch.float64) for level in opt.hyperparameters() for v in level.values()]
-    state = [t for t in leaves(opt.state_dict()["tower"]["state"]) if isinstance(t, torch.Tensor)]
-    return [p.detach().clone() for p in params] + learned + state
+
+    return train_two_groups(spec, dtype, steps, after_step)
 
 
 @pytest.mark.parametrize("spec", FLOAT_TOWERS)
