@@ -112,6 +112,23 @@ def run_text(
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def signal_once_started(
+    argv: list[str], env: dict[str, str], started: Path, settle: float, signum: int, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
+    """Start a program, wait until ``started`` exists (at most 120 s), let it run ``settle`` more seconds (into its
+    training loop), send it ``signum`` and read it to its end, as a user stopping a run with Ctrl-C or `kill` does."""
+    import time
+
+    proc = subprocess.Popen(argv, cwd=cwd or REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(settle)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
 def run_module(
     module: str, args: list[str], tmp_path: Path, timeout: float = 240, extra_env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:

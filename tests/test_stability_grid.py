@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.harness_helpers import REPO, bench_env, run_text
+from tests.harness_helpers import REPO, bench_env, run_text, signal_once_started
 
 # Two small stable towers on the synthetic dataset, each long enough (thousands of steps) to be stopped mid-run.
 GRID = ["--bases", "sgd", "--heights", "1", "--tower-lrs", "1e-3,1e-1", "--hyper-lrs", "1e-4", "--modes", "stable"]
@@ -27,15 +25,9 @@ def test_a_signal_stops_the_grid_without_recording_the_run_and_the_same_command_
     results, runs = tmp_path / "results.jsonl", tmp_path / "runs"
     argv = [sys.executable, str(REPO / "scripts" / "stability_grid.py"), str(results), str(runs), *GRID, *EXTRA]
     env = {**bench_env(tmp_path), "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not runs.is_dir() and time.monotonic() < deadline:  # the first run has started
-        time.sleep(0.1)
-    time.sleep(1.5)  # into its training loop
-    proc.send_signal(signum)
-    out, err = proc.communicate(timeout=120)
-
-    assert proc.returncode == 128 + signum, err[-2000:]
+    stopped = signal_once_started(argv, env, runs, 1.5, signum)  # once the first run has started
+    err = stopped.stderr
+    assert stopped.returncode == 128 + signum, err[-2000:]
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"stopped by signal {signum} at step "), err[-2000:]
     rows = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []

@@ -7,7 +7,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 
 from bench.config import compose_config
 from bench.train import run
-from tests.harness_helpers import QUICK, REPO, bench_env, run_bench, run_text
+from tests.harness_helpers import QUICK, bench_env, run_bench, run_text, signal_once_started
 
 # Long enough to be interrupted mid-training (thousands of small steps), short enough to finish on resume.
 LONG = ["dataset=synthetic", "model=mlp", "trainer.epochs=6", "trainer.batch_size=4", "trainer.progress=false"]
@@ -25,21 +24,10 @@ LONG = ["dataset=synthetic", "model=mlp", "trainer.epochs=6", "trainer.batch_siz
 def test_a_signal_saves_a_checkpoint_and_the_same_command_resumes(tmp_path: Path, signum: int) -> None:
     run_dir = tmp_path / "run"
     args = [*LONG, "trainer.num_threads=1", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bench", *args],
-        cwd=REPO,
-        env=bench_env(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 120
-    while not (run_dir / ".hydra" / "config.yaml").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(3)  # into the training loop
-    proc.send_signal(signum)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signum, err[-2000:]
+    stopped = signal_once_started([sys.executable, "-m", "bench", *args], bench_env(tmp_path),
+                                  run_dir / ".hydra" / "config.yaml", 3, signum)  # fmt: skip
+    err = stopped.stderr
+    assert stopped.returncode == 128 + signum, err[-2000:]
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("interrupted at step "), err[-2000:]
     assert lines[0].endswith("rerun the same command to resume")
