@@ -25,18 +25,27 @@ SPECS = [
 ]
 
 
-def trained(spec: str, steps: int, parameterization: str = "reference", dtype=torch.float64):
+def step_two_groups(spec: str, steps: int, dtype, parameterization: str = "reference", after_step=None):
+    """``steps`` seeded steps of ``spec`` on a small MLP with two param groups; ``after_step(opt, step)`` may check or
+    change the optimizer between steps. Returns the optimizer, the model and the batch generator."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
     params = list(model.parameters())
     groups = [{"params": params[:2]}, {"params": params[2:], "lr": 0.02}]
     opt = hypergrad.tower(spec, groups, parameterization=parameterization)
     g = torch.Generator().manual_seed(0)
-    for _ in range(steps):
+    for step in range(steps):
         x, y = torch.randn(16, 10, generator=g, dtype=dtype), torch.randint(0, 3, (16,), generator=g)
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
         opt.zero_grad()
+        if after_step is not None:
+            after_step(opt, step)
+    return opt, model, g
+
+
+def trained(spec: str, steps: int, parameterization: str = "reference", dtype=torch.float64):
+    opt, model, g = step_two_groups(spec, steps, dtype, parameterization)
     x, y = torch.randn(16, 10, generator=g, dtype=dtype), torch.randint(0, 3, (16,), generator=g)
     nn.functional.cross_entropy(model(x), y).backward()
     return opt, model
@@ -179,18 +188,8 @@ TALL_SGD = "sgd(0.1)" + "/sgd(1e-3)" * 9  # plain SGD levels, tall enough for th
 def train_two_groups(spec: str, dtype, steps: int = 6, after_step=None) -> list[torch.Tensor]:
     """Weights, learned values and every state tensor after ``steps`` steps of ``spec`` on two param groups;
     ``after_step(opt, step)`` may check or change the optimizer between steps."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+    opt, model, _ = step_two_groups(spec, steps, dtype, after_step=after_step)
     params = list(model.parameters())
-    opt = hypergrad.tower(spec, [{"params": params[:2]}, {"params": params[2:], "lr": 0.02}])
-    g = torch.Generator().manual_seed(0)
-    for step in range(steps):
-        x, y = torch.randn(16, 10, generator=g, dtype=dtype), torch.randint(0, 3, (16,), generator=g)
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-        if after_step is not None:
-            after_step(opt, step)
     learned = [torch.tensor(v, dtype=torch.float64) for level in opt.hyperparameters() for v in level.values()]
     state = [t for t in leaves(opt.state_dict()["tower"]["state"]) if isinstance(t, torch.Tensor)]
     return [p.detach().clone() for p in params] + learned + state
