@@ -3,7 +3,7 @@
     python scripts/stability_report.py RESULTS.jsonl OUT_DIR [--tuned STUDY_SUMMARY.json] [--title TEXT]
 
 Writes OUT_DIR/stability.png (test error against the initial step size, one line per height; one column per top
-hyper-step, the reference and the stable mode side by side; one row per base; the mean over seeds) and
+hyper-step; one row per base and mode, a base's reference row above its stable row; the mean over seeds) and
 OUT_DIR/stability.md: failed runs per mode and height, the decades of initial step size over which each height stays
 within 1 point of the base's best fixed-hyperparameter run per top hyper-step, and the baselines (the grid's
 `baselines` part and an Optuna study's `study_summary.json`) beside the stable towers, with their compute.
@@ -67,6 +67,12 @@ def decades(group: pd.DataFrame, target: float) -> float:
     return best
 
 
+def _k(k: float) -> str:
+    """A hyper-step as the grid names it: 1e-4, not 0.0001 or 1.000000e-04."""
+    e = round(math.log10(k)) if k > 0 else 0
+    return f"1e{e}" if k > 0 and math.isclose(k, 10.0**e) else f"{k:g}"
+
+
 def _block(text: str) -> str:
     return f"```\n{text}\n```"
 
@@ -82,19 +88,31 @@ def robustness(c: pd.DataFrame) -> tuple[pd.Series, pd.DataFrame]:
 
 
 def hyper_decades(robust: pd.DataFrame, need: float = 8.0) -> pd.DataFrame:
-    """Per mode, base and height: the widest run of consecutive grid hyper-steps at which the initial step size is
-    robust over at least ``need`` decades, in decades of hyper-step (-1: at none)."""
+    """Per mode, base and height, how many decades of top hyper-step keep the initial step size robust over at least
+    ``need`` decades (-1: at no hyper-step).
+
+    ``hyper_decades`` is the goal's measure: the longest run of measured hyper-steps one decade apart (1e-10, 1e-9,
+    ...) that each meet ``need``; a decade is counted only where it was measured, so hyper-steps 1e-10 and 1e-7 that
+    both meet, with 1e-9 and 1e-8 not run, count 0 decades each, not 3. ``hyper_span`` is the coarse reading of the
+    same cells: the widest span of consecutive *measured* hyper-steps that each meet, however far apart, which the
+    unmeasured decades between them could only shorten (an upper bound on the goal's measure)."""
     rows = []
     for (mode, base, height), g in robust.groupby(["mode", "base", "height"]):
         g = g.sort_values("hyper_lr")
-        best, start = -1.0, None
+        strict = span = -1.0
+        run = gap = None  # the first hyper-step of the current run, decade by decade and grid step by grid step
+        prev = None
         for k, d in zip(g["hyper_lr"], g["decades"], strict=True):
             if d >= need:
-                start = k if start is None else start
-                best = max(best, math.log10(k / start))
+                next_decade = prev is not None and math.isclose(math.log10(k / prev), 1.0, abs_tol=1e-6)
+                run = run if run is not None and next_decade else k
+                gap = gap if gap is not None else k
+                strict = max(strict, math.log10(k / run))
+                span = max(span, math.log10(k / gap))
             else:
-                start = None
-        rows.append(dict(mode=mode, base=base, height=height, hyper_decades=best))
+                run = gap = None
+            prev = k
+        rows.append(dict(mode=mode, base=base, height=height, hyper_decades=strict, hyper_span=span))
     return pd.DataFrame(rows)
 
 
@@ -182,9 +200,20 @@ def tables(df: pd.DataFrame, tuned: Path | None) -> str:
     if not robust.empty:
         pivot = robust.pivot_table(index=["base", "height"], columns=["mode", "hyper_lr"], values="decades")
         lines += ["", "## Decades of initial step size within 1 point of the best fixed run (-1: none)", ""]
+        pivot = pivot.rename(columns=lambda v: _k(v) if isinstance(v, float) else v)  # 1e-10, not 1.000000e-10
         lines += [_block(pivot.round(0).to_string())]
-        hd = hyper_decades(robust).pivot_table(index=["base", "height"], columns="mode", values="hyper_decades")
-        lines += ["", "## Decades of top hyper-step over which the initial step size is robust over >= 8 decades", ""]
+        hd = hyper_decades(robust).pivot_table(
+            index=["base", "height"], columns="mode", values=["hyper_decades", "hyper_span"]
+        )
+        lines += [
+            "",
+            "## Decades of top hyper-step over which the initial step size is robust over >= 8 decades",
+            "",
+            "hyper_decades: the longest run of measured hyper-steps one decade apart that each reach 8 decades (the "
+            "goal's measure; an unmeasured decade breaks the run); hyper_span: the widest span of consecutive measured "
+            "hyper-steps that each reach 8 decades, however far apart (an upper bound). -1: at none.",
+            "",
+        ]
         lines += [_block(hd.to_string())]
     comp = comparison(df, c, tuned)
     if not comp.empty:
@@ -206,29 +235,38 @@ def figure(df: pd.DataFrame, path: Path, title: str) -> None:
 
     c = cells(df)
     best, _ = robustness(c)
-    bases = list(dict.fromkeys(df.loc[df["height"].notna(), "base"]))
-    ks = sorted(c.loc[c["height"] > 0, "hyper_lr"].unique())
-    cols = [(k, m) for k in ks for m in ("reference", "stable")]
-    fig, axes = plt.subplots(len(bases), len(cols), figsize=(2.2 * len(cols), 2.0 * len(bases)), squeeze=False)
-    for r, base in enumerate(bases):
+    towers = c[c["height"] > 0]
+    ks = sorted(towers["hyper_lr"].unique())
+    # One row per base and mode that has towers (the reference and the stable row of a base one above the other),
+    # one column per top hyper-step: a grid with many hyper-steps stays as wide as it has hyper-steps.
+    rows = [
+        (base, mode)
+        for base in dict.fromkeys(df.loc[df["height"].notna(), "base"])
+        for mode in ("reference", "stable")
+        if ((towers["base"] == base) & (towers["mode"] == mode)).any()
+    ]
+    fig, axes = plt.subplots(len(rows), len(ks), figsize=(2.2 * len(ks), 2.0 * len(rows) + 0.8), squeeze=False)
+    for r, (base, mode) in enumerate(rows):
         fixed = c[(c["base"] == base) & (c["height"] == 0) & (c["mode"] == "reference")].sort_values("lr")
-        for col, (k, mode) in enumerate(cols):
+        for col, k in enumerate(ks):
             ax = axes[r][col]
             ax.plot(fixed["lr"], (100 * fixed["test_error"]).clip(upper=TOP), "k--", lw=1, label="height 0")
             if base in best:  # the goal's band: within 1 point of the best fixed run
                 ax.axhline(100 * (best[base] + POINT), color="grey", lw=0.6, ls=":")
-            sel = c[(c["base"] == base) & (c["hyper_lr"] == k) & (c["mode"] == mode) & (c["height"] > 0)]
+            sel = towers[(towers["base"] == base) & (towers["hyper_lr"] == k) & (towers["mode"] == mode)]
             for h, g in sel.groupby("height"):
                 g = g.sort_values("lr")
                 err = [min(100 * e, TOP) if not f else TOP for e, f in zip(g["test_error"], g["failed"], strict=True)]
                 ax.plot(g["lr"], err, marker="o", ms=3, color=f"C{int(h) - 1}", label=f"height {int(h)}")
+            if sel.empty:
+                ax.text(0.5, 0.5, "not run", transform=ax.transAxes, ha="center", fontsize=7, color="grey")
             ax.set_xscale("log")
             ax.set_ylim(0, TOP + 1)
             if r == 0:
-                ax.set_title(f"{mode}\ntop hyper-step {k:g}", fontsize=8)
+                ax.set_title(f"top hyper-step {_k(k)}", fontsize=8)
             if col == 0:
-                ax.set_ylabel(f"{base}\ntest error %", fontsize=8)
-            if r == len(bases) - 1:
+                ax.set_ylabel(f"{base}, {mode}\ntest error %", fontsize=8)
+            if r == len(rows) - 1:
                 ax.set_xlabel("initial step size", fontsize=8)
             ax.tick_params(labelsize=6)
     # The legend goes where the most heights are drawn (the stable mode's panels also hold heights 1, 2, 4, 5).
