@@ -215,6 +215,20 @@ def tables(df: pd.DataFrame, tuned: Path | None) -> str:
             "",
         ]
         lines += [_block(hd.to_string())]
+    h3 = c[c["height"] == 3]
+    if not h3.empty:
+        # The cells behind the decades: which initial step size breaks a run, and by how much.
+        lines += ["", "## Height 3: test error per cell (%, mean over seeds; * : a seed failed)", ""]
+        for (mode, base), g in h3.groupby(["mode", "base"]):
+            text = (100 * g["test_error"]).round(1).astype(str) + g["failed"].map({True: "*", False: ""})
+            table = g.assign(cell=text, k=g["hyper_lr"].map(_k), lr=g["lr"].map(_k))
+            table = table.pivot(index="lr", columns="k", values="cell")
+            table = table.loc[sorted(table.index, key=float), sorted(table.columns, key=float)]
+            lines += [
+                f"{base}, {mode} (best fixed {100 * best.get(base, math.nan):.1f}%):",
+                "",
+                _block(table.to_string()),
+            ]
     comp = comparison(df, c, tuned)
     if not comp.empty:
         lines += [
