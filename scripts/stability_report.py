@@ -5,8 +5,13 @@
 Writes OUT_DIR/stability.png (test error against the initial step size, one line per height; one column per top
 hyper-step; one row per base and mode, a base's reference row above its stable row; the mean over seeds) and
 OUT_DIR/stability.md: failed runs per mode and height, the decades of initial step size over which each height stays
-within 1 point of the base's best fixed-hyperparameter run per top hyper-step, and the baselines (the grid's
-`baselines` part and an Optuna study's `study_summary.json`) beside the stable towers, with their compute.
+within 1 point of the base's best fixed-hyperparameter run per top hyper-step, the decades of top hyper-step over
+which that reaches 8 (`hyper_decades`), the height-3 cells behind them, and the baselines (the grid's `baselines` part
+and an Optuna study's `study_summary.json`) beside the stable towers, with their compute.
+
+Decades of initial step size are counted over the grid's consecutive initial step sizes (the towers part runs every
+second decade, 1e-11..10), as the grid measures them; decades of top hyper-step only over measured decades (see
+`hyper_decades`).
 """
 
 from __future__ import annotations
