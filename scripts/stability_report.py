@@ -1,6 +1,15 @@
 """Issue 14's report from a stability grid (scripts/stability_grid.py's JSON lines): the figure and the tables.
 
-    python scripts/stability_report.py RESULTS.jsonl OUT_DIR [--tuned STUDY_SUMMARY.json] [--title TEXT]
+    python scripts/stability_report.py RESULTS [RESULTS ...] OUT_DIR [--dataset NAME] [--bases B,B]
+        [--tuned STUDY_SUMMARY.json] [--title TEXT]
+
+RESULTS are JSON-lines files or folders; a folder stands for every `*.jsonl` in it, in name order. Files are read in
+the order given (a file named twice is read at its last place), and a run's row in a later file replaces the row with
+the same key (dataset, overrides, base, height, mode, initial step size, top hyper-step, seed) from an earlier one:
+`docs/data/stability docs/data/stability/NEW.jsonl` reads NEW last, so its rows win. stability.md lists, per base,
+mode and height, the files its rows came from and how many earlier rows with a different result were replaced, so a
+rerun that covered only part of a grid is visible. One report is one dataset: results that hold several need
+`--dataset`.
 
 Writes OUT_DIR/stability.png (test error against the initial step size, one line per height; one column per top
 hyper-step; one row per base and mode, a base's reference row above its stable row; the mean over seeds) and
@@ -21,6 +30,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -31,9 +41,60 @@ WINDOW = (1e-11, 1e-3)  # the comparison's 8 decades of initial step size: where
 TOP = 30.0  # the figure's y range in %: the goal is about a few points near the best run, not 80% against 90%
 
 
-def load(path: Path) -> pd.DataFrame:
-    df = pd.DataFrame([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
-    df = df.drop_duplicates("key", keep="first")
+DEFAULT_DATASET = "mnist5k"  # the stability preset's dataset: its runs carry no `dataset=` override
+
+
+def inputs(paths: Sequence[Path]) -> list[Path]:
+    """The files to read, in reading order: a folder is its `*.jsonl` files in name order; a file met twice is read at
+    its last place (so `FOLDER FOLDER/NEW.jsonl` reads NEW last)."""
+    files: list[Path] = []
+    for path in paths:
+        found = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+        if path.is_dir() and not found:
+            raise ValueError(f"results {str(path)!r} must hold *.jsonl files, but it holds none")
+        if not path.is_dir() and not path.is_file():
+            raise ValueError(f"results must be existing files or folders, but got {str(path)!r}")
+        for f in found:
+            files = [g for g in files if g.resolve() != f.resolve()] + [f]
+    return files
+
+
+def _dataset(extra: list[str]) -> str:
+    return next((e.split("=", 1)[1] for e in extra if e.startswith("dataset=")), DEFAULT_DATASET)
+
+
+def load(paths: Sequence[Path], dataset: str | None = None, bases: Sequence[str] | None = None) -> pd.DataFrame:
+    """Every run of ``paths`` (see `inputs`), a later file's row replacing an earlier one's with the same key; the
+    columns `source` (the file a row was kept from) and `replaced` (the file whose different result it replaced)."""
+    rows: dict[str, dict] = {}
+    for f in inputs(paths):
+        for line in f.read_text().splitlines():
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            old = rows.get(r["key"])
+            if old is not None and old["source"] == f.name:
+                continue  # the grid never writes a key twice to one file; a hand-made repeat keeps the first
+            changed = old is not None and {k: v for k, v in old.items() if k not in ("source", "replaced")} != r
+            rows[r["key"]] = {**r, "source": f.name, "replaced": old["source"] if changed else None}
+    df = pd.DataFrame(list(rows.values()))
+    df["dataset"] = df["extra"].map(_dataset)
+    found = sorted(df["dataset"].unique())
+    if dataset is None and len(found) > 1:
+        raise ValueError(f"the results hold runs on datasets {found}: pass --dataset with one of them")
+    if dataset is not None:
+        if dataset not in found:
+            raise ValueError(f"--dataset must be one of {found} (the datasets in the results), but got {dataset!r}")
+        df = df[df["dataset"] == dataset]
+    settings = sorted({" ".join(e) for e in df["extra"]})
+    if len(settings) > 1:
+        raise ValueError(f"the results mix runs with different overrides {settings}: report one setting at a time")
+    if bases is not None:
+        unknown = sorted(set(bases) - set(df["base"]))
+        if unknown:
+            raise ValueError(f"--bases must name bases in the results {sorted(set(df['base']))}, but got {unknown}")
+        df = df[df["base"].isin(bases)]
+    df = df.reset_index(drop=True)
     df["lr"] = pd.to_numeric(df["lr"], errors="coerce")
     df["hyper_lr"] = pd.to_numeric(df["hyper_lr"], errors="coerce")
     df["mode"] = df["stable"].map({True: "stable", False: "reference"})
@@ -174,11 +235,37 @@ def comparison(df: pd.DataFrame, c: pd.DataFrame, tuned: Path | None) -> pd.Data
     return out
 
 
+def sources(df: pd.DataFrame) -> pd.DataFrame:
+    """Per base, mode and height: the files its rows were kept from (rows each) and how many of them replaced an
+    earlier file's different result for the same run."""
+    d = df.assign(height=df["height"].map(lambda h: "baseline" if pd.isna(h) else str(int(h))))
+    d = d.assign(mode=d["mode"].where(d["height"] != "baseline", "-"))
+    rows = []
+    for (base, mode, height), g in d.groupby(["base", "mode", "height"], sort=True):
+        counts = g["source"].value_counts()
+        rows.append(
+            dict(
+                base=base,
+                mode=mode,
+                height=height,
+                runs=len(g),
+                files=", ".join(f"{f} ({n})" for f, n in counts.sort_index().items()),
+                replaced=int(g["replaced"].notna().sum()),
+            )
+        )
+    return pd.DataFrame(rows)
+
+
 def tables(df: pd.DataFrame, tuned: Path | None) -> str:
     c = cells(df)
     runs = df[(df["height"] > 0) | ((df["height"] == 0) & (df["mode"] == "stable"))]  # stable height 0: guarded
     fails = runs.groupby(["mode", "height"])["failed"].agg(["sum", "count"]).reset_index()
     lines = [
+        f"Dataset {df['dataset'].iloc[0]}; {len(df)} runs. Where the rows came from (files read in order, a later "
+        "file's row replacing an earlier one's with the same key; replaced: rows whose earlier result differed):",
+        "",
+        _block(sources(df).to_string(index=False)),
+        "",
         "## Failed runs (diverged, crashed, or final training loss above the initial one), all seeds",
         "",
         _block(fails.rename(columns={"sum": "failed", "count": "runs"}).to_string(index=False)),
@@ -264,7 +351,9 @@ def figure(df: pd.DataFrame, path: Path, title: str) -> None:
         for mode in ("reference", "stable")
         if ((towers["base"] == base) & (towers["mode"] == mode)).any()
     ]
-    fig, axes = plt.subplots(len(rows), len(ks), figsize=(2.2 * len(ks), 2.0 * len(rows) + 0.8), squeeze=False)
+    fig, axes = plt.subplots(
+        len(rows), len(ks), figsize=(2.2 * len(ks) + 1.0, 2.0 * len(rows) + 0.9), squeeze=False, layout="constrained"
+    )
     for r, (base, mode) in enumerate(rows):
         fixed = c[(c["base"] == base) & (c["height"] == 0) & (c["mode"] == "reference")].sort_values("lr")
         for col, k in enumerate(ks):
@@ -280,6 +369,8 @@ def figure(df: pd.DataFrame, path: Path, title: str) -> None:
             if sel.empty:
                 ax.text(0.5, 0.5, "not run", transform=ax.transAxes, ha="center", fontsize=7, color="grey")
             ax.set_xscale("log")
+            ax.set_xticks([1e-11, 1e-7, 1e-3, 1e1])  # every fourth decade: a narrow panel's labels stay apart
+            ax.minorticks_off()
             ax.set_ylim(0, TOP + 1)
             if r == 0:
                 ax.set_title(f"top hyper-step {_k(k)}", fontsize=8)
@@ -288,14 +379,14 @@ def figure(df: pd.DataFrame, path: Path, title: str) -> None:
             if r == len(rows) - 1:
                 ax.set_xlabel("initial step size", fontsize=8)
             ax.tick_params(labelsize=6)
-    # The legend goes where the most heights are drawn (the stable mode's panels also hold heights 1, 2, 4, 5).
-    max(axes.flat, key=lambda a: len(a.get_lines())).legend(fontsize=6)
+    # One legend beside the panels, from the panel that draws the most heights: inside a panel it hid data.
+    handles, labels = max(axes.flat, key=lambda a: len(a.get_lines())).get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=7)
     fig.suptitle(
         f"{title}\ntest error vs initial step size, mean over seeds; dotted: best fixed run + 1 point;\n"
         f"errors above {TOP:g}% and failed runs drawn at {TOP:g}%",
         fontsize=9,
     )
-    fig.tight_layout()
     fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
     os.close(fd)
     fig.savefig(tmp, dpi=110)
@@ -304,16 +395,20 @@ def figure(df: pd.DataFrame, path: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("results", type=Path)
+    p.add_argument("results", type=Path, nargs="+", help="JSON-lines files or folders of them; later files win")
     p.add_argument("out", type=Path)
+    p.add_argument("--dataset", default=None, help="the dataset to report (needed when the results hold several)")
+    p.add_argument("--bases", default=None, help="comma-separated bases to report (default: all in the results)")
     p.add_argument("--tuned", type=Path, default=None, help="an Optuna study's study_summary.json (bench.tune)")
     p.add_argument("--title", default="stability grid")
     args = p.parse_args(argv)
-    for name, path in (("results", args.results), ("--tuned", args.tuned)):
-        if path is not None and not path.is_file():
-            p.error(f"{name} must be an existing file, but got {str(path)!r}")
+    if args.tuned is not None and not args.tuned.is_file():
+        p.error(f"--tuned must be an existing file, but got {str(args.tuned)!r}")
+    try:
+        df = load(args.results, args.dataset, args.bases.split(",") if args.bases else None)
+    except ValueError as e:
+        p.error(str(e))
     args.out.mkdir(parents=True, exist_ok=True)
-    df = load(args.results)
     figure(df, args.out / "stability.png", args.title)
     text = tables(df, args.tuned)
     fd, tmp = tempfile.mkstemp(suffix=".md", dir=args.out)
