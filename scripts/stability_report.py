@@ -3,13 +3,14 @@
     python scripts/stability_report.py RESULTS [RESULTS ...] OUT_DIR [--dataset NAME] [--bases B,B]
         [--tuned STUDY_SUMMARY.json] [--title TEXT]
 
-RESULTS are JSON-lines files or folders; a folder stands for every `*.jsonl` in it, in name order. Files are read in
-the order given (a file named twice is read at its last place), and a run's row in a later file replaces the row with
-the same key (dataset, overrides, base, height, mode, initial step size, top hyper-step, seed) from an earlier one:
-`docs/data/stability docs/data/stability/NEW.jsonl` reads NEW last, so its rows win. stability.md lists, per base,
-mode and height, the files its rows came from and how many earlier rows with a different result were replaced, so a
-rerun that covered only part of a grid is visible. One report is one dataset: results that hold several need
-`--dataset`.
+RESULTS are JSON-lines files or folders; a folder stands for every `*.jsonl` in it. Files are read in the order given
+(a file named twice is read at its last place), and a run's row in a later file replaces the row with the same key
+(dataset, overrides, base, height, mode, initial step size, top hyper-step, seed) from an earlier one:
+`docs/data/stability docs/data/stability/NEW.jsonl` reads NEW last, so its rows win. Two files of one folder with
+different results for the same run are refused (only their names would order them); identical copies are one run.
+stability.md lists, per base, mode and height, the files its rows came from and how many earlier rows with a
+different result were replaced, so a rerun that covered only part of a grid is visible. One report is one dataset:
+results that hold several need `--dataset`.
 
 Writes OUT_DIR/stability.png (test error against the initial step size, one line per height; one column per top
 hyper-step; one row per base and mode, a base's reference row above its stable row; the mean over seeds) and
@@ -44,18 +45,19 @@ TOP = 30.0  # the figure's y range in %: the goal is about a few points near the
 DEFAULT_DATASET = "mnist5k"  # the stability preset's dataset: its runs carry no `dataset=` override
 
 
-def inputs(paths: Sequence[Path]) -> list[Path]:
-    """The files to read, in reading order: a folder is its `*.jsonl` files in name order; a file met twice is read at
-    its last place (so `FOLDER FOLDER/NEW.jsonl` reads NEW last)."""
-    files: list[Path] = []
-    for path in paths:
+def inputs(paths: Sequence[Path]) -> list[tuple[Path, int]]:
+    """The files to read, in reading order, each with its place on the command line: a folder is its `*.jsonl` files
+    in name order, all at the folder's place; a file met twice is read at its last place (so `FOLDER FOLDER/NEW.jsonl`
+    reads NEW last, at a place of its own)."""
+    files: list[tuple[Path, int]] = []
+    for place, path in enumerate(paths):
         found = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
         if path.is_dir() and not found:
             raise ValueError(f"results {str(path)!r} must hold *.jsonl files, but it holds none")
         if not path.is_dir() and not path.is_file():
             raise ValueError(f"results must be existing files or folders, but got {str(path)!r}")
         for f in found:
-            files = [g for g in files if g.resolve() != f.resolve()] + [f]
+            files = [(g, q) for g, q in files if g.resolve() != f.resolve()] + [(f, place)]
     return files
 
 
@@ -63,11 +65,17 @@ def _dataset(extra: list[str]) -> str:
     return next((e.split("=", 1)[1] for e in extra if e.startswith("dataset=")), DEFAULT_DATASET)
 
 
+# What a run measured; its wall time is not part of it (the same run twice takes different times).
+RESULT = ("status", "diverged", "test_error", "train_loss", "steps", "hyperparameters", "error")
+
+
 def load(paths: Sequence[Path], dataset: str | None = None, bases: Sequence[str] | None = None) -> pd.DataFrame:
     """Every run of ``paths`` (see `inputs`), a later file's row replacing an earlier one's with the same key; the
-    columns `source` (the file a row was kept from) and `replaced` (the file whose different result it replaced)."""
+    columns `source` (the file a row was kept from) and `replaced` (the file whose different result it replaced).
+    Two files of one folder that hold different results for one run are refused: only their names would order them,
+    and a name says nothing about which result is the newer."""
     rows: dict[str, dict] = {}
-    for f in inputs(paths):
+    for f, place in inputs(paths):
         for line in f.read_text().splitlines():
             if not line.strip():
                 continue
@@ -75,8 +83,13 @@ def load(paths: Sequence[Path], dataset: str | None = None, bases: Sequence[str]
             old = rows.get(r["key"])
             if old is not None and old["source"] == f.name:
                 continue  # the grid never writes a key twice to one file; a hand-made repeat keeps the first
-            changed = old is not None and {k: v for k, v in old.items() if k not in ("source", "replaced")} != r
-            rows[r["key"]] = {**r, "source": f.name, "replaced": old["source"] if changed else None}
+            changed = old is not None and any(old.get(k) != r.get(k) for k in RESULT)
+            if changed and old["place"] == place:
+                raise ValueError(
+                    f"run {r['key']!r} has different results in {old['source']} and {f.name}, which only their names "
+                    "order: name the file whose rows should win after the folder (FOLDER FOLDER/FILE.jsonl)"
+                )
+            rows[r["key"]] = {**r, "source": f.name, "place": place, "replaced": old["source"] if changed else None}
     df = pd.DataFrame(list(rows.values()))
     df["dataset"] = df["extra"].map(_dataset)
     found = sorted(df["dataset"].unique())

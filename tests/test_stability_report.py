@@ -117,14 +117,23 @@ def test_a_copy_of_a_run_in_two_files_counts_once(tmp_path: Path) -> None:
     assert report.sources(df)["replaced"].sum() == 0  # an identical copy replaces no result
 
 
-def test_a_folder_is_its_jsonl_files_in_name_order_and_a_file_named_after_it_is_read_last(tmp_path: Path) -> None:
+def test_a_folder_is_its_jsonl_files_and_a_file_named_after_it_wins(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     d = tmp_path / "data"
     d.mkdir()
     write(d / "a_rerun.jsonl", [row(3, "1e-5", "1e-8", 0.065)])
     write(d / "b_old.jsonl", fixed_rows() + towers({("1e-8", "1e-5"): 0.071}))
     (d / "notes.txt").write_text("not results")
-    assert decades_of([d]) == dict(hyper_decades=1.0, hyper_span=1.0)  # b_old comes after a_rerun by name
     assert decades_of([d, d / "a_rerun.jsonl"]) == dict(hyper_decades=4.0, hyper_span=4.0)
+    # Within the folder only the names would order the two results of one run: refused, in one line.
+    with pytest.raises(SystemExit):
+        report.main([str(d), str(tmp_path / "out")])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "run 'adam_h3_lr1e-5_k1e-8_stable_seed0' has different results in a_rerun.jsonl and b_old.jsonl" in last
+    # The same run in two files of a folder with the same result (a copy) is no conflict.
+    write(d / "a_rerun.jsonl", [row(3, "1e-5", "1e-8", 0.071)])
+    assert decades_of([d]) == dict(hyper_decades=1.0, hyper_span=1.0)
 
 
 def test_results_on_two_datasets_are_refused_with_one_line_unless_one_is_chosen(
