@@ -272,16 +272,23 @@ def sources(df: pd.DataFrame) -> pd.DataFrame:
 def tables(df: pd.DataFrame, tuned: Path | None) -> str:
     c = cells(df)
     runs = df[(df["height"] > 0) | ((df["height"] == 0) & (df["mode"] == "stable"))]  # stable height 0: guarded
-    fails = runs.groupby(["mode", "height"])["failed"].agg(["sum", "count"]).reset_index()
+    runs = runs.assign(diverged=runs["status"] == "diverged", height=runs["height"].astype(int))
+    fails = runs.groupby(["mode", "height"]).agg(
+        runs=("failed", "size"), failed=("failed", "sum"), diverged=("diverged", "sum")
+    )
+    fails = pd.concat([fails, runs.groupby("mode").agg(runs=("failed", "size"), failed=("failed", "sum"),
+                                                       diverged=("diverged", "sum")).assign(height="all")
+                       .set_index("height", append=True)]).sort_index()  # fmt: skip
     lines = [
         f"Dataset {df['dataset'].iloc[0]}; {len(df)} runs. Where the rows came from (files read in order, a later "
         "file's row replacing an earlier one's with the same key; replaced: rows whose earlier result differed):",
         "",
         _block(sources(df).to_string(index=False)),
         "",
-        "## Failed runs (diverged, crashed, or final training loss above the initial one), all seeds",
+        "## Failed runs (diverged, crashed, or final training loss above the initial one; diverged: of them, the "
+        "trainer's own divergence stop), all seeds",
         "",
-        _block(fails.rename(columns={"sum": "failed", "count": "runs"}).to_string(index=False)),
+        _block(fails.to_string()),
     ]
     per_base = runs.groupby(["mode", "base", "height"])["failed"].agg(["sum", "count"])
     per_base = (per_base["sum"].astype(int).astype(str) + "/" + per_base["count"].astype(str)).unstack("height")
