@@ -75,11 +75,15 @@ def load(paths: Sequence[Path], dataset: str | None = None, bases: Sequence[str]
     Two files of one folder that hold different results for one run are refused: only their names would order them,
     and a name says nothing about which result is the newer."""
     rows: dict[str, dict] = {}
+    found: set[str] = set()
     for f, place in inputs(paths):
         for line in f.read_text().splitlines():
             if not line.strip():
                 continue
             r = json.loads(line)
+            found.add(_dataset(r["extra"]))
+            if dataset is not None and _dataset(r["extra"]) != dataset:
+                continue  # another dataset's runs neither count nor conflict
             old = rows.get(r["key"])
             if old is not None and old["source"] == f.name:
                 continue  # the grid never writes a key twice to one file; a hand-made repeat keeps the first
@@ -90,15 +94,12 @@ def load(paths: Sequence[Path], dataset: str | None = None, bases: Sequence[str]
                     "order: name the file whose rows should win after the folder (FOLDER FOLDER/FILE.jsonl)"
                 )
             rows[r["key"]] = {**r, "source": f.name, "place": place, "replaced": old["source"] if changed else None}
+    if dataset is None and len(found) > 1:
+        raise ValueError(f"the results hold runs on datasets {sorted(found)}: pass --dataset with one of them")
+    if dataset is not None and dataset not in found:
+        raise ValueError(f"--dataset must be one of {sorted(found)} (the datasets in the results), but got {dataset!r}")
     df = pd.DataFrame(list(rows.values()))
     df["dataset"] = df["extra"].map(_dataset)
-    found = sorted(df["dataset"].unique())
-    if dataset is None and len(found) > 1:
-        raise ValueError(f"the results hold runs on datasets {found}: pass --dataset with one of them")
-    if dataset is not None:
-        if dataset not in found:
-            raise ValueError(f"--dataset must be one of {found} (the datasets in the results), but got {dataset!r}")
-        df = df[df["dataset"] == dataset]
     settings = sorted({" ".join(e) for e in df["extra"]})
     if len(settings) > 1:
         raise ValueError(f"the results mix runs with different overrides {settings}: report one setting at a time")

@@ -152,6 +152,12 @@ def test_results_on_two_datasets_are_refused_with_one_line_unless_one_is_chosen(
     report.main([str(d), str(tmp_path / "out"), "--dataset", "mnist5k"])
     text = (tmp_path / "out" / "stability.md").read_text()
     assert text.startswith("Dataset mnist5k; 48 runs.") and "digits.jsonl" not in text
+    # Another dataset's runs do not conflict with this one's: a second digits file that disagrees is not read.
+    write(d / "digits_rerun.jsonl", [row(3, "1e-11", "1e-10", 0.1, extra=digits)])
+    report.main([str(d), str(tmp_path / "out"), "--dataset", "mnist5k"])
+    with pytest.raises(SystemExit):
+        report.main([str(d), str(tmp_path / "out"), "--dataset", "digits"])
+    assert "different results in digits.jsonl and digits_rerun.jsonl" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         report.main([str(d), str(tmp_path / "out2"), "--dataset", "cifar10"])
     assert "--dataset must be one of ['digits', 'mnist5k']" in capsys.readouterr().err.strip().splitlines()[-1]
