@@ -388,7 +388,16 @@ def figure(df: pd.DataFrame, path: Path, title: str) -> None:
                 err = [min(100 * e, TOP) if not f else TOP for e, f in zip(g["test_error"], g["failed"], strict=True)]
                 ax.plot(g["lr"], err, marker="o", ms=3, color=f"C{int(h) - 1}", label=f"height {int(h)}")
             if sel.empty:
-                ax.text(0.5, 0.5, "not run", transform=ax.transAxes, ha="center", fontsize=7, color="grey")
+                ax.text(
+                    0.5,
+                    0.5,
+                    "not run",
+                    transform=ax.transAxes,
+                    ha="center",
+                    fontsize=7,
+                    color="grey",
+                    backgroundcolor="white",
+                )
             ax.set_xscale("log")
             ax.set_xticks([1e-11, 1e-7, 1e-3, 1e1])  # every fourth decade: a narrow panel's labels stay apart
             ax.minorticks_off()
@@ -429,6 +438,10 @@ def main(argv: list[str] | None = None) -> None:
         df = load(args.results, args.dataset, args.bases.split(",") if args.bases else None)
     except ValueError as e:
         p.error(str(e))
+    if not (df["height"] > 0).any():
+        p.error(
+            f"the results must hold tower runs (height >= 1) to report, but bases {sorted(set(df['base']))} have none"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     figure(df, args.out / "stability.png", args.title)
     text = tables(df, args.tuned)

@@ -158,6 +158,10 @@ def test_results_on_two_datasets_are_refused_with_one_line_unless_one_is_chosen(
     with pytest.raises(SystemExit):
         report.main([str(d), str(tmp_path / "out"), "--dataset", "digits"])
     assert "different results in digits.jsonl and digits_rerun.jsonl" in capsys.readouterr().err
+    write(d / "fixed_only.jsonl", fixed_rows(digits))
+    with pytest.raises(SystemExit):  # fixed runs alone have nothing to compare: one line, not a crash
+        report.main([str(d / "fixed_only.jsonl"), str(tmp_path / "out2")])
+    assert "must hold tower runs (height >= 1) to report, but bases ['adam'] have none" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         report.main([str(d), str(tmp_path / "out2"), "--dataset", "cifar10"])
     assert "--dataset must be one of ['digits', 'mnist5k']" in capsys.readouterr().err.strip().splitlines()[-1]
