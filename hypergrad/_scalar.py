@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from itertools import chain, islice
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -201,14 +202,20 @@ def _update(rule: Any, g: Vec, st: list, hp: dict, learned: tuple, step: int, op
         buf = g if old is None else [b * mom + x for b, x in zip(old, g, strict=True)]
         return [b * lr for b in buf], [buf, None, old if "momentum" in learned else None]
     if kind is AdamRule:
+        # One pass over the vector, each value by the operations of AdamRule.update in their order.
         b1, b2, lr, eps, t = hp["beta1"], hp["beta2"], hp["lr"], hp["eps"], float(step)
-        c1, c2 = 1.0 - b1**t, 1.0 - b2**t
+        c1, c2, a1, a2 = 1.0 - b1**t, 1.0 - b2**t, 1.0 - b1, 1.0 - b2
+        sqrt = ops.sqrt
         m0, v0 = st[0], st[1]
-        g1 = [(1.0 - b1) * x for x in g]
-        g2 = [(1.0 - b2) * x * x for x in g]
-        m = [b1 * a + x for a, x in zip(m0, g1, strict=True)]
-        v = [b2 * a + x for a, x in zip(v0, g2, strict=True)]
-        delta = [lr * ((a / c1) / (ops.sqrt(b / c2) + eps)) for a, b in zip(m, v, strict=True)]
+        g1, g2, m, v, delta = [], [], [], [], []
+        for x, a, b in zip(g, m0, v0, strict=True):
+            x1, x2 = a1 * x, a2 * x * x
+            a, b = b1 * a + x1, b2 * b + x2
+            g1.append(x1)
+            g2.append(x2)
+            m.append(a)
+            v.append(b)
+            delta.append(lr * ((a / c1) / (sqrt(b / c2) + eps)))
         k1, k2 = "beta1" in learned, "beta2" in learned
         return delta, [m, v, m0 if k1 else None, v0 if k2 else None, g1 if k1 else None, g2 if k2 else None]
     eps, s0 = hp["eps"], st[0]
@@ -235,23 +242,35 @@ def _vjp(rule: Any, u: Vec, after: list, hp: dict, learned: tuple, step: int, op
             out["momentum"] = hp["lr"] * _dot(u, previous)
         return out
     if kind is AdamRule:
+        # One pass over the vector; each dot product is summed in _dot's order (starting from -0.0, which adds
+        # nothing, not even a sign: -0.0 + x is x for every x).
         lr, b1, b2, eps, t = hp["lr"], hp["beta1"], hp["beta2"], hp["eps"], float(step)
-        c1, c2, dc1, dc2 = 1.0 - b1**t, 1.0 - b2**t, t * b1 ** (t - 1.0), t * b2 ** (t - 1.0)
+        c1, c2 = 1.0 - b1**t, 1.0 - b2**t
+        sqrt = ops.sqrt
         m, v, pm, pv, g1, g2 = after
-        sq = [ops.sqrt(a / c2) for a in v]
-        den = [s + eps for s in sq]
-        q = [a / d for a, d in zip(u, den, strict=True)]
-        if "beta1" in learned:
-            q_m0, q_g1 = _dot(q, pm), _dot(q, g1)
+        k1, k2 = "beta1" in learned, "beta2" in learned
+        q_m0 = q_g1 = q_m = w_v0 = w_g2 = -0.0
+        for i, x in enumerate(u):
+            s = sqrt(v[i] / c2)
+            d = s + eps
+            q = x / d
+            if k1:
+                q_m0 = q_m0 + q * pm[i]
+                q_g1 = q_g1 + q * g1[i]
+            else:
+                q_m = q_m + q * m[i]
+            if k2:
+                w = q * m[i] / (d * s)
+                w_v0 = w_v0 + w * pv[i]
+                w_g2 = w_g2 + w * g2[i]
+        if k1:
+            dc1 = t * b1 ** (t - 1.0)
             q_m = b1 * q_m0 + q_g1
             out["beta1"] = lr * ((q_m0 - q_g1 / (1.0 - b1)) / c1 + q_m * dc1 / (c1 * c1))
-        else:
-            q_m = _dot(q, m)
         if "lr" in learned:
             out["lr"] = q_m / c1
-        if "beta2" in learned:
-            w = [a * b / (d * s) for a, b, d, s in zip(q, m, den, sq, strict=True)]
-            w_v0, w_g2 = _dot(w, pv), _dot(w, g2)
+        if k2:
+            dc2 = t * b2 ** (t - 1.0)
             w_v = b2 * w_v0 + w_g2
             out["beta2"] = -0.5 * lr / c1 * ((w_v0 - w_g2 / (1.0 - b2)) / c2 + w_v * dc2 / (c2 * c2))
         return out
@@ -366,17 +385,23 @@ class _Slots(list):
 def _round(vectors: list[Vec], dtype: torch.dtype) -> list[tuple[float, ...]]:
     """The vectors as the dtype stores them (float32: each value rounded once to nearest, as ``torch.tensor`` does):
     what the next step reads must be what a checkpoint of this state holds."""
-    flat = [x for v in vectors for x in v]
     if dtype == torch.float64:
-        pass
-    elif dtype == torch.float32:
+        return [tuple(v) for v in vectors]
+    flat = list(chain.from_iterable(vectors))
+    if dtype == torch.float32:
         flat = np.asarray(flat, dtype=np.float64).astype(np.float32).tolist()
     else:
         flat = torch.tensor(flat, dtype=dtype).tolist()
-    out, i = [], 0
-    for v in vectors:
-        out.append(tuple(flat[i : i + len(v)]))
-        i += len(v)
+    # Split again, a run of vectors of one length at a time (the tuples built by zip, without a slice each).
+    out: list[tuple[float, ...]] = []
+    values = iter(flat)
+    i, count = 0, len(vectors)
+    while i < count:
+        n, j = len(vectors[i]), i + 1
+        while j < count and len(vectors[j]) == n:
+            j += 1
+        out.extend(islice(zip(*[values] * n, strict=False), j - i) if n else [()] * (j - i))
+        i = j
     return out
 
 
@@ -463,40 +488,26 @@ def update(plan: Plan, state: TowerState, hypergrads: Sequence[Sequence[Tensor]]
 
     values, new_states, new_raw = ieee(_chain, static, raw, states, hyper, step)
 
-    # Everything stored, rounded to the dtype in one pass: the raw vectors, the rule states' fields, the learned
-    # values each level used (the traces' values), each vector by its index in `vectors`.
+    # Everything stored, rounded to the dtype in one pass, in this order: the raw vectors, the rule states' fields,
+    # the learned values each level used (the traces' values).
     like = state.levels[0].hp[0]
-    vectors: list[Vec] = []
-
-    def put(v: Vec) -> int:
-        vectors.append(v)
-        return len(vectors) - 1
-
-    raw_ix = [[put(v) for v in new_raw[k]] for k in range(top)]
-    state_ix = [[[None if f is None else put(f) for f in s] for s in new_states[k]] for k in range(1, top + 1)]
-    value_ix = [put([values[k][n] for n in static[k].learned]) for k in range(1, top)]
-    stored = _round(vectors, like.dtype)
-    base = torch.tensor([x for i in raw_ix[0] for x in stored[i]], dtype=like.dtype, device=like.device)
-    hp0 = list(base.split([len(stored[i]) for i in raw_ix[0]]))
-
-    def vec(i: int | None) -> Any:
-        return None if i is None else stored[i]
-
+    vectors: list[Vec] = [v for k in range(top) for v in new_raw[k]]
+    vectors += [f for k in range(1, top + 1) for fields in new_states[k] for f in fields if f is not None]
+    vectors += [[values[k][n] for n in static[k].learned] for k in range(1, top)]
+    stored = iter(_round(vectors, like.dtype))
+    raw_out = tuple(tuple(islice(stored, len(new_raw[k]))) for k in range(top))
+    states_out: list[Any] = [None]
+    for k in range(1, top + 1):
+        states_out.append(tuple(tuple(f if f is None else next(stored) for f in fields) for fields in new_states[k]))
     kept_values: list[Any] = [None]
     for k in range(1, top):
         vals = dict(values[k])
-        vals.update(zip(static[k].learned, stored[value_ix[k - 1]], strict=True))
+        vals.update(zip(static[k].learned, next(stored), strict=True))
         kept_values.append(vals)
+    base = torch.tensor([x for v in raw_out[0] for x in v], dtype=like.dtype, device=like.device)
+    hp0 = list(base.split([len(v) for v in raw_out[0]]))
     floats = Floats(
-        plan,
-        like.dtype,
-        like.device,
-        hp0,
-        base,
-        base._version,
-        tuple(tuple(stored[i] for i in ix) for ix in raw_ix),
-        (None, *(tuple(tuple(vec(i) for i in fields) for fields in level) for level in state_ix)),
-        tuple(kept_values),
+        plan, like.dtype, like.device, hp0, base, base._version, raw_out, tuple(states_out), tuple(kept_values)
     )
     return hp0, None, None, floats
 
