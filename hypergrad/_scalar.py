@@ -82,6 +82,20 @@ def derivative(name: str, x: float, ops: _Math = _PY) -> float | None:
     return ops.exp(x)
 
 
+def _value_slope(name: str, x: float, ops: _Math) -> tuple[float, float | None]:
+    """``(forward(name, x), derivative(name, x))`` with the operations of both, a shared ``tanh`` or ``exp`` computed
+    once (the same value either way)."""
+    if name == "identity":
+        return x, None
+    if name == "square":
+        return x * x, 2.0 * x
+    if name == "half_tanh":
+        th = ops.tanh(x)
+        return (th + 1.0) / 2.0, (1.0 - th**2) / 2.0
+    e = ops.exp(x)
+    return e, e
+
+
 def ieee(fn: Any, *args: Any) -> Any:
     """``fn(*args, ops)`` in Python floats, or where that raises, in numpy float64 (results as Python floats)."""
     try:
@@ -605,8 +619,10 @@ def _hyper_chain(static: list[_Level], raw: list, after: list, upstream: list[Ve
         rule, learned, tnames, fixed = static[k]
         r = raw[k]
         vals = fixed.copy() if ops is _PY else {n: ops.num(v) for n, v in fixed.items()}
+        slopes = []
         for i, name in enumerate(learned):
-            vals[name] = forward(tnames[i], r[i], ops)
+            vals[name], d = _value_slope(tnames[i], r[i], ops)
+            slopes.append(d)
         sums: dict[str, float] = {}
         for u, a in zip(ups, after[k], strict=True):
             for name, v in _vjp(rule, u, a, vals, learned, step, ops).items():
@@ -617,7 +633,7 @@ def _hyper_chain(static: list[_Level], raw: list, after: list, upstream: list[Ve
             if s is None:  # this hyperparameter has not acted yet (e.g. momentum at the first step)
                 cols.append(0.0)
                 continue
-            d = derivative(tnames[j], r[j], ops)
+            d = slopes[j]
             # What level k updated moved by -delta, so d loss / d value = -(upstream . d delta / d value).
             cols.append(-s if d is None else -s * d)
         out.append(cols)
