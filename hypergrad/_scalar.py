@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from itertools import chain, islice
+from itertools import chain, groupby, islice
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -409,13 +409,9 @@ def _round(vectors: list[Vec], dtype: torch.dtype) -> list[tuple[float, ...]]:
     # Split again, a run of vectors of one length at a time (the tuples built by zip, without a slice each).
     out: list[tuple[float, ...]] = []
     values = iter(flat)
-    i, count = 0, len(vectors)
-    while i < count:
-        n, j = len(vectors[i]), i + 1
-        while j < count and len(vectors[j]) == n:
-            j += 1
-        out.extend(islice(zip(*[values] * n, strict=False), j - i) if n else [()] * (j - i))
-        i = j
+    for n, run in groupby(map(len, vectors)):
+        count = sum(1 for _ in run)
+        out.extend(islice(zip(*[values] * n, strict=False), count) if n else [()] * count)
     return out
 
 
@@ -435,8 +431,14 @@ def _chain(static: list[_Level], raw: list, states: list, hyper: list, step: int
             for i, name in enumerate(learned):
                 vals[name] = r[i] if tnames[i] == "identity" else forward(tnames[i], r[i], ops)
         values[k] = vals
-        out = [_update(rule, g, s, vals, learned, step, ops) for g, s in zip(hyper[k - 1], states[k], strict=True)]
-        new_raw[k - 1] = [[h - d for h, d in zip(r, o[0], strict=True)] for r, o in zip(raw[k - 1], out, strict=True)]
+        grads, below = hyper[k - 1], raw[k - 1]
+        if len(grads) == 1:  # every level above the first updates one vector
+            delta, st = _update(rule, grads[0], states[k][0], vals, learned, step, ops)
+            new_raw[k - 1] = [[h - d for h, d in zip(below[0], delta, strict=True)]]
+            new_states[k] = [st]
+            continue
+        out = [_update(rule, g, s, vals, learned, step, ops) for g, s in zip(grads, states[k], strict=True)]
+        new_raw[k - 1] = [[h - d for h, d in zip(r, o[0], strict=True)] for r, o in zip(below, out, strict=True)]
         new_states[k] = [o[1] for o in out]
     return values, new_states, new_raw
 
@@ -512,7 +514,9 @@ def update(plan: Plan, state: TowerState, hypergrads: Sequence[Sequence[Tensor]]
     raw_out = tuple(tuple(islice(stored, len(new_raw[k]))) for k in range(top))
     states_out: list[Any] = [None]
     for k in range(1, top + 1):
-        states_out.append(tuple(tuple(f if f is None else next(stored) for f in fields) for fields in new_states[k]))
+        states_out.append(
+            tuple([tuple([f if f is None else next(stored) for f in fields]) for fields in new_states[k]])
+        )
     kept_values: list[Any] = [None]
     for k in range(1, top):
         vals = dict(values[k])
@@ -623,10 +627,13 @@ def _hyper_chain(static: list[_Level], raw: list, after: list, upstream: list[Ve
         for i, name in enumerate(learned):
             vals[name], d = _value_slope(tnames[i], r[i], ops)
             slopes.append(d)
-        sums: dict[str, float] = {}
-        for u, a in zip(ups, after[k], strict=True):
-            for name, v in _vjp(rule, u, a, vals, learned, step, ops).items():
-                sums[name] = v if name not in sums else sums[name] + v
+        if len(ups) == 1:  # every level above the first updates one vector
+            sums = _vjp(rule, ups[0], after[k][0], vals, learned, step, ops)
+        else:
+            sums = {}
+            for u, a in zip(ups, after[k], strict=True):
+                for name, v in _vjp(rule, u, a, vals, learned, step, ops).items():
+                    sums[name] = v if name not in sums else sums[name] + v
         cols = []
         for j, name in enumerate(learned):
             s = sums.get(name)
