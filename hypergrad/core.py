@@ -305,11 +305,12 @@ def _hypergradients(plan: Plan, state: TowerState, grads: Sequence[Tensor | None
                 for j, (name, t) in enumerate(zip(plan.learned[k], plan.transforms[k], strict=True)):
                     s = sums[g].get(name)
                     if s is None:  # this hyperparameter has not acted yet (e.g. momentum at the first step)
-                        cols.append(torch.zeros_like(raw[..., j]))
+                        cols.append(torch.zeros_like(raw.select(-1, j)))
                         continue
                     # What level k updated moved by -delta, so d loss / d value = -(upstream . d delta / d value).
-                    cols.append(-s if t.derivative is None else -s * t.derivative(raw[..., j]))
-                level.append(torch.stack(cols, dim=-1))
+                    cols.append(-s if t.derivative is None else -s * t.derivative(raw.select(-1, j)))
+                # one value: the same (..., 1) tensor as a stack of it, as a view
+                level.append(cols[0].unsqueeze(-1) if len(cols) == 1 else torch.stack(cols, dim=-1))
             out.append(level)
             upstream = level
             if k == 0 and _scalar.applies(plan):
@@ -327,7 +328,7 @@ def natural_values(plan: Plan, k: int, hp: Sequence[Tensor]) -> list[dict[str, V
         if hp:
             raw = hp[g]
             for i, (name, t) in enumerate(zip(plan.learned[k], plan.transforms[k], strict=True)):
-                values[name] = t.forward(raw[..., i])
+                values[name] = t.forward(raw.select(-1, i))
         out.append(values)
     return out
 
@@ -350,12 +351,14 @@ def apply_rule(
             return fused
     deltas: list[Tensor | None] = []
     new_states = []
+    batched = bool(plan.batch_shape)
+    update = rule.update
     for grad, state, g in zip(grads, states, groups, strict=True):
         if grad is None:  # a parameter without a gradient is left alone, as in torch.optim
             deltas.append(None)
             new_states.append(state)
             continue
-        delta, state = rule.update(grad, state, _broadcast(plan, values[g], grad), step)
+        delta, state = update(grad, state, _broadcast(plan, values[g], grad) if batched else values[g], step)
         deltas.append(delta)
         new_states.append(state)
     return deltas, new_states
@@ -453,9 +456,10 @@ def _owned(plan: Plan, states: list[Any], grads: Sequence[Tensor | None]) -> lis
 
 
 def _copy_same(x: Any, grad: Tensor) -> Any:
-    if not any(f is grad for f in x):
-        return x
-    return type(x)(*[grad.clone() if f is grad else f for f in x])
+    for f in x:
+        if f is grad:
+            return type(x)(*[grad.clone() if f is grad else f for f in x])
+    return x
 
 
 def _copy_shared(x: Any, ptr: int) -> Any:
