@@ -410,7 +410,7 @@ def _round(vectors: list[Vec], dtype: torch.dtype) -> list[tuple[float, ...]]:
     out: list[tuple[float, ...]] = []
     values = iter(flat)
     for n, run in groupby(map(len, vectors)):
-        count = sum(1 for _ in run)
+        count = len(list(run))
         out.extend(islice(zip(*[values] * n, strict=False), count) if n else [()] * count)
     return out
 
@@ -518,8 +518,8 @@ def update(plan: Plan, state: TowerState, hypergrads: Sequence[Sequence[Tensor]]
             tuple([tuple([f if f is None else next(stored) for f in fields]) for fields in new_states[k]])
         )
     kept_values: list[Any] = [None]
-    for k in range(1, top):
-        vals = dict(values[k])
+    for k in range(1, top):  # values[k] is _chain's own dict: the stored learned values replace the computed ones
+        vals = values[k]
         vals.update(zip(static[k].learned, next(stored), strict=True))
         kept_values.append(vals)
     base = torch.tensor([x for v in raw_out[0] for x in v], dtype=like.dtype, device=like.device)
