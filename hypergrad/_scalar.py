@@ -349,6 +349,51 @@ class Floats(NamedTuple):
     values: tuple[Any, ...]  # per level 1..top-1 (None at 0): the natural values the level used, as floats
 
 
+class SgdFloats(NamedTuple):
+    """:class:`Floats` of the exact plain-SGD tower (:func:`_sgd_update`), held as the two flat vectors its step reads
+    and writes, numbers of the dtype; ``raw``, ``states`` and ``values`` build Floats' fields from them where read
+    (:func:`tensors`), so that a step builds no tuple or dict per level."""
+
+    plan: Plan
+    dtype: torch.dtype
+    device: torch.device
+    hp0: list[Tensor]
+    base: Tensor
+    version: int
+    new: tuple[Any, ...]  # the raw values after the step, in _sgd_hyper's flat layout (level 0's per group first)
+    received: tuple[Any, ...]  # the hypergradient each of those received: what SGDRule's state keeps (levels < top)
+    counts: tuple[int, ...]  # per level 1..top, how many values it updated
+
+    @property
+    def raw(self) -> tuple[tuple[tuple[float, ...], ...], ...]:
+        n0 = self.counts[0]
+        values = [float(x) for x in self.new]
+        return (tuple((v,) for v in values[:n0]), *(((v,),) for v in values[n0:]))
+
+    @property
+    def states(self) -> tuple[Any, ...]:
+        top = len(self.counts)
+        received = [float(h) for h in self.received]
+        states: list[Any] = [None]
+        offset = 0
+        for k in range(1, top + 1):
+            n = self.counts[k - 1]
+            keep = k < top
+            states.append(tuple((None, (received[offset + i],) if keep else None, None) for i in range(n)))
+            offset += n
+        return tuple(states)
+
+    @property
+    def values(self) -> tuple[Any, ...]:
+        n0 = self.counts[0]
+        out: list[Any] = [None]
+        for k in range(1, len(self.counts)):
+            vals = dict(self.plan.initial[k][0])
+            vals["lr"] = float(self.new[n0 + k - 1])
+            out.append(vals)
+        return tuple(out)
+
+
 class Hyper(NamedTuple):
     """The hypergradients of levels 0..top-1 as floats (what :func:`update` reads; see :func:`hyper_floats`)."""
 
@@ -547,9 +592,10 @@ def tensors(fl: Floats) -> tuple[list[Any], list[Any]]:
         vectors.append(v)
         return len(vectors) - 1
 
-    hp_ix = [put(fl.raw[k][0]) for k in range(1, top)]
-    state_ix = [[[put(f) for f in fields] for fields in fl.states[k]] for k in range(1, top + 1)]
-    scalars = [fl.values[k][n] for k in range(1, top) for n in static[k].learned]
+    raw, states, kept_values = fl.raw, fl.states, fl.values  # each built once where fl is an SgdFloats
+    hp_ix = [put(raw[k][0]) for k in range(1, top)]
+    state_ix = [[[put(f) for f in fields] for fields in states[k]] for k in range(1, top + 1)]
+    scalars = [kept_values[k][n] for k in range(1, top) for n in static[k].learned]
     flat = torch.tensor([x for v in vectors for x in v] + scalars, dtype=fl.dtype, device=fl.device)
     parts = flat.split([len(v) for v in vectors] + [len(scalars)])
     made = iter(parts[-1].unbind())
@@ -561,7 +607,7 @@ def tensors(fl: Floats) -> tuple[list[Any], list[Any]]:
         levels.append(LevelState(hp, rule_states))
         if k < top:
             learned = static[k].learned
-            vals = {n: next(made) if n in learned else v for n, v in fl.values[k].items()}
+            vals = {n: next(made) if n in learned else v for n, v in kept_values[k].items()}
             # Built-in rules' vjps read only the state after the step (vjp_needs_inputs is False): nothing else kept.
             traces.append(Trace(hp, [vals], None, None, None))
     return levels, traces
@@ -569,6 +615,8 @@ def tensors(fl: Floats) -> tuple[list[Any], list[Any]]:
 
 def finite(fl: Floats) -> bool:
     """Whether every raw hyperparameter ``fl`` holds is finite."""
+    if type(fl) is SgdFloats:
+        return all(math.isfinite(x) for x in fl.new)
     return all(math.isfinite(x) for level in fl.raw for v in level for x in v)
 
 
@@ -577,8 +625,8 @@ def hyper_floats(plan: Plan, state: TowerState, level0: Sequence[Tensor]) -> Hyp
     if _kind(plan) == "sgd":
         num = _number(level0[0].dtype)
         if num is not None:
-            ups, out = _sgd_hyper(plan, state, level0, num)
-            return Hyper([[(float(u),) for u in ups], *([(float(h),)] for h in out)])
+            ups, out = _sgd_hyper(plan, state, level0, num)  # numbers of the dtype, which _sgd_update reads as such
+            return Hyper([[(u,) for u in ups], *([(h,)] for h in out)])
     top = plan.height
     reader = _Reader()
     slots = _Slots(reader.add(h) for h in level0)
@@ -683,7 +731,9 @@ def _sgd_hyper(plan: Plan, state: TowerState, level0: Sequence[Tensor], num: Any
     if top < 2:
         return ups, []
     fl = _floats(plan, state)
-    if fl is not None:
+    if type(fl) is SgdFloats:
+        grads = fl.received  # levels 1..top-1 first, then level top's, which is not read
+    elif fl is not None:
         grads = tuple(num(s[1][0]) for k in range(1, top) for s in fl.states[k])
     else:
         grads = _read([s.grad for k in range(1, top) for s in state.levels[k].rule], num)
@@ -709,19 +759,21 @@ def _sgd_hypergradients(plan: Plan, state: TowerState, level0: Sequence[Tensor],
     return [[v] for v in flat.view(-1, 1).unbind()]  # (1,) views, as torch.stack([-s]) makes on the tensor path
 
 
-def _sgd_update(plan: Plan, state: TowerState, hypergrads: Sequence[Sequence[Tensor]] | Hyper, num: Any) -> Floats:
+def _sgd_update(plan: Plan, state: TowerState, hypergrads: Sequence[Sequence[Tensor]] | Hyper, num: Any) -> SgdFloats:
     top = plan.height
     levels = state.levels
-    if isinstance(hypergrads, Hyper):
-        hyper = tuple(num(v[0]) for level in hypergrads.vectors for v in level)
-        counts = [len(level) for level in hypergrads.vectors]
+    if isinstance(hypergrads, Hyper):  # from hyper_floats: numbers of the dtype already
+        hyper = tuple(v[0] for level in hypergrads.vectors for v in level)
+        counts = tuple(len(level) for level in hypergrads.vectors)
     else:
         hyper = _read([h for level in hypergrads for h in level], num)
-        counts = [len(level) for level in hypergrads]
+        counts = tuple(len(level) for level in hypergrads)
     fl = _floats(plan, state)
     hp0 = levels[0].hp
     n0 = len(hp0)
-    if fl is not None:
+    if type(fl) is SgdFloats:
+        raw = fl.new if _level0_kept(fl, state) else (*_read(hp0, num), *fl.new[n0:])
+    elif fl is not None:
         above = tuple(num(fl.raw[k][0][0]) for k in range(1, top))
         below = tuple(num(v[0]) for v in fl.raw[0]) if _level0_kept(fl, state) else _read(hp0, num)
         raw = (*below, *above)
@@ -739,22 +791,7 @@ def _sgd_update(plan: Plan, state: TowerState, hypergrads: Sequence[Sequence[Ten
             new[i] = raw[i] - hyper[i] * lr
 
     like = hp0[0]
-    values = [float(x) for x in new]
-    base = torch.tensor(values[:n0], dtype=like.dtype, device=like.device)
+    base = torch.tensor([float(x) for x in new[:n0]], dtype=like.dtype, device=like.device)
     hp = list(base.view(-1, 1).unbind())  # one (1,) view per group
-    # The state as floats: each level k < top keeps the hypergradient it received (d delta / d lr, SGDRule.update).
-    received = [float(h) for h in hyper]
-    states: list[Any] = [None]
-    offset = 0
-    for k in range(1, top + 1):
-        n = counts[k - 1]
-        keep = k < top
-        states.append(tuple((None, (received[offset + i],) if keep else None, None) for i in range(n)))
-        offset += n
-    level_values: list[Any] = [None]
-    for k in range(1, top):
-        vals = dict(plan.initial[k][0])
-        vals["lr"] = values[n0 + k - 1]
-        level_values.append(vals)
-    raw_out = (tuple((v,) for v in values[:n0]), *(((v,),) for v in values[n0:]))
-    return Floats(plan, like.dtype, like.device, hp, base, base._version, raw_out, tuple(states), tuple(level_values))
+    # Each level k < top keeps the hypergradient it received (d delta / d lr, SGDRule.update): ``hyper`` itself.
+    return SgdFloats(plan, like.dtype, like.device, hp, base, base._version, tuple(new), hyper, counts)
