@@ -284,9 +284,9 @@ def _flat(x: Tensor) -> Tensor:
     return x if x.dim() == 1 else x.reshape(-1)  # a reshape is one more dispatch: not for vectors
 
 
-def _dots(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    """sum_i <a_i, b_i> over the group's tensors."""
-    dots = [torch.dot(_flat(x), _flat(y)) for x, y in zip(a, b, strict=True)]
+def _dots(a: Sequence[Tensor], b: Sequence[Tensor], flat: bool = False) -> Tensor:
+    """sum_i <a_i, b_i> over the group's tensors (``flat``: the a_i are flat already)."""
+    dots = [torch.dot(x if flat else _flat(x), _flat(y)) for x, y in zip(a, b, strict=True)]
     return dots[0] if len(dots) == 1 else torch.stack(dots).sum()
 
 
@@ -369,7 +369,9 @@ def _adam_vjp(grads_next, afters, hp, c1, c2, dc1, dc2, kept=None) -> dict[str, 
     q = torch._foreach_div(grads_next, den)
     out: dict[str, Tensor] = {}
     if _learned(hp, "beta1"):
-        q_m0, q_g1 = _dots(q, [a.previous_exp_avg for a in afters]), _dots(q, [a.grad_term for a in afters])
+        qf = [_flat(x) for x in q]  # flattened once for both dots
+        q_m0 = _dots(qf, [a.previous_exp_avg for a in afters], flat=True)
+        q_g1 = _dots(qf, [a.grad_term for a in afters], flat=True)
         q_m = b1 * q_m0 + q_g1
         out["beta1"] = lr * ((q_m0 - q_g1 / _one_minus(b1)) / c1 + q_m * dc1 / (c1 * c1))
     else:
@@ -380,7 +382,9 @@ def _adam_vjp(grads_next, afters, hp, c1, c2, dc1, dc2, kept=None) -> dict[str, 
         w = torch._foreach_mul(q, m_after)  # q * m / (den * sqrt(v_hat))
         torch._foreach_mul_(den, sqrt_v_hat)
         torch._foreach_div_(w, den)
-        w_v0, w_g2 = _dots(w, [a.previous_exp_avg_sq for a in afters]), _dots(w, [a.grad_sq_term for a in afters])
+        wf = [_flat(x) for x in w]
+        w_v0 = _dots(wf, [a.previous_exp_avg_sq for a in afters], flat=True)
+        w_g2 = _dots(wf, [a.grad_sq_term for a in afters], flat=True)
         w_v = b2 * w_v0 + w_g2
         # -0.5 lr / c1 (...), with the division last: lr and c1 may be floats, and 1.0 / 0.0 raises in Python.
         out["beta2"] = -0.5 * lr * ((w_v0 - w_g2 / _one_minus(b2)) / c2 + w_v * dc2 / (c2 * c2)) / c1
