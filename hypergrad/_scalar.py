@@ -169,8 +169,9 @@ _KIND: dict[int, tuple[Plan, str | None]] = {}
 
 # From this height on, a tower of plain SGD levels runs them as exact floats. Below, its few tensor operations per
 # level cost less than reading and writing the floats (measured on the MNIST MLP, CPU, one thread, step alone,
-# interleaved in one process: floats/tensors 1.14 at height 1, 1.13 at 3, 1.12 at 5, 0.98 at 8, 0.88 at 12, 0.62 at 50).
-_SGD_FROM = 8
+# interleaved in one process, with the floats kept as SgdFloats: floats/tensors 1.18 at height 1, 1.11 at 2, 1.07-1.09
+# at 3, 1.02 at 4, 0.97 at 5, 0.91 at 6, 0.82 at 8; before SgdFloats, 1.12 at 5 and 0.98 at 8).
+_SGD_FROM = 5
 # From this height on, a tower with a level above the first that is more than plain SGD runs its levels as floats.
 # With one level, the level's tensor operations cost less than reading, computing and writing the floats (measured on
 # the MNIST MLP, CPU, one thread, optimizer step alone, interleaved in one process, three sittings at load 3-4:
