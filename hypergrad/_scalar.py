@@ -551,17 +551,19 @@ def update(plan: Plan, state: TowerState, hypergrads: Sequence[Sequence[Tensor]]
     values, new_states, new_raw = ieee(_chain, static, raw, states, hyper, step)
 
     # Everything stored, rounded to the dtype in one pass, in this order: the raw vectors, the rule states' fields,
-    # the learned values each level used (the traces' values).
+    # the learned values each level used (the traces' values). A field that is a tuple was stored already (what the
+    # state or a hypergradient held, in the dtype: Adam's previous moments, a kept gradient) and stays as it is; the
+    # chain computes lists.
     like = state.levels[0].hp[0]
     vectors: list[Vec] = [v for k in range(top) for v in new_raw[k]]
-    vectors += [f for k in range(1, top + 1) for fields in new_states[k] for f in fields if f is not None]
+    vectors += [f for k in range(1, top + 1) for fields in new_states[k] for f in fields if type(f) is list]
     vectors += [[values[k][n] for n in static[k].learned] for k in range(1, top)]
     stored = iter(_round(vectors, like.dtype))
     raw_out = tuple(tuple(islice(stored, len(new_raw[k]))) for k in range(top))
     states_out: list[Any] = [None]
     for k in range(1, top + 1):
         states_out.append(
-            tuple([tuple([f if f is None else next(stored) for f in fields]) for fields in new_states[k]])
+            tuple([tuple([next(stored) if type(f) is list else f for f in fields]) for fields in new_states[k]])
         )
     kept_values: list[Any] = [None]
     for k in range(1, top):  # values[k] is _chain's own dict: the stored learned values replace the computed ones
