@@ -28,6 +28,7 @@ numpy float32 scalars (float32) or Python floats (float64), so that both paths a
 from __future__ import annotations
 
 import math
+from array import array
 from collections.abc import Sequence
 from itertools import chain, groupby, islice
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -448,10 +449,9 @@ def _round(vectors: list[Vec], dtype: torch.dtype) -> list[tuple[float, ...]]:
     if dtype == torch.float64:
         return [tuple(v) for v in vectors]
     flat = list(chain.from_iterable(vectors))
-    if dtype == torch.float32:
-        flat = np.asarray(flat, dtype=np.float64).astype(np.float32).tolist()
-    else:
-        flat = torch.tensor(flat, dtype=dtype).tolist()
+    # float32: C's double-to-float conversion, as numpy's cast and torch.tensor; numpy would warn where a value
+    # overflows to inf, which the finiteness check reports instead
+    flat = array("f", flat).tolist() if dtype == torch.float32 else torch.tensor(flat, dtype=dtype).tolist()
     # Split again, a run of vectors of one length at a time (the tuples built by zip, without a slice each).
     out: list[tuple[float, ...]] = []
     values = iter(flat)

@@ -237,6 +237,19 @@ def test_plain_sgd_floats_that_overflow_raise_and_leave_the_weights_untouched() 
     assert torch.equal(snapshot, w.detach())
 
 
+def test_float32_floats_that_overflow_raise_the_finiteness_error_alone() -> None:
+    """Levels above the first on floats, in float32: a value that overflows float32 when stored is inf, reported as the
+    non-finite hyperparameter it is (tests turn warnings into errors, so a warning on the way would fail here)."""
+    w = nn.Parameter(torch.ones(3))
+    opt = hypergrad.tower("sgd(0.1)/sgd(1e35)/adam(1e-3)", [w])  # 1e35 * 3e6 overflows float32 at the second step
+    with pytest.raises(hypergrad.NonFiniteHyperparameterError, match=r"hyperparameter 'lr' of level 1 became"):
+        for _ in range(2):
+            (1e3 * w).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            assert _scalar._kind(opt._plan) == "floats"
+
+
 def test_plain_sgd_floats_read_what_was_written_between_steps(monkeypatch) -> None:
     """The floats kept between steps are never stale: a scheduler's write to param_groups, a write in place into a
     level's tensor, and a loaded checkpoint reach the next step as on the tensor path."""
