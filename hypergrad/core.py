@@ -71,6 +71,7 @@ says why no step compiles again once the state has settled).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -244,7 +245,7 @@ def update(
         first = 0
     else:
         hp, first = state.levels[top].hp, top
-    with torch.no_grad():
+    with _no_grad():
         for k in range(first, -1, -1):
             values = natural_values(plan, k, hp)
             received = grads if k == 0 else hyper[k - 1]
@@ -296,7 +297,7 @@ def _hypergradients(plan: Plan, state: TowerState, grads: Sequence[Tensor | None
         return [[torch.zeros_like(h) for h in level.hp] for level in state.levels[:-1]]
     upstream: Sequence[Tensor | None] = grads
     out = []
-    with torch.no_grad():
+    with _no_grad():
         for k, trace in enumerate(state.trace):
             sums = rule_vjp(plan, k, upstream, trace, state.levels[k].rule, state.step)
             level = []
@@ -305,11 +306,12 @@ def _hypergradients(plan: Plan, state: TowerState, grads: Sequence[Tensor | None
                 for j, (name, t) in enumerate(zip(plan.learned[k], plan.transforms[k], strict=True)):
                     s = sums[g].get(name)
                     if s is None:  # this hyperparameter has not acted yet (e.g. momentum at the first step)
-                        cols.append(torch.zeros_like(raw[..., j]))
+                        cols.append(torch.zeros_like(raw.select(-1, j)))
                         continue
                     # What level k updated moved by -delta, so d loss / d value = -(upstream . d delta / d value).
-                    cols.append(-s if t.derivative is None else -s * t.derivative(raw[..., j]))
-                level.append(torch.stack(cols, dim=-1))
+                    cols.append(-s if t.derivative is None else -s * t.derivative(raw.select(-1, j)))
+                # one value: the same (..., 1) tensor as a stack of it, as a view
+                level.append(cols[0].unsqueeze(-1) if len(cols) == 1 else torch.stack(cols, dim=-1))
             out.append(level)
             upstream = level
             if k == 0 and _scalar.applies(plan):
@@ -327,7 +329,7 @@ def natural_values(plan: Plan, k: int, hp: Sequence[Tensor]) -> list[dict[str, V
         if hp:
             raw = hp[g]
             for i, (name, t) in enumerate(zip(plan.learned[k], plan.transforms[k], strict=True)):
-                values[name] = t.forward(raw[..., i])
+                values[name] = t.forward(raw.select(-1, i))
         out.append(values)
     return out
 
@@ -350,12 +352,14 @@ def apply_rule(
             return fused
     deltas: list[Tensor | None] = []
     new_states = []
+    batched = bool(plan.batch_shape)
+    update = rule.update
     for grad, state, g in zip(grads, states, groups, strict=True):
         if grad is None:  # a parameter without a gradient is left alone, as in torch.optim
             deltas.append(None)
             new_states.append(state)
             continue
-        delta, state = rule.update(grad, state, _broadcast(plan, values[g], grad), step)
+        delta, state = update(grad, state, _broadcast(plan, values[g], grad) if batched else values[g], step)
         deltas.append(delta)
         new_states.append(state)
     return deltas, new_states
@@ -453,9 +457,10 @@ def _owned(plan: Plan, states: list[Any], grads: Sequence[Tensor | None]) -> lis
 
 
 def _copy_same(x: Any, grad: Tensor) -> Any:
-    if not any(f is grad for f in x):
-        return x
-    return type(x)(*[grad.clone() if f is grad else f for f in x])
+    for f in x:
+        if f is grad:
+            return type(x)(*[grad.clone() if f is grad else f for f in x])
+    return x
 
 
 def _copy_shared(x: Any, ptr: int) -> Any:
@@ -482,6 +487,15 @@ def _broadcast(plan: Plan, values: dict[str, Value], target: Tensor) -> dict[str
     extra = target.dim() - len(plan.batch_shape)
     shape = plan.batch_shape + (1,) * extra
     return {k: v.reshape(shape) if isinstance(v, Tensor) else v for k, v in values.items()}
+
+
+_NULL = contextlib.nullcontext()
+
+
+def _no_grad() -> Any:
+    """``torch.no_grad()``, or nothing where grad mode is off already (``HyperOptimizer.step`` turns it off): entering
+    it costs more than a microsecond, twice a step."""
+    return torch.no_grad() if torch.is_grad_enabled() else _NULL
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
