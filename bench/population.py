@@ -430,7 +430,8 @@ class StackedLearner:
             [h.index_fill(0, rows, 0.0) if len(rows) else h for h in level]
             for level, rows in zip(hyper, self._padded_rows(frozen), strict=True)
         ]
-        deltas, new = core.update(self.plan, self.state, grads, hyper)
+        # The gradients are this step's own (autograd's fresh tensors): the state keeps them without a copy.
+        deltas, new = core.update(self.plan, self.state, grads, hyper, donate=True)
         hp_ok, first_bad, bad_value = self._hp_finite(new)
         keep = moving & hp_ok
         code = torch.where(loss_ok, 2 + first_bad, health.LOSS)

@@ -645,8 +645,10 @@ class Trainer:
                 job.cfg.paths.output_dir = str(job.out)
         self.seeds = [int(c.seed) for c in cfgs]
         self.checkpoint, self.population = checkpoint, population
-        # A population is many runs' worth of work: it saves after every epoch unless told otherwise.
-        self.every = t.checkpoint_every or (1 if population is not None and checkpoint is not None else 0)
+        # A population saves as a single run does: every `checkpoint_minutes` of training, every `checkpoint_every`
+        # epochs when set, and on a stop request. (It used to save after every epoch as well: 132 MNIST MLPs spent
+        # 2.5 s of a 22 s sweep writing checkpoints that a sweep of a few minutes never reads.)
+        self.every = t.checkpoint_every
         # Progress; all of it goes into the checkpoint.
         self.epoch = self.batch = self.steps = 0  # completed epochs, next batch of this epoch, steps in all
         self.sums = torch.zeros(2, len(cfgs), dtype=torch.float64, device=self.learner.health.alive.device)
