@@ -48,6 +48,7 @@ from bench.io import (
     atomic_write_csv,
     atomic_write_json,
     remove_stale_temp_files,
+    synced_together,
     to_jsonable,
 )
 from bench.logger import RunLogger, build_logger
@@ -777,15 +778,15 @@ class Trainer:
         finally:
             bar.close()
         wall = self.elapsed + time.perf_counter() - self.started
-        out = []
-        for i, (job, metrics) in enumerate(zip(self.jobs, self.metrics(wall), strict=True)):
-            # Exactly what metrics.json holds: non-finite numbers are null there, so they are None here too.
-            metrics = to_jsonable(metrics)
-            # history.csv first: a metrics.json on disk always has its history next to it.
-            atomic_write_csv(job.out / "history.csv", job.history)
-            atomic_write_json(job.out / "metrics.json", metrics)
-            job.logger.finish(metrics)
-            out.append(metrics)
+        # Exactly what metrics.json holds: non-finite numbers are null there, so they are None here too.
+        out = [to_jsonable(metrics) for metrics in self.metrics(wall)]
+        with synced_together():  # a population's many small files wait for the disk together
+            for job, metrics in zip(self.jobs, out, strict=True):
+                # history.csv first: a metrics.json on disk always has its history next to it.
+                atomic_write_csv(job.out / "history.csv", job.history)
+                atomic_write_json(job.out / "metrics.json", metrics)
+        for i, (job, metrics) in enumerate(zip(self.jobs, out, strict=True)):
+            job.logger.finish(metrics)  # W&B copies the files just written
             if size > 1 and job.status != "completed":
                 log.info("member %d (%s): %s", i, job.out, job.status)
         return out
