@@ -184,6 +184,9 @@ def train_jobs(tasks: Sequence[DictConfig], outs: Sequence[Path], names: Sequenc
     data = load_data(tasks[0])
     out: list[dict[str, Any]] = [{}] * len(tasks)
     for group in plan_groups(tasks):
+        # Members in order of seed: those sharing a seed share their batches, one wide product per layer
+        # (bench.population.StackedLearner); every member's results are its own whatever the order.
+        group = sorted(group, key=lambda i: int(tasks[i].seed))
         trainer = Trainer(
             [tasks[i] for i in group],
             [outs[i] for i in group],

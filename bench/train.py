@@ -482,7 +482,8 @@ class Learner(Protocol):
     """
 
     size: int
-    per_member: bool  # whether `step` takes one batch per member, stacked (K x batch), or one batch for all
+    per_member: bool  # whether `step` takes stacked batches (one per entry of `batch_members`), or one for all
+    batch_members: list[int]  # whose batches (their seeds' draws), stacked in this order, when `per_member`
     health: Health
 
     def step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
@@ -508,7 +509,7 @@ class Learner(Protocol):
 class ModuleLearner:
     """One member: the config's model as an `nn.Module` and the optimizer its config builds (tower or baseline)."""
 
-    size, per_member = 1, False
+    size, per_member, batch_members = 1, False, [0]
 
     def __init__(self, cfg: DictConfig, data: Data, device: torch.device, steps_per_epoch: int, total: int) -> None:
         t = cfg.trainer
@@ -700,9 +701,10 @@ class Trainer:
     # -- training ------------------------------------------------------------------------------
 
     def batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches `start`, `start + 1`, ... of `epoch`: each member's own draw (stacked), or one for all."""
+        """Batches `start`, `start + 1`, ... of `epoch`: the draws of the learner's `batch_members` (stacked), or
+        one for all."""
         bs, data = self.cfg.trainer.batch_size, self.data
-        seeds = self.seeds if self.learner.per_member else self.seeds[:1]
+        seeds = [self.seeds[i] for i in self.learner.batch_members] if self.learner.per_member else self.seeds[:1]
         perms = [epoch_permutation(len(data.train[0]), s, epoch, self.device) for s in seeds]
         stacked = torch.stack(perms)
         for b in range(start, self.steps_per_epoch):
