@@ -1,12 +1,27 @@
 """Issue 14's report from a stability grid (scripts/stability_grid.py's JSON lines): the figure and the tables.
 
-    python scripts/stability_report.py RESULTS.jsonl OUT_DIR [--tuned STUDY_SUMMARY.json] [--title TEXT]
+    python scripts/stability_report.py RESULTS [RESULTS ...] OUT_DIR [--dataset NAME] [--bases B,B]
+        [--tuned STUDY_SUMMARY.json] [--title TEXT]
+
+RESULTS are JSON-lines files or folders; a folder stands for every `*.jsonl` in it. Files are read in the order given
+(a file named twice is read at its last place), and a run's row in a later file replaces the row with the same key
+(dataset, overrides, base, height, mode, initial step size, top hyper-step, seed) from an earlier one:
+`docs/data/stability docs/data/stability/NEW.jsonl` reads NEW last, so its rows win. Two files of one folder with
+different results for the same run are refused (only their names would order them); identical copies are one run.
+stability.md lists, per base, mode and height, the files its rows came from and how many earlier rows with a
+different result were replaced, so a rerun that covered only part of a grid is visible. One report is one dataset:
+results that hold several need `--dataset`.
 
 Writes OUT_DIR/stability.png (test error against the initial step size, one line per height; one column per top
-hyper-step, the reference and the stable mode side by side; one row per base; the mean over seeds) and
+hyper-step; one row per base and mode, a base's reference row above its stable row; the mean over seeds) and
 OUT_DIR/stability.md: failed runs per mode and height, the decades of initial step size over which each height stays
-within 1 point of the base's best fixed-hyperparameter run per top hyper-step, and the baselines (the grid's
-`baselines` part and an Optuna study's `study_summary.json`) beside the stable towers, with their compute.
+within 1 point of the base's best fixed-hyperparameter run per top hyper-step, the decades of top hyper-step over
+which that reaches 8 (`hyper_decades`), the height-3 cells behind them, and the baselines (the grid's `baselines` part
+and an Optuna study's `study_summary.json`) beside the stable towers, with their compute.
+
+Decades of initial step size are counted over the grid's consecutive initial step sizes (the towers part runs every
+second decade, 1e-11..10), as the grid measures them; decades of top hyper-step only over measured decades (see
+`hyper_decades`).
 """
 
 from __future__ import annotations
@@ -16,6 +31,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -26,9 +42,73 @@ WINDOW = (1e-11, 1e-3)  # the comparison's 8 decades of initial step size: where
 TOP = 30.0  # the figure's y range in %: the goal is about a few points near the best run, not 80% against 90%
 
 
-def load(path: Path) -> pd.DataFrame:
-    df = pd.DataFrame([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
-    df = df.drop_duplicates("key", keep="first")
+DEFAULT_DATASET = "mnist5k"  # the stability preset's dataset: its runs carry no `dataset=` override
+
+
+def inputs(paths: Sequence[Path]) -> list[tuple[Path, int]]:
+    """The files to read, in reading order, each with its place on the command line: a folder is its `*.jsonl` files
+    in name order, all at the folder's place; a file met twice is read at its last place (so `FOLDER FOLDER/NEW.jsonl`
+    reads NEW last, at a place of its own)."""
+    files: list[tuple[Path, int]] = []
+    for place, path in enumerate(paths):
+        found = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+        if path.is_dir() and not found:
+            raise ValueError(f"results {str(path)!r} must hold *.jsonl files, but it holds none")
+        if not path.is_dir() and not path.is_file():
+            raise ValueError(f"results must be existing files or folders, but got {str(path)!r}")
+        for f in found:
+            files = [(g, q) for g, q in files if g.resolve() != f.resolve()] + [(f, place)]
+    return files
+
+
+def _dataset(extra: list[str]) -> str:
+    return next((e.split("=", 1)[1] for e in extra if e.startswith("dataset=")), DEFAULT_DATASET)
+
+
+# What a run measured; its wall time is not part of it (the same run twice takes different times).
+RESULT = ("status", "diverged", "test_error", "train_loss", "steps", "hyperparameters", "error")
+
+
+def load(paths: Sequence[Path], dataset: str | None = None, bases: Sequence[str] | None = None) -> pd.DataFrame:
+    """Every run of ``paths`` (see `inputs`), a later file's row replacing an earlier one's with the same key; the
+    columns `source` (the file a row was kept from) and `replaced` (the file whose different result it replaced).
+    Two files of one folder that hold different results for one run are refused: only their names would order them,
+    and a name says nothing about which result is the newer."""
+    rows: dict[str, dict] = {}
+    found: set[str] = set()
+    for f, place in inputs(paths):
+        for line in f.read_text().splitlines():
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            found.add(_dataset(r["extra"]))
+            if dataset is not None and _dataset(r["extra"]) != dataset:
+                continue  # another dataset's runs neither count nor conflict
+            old = rows.get(r["key"])
+            if old is not None and old["source"] == f.name:
+                continue  # the grid never writes a key twice to one file; a hand-made repeat keeps the first
+            changed = old is not None and any(old.get(k) != r.get(k) for k in RESULT)
+            if changed and old["place"] == place:
+                raise ValueError(
+                    f"run {r['key']!r} has different results in {old['source']} and {f.name}, which only their names "
+                    "order: name the file whose rows should win after the folder (FOLDER FOLDER/FILE.jsonl)"
+                )
+            rows[r["key"]] = {**r, "source": f.name, "place": place, "replaced": old["source"] if changed else None}
+    if dataset is None and len(found) > 1:
+        raise ValueError(f"the results hold runs on datasets {sorted(found)}: pass --dataset with one of them")
+    if dataset is not None and dataset not in found:
+        raise ValueError(f"--dataset must be one of {sorted(found)} (the datasets in the results), but got {dataset!r}")
+    df = pd.DataFrame(list(rows.values()))
+    df["dataset"] = df["extra"].map(_dataset)
+    settings = sorted({" ".join(e) for e in df["extra"]})
+    if len(settings) > 1:
+        raise ValueError(f"the results mix runs with different overrides {settings}: report one setting at a time")
+    if bases is not None:
+        unknown = sorted(set(bases) - set(df["base"]))
+        if unknown:
+            raise ValueError(f"--bases must name bases in the results {sorted(set(df['base']))}, but got {unknown}")
+        df = df[df["base"].isin(bases)]
+    df = df.reset_index(drop=True)
     df["lr"] = pd.to_numeric(df["lr"], errors="coerce")
     df["hyper_lr"] = pd.to_numeric(df["hyper_lr"], errors="coerce")
     df["mode"] = df["stable"].map({True: "stable", False: "reference"})
@@ -67,6 +147,12 @@ def decades(group: pd.DataFrame, target: float) -> float:
     return best
 
 
+def _k(k: float) -> str:
+    """A hyper-step as the grid names it: 1e-4, not 0.0001 or 1.000000e-04."""
+    e = round(math.log10(k)) if k > 0 else 0
+    return f"1e{e}" if k > 0 and math.isclose(k, 10.0**e) else f"{k:g}"
+
+
 def _block(text: str) -> str:
     return f"```\n{text}\n```"
 
@@ -82,19 +168,31 @@ def robustness(c: pd.DataFrame) -> tuple[pd.Series, pd.DataFrame]:
 
 
 def hyper_decades(robust: pd.DataFrame, need: float = 8.0) -> pd.DataFrame:
-    """Per mode, base and height: the widest run of consecutive grid hyper-steps at which the initial step size is
-    robust over at least ``need`` decades, in decades of hyper-step (-1: at none)."""
+    """Per mode, base and height, how many decades of top hyper-step keep the initial step size robust over at least
+    ``need`` decades (-1: at no hyper-step).
+
+    ``hyper_decades`` is the goal's measure: the longest run of measured hyper-steps one decade apart (1e-10, 1e-9,
+    ...) that each meet ``need``; a decade is counted only where it was measured, so hyper-steps 1e-10 and 1e-7 that
+    both meet, with 1e-9 and 1e-8 not run, count 0 decades each, not 3. ``hyper_span`` is the coarse reading of the
+    same cells: the widest span of consecutive *measured* hyper-steps that each meet, however far apart, which the
+    unmeasured decades between them could only shorten (an upper bound on the goal's measure)."""
     rows = []
     for (mode, base, height), g in robust.groupby(["mode", "base", "height"]):
         g = g.sort_values("hyper_lr")
-        best, start = -1.0, None
+        strict = span = -1.0
+        run = gap = None  # the first hyper-step of the current run, decade by decade and grid step by grid step
+        prev = None
         for k, d in zip(g["hyper_lr"], g["decades"], strict=True):
             if d >= need:
-                start = k if start is None else start
-                best = max(best, math.log10(k / start))
+                next_decade = prev is not None and math.isclose(math.log10(k / prev), 1.0, abs_tol=1e-6)
+                run = run if run is not None and next_decade else k
+                gap = gap if gap is not None else k
+                strict = max(strict, math.log10(k / run))
+                span = max(span, math.log10(k / gap))
             else:
-                start = None
-        rows.append(dict(mode=mode, base=base, height=height, hyper_decades=best))
+                run = gap = None
+            prev = k
+        rows.append(dict(mode=mode, base=base, height=height, hyper_decades=strict, hyper_span=span))
     return pd.DataFrame(rows)
 
 
@@ -151,14 +249,47 @@ def comparison(df: pd.DataFrame, c: pd.DataFrame, tuned: Path | None) -> pd.Data
     return out
 
 
+def sources(df: pd.DataFrame) -> pd.DataFrame:
+    """Per base, mode and height: the files its rows were kept from (rows each) and how many of them replaced an
+    earlier file's different result for the same run."""
+    d = df.assign(height=df["height"].map(lambda h: "baseline" if pd.isna(h) else str(int(h))))
+    d = d.assign(mode=d["mode"].where(d["height"] != "baseline", "-"))
+    rows = []
+    for (base, mode, height), g in d.groupby(["base", "mode", "height"], sort=True):
+        counts = g["source"].value_counts()
+        rows.append(
+            dict(
+                base=base,
+                mode=mode,
+                height=height,
+                runs=len(g),
+                files=", ".join(f"{f} ({n})" for f, n in counts.sort_index().items()),
+                replaced=int(g["replaced"].notna().sum()),
+            )
+        )
+    return pd.DataFrame(rows)
+
+
 def tables(df: pd.DataFrame, tuned: Path | None) -> str:
     c = cells(df)
     runs = df[(df["height"] > 0) | ((df["height"] == 0) & (df["mode"] == "stable"))]  # stable height 0: guarded
-    fails = runs.groupby(["mode", "height"])["failed"].agg(["sum", "count"]).reset_index()
+    runs = runs.assign(diverged=runs["status"] == "diverged", height=runs["height"].astype(int))
+    fails = runs.groupby(["mode", "height"]).agg(
+        runs=("failed", "size"), failed=("failed", "sum"), diverged=("diverged", "sum")
+    )
+    fails = pd.concat([fails, runs.groupby("mode").agg(runs=("failed", "size"), failed=("failed", "sum"),
+                                                       diverged=("diverged", "sum")).assign(height="all")
+                       .set_index("height", append=True)]).sort_index()  # fmt: skip
     lines = [
-        "## Failed runs (diverged, crashed, or final training loss above the initial one), all seeds",
+        f"Dataset {df['dataset'].iloc[0]}; {len(df)} runs. Where the rows came from (files read in order, a later "
+        "file's row replacing an earlier one's with the same key; replaced: rows whose earlier result differed):",
         "",
-        _block(fails.rename(columns={"sum": "failed", "count": "runs"}).to_string(index=False)),
+        _block(sources(df).to_string(index=False)),
+        "",
+        "## Failed runs (diverged, crashed, or final training loss above the initial one; diverged: of them, the "
+        "trainer's own divergence stop), all seeds",
+        "",
+        _block(fails.to_string()),
     ]
     per_base = runs.groupby(["mode", "base", "height"])["failed"].agg(["sum", "count"])
     per_base = (per_base["sum"].astype(int).astype(str) + "/" + per_base["count"].astype(str)).unstack("height")
@@ -182,10 +313,35 @@ def tables(df: pd.DataFrame, tuned: Path | None) -> str:
     if not robust.empty:
         pivot = robust.pivot_table(index=["base", "height"], columns=["mode", "hyper_lr"], values="decades")
         lines += ["", "## Decades of initial step size within 1 point of the best fixed run (-1: none)", ""]
+        pivot = pivot.rename(columns=lambda v: _k(v) if isinstance(v, float) else v)  # 1e-10, not 1.000000e-10
         lines += [_block(pivot.round(0).to_string())]
-        hd = hyper_decades(robust).pivot_table(index=["base", "height"], columns="mode", values="hyper_decades")
-        lines += ["", "## Decades of top hyper-step over which the initial step size is robust over >= 8 decades", ""]
+        hd = hyper_decades(robust).pivot_table(
+            index=["base", "height"], columns="mode", values=["hyper_decades", "hyper_span"]
+        )
+        lines += [
+            "",
+            "## Decades of top hyper-step over which the initial step size is robust over >= 8 decades",
+            "",
+            "hyper_decades: the longest run of measured hyper-steps one decade apart that each reach 8 decades (the "
+            "goal's measure; an unmeasured decade breaks the run); hyper_span: the widest span of consecutive measured "
+            "hyper-steps that each reach 8 decades, however far apart (an upper bound). -1: at none.",
+            "",
+        ]
         lines += [_block(hd.to_string())]
+    h3 = c[c["height"] == 3]
+    if not h3.empty:
+        # The cells behind the decades: which initial step size breaks a run, and by how much.
+        lines += ["", "## Height 3: test error per cell (%, mean over seeds; * : a seed failed)", ""]
+        for (mode, base), g in h3.groupby(["mode", "base"]):
+            text = (100 * g["test_error"]).round(1).astype(str) + g["failed"].map({True: "*", False: ""})
+            table = g.assign(cell=text, k=g["hyper_lr"].map(_k), lr=g["lr"].map(_k))
+            table = table.pivot(index="lr", columns="k", values="cell")
+            table = table.loc[sorted(table.index, key=float), sorted(table.columns, key=float)]
+            lines += [
+                f"{base}, {mode} (best fixed {100 * best.get(base, math.nan):.1f}%):",
+                "",
+                _block(table.to_string()),
+            ]
     comp = comparison(df, c, tuned)
     if not comp.empty:
         lines += [
@@ -206,39 +362,61 @@ def figure(df: pd.DataFrame, path: Path, title: str) -> None:
 
     c = cells(df)
     best, _ = robustness(c)
-    bases = list(dict.fromkeys(df.loc[df["height"].notna(), "base"]))
-    ks = sorted(c.loc[c["height"] > 0, "hyper_lr"].unique())
-    cols = [(k, m) for k in ks for m in ("reference", "stable")]
-    fig, axes = plt.subplots(len(bases), len(cols), figsize=(2.2 * len(cols), 2.0 * len(bases)), squeeze=False)
-    for r, base in enumerate(bases):
+    towers = c[c["height"] > 0]
+    ks = sorted(towers["hyper_lr"].unique())
+    # One row per base and mode that has towers (the reference and the stable row of a base one above the other),
+    # one column per top hyper-step: a grid with many hyper-steps stays as wide as it has hyper-steps.
+    rows = [
+        (base, mode)
+        for base in dict.fromkeys(df.loc[df["height"].notna(), "base"])
+        for mode in ("reference", "stable")
+        if ((towers["base"] == base) & (towers["mode"] == mode)).any()
+    ]
+    fig, axes = plt.subplots(
+        len(rows), len(ks), figsize=(2.2 * len(ks) + 1.0, 2.0 * len(rows) + 0.9), squeeze=False, layout="constrained"
+    )
+    for r, (base, mode) in enumerate(rows):
         fixed = c[(c["base"] == base) & (c["height"] == 0) & (c["mode"] == "reference")].sort_values("lr")
-        for col, (k, mode) in enumerate(cols):
+        for col, k in enumerate(ks):
             ax = axes[r][col]
             ax.plot(fixed["lr"], (100 * fixed["test_error"]).clip(upper=TOP), "k--", lw=1, label="height 0")
             if base in best:  # the goal's band: within 1 point of the best fixed run
                 ax.axhline(100 * (best[base] + POINT), color="grey", lw=0.6, ls=":")
-            sel = c[(c["base"] == base) & (c["hyper_lr"] == k) & (c["mode"] == mode) & (c["height"] > 0)]
+            sel = towers[(towers["base"] == base) & (towers["hyper_lr"] == k) & (towers["mode"] == mode)]
             for h, g in sel.groupby("height"):
                 g = g.sort_values("lr")
                 err = [min(100 * e, TOP) if not f else TOP for e, f in zip(g["test_error"], g["failed"], strict=True)]
                 ax.plot(g["lr"], err, marker="o", ms=3, color=f"C{int(h) - 1}", label=f"height {int(h)}")
+            if sel.empty:
+                ax.text(
+                    0.5,
+                    0.5,
+                    "not run",
+                    transform=ax.transAxes,
+                    ha="center",
+                    fontsize=7,
+                    color="grey",
+                    backgroundcolor="white",
+                )
             ax.set_xscale("log")
+            ax.set_xticks([1e-11, 1e-7, 1e-3, 1e1])  # every fourth decade: a narrow panel's labels stay apart
+            ax.minorticks_off()
             ax.set_ylim(0, TOP + 1)
             if r == 0:
-                ax.set_title(f"{mode}\ntop hyper-step {k:g}", fontsize=8)
+                ax.set_title(f"top hyper-step {_k(k)}", fontsize=8)
             if col == 0:
-                ax.set_ylabel(f"{base}\ntest error %", fontsize=8)
-            if r == len(bases) - 1:
+                ax.set_ylabel(f"{base}, {mode}\ntest error %", fontsize=8)
+            if r == len(rows) - 1:
                 ax.set_xlabel("initial step size", fontsize=8)
             ax.tick_params(labelsize=6)
-    # The legend goes where the most heights are drawn (the stable mode's panels also hold heights 1, 2, 4, 5).
-    max(axes.flat, key=lambda a: len(a.get_lines())).legend(fontsize=6)
+    # One legend beside the panels, from the panel that draws the most heights: inside a panel it hid data.
+    handles, labels = max(axes.flat, key=lambda a: len(a.get_lines())).get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=7)
     fig.suptitle(
         f"{title}\ntest error vs initial step size, mean over seeds; dotted: best fixed run + 1 point;\n"
         f"errors above {TOP:g}% and failed runs drawn at {TOP:g}%",
         fontsize=9,
     )
-    fig.tight_layout()
     fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
     os.close(fd)
     fig.savefig(tmp, dpi=110)
@@ -247,16 +425,24 @@ def figure(df: pd.DataFrame, path: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("results", type=Path)
+    p.add_argument("results", type=Path, nargs="+", help="JSON-lines files or folders of them; later files win")
     p.add_argument("out", type=Path)
+    p.add_argument("--dataset", default=None, help="the dataset to report (needed when the results hold several)")
+    p.add_argument("--bases", default=None, help="comma-separated bases to report (default: all in the results)")
     p.add_argument("--tuned", type=Path, default=None, help="an Optuna study's study_summary.json (bench.tune)")
     p.add_argument("--title", default="stability grid")
     args = p.parse_args(argv)
-    for name, path in (("results", args.results), ("--tuned", args.tuned)):
-        if path is not None and not path.is_file():
-            p.error(f"{name} must be an existing file, but got {str(path)!r}")
+    if args.tuned is not None and not args.tuned.is_file():
+        p.error(f"--tuned must be an existing file, but got {str(args.tuned)!r}")
+    try:
+        df = load(args.results, args.dataset, args.bases.split(",") if args.bases else None)
+    except ValueError as e:
+        p.error(str(e))
+    if not (df["height"] > 0).any():
+        p.error(
+            f"the results must hold tower runs (height >= 1) to report, but bases {sorted(set(df['base']))} have none"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
-    df = load(args.results)
     figure(df, args.out / "stability.png", args.title)
     text = tables(df, args.tuned)
     fd, tmp = tempfile.mkstemp(suffix=".md", dir=args.out)

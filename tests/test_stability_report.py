@@ -1,0 +1,167 @@
+"""scripts/stability_report.py: the goal's "decades of top hyper-step" counts only measured decades. A grid that ran
+top hyper-steps 1e-10, 1e-7, 1e-4 and 1e-1 cannot show 4 decades, however well each of them does; hyper-steps one
+decade apart can, and one that misses (or a failed run inside it) breaks the run. The report reads several results
+files, a later file's run replacing an earlier one's with the same key, and says where each row came from."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.harness_helpers import REPO
+
+spec = importlib.util.spec_from_file_location("stability_report", REPO / "scripts" / "stability_report.py")
+report = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(report)
+
+FIXED_LRS = [f"1e{e}" for e in range(-11, 2)]  # height 0 at every decade, as the grid's `fixed` part
+TOWER_LRS = FIXED_LRS[::2]  # 1e-11 .. 1e1 every second decade: 12 decades, as the grid's `towers` part
+BEST = 0.060  # the best fixed run's test error; the goal's band ends at 0.070
+
+
+def row(
+    height: int, lr: str, k: str | None, err: float, status: str = "completed", loss: float = 0.2, extra: tuple = ()
+) -> dict:
+    mode = "stable" if height else "ref"
+    key = "_".join([f"adam_h{height}_lr{lr}_k{k}_{mode}_seed0", *extra])  # as the grid names a run
+    return dict(key=key, base="adam", height=height, lr=lr, hyper_lr=k, stable=bool(height), seed=0, extra=list(extra),
+                status=status, diverged=status == "diverged", test_error=err, train_loss=loss, steps=480,
+                wall_time_s=3.0, hyperparameters=None, error=None)  # fmt: skip
+
+
+def fixed_rows(extra: tuple[str, ...] = ()) -> list[dict]:
+    """Height 0 at every decade, the best (BEST) at 1e-3; the run at 1e-11 stands for the initial loss (2.3)."""
+    return [row(0, lr, None, BEST if lr == "1e-3" else 0.5, loss=2.3 if lr == "1e-11" else 0.2, extra=extra)
+            for lr in FIXED_LRS]  # fmt: skip
+
+
+def write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def decades_of(paths: list[Path]) -> dict:
+    """The report's hyper-step decades of the stable adam height-3 towers, per measure, read from ``paths``."""
+    _, robust = report.robustness(report.cells(report.load(paths)))
+    return dict(report.hyper_decades(robust).set_index(["mode", "base", "height"]).loc[("stable", "adam", 3)])
+
+
+def measured(tmp_path: Path, towers: dict[str, dict[str, float]], status: dict[tuple[str, str], str]) -> dict:
+    """Write a results file (height 0 at every decade; height-3 towers at 0.065 unless ``towers[k][lr]`` says
+    otherwise) and read the report's hyper-step decades back from it, per measure."""
+    lines = fixed_rows()
+    for k, errs in towers.items():
+        for lr in TOWER_LRS:
+            lines.append(row(3, lr, k, errs.get(lr, 0.065), status.get((k, lr), "completed")))
+    return decades_of([write(tmp_path / "results.jsonl", lines)])
+
+
+def test_consecutive_decades_that_each_keep_8_decades_of_initial_step_size_count_their_span(tmp_path: Path) -> None:
+    ks = ["1e-10", "1e-9", "1e-8", "1e-7", "1e-6"]
+    assert measured(tmp_path, {k: {} for k in ks}, {}) == dict(hyper_decades=4.0, hyper_span=4.0)
+
+
+def test_hyper_steps_three_decades_apart_count_no_decade_however_well_each_does(tmp_path: Path) -> None:
+    ks = ["1e-10", "1e-7", "1e-4", "1e-1"]
+    # The coarse span would call this 9 decades; only the measured ones count, and no two are one decade apart.
+    assert measured(tmp_path, {k: {} for k in ks}, {}) == dict(hyper_decades=0.0, hyper_span=9.0)
+
+
+@pytest.mark.parametrize(
+    ("errs", "status"),
+    [({"1e-5": 0.071}, {}), ({}, {("1e-8", "1e-5"): "diverged"})],
+    ids=["one cell 1.1 points above the best", "one run diverged"],
+)
+def test_a_measured_decade_that_misses_breaks_the_run(
+    tmp_path: Path, errs: dict[str, float], status: dict[tuple[str, str], str]
+) -> None:
+    ks = ["1e-10", "1e-9", "1e-8", "1e-7", "1e-6"]
+    # At 1e-8 the initial step sizes within 1 point are 1e-11..1e-7 and 1e-3..10: 4 decades each, not 8.
+    towers = {k: (errs if k == "1e-8" else {}) for k in ks}
+    assert measured(tmp_path, towers, status) == dict(hyper_decades=1.0, hyper_span=1.0)
+
+
+def test_no_hyper_step_that_keeps_8_decades_reads_minus_one(tmp_path: Path) -> None:
+    ks = ["1e-10", "1e-9"]
+    towers = {k: {"1e-7": 0.2, "1e-1": 0.2} for k in ks}  # within 1 point over 4 decades at most
+    assert measured(tmp_path, towers, {}) == dict(hyper_decades=-1.0, hyper_span=-1.0)
+
+
+FIVE = ["1e-10", "1e-9", "1e-8", "1e-7", "1e-6"]  # 4 decades of top hyper-step when every one keeps 8 decades
+
+
+def towers(errs: dict[tuple[str, str], float] | None = None) -> list[dict]:
+    """Stable height-3 towers at every FIVE hyper-step and grid step size, 0.065 unless ``errs[(k, lr)]`` says."""
+    return [row(3, lr, k, (errs or {}).get((k, lr), 0.065)) for k in FIVE for lr in TOWER_LRS]
+
+
+def test_a_later_file_replaces_an_earlier_files_run_with_the_same_key_and_says_so(tmp_path: Path) -> None:
+    # The old file's run at k = 1e-8, initial step size 1e-5 missed by 1.1 points; a rerun (a new file) did not.
+    old = write(tmp_path / "old.jsonl", fixed_rows() + towers({("1e-8", "1e-5"): 0.071}))
+    new = write(tmp_path / "new.jsonl", [row(3, "1e-5", "1e-8", 0.065)])
+    assert decades_of([old]) == dict(hyper_decades=1.0, hyper_span=1.0)
+    assert decades_of([old, new]) == dict(hyper_decades=4.0, hyper_span=4.0)
+    assert decades_of([new, old]) == dict(hyper_decades=1.0, hyper_span=1.0)  # the order given decides
+    src = report.sources(report.load([old, new])).set_index(["mode", "height"]).loc[("stable", "3")]
+    assert (src["runs"], src["files"], src["replaced"]) == (35, "new.jsonl (1), old.jsonl (34)", 1)
+
+
+def test_a_copy_of_a_run_in_two_files_counts_once(tmp_path: Path) -> None:
+    rows = fixed_rows() + towers({("1e-8", "1e-5"): 0.071})
+    a, b = write(tmp_path / "a.jsonl", rows), write(tmp_path / "b.jsonl", rows)
+    df = report.load([a, b])
+    assert len(df) == len(rows)
+    assert report.sources(df)["replaced"].sum() == 0  # an identical copy replaces no result
+
+
+def test_a_folder_is_its_jsonl_files_and_a_file_named_after_it_wins(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = tmp_path / "data"
+    d.mkdir()
+    write(d / "a_rerun.jsonl", [row(3, "1e-5", "1e-8", 0.065)])
+    write(d / "b_old.jsonl", fixed_rows() + towers({("1e-8", "1e-5"): 0.071}))
+    (d / "notes.txt").write_text("not results")
+    assert decades_of([d, d / "a_rerun.jsonl"]) == dict(hyper_decades=4.0, hyper_span=4.0)
+    # Within the folder only the names would order the two results of one run: refused, in one line.
+    with pytest.raises(SystemExit):
+        report.main([str(d), str(tmp_path / "out")])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "run 'adam_h3_lr1e-5_k1e-8_stable_seed0' has different results in a_rerun.jsonl and b_old.jsonl" in last
+    # The same run in two files of a folder with the same result (a copy) is no conflict.
+    write(d / "a_rerun.jsonl", [row(3, "1e-5", "1e-8", 0.071)])
+    assert decades_of([d]) == dict(hyper_decades=1.0, hyper_span=1.0)
+
+
+def test_results_on_two_datasets_are_refused_with_one_line_unless_one_is_chosen(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    digits = ("dataset=digits", "model=cnn")
+    d = tmp_path / "data"
+    d.mkdir()
+    write(d / "mnist5k.jsonl", fixed_rows() + towers())
+    write(d / "digits.jsonl", fixed_rows(digits) + [row(3, lr, "1e-10", 0.5, extra=digits) for lr in TOWER_LRS])
+    with pytest.raises(SystemExit):
+        report.main([str(d), str(tmp_path / "out")])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "datasets ['digits', 'mnist5k']: pass --dataset with one of them" in last
+    assert not (tmp_path / "out").exists()  # refused before writing anything
+    report.main([str(d), str(tmp_path / "out"), "--dataset", "mnist5k"])
+    text = (tmp_path / "out" / "stability.md").read_text()
+    assert text.startswith("Dataset mnist5k; 48 runs.") and "digits.jsonl" not in text
+    # Another dataset's runs do not conflict with this one's: a second digits file that disagrees is not read.
+    write(d / "digits_rerun.jsonl", [row(3, "1e-11", "1e-10", 0.1, extra=digits)])
+    report.main([str(d), str(tmp_path / "out"), "--dataset", "mnist5k"])
+    with pytest.raises(SystemExit):
+        report.main([str(d), str(tmp_path / "out"), "--dataset", "digits"])
+    assert "different results in digits.jsonl and digits_rerun.jsonl" in capsys.readouterr().err
+    write(d / "fixed_only.jsonl", fixed_rows(digits))
+    with pytest.raises(SystemExit):  # fixed runs alone have nothing to compare: one line, not a crash
+        report.main([str(d / "fixed_only.jsonl"), str(tmp_path / "out2")])
+    assert "must hold tower runs (height >= 1) to report, but bases ['adam'] have none" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        report.main([str(d), str(tmp_path / "out2"), "--dataset", "cifar10"])
+    assert "--dataset must be one of ['digits', 'mnist5k']" in capsys.readouterr().err.strip().splitlines()[-1]
