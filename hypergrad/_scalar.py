@@ -22,7 +22,8 @@ computed again in numpy float64, which gives IEEE's inf and nan as torch does.
 One case is exact instead: a tall tower of plain SGD levels on one number each (``sgd/sgd/.../sgd``, see
 :func:`_plain_sgd`). Its step is products, differences and negations of scalars, each one IEEE operation rounded once
 on the tensor path; :func:`_sgd_update` and :func:`_sgd_hypergradients` do the same operations in the same order on
-numpy float32 scalars (float32) or Python floats (float64), so that both paths agree bit for bit.
+numpy float32 scalars (float32) or Python floats (float64), so that both paths agree bit for bit, and keep them
+between steps as :class:`SgdFloats`: two flat vectors of those numbers, which build :class:`Floats`' fields where read.
 """
 
 from __future__ import annotations
