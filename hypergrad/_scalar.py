@@ -22,7 +22,8 @@ computed again in numpy float64, which gives IEEE's inf and nan as torch does.
 One case is exact instead: a tall tower of plain SGD levels on one number each (``sgd/sgd/.../sgd``, see
 :func:`_plain_sgd`). Its step is products, differences and negations of scalars, each one IEEE operation rounded once
 on the tensor path; :func:`_sgd_update` and :func:`_sgd_hypergradients` do the same operations in the same order on
-numpy float32 scalars (float32) or Python floats (float64), so that both paths agree bit for bit.
+numpy float32 scalars (float32) or Python floats (float64), so that both paths agree bit for bit, and keep them
+between steps as :class:`SgdFloats`: two flat vectors of those numbers, which build :class:`Floats`' fields where read.
 """
 
 from __future__ import annotations
@@ -186,11 +187,12 @@ def _plain(plan: Plan, k: int) -> bool:
 
 
 def _plain_sgd(plan: Plan) -> bool:
-    """Whether levels 1..top are plain SGD (no momentum) on one number per vector: level 0 learns one value per
+    """Whether levels 1..top are plain SGD (no momentum) learning one number each: level 0 learns any values per
     group, each level above learns its ``lr`` alone, stored as itself (the reference parameterization). Then a step
     of these levels is a few products and differences of scalars, which :func:`_sgd_update` computes exactly as the
-    tensor path does, bit for bit."""
-    if len(plan.learned[0]) != 1:
+    tensor path does, bit for bit (level 1's dot products over level 0's values, where there are several, by the very
+    ``torch.dot`` of the tensor path)."""
+    if not plan.learned[0]:
         return False
     for k in range(1, plan.height + 1):
         if not _plain(plan, k) or not isinstance(plan.initial[k][0]["lr"], float):
@@ -364,13 +366,19 @@ class SgdFloats(NamedTuple):
     version: int
     new: tuple[Any, ...]  # the raw values after the step, in _sgd_hyper's flat layout (level 0's per group first)
     received: tuple[Any, ...]  # the hypergradient each of those received: what SGDRule's state keeps (levels < top)
-    counts: tuple[int, ...]  # per level 1..top, how many values it updated
+    counts: tuple[int, ...]  # per level 1..top, how many vectors it updated (level 1: one per group)
+    kept0: list[Tensor]  # level 1's received hypergradients as the tensors they were (its dots read them)
+
+    def _width(self) -> int:
+        """How many values level 0 learns per group."""
+        return (len(self.new) - len(self.counts) + 1) // self.counts[0]
 
     @property
     def raw(self) -> tuple[tuple[tuple[float, ...], ...], ...]:
-        n0 = self.counts[0]
+        m = self._width()
+        n0 = m * self.counts[0]
         values = [float(x) for x in self.new]
-        return (tuple((v,) for v in values[:n0]), *(((v,),) for v in values[n0:]))
+        return (tuple(tuple(values[i : i + m]) for i in range(0, n0, m)), *(((v,),) for v in values[n0:]))
 
     @property
     def states(self) -> tuple[Any, ...]:
@@ -379,15 +387,20 @@ class SgdFloats(NamedTuple):
         states: list[Any] = [None]
         offset = 0
         for k in range(1, top + 1):
-            n = self.counts[k - 1]
+            m = self._width() if k == 1 else 1
             keep = k < top
-            states.append(tuple((None, (received[offset + i],) if keep else None, None) for i in range(n)))
-            offset += n
+            states.append(
+                tuple(
+                    (None, tuple(received[offset + i * m : offset + (i + 1) * m]) if keep else None, None)
+                    for i in range(self.counts[k - 1])
+                )
+            )
+            offset += m * self.counts[k - 1]
         return tuple(states)
 
     @property
     def values(self) -> tuple[Any, ...]:
-        n0 = self.counts[0]
+        n0 = len(self.new) - len(self.counts) + 1
         out: list[Any] = [None]
         for k in range(1, len(self.counts)):
             vals = dict(self.plan.initial[k][0])
@@ -399,7 +412,12 @@ class SgdFloats(NamedTuple):
 class Hyper(NamedTuple):
     """The hypergradients of levels 0..top-1 as floats (what :func:`update` reads; see :func:`hyper_floats`)."""
 
-    vectors: list[list[Any]]  # per level, per vector it updates
+    vectors: list[list[Any]]  # per level, per vector it updates (empty where ``flat`` holds them)
+    # The exact plain-SGD chain's instead: all of them in one flat tuple, how many vectors per level, and level 0's
+    # as the tensors they are (its state keeps them).
+    flat: tuple[Any, ...] | None = None
+    counts: tuple[int, ...] = ()
+    level0: list[Tensor] | None = None
 
 
 def _keep(table: dict[int, Any], plan: Plan, entry: Any) -> None:
@@ -629,7 +647,7 @@ def hyper_floats(plan: Plan, state: TowerState, level0: Sequence[Tensor]) -> Hyp
         num = _number(level0[0].dtype)
         if num is not None:
             ups, out = _sgd_hyper(plan, state, level0, num)  # numbers of the dtype, which _sgd_update reads as such
-            return Hyper([[(u,) for u in ups], *([(h,)] for h in out)])
+            return Hyper([], (*ups, *out), (len(level0), *(1 for _ in out)), list(level0))
     top = plan.height
     reader = _Reader()
     slots = _Slots(reader.add(h) for h in level0)
@@ -736,15 +754,27 @@ def _sgd_hyper(plan: Plan, state: TowerState, level0: Sequence[Tensor], num: Any
     fl = _floats(plan, state)
     if type(fl) is SgdFloats:
         grads = fl.received  # levels 1..top-1 first, then level top's, which is not read
+        kept0 = fl.kept0
     elif fl is not None:
-        grads = tuple(num(s[1][0]) for k in range(1, top) for s in fl.states[k])
+        grads = tuple(num(x) for k in range(1, top) for s in fl.states[k] for x in s[1])
+        kept0 = None
     else:
         grads = _read([s.grad for k in range(1, top) for s in state.levels[k].rule], num)
+        kept0 = [s.grad for s in state.levels[1].rule]
     n0 = len(ups)
     with np.errstate(all="ignore"):  # overflow is inf, as in torch, not a warning
-        s = ups[0] * grads[0]  # level 1: the sum over param groups of u . d (g * lr) / d lr, in their order
-        for i in range(1, n0):
-            s = s + ups[i] * grads[i]
+        # level 1: the sum over param groups of u . d (g * lr) / d lr, in their order
+        if n0 == len(level0):  # one value per group: a product, as torch.dot of two one-element vectors
+            s = ups[0] * grads[0]
+            for i in range(1, n0):
+                s = s + ups[i] * grads[i]
+        else:  # several: the tensor path's torch.dot, on the very tensors it would read (BLAS sums in its own order)
+            if kept0 is None:
+                raise RuntimeError("hypergrad internal error: the exact SGD chain lost level 1's kept tensors")
+            dots = [num(torch.dot(u, g).item()) for u, g in zip(level0, kept0, strict=True)]
+            s = dots[0]
+            for d in dots[1:]:
+                s = s + d
         h = -s  # what level k updated moved by -delta (identity transform: no derivative factor)
         out = [h]
         for i in range(n0, n0 + top - 2):  # levels 2..top-1: one term each
@@ -766,23 +796,27 @@ def _sgd_update(plan: Plan, state: TowerState, hypergrads: Sequence[Sequence[Ten
     top = plan.height
     levels = state.levels
     if isinstance(hypergrads, Hyper):  # from hyper_floats: numbers of the dtype already
-        hyper = tuple(v[0] for level in hypergrads.vectors for v in level)
-        counts = tuple(len(level) for level in hypergrads.vectors)
+        hyper, counts, kept0 = hypergrads.flat, hypergrads.counts, hypergrads.level0
     else:
         hyper = _read([h for level in hypergrads for h in level], num)
         counts = tuple(len(level) for level in hypergrads)
+        kept0 = list(hypergrads[0])
     fl = _floats(plan, state)
     hp0 = levels[0].hp
-    n0 = len(hp0)
     if type(fl) is SgdFloats:
-        raw = fl.new if _level0_kept(fl, state) else (*_read(hp0, num), *fl.new[n0:])
+        if _level0_kept(fl, state):
+            raw = fl.new
+        else:
+            below = _read(hp0, num)
+            raw = (*below, *fl.new[len(below) :])
     elif fl is not None:
         above = tuple(num(fl.raw[k][0][0]) for k in range(1, top))
-        below = tuple(num(v[0]) for v in fl.raw[0]) if _level0_kept(fl, state) else _read(hp0, num)
+        below = tuple(num(x) for v in fl.raw[0] for x in v) if _level0_kept(fl, state) else _read(hp0, num)
         raw = (*below, *above)
     else:
         raw = _read([*hp0, *(levels[k].hp[0] for k in range(1, top))], num)
 
+    n0 = len(raw) - top + 1  # level 0's values, all groups
     new: list[Any] = [None] * len(raw)
     lr = num(plan.initial[top][0]["lr"])  # the top level's fixed step size, rounded to the dtype as torch does
     with np.errstate(all="ignore"):
@@ -795,6 +829,6 @@ def _sgd_update(plan: Plan, state: TowerState, hypergrads: Sequence[Sequence[Ten
 
     like = hp0[0]
     base = torch.tensor([float(x) for x in new[:n0]], dtype=like.dtype, device=like.device)
-    hp = list(base.view(-1, 1).unbind())  # one (1,) view per group
+    hp = list(base.view(len(hp0), -1).unbind())  # one view per group, of its values
     # Each level k < top keeps the hypergradient it received (d delta / d lr, SGDRule.update): ``hyper`` itself.
-    return SgdFloats(plan, like.dtype, like.device, hp, base, base._version, tuple(new), hyper, counts)
+    return SgdFloats(plan, like.dtype, like.device, hp, base, base._version, tuple(new), hyper, counts, kept0)

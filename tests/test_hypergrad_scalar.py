@@ -183,6 +183,9 @@ def test_a_value_written_between_steps_is_read_by_the_float_path(monkeypatch) ->
 
 
 TALL_SGD = "sgd(0.1)" + "/sgd(1e-3)" * 9  # plain SGD levels, tall enough for the floats (_scalar._SGD_FROM)
+# The same above a level 0 that learns several values per group: level 1's dot products over them are the tensor
+# path's own torch.dot, the rest is exact floats.
+TALL_SGD_ABOVE = ["adam(0.01)" + "/sgd(1e-3)" * 9, "sgd(0.1, momentum=0.9)" + "/sgd(1e-3)" * 9]
 
 
 def train_two_groups(spec: str, dtype, steps: int = 6, after_step=None) -> list[torch.Tensor]:
@@ -207,16 +210,17 @@ def assert_bitwise(fast: list[torch.Tensor], slow: list[torch.Tensor]) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_plain_sgd_levels_on_floats_are_the_tensor_path_bit_for_bit(dtype, monkeypatch) -> None:
+@pytest.mark.parametrize("spec", [TALL_SGD, *TALL_SGD_ABOVE])
+def test_plain_sgd_levels_on_floats_are_the_tensor_path_bit_for_bit(spec, dtype, monkeypatch) -> None:
     """A tall tower of plain SGD levels runs on floats that do the tensor path's IEEE operations one by one: the same
     weights, learned values and state, bit for bit, in float32 as in float64."""
     calls = []
     real = _scalar._sgd_update
     monkeypatch.setattr(_scalar, "_sgd_update", lambda *a: calls.append(1) or real(*a))
-    fast = run_tall_sgd(dtype)
+    fast = train_two_groups(spec, dtype)
     assert len(calls) == 6
     monkeypatch.setattr(_scalar, "applies", lambda plan: False)
-    assert_bitwise(fast, run_tall_sgd(dtype))
+    assert_bitwise(fast, train_two_groups(spec, dtype))
 
 
 def test_plain_sgd_floats_that_overflow_raise_and_leave_the_weights_untouched() -> None:
@@ -272,6 +276,7 @@ FLOAT_TOWERS = [
     "adam(0.01)" + "/adam(1e-4)" * 3,
     "rmsprop(0.01, gamma=0.9)/adagrad(1e-2)/rmsprop(1e-3)/sgd(1e-3)",
     TALL_SGD,  # the exact plain-SGD chain keeps its floats the same way
+    *TALL_SGD_ABOVE,
 ]
 
 
