@@ -1,17 +1,20 @@
 """Atomic file writing: a killed run never leaves a half-written result file.
 
-Every writer puts the content into a temporary file in the same directory and then
-`os.replace`s it over the target, which is atomic on POSIX filesystems.
+Every writer puts the content into a temporary file in the same directory, waits until it is on disk (fsync), and
+then `os.replace`s it over the target, which is atomic on POSIX filesystems. Inside `synced_together()` many small
+files wait for the disk together instead of one after another.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +25,22 @@ __all__ = [
     "atomic_write_json",
     "mask_secrets",
     "remove_stale_temp_files",
+    "synced_together",
     "to_jsonable",
 ]
 
 _TMP = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{32}\.tmp$")
 
 
+# Inside `synced_together()`: the files written so far (temporary file, target, its fsync running in a thread),
+# and the threads running the fsyncs.
+_pending: list[tuple[Path, Path, Future[None]]] | None = None
+_syncer: ThreadPoolExecutor | None = None
+
+
 def atomic_write(path: str | Path, write: Callable[[Any], None], *, binary: bool = False) -> Path:
-    """Call `write(file)` on a temporary file next to `path`, then move it over `path`."""
+    """Call `write(file)` on a temporary file next to `path`, then move it over `path` once it is on disk
+    (inside `synced_together()`: at the end of that block)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # A unique name per writer (not mkstemp, whose files ignore the umask and end up private).
@@ -38,12 +49,59 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], *, binary: bool
         with open(tmp, "xb" if binary else "x", **({} if binary else {"encoding": "utf-8"})) as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+            if _pending is None:
+                os.fsync(f.fileno())
+            else:
+                fd = os.dup(f.fileno())
+        if _pending is None:
+            os.replace(tmp, path)
+            return path
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _pending.append((tmp, path, _syncer.submit(_sync_and_close, fd)))  # type: ignore[union-attr]
     return path
+
+
+def _sync_and_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def synced_together() -> Iterator[None]:
+    """A block whose atomic writes wait for the disk together: each file's fsync runs in a thread while the block
+    goes on, and when the block ends every file is moved into place once it is on disk, in the order written.
+
+    Waiting for the disk is most of the cost of a small file (about 3 ms per fsync here, on ext4); concurrent fsyncs
+    share the filesystem's journal commits (about 0.2 ms each). A population lands its jobs' files this way (132
+    jobs, five files each). The files written in the block appear only when it ends, each as complete as a single
+    write's; code in the block must not read them back. A block inside a block joins the outer one. For one thread.
+    """
+    global _pending, _syncer
+    if _pending is not None:
+        yield
+        return
+    _pending, _syncer = [], ThreadPoolExecutor(16, thread_name_prefix="fsync")  # per block: nothing left to a fork
+    try:
+        yield
+    finally:
+        pending, syncer, _pending, _syncer = _pending, _syncer, None, None
+        syncer.shutdown(wait=True)
+        error: BaseException | None = None
+        for tmp, path, synced in pending:
+            try:
+                synced.result()
+                if error is None:
+                    os.replace(tmp, path)
+                    continue
+            except BaseException as e:
+                error = error or e
+            tmp.unlink(missing_ok=True)  # after a failed write, none of the later ones lands (their order holds)
+        if error is not None:
+            raise error
 
 
 def to_jsonable(value: Any) -> Any:

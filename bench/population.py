@@ -254,8 +254,43 @@ class _Linear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+class _SharedLinear(torch.autograd.Function):
+    """``_Linear`` under vmap, where a batch that all members share is one wide product.
+
+    When the members' input is the same tensor (vmapped with ``in_dims=None``: the members of a seed group, whose
+    batch is one), the K products ``x @ W_k^T`` are one product of ``x`` with the K weights side by side, as are the
+    weight gradients (``grad_out^T @ x``, in the weights' layout): torch.vmap's own rule would copy ``x`` once per
+    member and multiply member by member. Each output and weight gradient is the single run's sum (to round-off).
+    Any other input runs ``_Linear`` under vmap, as before.
+    """
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, Tensor | None], output: Tensor) -> None:
+        _Linear.setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        return _Linear.backward(ctx, grad)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[int | None, ...], x: Tensor, weight: Tensor, bias: Tensor | None
+             ) -> tuple[Tensor, int]:  # fmt: skip
+        x_dim, w_dim, b_dim = in_dims
+        if x_dim is None and w_dim is not None and (bias is None or b_dim is not None):
+            w = weight.movedim(w_dim, 0)
+            members, out = w.shape[0], w.shape[1]
+            b = None if bias is None else bias.movedim(b_dim, 0).reshape(members * out)
+            y = _Linear.apply(x, w.reshape(members * out, w.shape[2]), b)
+            return y.unflatten(-1, (members, out)).movedim(-2, 0), 0
+        return torch.vmap(_Linear.apply, in_dims=in_dims)(x, weight, bias), 0
+
+
 def _linear_forward(self: nn.Linear, x: Tensor) -> Tensor:
-    return _Linear.apply(x, self.weight, self.bias)
+    return _SharedLinear.apply(x, self.weight, self.bias)
 
 
 def _stacked_skeleton(model: nn.Module) -> nn.Module:
@@ -314,7 +349,10 @@ class StackedLearner:
         self.members = [member_of(c, str(i)) for i, c in enumerate(cfgs)]
         self.size = K = len(cfgs)
         self.model_name = str(cfgs[0].model.name)
-        self.per_member = len({m.seed for m in self.members}) > 1  # one seed: one batch for all, one wide product
+        # Batches: one for all (one seed: one wide product per layer), one per member, or one per group of members
+        # sharing a seed (`batch_members`, below).
+        self.per_member = len({m.seed for m in self.members}) > 1
+        self.batch_members, self._groups = self._seed_groups()
 
         def make_model(seed: int) -> nn.Module:
             torch.manual_seed(seed)  # as bench.train: the seed, then the model
@@ -362,12 +400,39 @@ class StackedLearner:
             tensors.update(b)
             return functional_call(self.skeleton, tensors, (x,))
 
-        self._forward = torch.vmap(member_forward, in_dims=(0, 0, 0 if self.per_member else None))
         self._forward_shared = torch.vmap(member_forward, in_dims=(0, 0, None))
+        if self._groups:  # per group of members sharing a batch, one wide product: vmap over groups of a shared vmap
+            self._forward = torch.vmap(self._forward_shared, in_dims=(0, 0, 0))
+        else:
+            self._forward = torch.vmap(member_forward, in_dims=(0, 0, 0 if self.per_member else None))
+
+    def _seed_groups(self) -> tuple[list[int], int]:
+        """The members whose batches a step takes (stacked, in this order), and the number of seed groups.
+
+        Members with one seed draw the same batches. When the members come as G runs of equal length, one seed each
+        (`bench.launcher` orders a population by seed), a step takes one batch per run, and each run's members share
+        it: the K batches are not gathered, and the first layer's product with a group's batch is one wide product
+        (the single run's sums, to round-off). Otherwise one batch per member (or one for all: a single seed)."""
+        seeds = [m.seed for m in self.members]
+        if not self.per_member:
+            return [0], 0
+        groups = sum(i == 0 or seeds[i] != seeds[i - 1] for i in range(self.size))  # runs of one seed
+        if groups == self.size or self.size % groups:
+            return list(range(self.size)), 0
+        size = self.size // groups
+        runs = [seeds[s : s + size] for s in range(0, self.size, size)]
+        if any(run != [run[0]] * size for run in runs) or len({run[0] for run in runs}) != groups:
+            return list(range(self.size)), 0
+        return list(range(0, self.size, size)), groups
 
     def _logits(self, x: Tensor, forward: Callable[..., Tensor]) -> Tensor:
         """K x N x C logits (N: every prediction of a member, characters included for text)."""
-        out = forward(self.params, self.buffers, x)
+        if forward is self._forward and self._groups:
+            grouped = [p.unflatten(0, (self._groups, -1)) for p in self.params]
+            buffers = {n: b.unflatten(0, (self._groups, -1)) for n, b in self.buffers.items()}
+            out = forward(grouped, buffers, x)
+        else:
+            out = forward(self.params, self.buffers, x)
         out = out.reshape(self.size, -1, out.shape[-1])
         # Half precision is summed in float32 (as the harness does), float64 stays float64.
         return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
@@ -375,7 +440,12 @@ class StackedLearner:
     def _member_losses(self, logits: Tensor, y: Tensor, shared: bool) -> Tensor:
         # One cross-entropy call over all K x N predictions (under vmap, against an unbatched target, the loss takes
         # a slow gather path), summed per member as the harness sums a batch.
-        target = y.flatten().repeat(self.size) if shared else y.flatten()
+        if shared:
+            target = y.flatten().repeat(self.size)
+        elif self._groups and len(y) == self._groups:  # each group's batch, once per member of the group
+            target = y.unsqueeze(1).expand(len(y), self.size // len(y), *y.shape[1:]).flatten()
+        else:
+            target = y.flatten()
         per = F.cross_entropy(logits.flatten(0, 1), target, reduction="none")
         return per.view(self.size, -1).sum(1)
 
@@ -430,7 +500,8 @@ class StackedLearner:
             [h.index_fill(0, rows, 0.0) if len(rows) else h for h in level]
             for level, rows in zip(hyper, self._padded_rows(frozen), strict=True)
         ]
-        deltas, new = core.update(self.plan, self.state, grads, hyper)
+        # The gradients are this step's own (autograd's fresh tensors): the state keeps them without a copy.
+        deltas, new = core.update(self.plan, self.state, grads, hyper, donate=True)
         hp_ok, first_bad, bad_value = self._hp_finite(new)
         keep = moving & hp_ok
         code = torch.where(loss_ok, 2 + first_bad, health.LOSS)

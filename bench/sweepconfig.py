@@ -14,6 +14,10 @@ it sets a plain value (no `+`, `~`, `++`, no package, no sweep, no dict, not a c
 its key neither equals nor contains nor lies inside the key of any other value override of the job. Anything else,
 and any error, goes to Hydra's full composition (which then raises Hydra's own error).
 
+The sweeper's check composes every job of a batch and throws the configs away; the launcher then asks for the same
+jobs again. `take` hands the launcher the config the check made for the same job (each at most once), so a job is
+derived once, not twice.
+
 Hydra has no hook for this: `use(config_loader)` replaces `load_sweep_config` on the one loader that the sweeper and
 the launcher share (`hydra_context.config_loader`), for this process only.
 """
@@ -43,6 +47,8 @@ class SweepConfigs:
         self._bases: dict[tuple[Any, ...], tuple[DictConfig, DictConfig]] = {}
         self._parsed: dict[str, Any] = {}
         self._repos: dict[tuple[Any, ...], Any] = {}
+        # The last config made for each (sweep config, job overrides), until `take` hands it out.
+        self._made: dict[tuple[int, tuple[str, ...]], tuple[DictConfig, DictConfig]] = {}
 
     def __getstate__(self) -> dict[str, Any]:  # pickled with the loader (submitit): the caches stay here
         return {"loader": self.loader}
@@ -55,7 +61,19 @@ class SweepConfigs:
         return type(self.loader).load_sweep_config(self.loader, master_config, list(overrides))
 
     def __call__(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
-        overrides = list(sweep_overrides)
+        cfg = self._load(master_config, list(sweep_overrides))
+        self._made[(id(master_config), tuple(sweep_overrides))] = (master_config, cfg)
+        return cfg
+
+    def take(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
+        """`load_sweep_config`, or the config made for this job by the last plain call (the sweeper's check of the
+        batch, which throws it away), handed out once: the caller may change it."""
+        made = self._made.pop((id(master_config), tuple(sweep_overrides)), None)
+        if made is not None and made[0] is master_config:
+            return made[1]
+        return self._load(master_config, list(sweep_overrides))
+
+    def _load(self, master_config: DictConfig, overrides: list[str]) -> DictConfig:
         try:
             split = self._split(master_config, overrides)
         except Exception:  # a malformed override, a bad search path: Hydra says why

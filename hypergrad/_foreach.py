@@ -40,6 +40,7 @@ from hypergrad.rules import (
     SGDRule,
     SGDState,
     SumState,
+    _one_minus,
     _power_corrections,
 )
 
@@ -88,10 +89,12 @@ _COMPILED: dict[Any, Any] = {}
 _BROKEN: list[str] = []  # why torch.compile cannot run here, once found
 
 
-def _corrections(rule: Rule, hp: Mapping[str, Any], step: int, like: Tensor, compiled: bool) -> Any:
+def _corrections(
+    rule: Rule, hp: Mapping[str, Any], step: int, like: Tensor, compiled: bool, slopes: bool = True
+) -> Any:
     if type(rule) not in (AdamRule, AdamWRule):
         return None
-    out = _power_corrections(hp, step)
+    out = _power_corrections(hp, step, slopes)
     if not compiled:
         return out
     return tuple(None if c is None else torch.as_tensor(c, dtype=like.dtype, device=like.device) for c in out)
@@ -162,7 +165,7 @@ def update(
     grads = list(grads)
     if not applies(rule, grads, hp):
         return None
-    corrections = _corrections(rule, hp, step, grads[0], compiled)
+    corrections = _corrections(rule, hp, step, grads[0], compiled, slopes=False)  # the update reads c1, c2 alone
     # Eager Adam with a learned value keeps what the next step's vjp recomputes (see _Den); compiled, it is fused.
     keep = not compiled and type(rule) in (AdamRule, AdamWRule) and any(isinstance(v, Tensor) for v in hp.values())
     out = _run(_update, compiled, rule, grads, list(states), hp, corrections, keep)
@@ -252,8 +255,8 @@ def _adam(
     # The operations of rules.adam_step in its order; products and sums of two terms commute bitwise.
     beta1, beta2 = hp["beta1"], hp["beta2"]
     m0, v0 = [s.exp_avg for s in states], [s.exp_avg_sq for s in states]
-    g1 = torch._foreach_mul(grads, 1.0 - beta1)
-    g2 = torch._foreach_mul(grads, 1.0 - beta2)  # ((1 - b2) * g) * g
+    g1 = torch._foreach_mul(grads, _one_minus(beta1))
+    g2 = torch._foreach_mul(grads, _one_minus(beta2))  # ((1 - b2) * g) * g
     torch._foreach_mul_(g2, grads)
     m = torch._foreach_mul(m0, beta1)
     torch._foreach_add_(m, g1)
@@ -281,9 +284,9 @@ def _flat(x: Tensor) -> Tensor:
     return x if x.dim() == 1 else x.reshape(-1)  # a reshape is one more dispatch: not for vectors
 
 
-def _dots(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    """sum_i <a_i, b_i> over the group's tensors."""
-    dots = [torch.dot(_flat(x), _flat(y)) for x, y in zip(a, b, strict=True)]
+def _dots(a: Sequence[Tensor], b: Sequence[Tensor], flat: bool = False) -> Tensor:
+    """sum_i <a_i, b_i> over the group's tensors (``flat``: the a_i are flat already)."""
+    dots = [torch.dot(x if flat else _flat(x), _flat(y)) for x, y in zip(a, b, strict=True)]
     return dots[0] if len(dots) == 1 else torch.stack(dots).sum()
 
 
@@ -366,9 +369,11 @@ def _adam_vjp(grads_next, afters, hp, c1, c2, dc1, dc2, kept=None) -> dict[str, 
     q = torch._foreach_div(grads_next, den)
     out: dict[str, Tensor] = {}
     if _learned(hp, "beta1"):
-        q_m0, q_g1 = _dots(q, [a.previous_exp_avg for a in afters]), _dots(q, [a.grad_term for a in afters])
+        qf = [_flat(x) for x in q]  # flattened once for both dots
+        q_m0 = _dots(qf, [a.previous_exp_avg for a in afters], flat=True)
+        q_g1 = _dots(qf, [a.grad_term for a in afters], flat=True)
         q_m = b1 * q_m0 + q_g1
-        out["beta1"] = lr * ((q_m0 - q_g1 / (1.0 - b1)) / c1 + q_m * dc1 / (c1 * c1))
+        out["beta1"] = lr * ((q_m0 - q_g1 / _one_minus(b1)) / c1 + q_m * dc1 / (c1 * c1))
     else:
         q_m = _dots(q, m_after)
     if _learned(hp, "lr"):
@@ -377,8 +382,10 @@ def _adam_vjp(grads_next, afters, hp, c1, c2, dc1, dc2, kept=None) -> dict[str, 
         w = torch._foreach_mul(q, m_after)  # q * m / (den * sqrt(v_hat))
         torch._foreach_mul_(den, sqrt_v_hat)
         torch._foreach_div_(w, den)
-        w_v0, w_g2 = _dots(w, [a.previous_exp_avg_sq for a in afters]), _dots(w, [a.grad_sq_term for a in afters])
+        wf = [_flat(x) for x in w]
+        w_v0 = _dots(wf, [a.previous_exp_avg_sq for a in afters], flat=True)
+        w_g2 = _dots(wf, [a.grad_sq_term for a in afters], flat=True)
         w_v = b2 * w_v0 + w_g2
         # -0.5 lr / c1 (...), with the division last: lr and c1 may be floats, and 1.0 / 0.0 raises in Python.
-        out["beta2"] = -0.5 * lr * ((w_v0 - w_g2 / (1.0 - b2)) / c2 + w_v * dc2 / (c2 * c2)) / c1
+        out["beta2"] = -0.5 * lr * ((w_v0 - w_g2 / _one_minus(b2)) / c2 + w_v * dc2 / (c2 * c2)) / c1
     return out

@@ -22,13 +22,16 @@ computed again in numpy float64, which gives IEEE's inf and nan as torch does.
 One case is exact instead: a tall tower of plain SGD levels on one number each (``sgd/sgd/.../sgd``, see
 :func:`_plain_sgd`). Its step is products, differences and negations of scalars, each one IEEE operation rounded once
 on the tensor path; :func:`_sgd_update` and :func:`_sgd_hypergradients` do the same operations in the same order on
-numpy float32 scalars (float32) or Python floats (float64), so that both paths agree bit for bit.
+numpy float32 scalars (float32) or Python floats (float64), so that both paths agree bit for bit, and keep them
+between steps as :class:`SgdFloats`: two flat vectors of those numbers, which build :class:`Floats`' fields where read.
 """
 
 from __future__ import annotations
 
 import math
+from array import array
 from collections.abc import Sequence
+from itertools import chain, groupby, islice
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -79,6 +82,20 @@ def derivative(name: str, x: float, ops: _Math = _PY) -> float | None:
     if name == "half_tanh":
         return (1.0 - ops.tanh(x) ** 2) / 2.0
     return ops.exp(x)
+
+
+def _value_slope(name: str, x: float, ops: _Math) -> tuple[float, float | None]:
+    """``(forward(name, x), derivative(name, x))`` with the operations of both, a shared ``tanh`` or ``exp`` computed
+    once (the same value either way)."""
+    if name == "identity":
+        return x, None
+    if name == "square":
+        return x * x, 2.0 * x
+    if name == "half_tanh":
+        th = ops.tanh(x)
+        return (th + 1.0) / 2.0, (1.0 - th**2) / 2.0
+    e = ops.exp(x)
+    return e, e
 
 
 def ieee(fn: Any, *args: Any) -> Any:
@@ -154,8 +171,9 @@ _KIND: dict[int, tuple[Plan, str | None]] = {}
 
 # From this height on, a tower of plain SGD levels runs them as exact floats. Below, its few tensor operations per
 # level cost less than reading and writing the floats (measured on the MNIST MLP, CPU, one thread, step alone,
-# interleaved in one process: floats/tensors 1.14 at height 1, 1.13 at 3, 1.12 at 5, 0.98 at 8, 0.88 at 12, 0.62 at 50).
-_SGD_FROM = 8
+# interleaved in one process, with the floats kept as SgdFloats: floats/tensors 1.18 at height 1, 1.11 at 2, 1.07-1.09
+# at 3, 1.02 at 4, 0.97 at 5, 0.91 at 6, 0.82 at 8; before SgdFloats, 1.12 at 5 and 0.98 at 8).
+_SGD_FROM = 5
 # From this height on, a tower with a level above the first that is more than plain SGD runs its levels as floats.
 # With one level, the level's tensor operations cost less than reading, computing and writing the floats (measured on
 # the MNIST MLP, CPU, one thread, optimizer step alone, interleaved in one process, three sittings at load 3-4:
@@ -169,11 +187,12 @@ def _plain(plan: Plan, k: int) -> bool:
 
 
 def _plain_sgd(plan: Plan) -> bool:
-    """Whether levels 1..top are plain SGD (no momentum) on one number per vector: level 0 learns one value per
+    """Whether levels 1..top are plain SGD (no momentum) learning one number each: level 0 learns any values per
     group, each level above learns its ``lr`` alone, stored as itself (the reference parameterization). Then a step
     of these levels is a few products and differences of scalars, which :func:`_sgd_update` computes exactly as the
-    tensor path does, bit for bit."""
-    if len(plan.learned[0]) != 1:
+    tensor path does, bit for bit (level 1's dot products over level 0's values, where there are several, by the very
+    ``torch.dot`` of the tensor path)."""
+    if not plan.learned[0]:
         return False
     for k in range(1, plan.height + 1):
         if not _plain(plan, k) or not isinstance(plan.initial[k][0]["lr"], float):
@@ -201,14 +220,20 @@ def _update(rule: Any, g: Vec, st: list, hp: dict, learned: tuple, step: int, op
         buf = g if old is None else [b * mom + x for b, x in zip(old, g, strict=True)]
         return [b * lr for b in buf], [buf, None, old if "momentum" in learned else None]
     if kind is AdamRule:
+        # One pass over the vector, each value by the operations of AdamRule.update in their order.
         b1, b2, lr, eps, t = hp["beta1"], hp["beta2"], hp["lr"], hp["eps"], float(step)
-        c1, c2 = 1.0 - b1**t, 1.0 - b2**t
+        c1, c2, a1, a2 = 1.0 - b1**t, 1.0 - b2**t, 1.0 - b1, 1.0 - b2
+        sqrt = ops.sqrt
         m0, v0 = st[0], st[1]
-        g1 = [(1.0 - b1) * x for x in g]
-        g2 = [(1.0 - b2) * x * x for x in g]
-        m = [b1 * a + x for a, x in zip(m0, g1, strict=True)]
-        v = [b2 * a + x for a, x in zip(v0, g2, strict=True)]
-        delta = [lr * ((a / c1) / (ops.sqrt(b / c2) + eps)) for a, b in zip(m, v, strict=True)]
+        g1, g2, m, v, delta = [], [], [], [], []
+        for x, a, b in zip(g, m0, v0, strict=True):
+            x1, x2 = a1 * x, a2 * x * x
+            a, b = b1 * a + x1, b2 * b + x2
+            g1.append(x1)
+            g2.append(x2)
+            m.append(a)
+            v.append(b)
+            delta.append(lr * ((a / c1) / (sqrt(b / c2) + eps)))
         k1, k2 = "beta1" in learned, "beta2" in learned
         return delta, [m, v, m0 if k1 else None, v0 if k2 else None, g1 if k1 else None, g2 if k2 else None]
     eps, s0 = hp["eps"], st[0]
@@ -235,23 +260,35 @@ def _vjp(rule: Any, u: Vec, after: list, hp: dict, learned: tuple, step: int, op
             out["momentum"] = hp["lr"] * _dot(u, previous)
         return out
     if kind is AdamRule:
+        # One pass over the vector; each dot product is summed in _dot's order (starting from -0.0, which adds
+        # nothing, not even a sign: -0.0 + x is x for every x).
         lr, b1, b2, eps, t = hp["lr"], hp["beta1"], hp["beta2"], hp["eps"], float(step)
-        c1, c2, dc1, dc2 = 1.0 - b1**t, 1.0 - b2**t, t * b1 ** (t - 1.0), t * b2 ** (t - 1.0)
+        c1, c2 = 1.0 - b1**t, 1.0 - b2**t
+        sqrt = ops.sqrt
         m, v, pm, pv, g1, g2 = after
-        sq = [ops.sqrt(a / c2) for a in v]
-        den = [s + eps for s in sq]
-        q = [a / d for a, d in zip(u, den, strict=True)]
-        if "beta1" in learned:
-            q_m0, q_g1 = _dot(q, pm), _dot(q, g1)
+        k1, k2 = "beta1" in learned, "beta2" in learned
+        q_m0 = q_g1 = q_m = w_v0 = w_g2 = -0.0
+        for i, x in enumerate(u):
+            s = sqrt(v[i] / c2)
+            d = s + eps
+            q = x / d
+            if k1:
+                q_m0 = q_m0 + q * pm[i]
+                q_g1 = q_g1 + q * g1[i]
+            else:
+                q_m = q_m + q * m[i]
+            if k2:
+                w = q * m[i] / (d * s)
+                w_v0 = w_v0 + w * pv[i]
+                w_g2 = w_g2 + w * g2[i]
+        if k1:
+            dc1 = t * b1 ** (t - 1.0)
             q_m = b1 * q_m0 + q_g1
             out["beta1"] = lr * ((q_m0 - q_g1 / (1.0 - b1)) / c1 + q_m * dc1 / (c1 * c1))
-        else:
-            q_m = _dot(q, m)
         if "lr" in learned:
             out["lr"] = q_m / c1
-        if "beta2" in learned:
-            w = [a * b / (d * s) for a, b, d, s in zip(q, m, den, sq, strict=True)]
-            w_v0, w_g2 = _dot(w, pv), _dot(w, g2)
+        if k2:
+            dc2 = t * b2 ** (t - 1.0)
             w_v = b2 * w_v0 + w_g2
             out["beta2"] = -0.5 * lr / c1 * ((w_v0 - w_g2 / (1.0 - b2)) / c2 + w_v * dc2 / (c2 * c2))
         return out
@@ -316,10 +353,71 @@ class Floats(NamedTuple):
     values: tuple[Any, ...]  # per level 1..top-1 (None at 0): the natural values the level used, as floats
 
 
+class SgdFloats(NamedTuple):
+    """:class:`Floats` of the exact plain-SGD tower (:func:`_sgd_update`), held as the two flat vectors its step reads
+    and writes, numbers of the dtype; ``raw``, ``states`` and ``values`` build Floats' fields from them where read
+    (:func:`tensors`), so that a step builds no tuple or dict per level."""
+
+    plan: Plan
+    dtype: torch.dtype
+    device: torch.device
+    hp0: list[Tensor]
+    base: Tensor
+    version: int
+    new: tuple[Any, ...]  # the raw values after the step, in _sgd_hyper's flat layout (level 0's per group first)
+    received: tuple[Any, ...]  # the hypergradient each of those received: what SGDRule's state keeps (levels < top)
+    counts: tuple[int, ...]  # per level 1..top, how many vectors it updated (level 1: one per group)
+    kept0: list[Tensor]  # level 1's received hypergradients as the tensors they were (its dots read them)
+
+    def _width(self) -> int:
+        """How many values level 0 learns per group."""
+        return (len(self.new) - len(self.counts) + 1) // self.counts[0]
+
+    @property
+    def raw(self) -> tuple[tuple[tuple[float, ...], ...], ...]:
+        m = self._width()
+        n0 = m * self.counts[0]
+        values = [float(x) for x in self.new]
+        return (tuple(tuple(values[i : i + m]) for i in range(0, n0, m)), *(((v,),) for v in values[n0:]))
+
+    @property
+    def states(self) -> tuple[Any, ...]:
+        top = len(self.counts)
+        received = [float(h) for h in self.received]
+        states: list[Any] = [None]
+        offset = 0
+        for k in range(1, top + 1):
+            m = self._width() if k == 1 else 1
+            keep = k < top
+            states.append(
+                tuple(
+                    (None, tuple(received[offset + i * m : offset + (i + 1) * m]) if keep else None, None)
+                    for i in range(self.counts[k - 1])
+                )
+            )
+            offset += m * self.counts[k - 1]
+        return tuple(states)
+
+    @property
+    def values(self) -> tuple[Any, ...]:
+        n0 = len(self.new) - len(self.counts) + 1
+        out: list[Any] = [None]
+        for k in range(1, len(self.counts)):
+            vals = dict(self.plan.initial[k][0])
+            vals["lr"] = float(self.new[n0 + k - 1])
+            out.append(vals)
+        return tuple(out)
+
+
 class Hyper(NamedTuple):
     """The hypergradients of levels 0..top-1 as floats (what :func:`update` reads; see :func:`hyper_floats`)."""
 
-    vectors: list[list[Any]]  # per level, per vector it updates
+    vectors: list[list[Any]]  # per level, per vector it updates (empty where ``flat`` holds them)
+    # The exact plain-SGD chain's instead: all of them in one flat tuple, how many vectors per level, and level 0's
+    # as the tensors they are (its state keeps them).
+    flat: tuple[Any, ...] | None = None
+    counts: tuple[int, ...] = ()
+    level0: list[Tensor] | None = None
 
 
 def _keep(table: dict[int, Any], plan: Plan, entry: Any) -> None:
@@ -366,17 +464,18 @@ class _Slots(list):
 def _round(vectors: list[Vec], dtype: torch.dtype) -> list[tuple[float, ...]]:
     """The vectors as the dtype stores them (float32: each value rounded once to nearest, as ``torch.tensor`` does):
     what the next step reads must be what a checkpoint of this state holds."""
-    flat = [x for v in vectors for x in v]
     if dtype == torch.float64:
-        pass
-    elif dtype == torch.float32:
-        flat = np.asarray(flat, dtype=np.float64).astype(np.float32).tolist()
-    else:
-        flat = torch.tensor(flat, dtype=dtype).tolist()
-    out, i = [], 0
-    for v in vectors:
-        out.append(tuple(flat[i : i + len(v)]))
-        i += len(v)
+        return [tuple(v) for v in vectors]
+    flat = list(chain.from_iterable(vectors))
+    # float32: C's double-to-float conversion, as numpy's cast and torch.tensor; numpy would warn where a value
+    # overflows to inf, which the finiteness check reports instead
+    flat = array("f", flat).tolist() if dtype == torch.float32 else torch.tensor(flat, dtype=dtype).tolist()
+    # Split again, a run of vectors of one length at a time (the tuples built by zip, without a slice each).
+    out: list[tuple[float, ...]] = []
+    values = iter(flat)
+    for n, run in groupby(map(len, vectors)):
+        count = len(list(run))
+        out.extend(islice(zip(*[values] * n, strict=False), count) if n else [()] * count)
     return out
 
 
@@ -396,8 +495,14 @@ def _chain(static: list[_Level], raw: list, states: list, hyper: list, step: int
             for i, name in enumerate(learned):
                 vals[name] = r[i] if tnames[i] == "identity" else forward(tnames[i], r[i], ops)
         values[k] = vals
-        out = [_update(rule, g, s, vals, learned, step, ops) for g, s in zip(hyper[k - 1], states[k], strict=True)]
-        new_raw[k - 1] = [[h - d for h, d in zip(r, o[0], strict=True)] for r, o in zip(raw[k - 1], out, strict=True)]
+        grads, below = hyper[k - 1], raw[k - 1]
+        if len(grads) == 1:  # every level above the first updates one vector
+            delta, st = _update(rule, grads[0], states[k][0], vals, learned, step, ops)
+            new_raw[k - 1] = [[h - d for h, d in zip(below[0], delta, strict=True)]]
+            new_states[k] = [st]
+            continue
+        out = [_update(rule, g, s, vals, learned, step, ops) for g, s in zip(grads, states[k], strict=True)]
+        new_raw[k - 1] = [[h - d for h, d in zip(r, o[0], strict=True)] for r, o in zip(below, out, strict=True)]
         new_states[k] = [o[1] for o in out]
     return values, new_states, new_raw
 
@@ -463,40 +568,30 @@ def update(plan: Plan, state: TowerState, hypergrads: Sequence[Sequence[Tensor]]
 
     values, new_states, new_raw = ieee(_chain, static, raw, states, hyper, step)
 
-    # Everything stored, rounded to the dtype in one pass: the raw vectors, the rule states' fields, the learned
-    # values each level used (the traces' values), each vector by its index in `vectors`.
+    # Everything stored, rounded to the dtype in one pass, in this order: the raw vectors, the rule states' fields,
+    # the learned values each level used (the traces' values). A field that is a tuple was stored already (what the
+    # state or a hypergradient held, in the dtype: Adam's previous moments, a kept gradient) and stays as it is; the
+    # chain computes lists.
     like = state.levels[0].hp[0]
-    vectors: list[Vec] = []
-
-    def put(v: Vec) -> int:
-        vectors.append(v)
-        return len(vectors) - 1
-
-    raw_ix = [[put(v) for v in new_raw[k]] for k in range(top)]
-    state_ix = [[[None if f is None else put(f) for f in s] for s in new_states[k]] for k in range(1, top + 1)]
-    value_ix = [put([values[k][n] for n in static[k].learned]) for k in range(1, top)]
-    stored = _round(vectors, like.dtype)
-    base = torch.tensor([x for i in raw_ix[0] for x in stored[i]], dtype=like.dtype, device=like.device)
-    hp0 = list(base.split([len(stored[i]) for i in raw_ix[0]]))
-
-    def vec(i: int | None) -> Any:
-        return None if i is None else stored[i]
-
+    vectors: list[Vec] = [v for k in range(top) for v in new_raw[k]]
+    vectors += [f for k in range(1, top + 1) for fields in new_states[k] for f in fields if type(f) is list]
+    vectors += [[values[k][n] for n in static[k].learned] for k in range(1, top)]
+    stored = iter(_round(vectors, like.dtype))
+    raw_out = tuple(tuple(islice(stored, len(new_raw[k]))) for k in range(top))
+    states_out: list[Any] = [None]
+    for k in range(1, top + 1):
+        states_out.append(
+            tuple([tuple([next(stored) if type(f) is list else f for f in fields]) for fields in new_states[k]])
+        )
     kept_values: list[Any] = [None]
-    for k in range(1, top):
-        vals = dict(values[k])
-        vals.update(zip(static[k].learned, stored[value_ix[k - 1]], strict=True))
+    for k in range(1, top):  # values[k] is _chain's own dict: the stored learned values replace the computed ones
+        vals = values[k]
+        vals.update(zip(static[k].learned, next(stored), strict=True))
         kept_values.append(vals)
+    base = torch.tensor([x for v in raw_out[0] for x in v], dtype=like.dtype, device=like.device)
+    hp0 = list(base.split([len(v) for v in raw_out[0]]))
     floats = Floats(
-        plan,
-        like.dtype,
-        like.device,
-        hp0,
-        base,
-        base._version,
-        tuple(tuple(stored[i] for i in ix) for ix in raw_ix),
-        (None, *(tuple(tuple(vec(i) for i in fields) for fields in level) for level in state_ix)),
-        tuple(kept_values),
+        plan, like.dtype, like.device, hp0, base, base._version, raw_out, tuple(states_out), tuple(kept_values)
     )
     return hp0, None, None, floats
 
@@ -518,9 +613,10 @@ def tensors(fl: Floats) -> tuple[list[Any], list[Any]]:
         vectors.append(v)
         return len(vectors) - 1
 
-    hp_ix = [put(fl.raw[k][0]) for k in range(1, top)]
-    state_ix = [[[put(f) for f in fields] for fields in fl.states[k]] for k in range(1, top + 1)]
-    scalars = [fl.values[k][n] for k in range(1, top) for n in static[k].learned]
+    raw, states, kept_values = fl.raw, fl.states, fl.values  # each built once where fl is an SgdFloats
+    hp_ix = [put(raw[k][0]) for k in range(1, top)]
+    state_ix = [[[put(f) for f in fields] for fields in states[k]] for k in range(1, top + 1)]
+    scalars = [kept_values[k][n] for k in range(1, top) for n in static[k].learned]
     flat = torch.tensor([x for v in vectors for x in v] + scalars, dtype=fl.dtype, device=fl.device)
     parts = flat.split([len(v) for v in vectors] + [len(scalars)])
     made = iter(parts[-1].unbind())
@@ -532,7 +628,7 @@ def tensors(fl: Floats) -> tuple[list[Any], list[Any]]:
         levels.append(LevelState(hp, rule_states))
         if k < top:
             learned = static[k].learned
-            vals = {n: next(made) if n in learned else v for n, v in fl.values[k].items()}
+            vals = {n: next(made) if n in learned else v for n, v in kept_values[k].items()}
             # Built-in rules' vjps read only the state after the step (vjp_needs_inputs is False): nothing else kept.
             traces.append(Trace(hp, [vals], None, None, None))
     return levels, traces
@@ -540,6 +636,8 @@ def tensors(fl: Floats) -> tuple[list[Any], list[Any]]:
 
 def finite(fl: Floats) -> bool:
     """Whether every raw hyperparameter ``fl`` holds is finite."""
+    if type(fl) is SgdFloats:
+        return all(math.isfinite(x) for x in fl.new)
     return all(math.isfinite(x) for level in fl.raw for v in level for x in v)
 
 
@@ -548,8 +646,8 @@ def hyper_floats(plan: Plan, state: TowerState, level0: Sequence[Tensor]) -> Hyp
     if _kind(plan) == "sgd":
         num = _number(level0[0].dtype)
         if num is not None:
-            ups, out = _sgd_hyper(plan, state, level0, num)
-            return Hyper([[(float(u),) for u in ups], *([(float(h),)] for h in out)])
+            ups, out = _sgd_hyper(plan, state, level0, num)  # numbers of the dtype, which _sgd_update reads as such
+            return Hyper([], (*ups, *out), (len(level0), *(1 for _ in out)), list(level0))
     top = plan.height
     reader = _Reader()
     slots = _Slots(reader.add(h) for h in level0)
@@ -594,19 +692,24 @@ def _hyper_chain(static: list[_Level], raw: list, after: list, upstream: list[Ve
         rule, learned, tnames, fixed = static[k]
         r = raw[k]
         vals = fixed.copy() if ops is _PY else {n: ops.num(v) for n, v in fixed.items()}
+        slopes = []
         for i, name in enumerate(learned):
-            vals[name] = forward(tnames[i], r[i], ops)
-        sums: dict[str, float] = {}
-        for u, a in zip(ups, after[k], strict=True):
-            for name, v in _vjp(rule, u, a, vals, learned, step, ops).items():
-                sums[name] = v if name not in sums else sums[name] + v
+            vals[name], d = _value_slope(tnames[i], r[i], ops)
+            slopes.append(d)
+        if len(ups) == 1:  # every level above the first updates one vector
+            sums = _vjp(rule, ups[0], after[k][0], vals, learned, step, ops)
+        else:
+            sums = {}
+            for u, a in zip(ups, after[k], strict=True):
+                for name, v in _vjp(rule, u, a, vals, learned, step, ops).items():
+                    sums[name] = v if name not in sums else sums[name] + v
         cols = []
         for j, name in enumerate(learned):
             s = sums.get(name)
             if s is None:  # this hyperparameter has not acted yet (e.g. momentum at the first step)
                 cols.append(0.0)
                 continue
-            d = derivative(tnames[j], r[j], ops)
+            d = slopes[j]
             # What level k updated moved by -delta, so d loss / d value = -(upstream . d delta / d value).
             cols.append(-s if d is None else -s * d)
         out.append(cols)
@@ -649,15 +752,29 @@ def _sgd_hyper(plan: Plan, state: TowerState, level0: Sequence[Tensor], num: Any
     if top < 2:
         return ups, []
     fl = _floats(plan, state)
-    if fl is not None:
-        grads = tuple(num(s[1][0]) for k in range(1, top) for s in fl.states[k])
+    if type(fl) is SgdFloats:
+        grads = fl.received  # levels 1..top-1 first, then level top's, which is not read
+        kept0 = fl.kept0
+    elif fl is not None:
+        grads = tuple(num(x) for k in range(1, top) for s in fl.states[k] for x in s[1])
+        kept0 = None
     else:
         grads = _read([s.grad for k in range(1, top) for s in state.levels[k].rule], num)
+        kept0 = [s.grad for s in state.levels[1].rule]
     n0 = len(ups)
     with np.errstate(all="ignore"):  # overflow is inf, as in torch, not a warning
-        s = ups[0] * grads[0]  # level 1: the sum over param groups of u . d (g * lr) / d lr, in their order
-        for i in range(1, n0):
-            s = s + ups[i] * grads[i]
+        # level 1: the sum over param groups of u . d (g * lr) / d lr, in their order
+        if n0 == len(level0):  # one value per group: a product, as torch.dot of two one-element vectors
+            s = ups[0] * grads[0]
+            for i in range(1, n0):
+                s = s + ups[i] * grads[i]
+        else:  # several: the tensor path's torch.dot, on the very tensors it would read (BLAS sums in its own order)
+            if kept0 is None:
+                raise RuntimeError("hypergrad internal error: the exact SGD chain lost level 1's kept tensors")
+            dots = [num(torch.dot(u, g).item()) for u, g in zip(level0, kept0, strict=True)]
+            s = dots[0]
+            for d in dots[1:]:
+                s = s + d
         h = -s  # what level k updated moved by -delta (identity transform: no derivative factor)
         out = [h]
         for i in range(n0, n0 + top - 2):  # levels 2..top-1: one term each
@@ -675,25 +792,31 @@ def _sgd_hypergradients(plan: Plan, state: TowerState, level0: Sequence[Tensor],
     return [[v] for v in flat.view(-1, 1).unbind()]  # (1,) views, as torch.stack([-s]) makes on the tensor path
 
 
-def _sgd_update(plan: Plan, state: TowerState, hypergrads: Sequence[Sequence[Tensor]] | Hyper, num: Any) -> Floats:
+def _sgd_update(plan: Plan, state: TowerState, hypergrads: Sequence[Sequence[Tensor]] | Hyper, num: Any) -> SgdFloats:
     top = plan.height
     levels = state.levels
-    if isinstance(hypergrads, Hyper):
-        hyper = tuple(num(v[0]) for level in hypergrads.vectors for v in level)
-        counts = [len(level) for level in hypergrads.vectors]
+    if isinstance(hypergrads, Hyper):  # from hyper_floats: numbers of the dtype already
+        hyper, counts, kept0 = hypergrads.flat, hypergrads.counts, hypergrads.level0
     else:
         hyper = _read([h for level in hypergrads for h in level], num)
-        counts = [len(level) for level in hypergrads]
+        counts = tuple(len(level) for level in hypergrads)
+        kept0 = list(hypergrads[0])
     fl = _floats(plan, state)
     hp0 = levels[0].hp
-    n0 = len(hp0)
-    if fl is not None:
+    if type(fl) is SgdFloats:
+        if _level0_kept(fl, state):
+            raw = fl.new
+        else:
+            below = _read(hp0, num)
+            raw = (*below, *fl.new[len(below) :])
+    elif fl is not None:
         above = tuple(num(fl.raw[k][0][0]) for k in range(1, top))
-        below = tuple(num(v[0]) for v in fl.raw[0]) if _level0_kept(fl, state) else _read(hp0, num)
+        below = tuple(num(x) for v in fl.raw[0] for x in v) if _level0_kept(fl, state) else _read(hp0, num)
         raw = (*below, *above)
     else:
         raw = _read([*hp0, *(levels[k].hp[0] for k in range(1, top))], num)
 
+    n0 = len(raw) - top + 1  # level 0's values, all groups
     new: list[Any] = [None] * len(raw)
     lr = num(plan.initial[top][0]["lr"])  # the top level's fixed step size, rounded to the dtype as torch does
     with np.errstate(all="ignore"):
@@ -705,22 +828,7 @@ def _sgd_update(plan: Plan, state: TowerState, hypergrads: Sequence[Sequence[Ten
             new[i] = raw[i] - hyper[i] * lr
 
     like = hp0[0]
-    values = [float(x) for x in new]
-    base = torch.tensor(values[:n0], dtype=like.dtype, device=like.device)
-    hp = list(base.view(-1, 1).unbind())  # one (1,) view per group
-    # The state as floats: each level k < top keeps the hypergradient it received (d delta / d lr, SGDRule.update).
-    received = [float(h) for h in hyper]
-    states: list[Any] = [None]
-    offset = 0
-    for k in range(1, top + 1):
-        n = counts[k - 1]
-        keep = k < top
-        states.append(tuple((None, (received[offset + i],) if keep else None, None) for i in range(n)))
-        offset += n
-    level_values: list[Any] = [None]
-    for k in range(1, top):
-        vals = dict(plan.initial[k][0])
-        vals["lr"] = values[n0 + k - 1]
-        level_values.append(vals)
-    raw_out = (tuple((v,) for v in values[:n0]), *(((v,),) for v in values[n0:]))
-    return Floats(plan, like.dtype, like.device, hp, base, base._version, raw_out, tuple(states), tuple(level_values))
+    base = torch.tensor([float(x) for x in new[:n0]], dtype=like.dtype, device=like.device)
+    hp = list(base.view(len(hp0), -1).unbind())  # one view per group, of its values
+    # Each level k < top keeps the hypergradient it received (d delta / d lr, SGDRule.update): ``hyper`` itself.
+    return SgdFloats(plan, like.dtype, like.device, hp, base, base._version, tuple(new), hyper, counts, kept0)

@@ -49,10 +49,11 @@ tensors would hold. :func:`materialize` builds those tensors (a checkpoint, a re
 :func:`update` and :func:`hypergradients` take either form and compute the same results bit for bit.
 :class:`hypergrad.HyperOptimizer` steps lazily and builds the tensors only when its state is read.
 
-**Ownership.** :func:`update` keeps no reference to ``grads``: where a rule's state (or the trace) keeps a gradient,
-the core keeps a copy, so a caller may zero or reuse gradient buffers in place (``zero_grad(set_to_none=False)``, DDP
-bucket views). ``grads`` must be in the hyperparameters' dtype; a parameter without a gradient (None) is left alone.
-``hypergrads`` passed to :func:`update` may be kept as they are: do not change them in place afterwards.
+**Ownership.** :func:`update` keeps no reference to ``grads``: where a rule's state (or the trace) keeps a gradient, the
+core keeps a copy, so a caller may zero or reuse gradient buffers in place (``zero_grad(set_to_none=False)``, DDP bucket
+views), unless the caller hands them over with ``donate=True``. ``grads`` must be in the hyperparameters' dtype; a
+parameter without a gradient (None) is left alone. ``hypergrads`` passed to :func:`update` may be kept as they are: do
+not change them in place afterwards.
 
 **Populations.** With ``make_plan(..., batch_shape=(K,))`` every hyperparameter and every parameter carry a leading
 dimension of K independent members (a value differing between members is a (K,) tensor in ``plan.initial``): each
@@ -71,7 +72,9 @@ says why no step compiles again once the state has settled).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -218,11 +221,14 @@ def update(
     hypergrads: Sequence[Sequence[Tensor]] | None = None,
     *,
     lazy: bool = False,
+    donate: bool = False,
 ) -> tuple[list[Tensor | None], TowerState]:
     """One step: the weight updates (``param -= delta``; None where ``grads`` has None) and the new state.
 
     ``hypergrads`` defaults to :func:`hypergradients` of ``state`` and ``grads``; pass them to mask or replay a step.
-    With ``lazy=True`` the levels above the first may be returned as floats (see **State**).
+    With ``lazy=True`` the levels above the first may be returned as floats (see **State**). With ``donate=True`` the
+    caller hands ``grads`` over and never changes them afterwards: the state keeps them without a copy (see
+    **Ownership**; a population's fresh gradients from ``torch.autograd.grad`` are weight-sized, and so is a copy).
     """
     if not _scalar.readable(plan, state):
         state = materialize(state)
@@ -244,21 +250,21 @@ def update(
         first = 0
     else:
         hp, first = state.levels[top].hp, top
-    with torch.no_grad():
+    with _no_grad():
         for k in range(first, -1, -1):
             values = natural_values(plan, k, hp)
             received = grads if k == 0 else hyper[k - 1]
             groups = plan.group_of if k == 0 else (0,) * len(received)
             before = state.levels[k].rule
             deltas, rule_states = apply_rule(plan, k, received, before, values, groups, step)
-            if k == 0:  # the model's gradients are borrowed; the hypergradients above are this function's own
+            if k == 0 and not donate:  # the model's gradients are borrowed; the hypergradients above are our own
                 rule_states = _owned(plan, rule_states, received)
             levels[k] = LevelState(hp, rule_states)
             if k < top:
                 if not plan.rules[k].vjp_needs_inputs:  # the rule's state after the step holds all its vjp reads
                     kept, kept_before = None, None
                 else:  # the caller may zero or reuse its gradient buffers before the next step: keep a copy
-                    kept = list(received) if k else [None if g is None else g.clone() for g in received]
+                    kept = list(received) if k or donate else [None if g is None else g.clone() for g in received]
                     kept_before = list(before)
                 # hypergradients are never None; a None gradient is recorded (None: every tensor moved)
                 moved = [g is not None for g in received] if k == 0 and any(g is None for g in received) else None
@@ -296,7 +302,7 @@ def _hypergradients(plan: Plan, state: TowerState, grads: Sequence[Tensor | None
         return [[torch.zeros_like(h) for h in level.hp] for level in state.levels[:-1]]
     upstream: Sequence[Tensor | None] = grads
     out = []
-    with torch.no_grad():
+    with _no_grad():
         for k, trace in enumerate(state.trace):
             sums = rule_vjp(plan, k, upstream, trace, state.levels[k].rule, state.step)
             level = []
@@ -305,11 +311,12 @@ def _hypergradients(plan: Plan, state: TowerState, grads: Sequence[Tensor | None
                 for j, (name, t) in enumerate(zip(plan.learned[k], plan.transforms[k], strict=True)):
                     s = sums[g].get(name)
                     if s is None:  # this hyperparameter has not acted yet (e.g. momentum at the first step)
-                        cols.append(torch.zeros_like(raw[..., j]))
+                        cols.append(torch.zeros_like(raw.select(-1, j)))
                         continue
                     # What level k updated moved by -delta, so d loss / d value = -(upstream . d delta / d value).
-                    cols.append(-s if t.derivative is None else -s * t.derivative(raw[..., j]))
-                level.append(torch.stack(cols, dim=-1))
+                    cols.append(-s if t.derivative is None else -s * t.derivative(raw.select(-1, j)))
+                # one value: the same (..., 1) tensor as a stack of it, as a view
+                level.append(cols[0].unsqueeze(-1) if len(cols) == 1 else torch.stack(cols, dim=-1))
             out.append(level)
             upstream = level
             if k == 0 and _scalar.applies(plan):
@@ -327,7 +334,7 @@ def natural_values(plan: Plan, k: int, hp: Sequence[Tensor]) -> list[dict[str, V
         if hp:
             raw = hp[g]
             for i, (name, t) in enumerate(zip(plan.learned[k], plan.transforms[k], strict=True)):
-                values[name] = t.forward(raw[..., i])
+                values[name] = t.forward(raw.select(-1, i))
         out.append(values)
     return out
 
@@ -350,12 +357,14 @@ def apply_rule(
             return fused
     deltas: list[Tensor | None] = []
     new_states = []
+    batched = bool(plan.batch_shape)
+    update = rule.update
     for grad, state, g in zip(grads, states, groups, strict=True):
         if grad is None:  # a parameter without a gradient is left alone, as in torch.optim
             deltas.append(None)
             new_states.append(state)
             continue
-        delta, state = rule.update(grad, state, _broadcast(plan, values[g], grad), step)
+        delta, state = update(grad, state, _broadcast(plan, values[g], grad) if batched else values[g], step)
         deltas.append(delta)
         new_states.append(state)
     return deltas, new_states
@@ -453,9 +462,10 @@ def _owned(plan: Plan, states: list[Any], grads: Sequence[Tensor | None]) -> lis
 
 
 def _copy_same(x: Any, grad: Tensor) -> Any:
-    if not any(f is grad for f in x):
-        return x
-    return type(x)(*[grad.clone() if f is grad else f for f in x])
+    for f in x:
+        if f is grad:
+            return type(x)(*[grad.clone() if f is grad else f for f in x])
+    return x
 
 
 def _copy_shared(x: Any, ptr: int) -> Any:
@@ -484,10 +494,25 @@ def _broadcast(plan: Plan, values: dict[str, Value], target: Tensor) -> dict[str
     return {k: v.reshape(shape) if isinstance(v, Tensor) else v for k, v in values.items()}
 
 
+_NULL = contextlib.nullcontext()
+
+
+def _no_grad() -> Any:
+    """``torch.no_grad()``, or nothing where grad mode is off already (``HyperOptimizer.step`` turns it off): entering
+    it costs more than a microsecond, twice a step."""
+    return torch.no_grad() if torch.is_grad_enabled() else _NULL
+
+
 def _dot(a: Tensor, b: Tensor) -> Tensor:
     if a.dim() == 1 and b.dim() == 1:  # a reshape is one more dispatch: not for vectors (every level above 0)
         return torch.dot(a, b)
     return torch.dot(a.reshape(-1), b.reshape(-1))
+
+
+# Per member, above this many elements a CPU dot runs member by member: one BLAS dot per member reads both tensors once,
+# where multiply-then-sum also writes and reads back a product as large as both (132 MNIST MLPs' first-layer weights,
+# float32, one thread: 32 against 58 ms). Below it, or on a GPU, the one multiply-then-sum costs fewer dispatches.
+_DOT_PER_MEMBER = 2**14
 
 
 @functools.cache
@@ -495,5 +520,15 @@ def _reducer(batch_shape: tuple[int, ...]):
     if not batch_shape:
         return _dot
     n = len(batch_shape)
-    # keepdim: the result lines up with the member's hyperparameters, broadcast as (members, 1, ..., 1)
-    return lambda a, b: (a * b).sum(dim=tuple(range(n, a.dim())), keepdim=True) if a.dim() > n else a * b
+
+    def dot(a: Tensor, b: Tensor) -> Tensor:
+        if a.dim() == n:
+            return a * b
+        # keepdim: the result lines up with the member's hyperparameters, broadcast as (members, 1, ..., 1)
+        size = math.prod(a.shape[n:])
+        if a.device.type == "cpu" and a.shape == b.shape and size >= _DOT_PER_MEMBER:
+            rows = zip(a.reshape(-1, size), b.reshape(-1, size), strict=True)
+            return torch.stack([torch.dot(x, y) for x, y in rows]).reshape(a.shape[:n] + (1,) * (a.dim() - n))
+        return (a * b).sum(dim=tuple(range(n, a.dim())), keepdim=True)
+
+    return dot

@@ -238,7 +238,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         params = self._params()
         dtype = self._compute_dtype
         # Passed as they are (cast where the parameters are half precision): core.update copies what it keeps.
-        grads = [None if p.grad is None else _as(p.grad.detach(), dtype) for p in params]
+        grads = [_grad(p, dtype) for p in params]
         deltas, new = core.update(self._plan, state, grads, lazy=True)
         if self.check_finite:
             self._raise_if_not_finite(new, grads)
@@ -371,6 +371,16 @@ class HyperOptimizer(torch.optim.Optimizer):
         self._plan = self._make_plan()
         self._tower = None if packed is None else _unpack(self._plan, packed, fresh, params[0])
         self._published = [self._group_values(g) for g in self.param_groups]
+
+
+def _grad(p: Tensor, dtype: torch.dtype) -> Tensor | None:
+    """``p.grad`` outside any graph, in ``dtype``; a dispatch only where something changes."""
+    g = p.grad
+    if g is None:
+        return None
+    if g.requires_grad:  # a gradient from backward(create_graph=True)
+        g = g.detach()
+    return g if g.dtype == dtype else g.to(dtype)
 
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:

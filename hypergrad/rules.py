@@ -214,12 +214,23 @@ class AdamRule(Rule):
         return adam_vjp(grad_next, after, hp, *_power_corrections(hp, step), dot)
 
 
-def _power_corrections(hp: HP, step: int) -> tuple[Any, Any, Any, Any]:
-    # c = 1 - beta^t, and -dc / d beta = t beta^(t - 1), computed only where beta is learned
+def _power_corrections(hp: HP, step: int, slopes: bool = True) -> tuple[Any, Any, Any, Any]:
+    # c = 1 - beta^t, and -dc / d beta = t beta^(t - 1), computed only where beta is learned (and, with slopes=False,
+    # not at all: an update reads c alone)
     b1, b2, t = hp["beta1"], hp["beta2"], float(step)
-    dc1 = t * b1 ** (t - 1.0) if _learned(hp, "beta1") else None
-    dc2 = t * b2 ** (t - 1.0) if _learned(hp, "beta2") else None
-    return 1.0 - b1**t, 1.0 - b2**t, dc1, dc2
+    dc1 = t * _pow(b1, t - 1.0) if slopes and _learned(hp, "beta1") else None
+    dc2 = t * _pow(b2, t - 1.0) if slopes and _learned(hp, "beta2") else None
+    return _one_minus(_pow(b1, t)), _one_minus(_pow(b2, t)), dc1, dc2
+
+
+# ``1.0 - x`` and ``x ** t`` of a learned (tensor) value are the same torch.rsub and pow as these, but reach them
+# through Tensor.__rsub__ and __pow__, Python wrappers that cost more than the 0-dim operation itself.
+def _one_minus(x: Any) -> Any:
+    return torch.rsub(x, 1.0) if isinstance(x, Tensor) else 1.0 - x
+
+
+def _pow(x: Any, t: float) -> Any:
+    return x.pow(t) if isinstance(x, Tensor) else x**t
 
 
 def adam_step(grad: Tensor, state: Any, hp: HP, c1: Any, c2: Any) -> tuple[Tensor, tuple]:

@@ -17,6 +17,9 @@ Changes to the paper's method, all outside the functional core:
    ``[1 - MAX_MOMENTUM, MAX_MOMENTUM]``, an Adam or AdamW base bias-corrects with the product of the betas it used,
    and a learned AdamW weight decay is stored as its logarithm, like a step size, so it stays > 0 (a zero one is
    not learned) (:class:`StableSGDRule`, :class:`StableAdamRule`, :class:`StableAdamWRule`).
+5. **SGD with momentum averages its gradients** (:class:`StableMomentumRule`): the step is ``lr * D_t / (1 - mu_0)``
+   with ``D_t`` an exponential average of the gradients and ``mu_0`` the initial momentum, the reference's steps while
+   the momentum stays ``mu_0``; a learned momentum then sets how long the average is, not how large the step is.
 
 ``stabilize(tower, method="normalized")`` is the measured alternative (:class:`StableRule`: Adam-style normalized
 hypergradients under the same bound); it is safe too but learns nothing at small top hyper-steps. The paper's
@@ -39,6 +42,7 @@ from hypergrad.rules import (
     RMSPropRule,
     Rule,
     SGDRule,
+    _learned,
     adam_step,
     adam_vjp,
     adamw_decay_vjp,
@@ -54,6 +58,8 @@ __all__ = [
     "StableAdamState",
     "StableAdamWRule",
     "StableAdamWState",
+    "StableMomentumRule",
+    "StableMomentumState",
     "StableRule",
     "StableSGDRule",
     "StableState",
@@ -76,10 +82,13 @@ MAX_GAIN = 1e12
 #: times its initial norm (measured on the MNIST MLP: a healthy Adam or SGD step moves a tensor by 1-5% of it, the
 #: steps that ruin a network at step size 10 by 10-500 times it).
 GUARD = 0.3
-#: The horizon of the step-size hypergradient of a base without momentum (SGD, AdaGrad, RMSProp): the level above
-#: sees ``d loss_t / d log lr`` as if the step size had scaled every earlier step, decayed by HORIZON per step
-#: (0: the paper's one-step hypergradient). A base with momentum (SGD with momentum, Adam, AdamW) keeps 0.
+#: The horizon of the step-size hypergradient of SGD, AdaGrad and RMSProp: the level above sees
+#: ``d loss_t / d log lr`` as if the step size had scaled every earlier step, decayed by HORIZON per step (0: the
+#: paper's one-step hypergradient). Adam and AdamW keep 0; SGD with momentum takes MOMENTUM_HORIZON.
 HORIZON = 0.99
+#: The horizon of an SGD-with-momentum base (:class:`StableMomentumRule`): ~33 steps. With 0.99 the tower raised the
+#: effective step size past where the weight guard binds (to 30 on mnist5k, best fixed 10) and stayed there.
+MOMENTUM_HORIZON = 0.97
 #: A learned SGD momentum stays in [1 - MAX_MOMENTUM, MAX_MOMENTUM]: its stored value x (momentum = (tanh x + 1)/2)
 #: is clamped to |x| <= atanh(2 MAX_MOMENTUM - 1). Unclamped, a run of "larger" took x past 9, where tanh is 1 in
 #: float32: momentum exactly 1 (the buffer a plain sum of every gradient) with a zero hypergradient, for good.
@@ -183,6 +192,69 @@ class StableSGDRule(SGDRule):
     """SGD whose learned momentum stays in (0, 1): stored as ``(tanh(x) + 1) / 2`` (the update is SGD's)."""
 
     transforms: ClassVar[Mapping[str, Transform]] = {"lr": IDENTITY, "momentum": HALF_TANH}
+
+
+class StableMomentumState(NamedTuple):
+    average: Tensor  # the gradients' exponential average, D_t = mu_t D_(t-1) + (1 - mu_t) g_t, D_0 = 0
+    scale: Tensor  # 1 / (1 - mu_0), mu_0 the initial momentum: the reference's step at mu_0 is lr * scale * D_t
+    grad: Tensor | None = None  # the last gradient and the average before it (d delta / d momentum)
+    previous_average: Tensor | None = None
+
+
+class StableMomentumRule(SGDRule):
+    """SGD with momentum as the stable mode runs it: the buffer is an exponential average of the gradients and the
+    step ``lr * D_t / (1 - mu_0)``, so that the momentum no longer scales the step (docs/stable.md, point 9).
+
+    ``D_t = mu_t D_(t-1) + (1 - mu_t) g_t`` from ``D_0 = 0`` and ``delta_t = lr_t D_t / (1 - mu_0)``, with ``mu_0``
+    the momentum the tower starts with. While the momentum stays ``mu_0`` this is the reference's
+    ``buf_t = mu_0 buf_(t-1) + g_t``, ``delta_t = lr_t buf_t`` (``D_t = (1 - mu_0) buf_t``: the same steps, to
+    round-off), and ``lr`` keeps its meaning. When the level above changes the momentum, the effective step size
+    ``lr / (1 - mu_0)`` does not move: the momentum's hypergradient ``lr / (1 - mu_0) * grad_next . (D_(t-1) - g_t)``
+    measures only whether a longer average would have helped, where the reference's ``lr * grad_next . buf_(t-1)``
+    also says "a larger step" (raising the momentum from 0.9 to 0.99 multiplies the reference's effective step
+    ``lr / (1 - mu)`` by 10). The momentum is stored as ``(tanh(x) + 1) / 2``, as in :class:`StableSGDRule`.
+
+    >>> import torch
+    >>> rule, hp = StableMomentumRule(), {"lr": 0.1, "momentum": 0.9}
+    >>> state = rule.init(torch.zeros(1), hp)
+    >>> steps = []
+    >>> for g in (1.0, 1.0, 1.0):
+    ...     delta, state = rule.update(torch.tensor([g]), state, hp, 1)
+    ...     steps.append(round(delta.item(), 6))
+    >>> steps  # the reference's 0.1 * (1, 1.9, 2.71)
+    [0.1, 0.19, 0.271]
+    """
+
+    transforms: ClassVar[Mapping[str, Transform]] = {"lr": IDENTITY, "momentum": HALF_TANH}
+
+    def init(self, param: Tensor, hp: HP) -> StableMomentumState:
+        # 1 / (1 - mu_0) in float64 on the CPU (a float32 0.9 would give 9.9999976), then in the weights' dtype
+        momentum = hp["momentum"]
+        momentum = (
+            momentum.detach().cpu().double()
+            if isinstance(momentum, Tensor)
+            else torch.tensor(float(momentum), dtype=torch.float64)
+        )
+        if not bool((momentum < 1.0).all()):
+            raise ValueError(f"momentum must be < 1 in the stable mode, but got {hp['momentum']!r}")
+        scale = (1.0 / (1.0 - momentum.double())).to(device=param.device, dtype=param.dtype)
+        return StableMomentumState(torch.zeros_like(param), scale)
+
+    def update(self, grad: Tensor, state: StableMomentumState, hp: HP, step: int) -> tuple[Tensor, StableMomentumState]:
+        momentum = hp["momentum"]
+        average = state.average * momentum + grad * (1.0 - momentum)
+        keep = _learned(hp, "momentum")  # what the closed-form vjp reads
+        kept = (grad, state.average) if keep else (None, None)
+        return average * (hp["lr"] * state.scale), StableMomentumState(average, state.scale, *kept)
+
+    def vjp(self, grad_next, grad, before, after, hp, step, dot):
+        # delta = lr * scale * D, D = momentum * D_before + (1 - momentum) * grad
+        out = {}
+        if _learned(hp, "lr"):
+            out["lr"] = after.scale * dot(grad_next, after.average)
+        if _learned(hp, "momentum"):
+            out["momentum"] = hp["lr"] * after.scale * dot(grad_next, after.previous_average - after.grad)
+        return out
 
 
 class StableAdamState(NamedTuple):
@@ -533,18 +605,21 @@ def stabilize(
     "trust"``, the default; ``kw`` sets its radius, grow, shrink, max_radius, min_radius, max_gain) or a
     :class:`StableRule` (``"normalized"``), an Adam base bias-corrected with the products of its betas
     (:class:`StableAdamRule`; AdamW too, with its weight decay stored as its log: :class:`StableAdamWRule`), an SGD
-    base's momentum kept in (0, 1) (:class:`StableSGDRule`), and the base wrapped
-    in a :class:`GuardedRule` with ``rho=guard`` (None: no guard, and no horizon) and ``horizon`` (None: HORIZON for
-    a base without momentum, 0 for SGD with momentum, Adam and AdamW)."""
+    base's momentum kept in (0, 1) (:class:`StableSGDRule`; with a momentum > 0, the averaged buffer of
+    :class:`StableMomentumRule`), and the base wrapped in a :class:`GuardedRule` with ``rho=guard`` (None: no guard,
+    and no horizon), ``horizon`` (None: 0 for Adam and AdamW, MOMENTUM_HORIZON for SGD with momentum, HORIZON for the
+    others) and ``trail`` (None: "adaptive" for SGD with momentum and RMSProp, "steps" for the others)."""
     if method not in ("trust", "normalized"):
         raise ValueError(f"method must be 'trust' or 'normalized', but got {method!r}")
     base = tower.levels[0]
-    if type(base.rule) in _STABLE_BASES:
+    if type(base.rule) is SGDRule and base.values["momentum"] != 0.0:
+        base = Level(StableMomentumRule(), dict(base.values), base.learned)
+    elif type(base.rule) in _STABLE_BASES:
         base = Level(_STABLE_BASES[type(base.rule)](), dict(base.values), base.learned)
     if guard is not None and not isinstance(base.rule, GuardedRule):
         sgd_momentum = _has_momentum(base) and not isinstance(base.rule, AdamRule)
         if horizon is None:
-            horizon = HORIZON if sgd_momentum or not _has_momentum(base) else 0.0
+            horizon = MOMENTUM_HORIZON if sgd_momentum else (0.0 if _has_momentum(base) else HORIZON)
         if trail is None:
             # SGD with momentum and RMSProp: the adaptive trail (measured better for both; docs/stable.md, point 7).
             # SGD and AdaGrad keep the trail of steps they were measured with.

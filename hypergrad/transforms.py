@@ -35,8 +35,13 @@ def _half_tanh_inverse(y: Tensor) -> Tensor:
     return ((1.0 + z) / (1.0 - z)).log() / 2.0
 
 
+def _half_tanh_derivative(x: Tensor) -> Tensor:
+    # (1.0 - tanh(x)^2) / 2.0, with torch.rsub called directly: Tensor.__rsub__ is a Python wrapper around it
+    return torch.rsub(x.tanh().square(), 1.0) / 2.0
+
+
 IDENTITY = Transform("identity", lambda x: x, lambda y: y)
 SQUARE = Transform("square", torch.square, torch.sqrt, lambda x: 2.0 * x)  # reference RMSProp stores sqrt(lr)
 # Reference betas and gamma live in (0, 1).
-HALF_TANH = Transform("half_tanh", _half_tanh, _half_tanh_inverse, lambda x: (1.0 - x.tanh().square()) / 2.0)
+HALF_TANH = Transform("half_tanh", _half_tanh, _half_tanh_inverse, _half_tanh_derivative)
 EXP = Transform("exp", torch.exp, torch.log, torch.exp)  # opt-in: a step size stored as its log stays positive

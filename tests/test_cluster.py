@@ -320,8 +320,9 @@ def test_a_preempted_population_resumes_from_its_checkpoint_to_the_same_results(
 ) -> None:
     # One population of 4 jobs gets submitit's pre-timeout signal (USR2) mid-training: it saves its checkpoint,
     # submitit requeues the array task, and the requeued task resumes; every job ends as an uninterrupted one.
+    # A checkpoint every 60 ms of training (a population saves as a single run does) marks that training is under way.
     sweep = [*TINY_RUN, "trainer.epochs=40", "trainer.dtype=float64", "optimizer.base=sgd", "optimizer.lr=0.03,0.3",
-             "optimizer.height=0,1"]  # fmt: skip
+             "optimizer.height=0,1", "trainer.checkpoint_minutes=0.001"]  # fmt: skip
     on_slurm, local = tmp_path / "slurm", tmp_path / "local"
     command = [sys.executable, "-m", "bench", "--multirun", "hydra/launcher=population_slurm", *SMALL_JOBS[1:]]
     log = tmp_path / "driver.log"

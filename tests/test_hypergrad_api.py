@@ -4,6 +4,7 @@ that every optimizer passes."""
 from __future__ import annotations
 
 import io
+import math
 import os
 import socket
 
@@ -337,26 +338,46 @@ def test_ddp_two_ranks_end_with_identical_hyperparameters(tmp_path) -> None:
 @pytest.mark.parametrize(
     "spec", ["sgd/sgd(1e-3)", "sgd(momentum=0.5)/sgd(1e-3)", "adam/sgd(1e-3)", "rmsprop/sgd(1e-4)"]
 )
-def test_functional_core_steps_a_population_of_independent_members(spec: str) -> None:
-    """With a leading batch dimension, each member follows exactly the path it would follow alone."""
+# (130, 130): a member's tensor large enough that its dot products run member by member (core._DOT_PER_MEMBER).
+@pytest.mark.parametrize("shape", [(4,), (130, 130)])
+@pytest.mark.parametrize("donate", [False, True])
+def test_functional_core_steps_a_population_of_independent_members(
+    spec: str, shape: tuple[int, ...], donate: bool
+) -> None:
+    """With a leading batch dimension, each member follows exactly the path it would follow alone, however its
+    dot products are computed and whether the gradients are handed over (``donate``) or copied."""
     tower = parse_spec(spec)
     lrs = torch.tensor([0.01, 0.1, 0.3], dtype=torch.float64)
     plan = core.make_plan(tower, [{"lr": lrs}], [1], batch_shape=(3,))
-    w = torch.zeros(3, 4, dtype=torch.float64)
+    w = torch.zeros(3, *shape, dtype=torch.float64)
     state = core.init(plan, [w])
-    target = torch.arange(4.0, dtype=torch.float64)
+    n = math.prod(shape)  # the loss is a mean, so the hypergradients stay alike for both sizes
+    target = torch.arange(float(n), dtype=torch.float64).reshape(shape) / n
     for _ in range(5):
-        deltas, state = core.update(plan, state, [2 * (w - target)])
+        deltas, state = core.update(plan, state, [2 * (w - target) / n], donate=donate)
         w = w - deltas[0]
     base = tower.levels[0]
     for m, lr in enumerate(lrs.tolist()):
-        alone = nn.Parameter(torch.zeros(4, dtype=torch.float64))
+        alone = nn.Parameter(torch.zeros(shape, dtype=torch.float64))
         opt = hypergrad.HyperOptimizer([alone], hypergrad.Level(base.rule, {**base.values, "lr": lr}) / tower.levels[1])
         for _ in range(5):
-            ((alone - target) ** 2).sum().backward()
+            (((alone - target) ** 2).sum() / n).backward()
             opt.step()
             opt.zero_grad()
         torch.testing.assert_close(w[m], alone.detach(), rtol=1e-12, atol=1e-14)
+
+
+def test_a_donated_gradient_is_kept_without_a_copy() -> None:
+    """``donate=True``: the state holds the caller's gradient itself (a population saves a weight-sized copy a step);
+    without it, the state holds a copy, so zeroing the caller's buffer changes nothing."""
+    plan = core.make_plan(parse_spec("sgd(0.1)/sgd(1e-3)"), [{}], [1], batch_shape=(2,))
+    w = torch.zeros(2, 3, dtype=torch.float64)
+    for donate in (False, True):
+        grad = torch.ones(2, 3, dtype=torch.float64)
+        _, state = core.update(plan, core.init(plan, [w]), [grad], donate=donate)
+        assert (state.levels[0].rule[0].grad is grad) == donate
+        grad.zero_()
+        assert torch.equal(state.levels[0].rule[0].grad, torch.zeros_like(grad) if donate else torch.ones_like(grad))
 
 
 def test_grad_scaler_loop_equals_the_plain_loop() -> None:

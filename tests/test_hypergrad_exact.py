@@ -14,7 +14,7 @@ from torch import nn
 import hypergrad
 from hypergrad import core
 from hypergrad.rules import AdaGradRule, AdamRule, AdamWRule, RMSPropRule, Rule, SGDRule
-from hypergrad.stable import StableAdamRule, StableSGDRule
+from hypergrad.stable import StableAdamRule, StableMomentumRule, StableSGDRule
 from tests.hypergrad_helpers import check_hypergradients_by_finite_differences, train_with_core, with_default_vjp
 
 torch.set_default_dtype(torch.float32)
@@ -276,6 +276,7 @@ CLOSED_FORMS = [
     (AdaGradRule(), {"lr": 0.1, "eps": 1e-10, "initial_accumulator_value": 0.1}),
     (RMSPropRule(), {"lr": 0.01, "gamma": 0.9, "eps": 1e-8}),
     (StableSGDRule(), {"lr": 0.1, "momentum": 0.9}),
+    (StableMomentumRule(), {"lr": 0.1, "momentum": 0.9}),
     (StableAdamRule(), {"lr": 0.01, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8}),
 ]
 

@@ -183,6 +183,9 @@ def test_a_value_written_between_steps_is_read_by_the_float_path(monkeypatch) ->
 
 
 TALL_SGD = "sgd(0.1)" + "/sgd(1e-3)" * 9  # plain SGD levels, tall enough for the floats (_scalar._SGD_FROM)
+# The same above a level 0 that learns several values per group: level 1's dot products over them are the tensor
+# path's own torch.dot, the rest is exact floats.
+TALL_SGD_ABOVE = ["adam(0.01)" + "/sgd(1e-3)" * 9, "sgd(0.1, momentum=0.9)" + "/sgd(1e-3)" * 9]
 
 
 def train_two_groups(spec: str, dtype, steps: int = 6, after_step=None) -> list[torch.Tensor]:
@@ -207,16 +210,48 @@ def assert_bitwise(fast: list[torch.Tensor], slow: list[torch.Tensor]) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_plain_sgd_levels_on_floats_are_the_tensor_path_bit_for_bit(dtype, monkeypatch) -> None:
+@pytest.mark.parametrize("spec", [TALL_SGD, *TALL_SGD_ABOVE])
+def test_plain_sgd_levels_on_floats_are_the_tensor_path_bit_for_bit(spec, dtype, monkeypatch) -> None:
     """A tall tower of plain SGD levels runs on floats that do the tensor path's IEEE operations one by one: the same
     weights, learned values and state, bit for bit, in float32 as in float64."""
     calls = []
     real = _scalar._sgd_update
     monkeypatch.setattr(_scalar, "_sgd_update", lambda *a: calls.append(1) or real(*a))
-    fast = run_tall_sgd(dtype)
+    fast = train_two_groups(spec, dtype)
     assert len(calls) == 6
     monkeypatch.setattr(_scalar, "applies", lambda plan: False)
-    assert_bitwise(fast, run_tall_sgd(dtype))
+    assert_bitwise(fast, train_two_groups(spec, dtype))
+
+
+def test_plain_sgd_floats_that_overflow_raise_and_leave_the_weights_untouched() -> None:
+    """A tall plain-SGD tower on the exact float path (its floats kept flat between steps) refuses a step whose new
+    value overflows as the tensor path does: the error names the level, and the weights keep their values."""
+    w = nn.Parameter(torch.ones(3))
+    # Levels 2..5 have step size 0, so level 1's step size stays 1e35; a constant gradient of 1e3 makes the second
+    # step's hypergradient -3e6, and 1e35 * 3e6 overflows float32 (as in test_hypergrad_api's height-1 case).
+    opt = hypergrad.tower("sgd(0.1)/sgd(1e35)" + "/sgd(0.0)" * 4, [w])
+    with pytest.raises(hypergrad.NonFiniteHyperparameterError, match=r"hyperparameter 'lr' of level 1 became") as e:
+        for _ in range(2):
+            snapshot = w.detach().clone()
+            (1e3 * w).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            assert _scalar._kind(opt._plan) == "sgd" and opt._live.floats is not None  # the exact float path ran
+    assert e.value.level == 1 and e.value.step == 2
+    assert torch.equal(snapshot, w.detach())
+
+
+def test_float32_floats_that_overflow_raise_the_finiteness_error_alone() -> None:
+    """Levels above the first on floats, in float32: a value that overflows float32 when stored is inf, reported as the
+    non-finite hyperparameter it is (tests turn warnings into errors, so a warning on the way would fail here)."""
+    w = nn.Parameter(torch.ones(3))
+    opt = hypergrad.tower("sgd(0.1)/sgd(1e35)/adam(1e-3)", [w])  # 1e35 * 3e6 overflows float32 at the second step
+    with pytest.raises(hypergrad.NonFiniteHyperparameterError, match=r"hyperparameter 'lr' of level 1 became"):
+        for _ in range(2):
+            (1e3 * w).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            assert _scalar._kind(opt._plan) == "floats"
 
 
 def test_plain_sgd_floats_read_what_was_written_between_steps(monkeypatch) -> None:
@@ -241,6 +276,7 @@ FLOAT_TOWERS = [
     "adam(0.01)" + "/adam(1e-4)" * 3,
     "rmsprop(0.01, gamma=0.9)/adagrad(1e-2)/rmsprop(1e-3)/sgd(1e-3)",
     TALL_SGD,  # the exact plain-SGD chain keeps its floats the same way
+    *TALL_SGD_ABOVE,
 ]
 
 

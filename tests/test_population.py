@@ -146,30 +146,48 @@ def test_a_non_finite_hyperparameter_freezes_its_member_before_the_update():
 
 @pytest.mark.parametrize("shape", [(5, 7), (3, 4, 7)], ids=["2d", "3d"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-def test_stacked_linear_layers_give_autograds_outputs_and_gradients(shape, bias):
-    # The stacked members' nn.Linear (bench.population._stacked_skeleton, a faster weight-gradient layout) computes,
-    # for every member, what F.linear and its autograd gradients give that member alone: inputs of any rank, with
-    # or without bias, float64 to round-off.
+@pytest.mark.parametrize("inputs", ["own", "shared", "grouped"])
+def test_stacked_linear_layers_give_autograds_outputs_and_gradients(shape, bias, inputs):
+    # The stacked members' nn.Linear (bench.population._stacked_skeleton: a faster weight-gradient layout, and one
+    # wide product where members share their input) computes, for every member, what F.linear and its autograd
+    # gradients give that member alone: inputs of any rank, with or without bias, each member's own input, one
+    # input for all, or one per group of members (a seed group's batch), float64 to round-off.
     from torch.func import functional_call, stack_module_state
 
     from bench.population import _stacked_skeleton
 
     torch.manual_seed(0)
-    layers = [torch.nn.Linear(7, 6, bias=bias).double() for _ in range(3)]
+    members, groups = 6, 2
+    layers = [torch.nn.Linear(7, 6, bias=bias).double() for _ in range(members)]
     params, _ = stack_module_state(layers)
     params = {n: p.detach().requires_grad_() for n, p in params.items()}
-    x = torch.randn(3, *shape, dtype=torch.float64, requires_grad=True)
     skeleton = _stacked_skeleton(torch.nn.Linear(7, 6, bias=bias).double())
-    out = torch.vmap(lambda p, xi: functional_call(skeleton, p, (xi,)))(params, x)
+
+    def member(p, xi):
+        return functional_call(skeleton, p, (xi,))
+
+    rows = {"own": members, "shared": 1, "grouped": groups}[inputs]
+    x = torch.randn(rows, *shape, dtype=torch.float64, requires_grad=True)
+    if inputs == "own":
+        out = torch.vmap(member)(params, x)
+    elif inputs == "shared":
+        out = torch.vmap(member, in_dims=(0, None))(params, x[0])
+    else:
+        per_group = {n: p.unflatten(0, (groups, -1)) for n, p in params.items()}
+        out = torch.vmap(torch.vmap(member, in_dims=(0, None)))(per_group, x).flatten(0, 1)
+    of_member = [k * rows // members for k in range(members)]  # the input row each member reads
     weights = torch.randn_like(out)
     grads = torch.autograd.grad((out * weights).sum(), [x, *params.values()])
+    x_grad = torch.zeros_like(x)
     for k, layer in enumerate(layers):
-        xk = x[k].detach().requires_grad_()
+        xk = x[of_member[k]].detach().requires_grad_()
         alone = layer(xk)
         assert torch.allclose(out[k], alone, rtol=1e-12, atol=1e-14)
         own = torch.autograd.grad((alone * weights[k]).sum(), [xk, *layer.parameters()])
-        for mine, theirs in zip(grads, own, strict=True):
+        x_grad[of_member[k]] += own[0]
+        for mine, theirs in zip(grads[1:], own[1:], strict=True):
             assert mine[k].is_contiguous() and torch.allclose(mine[k], theirs, rtol=1e-12, atol=1e-14)
+    assert torch.allclose(grads[0], x_grad, rtol=1e-12, atol=1e-14)  # a shared input: the sum of its members'
 
 
 def test_batchnorm_models_get_a_clear_error():
@@ -195,6 +213,27 @@ def test_one_trainer_gives_a_population_of_one_the_single_runs_results(tmp_path,
         assert mine == pytest.approx(theirs, rel=1e-10)
     a, b = (pd.read_csv(tmp_path / d / "history.csv").drop(columns="wall_time_s") for d in ("single", "stacked"))
     pd.testing.assert_frame_equal(a, b, rtol=1e-10, atol=0)
+
+
+def test_members_sharing_a_seed_share_their_batches_with_the_results_of_their_own(tmp_path):
+    # Members ordered by seed in runs of equal length (as bench.launcher orders a population) take one batch per
+    # seed, and the first layer multiplies it with the run's weights side by side; in any other order every member
+    # takes its own batch. Each member ends with the same results either way (float64, to round-off).
+    specs = ["sgd(0.1)", "sgd(0.3)/sgd(0.01)", "sgd(0.05)/sgd(0.01)/sgd(0.001)"]
+    by_seed = [(spec, seed) for seed in (0, 1) for spec in specs]
+    mixed = [by_seed[i] for i in (0, 3, 1, 4, 2, 5)]  # seeds 0, 1, 0, 1, ...: no run of one seed
+    results = {}
+    for name, configs in (("grouped", by_seed), ("mixed", mixed)):
+        cfgs = _cfgs(configs, "float64", "trainer.epochs=2", "trainer.progress=false")
+        trainer = Trainer(cfgs, [tmp_path / name / str(i) for i in range(len(cfgs))], stacked=True)
+        groups = {"grouped": [0, 3], "mixed": list(range(6))}[name]
+        assert trainer.learner.batch_members == groups
+        results[name] = dict(zip(configs, trainer.fit(), strict=True))
+    for member, grouped in results["grouped"].items():
+        alone = results["mixed"][member]
+        for key in ("train_loss", "val_loss", "test_loss", "val_error", "test_error", "steps"):
+            assert grouped[key] == pytest.approx(alone[key], rel=1e-12, abs=0), (member, key)
+    assert results["grouped"][by_seed[0]]["test_loss"] != results["grouped"][by_seed[3]]["test_loss"]
 
 
 def _cfg(tmp_path, *overrides: str):

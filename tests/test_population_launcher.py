@@ -206,7 +206,10 @@ def test_a_killed_population_resumes_to_the_same_results(tmp_path):
     import signal
     import time
 
-    sweep = ["optimizer.base=sgd", "optimizer.lr=0.03,0.3", "optimizer.height=0,2", "trainer.epochs=30"]
+    # A population saves as a single run does: every trainer.checkpoint_minutes (here 30 ms, so that a checkpoint on
+    # disk marks that training is under way) and on SIGTERM.
+    sweep = ["optimizer.base=sgd", "optimizer.lr=0.03,0.3", "optimizer.height=0,2", "trainer.epochs=30",
+             "trainer.checkpoint_minutes=0.0005"]  # fmt: skip
     whole, _ = _sweep(tmp_path, "whole", *sweep, launcher="population")
     out = tmp_path / "killed"
     args = [*BASE, *sweep, f"hydra.sweep.dir={out}", "hydra/launcher=population"]
@@ -215,7 +218,7 @@ def test_a_killed_population_resumes_to_the_same_results(tmp_path):
     proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not list((out / ".population").glob("*.pt")) and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)  # the first epoch's checkpoint: training is under way
+        time.sleep(0.05)  # the first timed checkpoint: training is under way
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]

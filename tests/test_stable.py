@@ -20,11 +20,13 @@ from hypergrad.stable import (
     HORIZON,
     MAX_MOMENTUM,
     MAX_RADIUS,
+    MOMENTUM_HORIZON,
     RADIUS,
     SHRINK,
     GuardedRule,
     StableAdamRule,
     StableAdamWRule,
+    StableMomentumRule,
     StableRule,
     StableSGDRule,
     TrustRegionRule,
@@ -270,6 +272,46 @@ def test_the_guard_bounds_a_step_by_rho_times_the_initial_norm_and_leaves_smalle
         GuardedRule(SGDRule(), horizon=1.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_stable_momentum_base_takes_torch_sgds_steps_while_its_momentum_stays_put(dtype: torch.dtype) -> None:
+    # D_t = mu D_(t-1) + (1 - mu) g_t and delta_t = lr D_t / (1 - mu_0): with mu = mu_0 the reference's steps (torch's
+    # buffer is D_t / (1 - mu_0)); only the rounding of the average differs.
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 3, generator=g, dtype=dtype)
+    ref = w.clone().requires_grad_()
+    opt = torch.optim.SGD([ref], lr=0.1, momentum=0.9)
+    rule, hp = StableMomentumRule(), {"lr": 0.1, "momentum": 0.9}
+    state = rule.init(w, hp)
+    for t in range(1, 31):
+        grad = torch.randn(5, 3, generator=g, dtype=dtype)
+        ref.grad = grad.clone()
+        opt.step()
+        delta, state = rule.update(grad, state, hp, t)
+        w = w - delta
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
+    torch.testing.assert_close(w, ref.detach(), rtol=tol, atol=tol)
+
+
+def test_the_stable_momentum_does_not_move_the_effective_step_size() -> None:
+    # What the stable momentum base changes: the momentum's hypergradient. In the reference, delta = lr * buf with
+    # buf = mu buf + g, so raising the momentum also lengthens the step (lr / (1 - mu) in the long run); with the
+    # averaged buffer a constant gradient gives the same step at any momentum, and so a zero momentum hypergradient.
+    rule, ref = StableMomentumRule(), SGDRule()
+    mu = torch.tensor(0.9, dtype=torch.float64)
+    hp = {"lr": 0.1, "momentum": mu}
+    g = torch.ones(3, dtype=torch.float64)
+    state, ref_state = rule.init(g, hp), ref.init(g, hp)
+    for t in range(1, 400):  # 0.9^400 ~ 5e-19: both at their steady state
+        delta, state = rule.update(g, state, hp, t)
+        ref_delta, ref_state = ref.update(g, ref_state, hp, t)
+    torch.testing.assert_close(delta, ref_delta)  # both at the steady state lr / (1 - mu) * g
+    dot = lambda a, b: torch.dot(a, b)  # noqa: E731
+    assert rule.vjp(g, g, None, state, hp, 399, dot)["momentum"].item() == pytest.approx(0.0, abs=1e-12)
+    assert ref.vjp(g, g, None, ref_state, hp, 399, dot)["momentum"].item() == pytest.approx(0.1 * 3 * 10, rel=1e-6)
+    with pytest.raises(ValueError, match=re.escape("momentum must be < 1 in the stable mode, but got 1.0")):
+        rule.init(g, {"lr": 0.1, "momentum": 1.0})
+
+
 # sgd: with its trail; momentum: with its adaptive trail and the last step size it reads
 @pytest.mark.parametrize(
     "spec", ["adam(0.01)/sgd(1e-2)/sgd(1e-2)", "sgd(0.1)/sgd(1e-2)", "sgd(0.1, momentum=0.9)/sgd(1e-2)"]
@@ -340,24 +382,26 @@ def test_stabilize_keeps_the_spelling_and_wraps_the_base_in_the_guard() -> None:
     assert isinstance(stable.levels[0].rule.inner, StableAdamRule)
     assert stable.levels[0].rule.horizon == 0.0  # Adam has momentum: the one-step hypergradient
     # The defaults per base: the steps' trail for SGD and AdaGrad, no trail for Adam and AdamW (all three as before
-    # the fourth round), the adaptive trail for RMSProp and for SGD with momentum, whose momentum is also limited.
+    # the fourth round), the adaptive trail for RMSProp and for SGD with momentum, whose momentum is also limited and
+    # whose horizon is shorter (sixth round).
     for spec, horizon, trail in [
         ("sgd(0.1)/sgd(1e-5)", HORIZON, "steps"),
         ("adagrad(0.1)/sgd(1e-5)", HORIZON, "steps"),
         ("rmsprop(0.01)/sgd(1e-5)", HORIZON, "adaptive"),
         ("adam(0.001)/sgd(1e-5)", 0.0, "steps"),
         ("adamw(0.001)/sgd(1e-5)", 0.0, "steps"),
-        ("sgd(0.1, momentum=0.9)/sgd(1e-5)", HORIZON, "adaptive"),
+        ("sgd(0.1, momentum=0.9)/sgd(1e-5)", MOMENTUM_HORIZON, "adaptive"),
     ]:
         levels = stabilize(hypergrad.parse_spec(spec)).levels
         assert (levels[0].rule.horizon, levels[0].rule.trail) == (horizon, trail), spec
         assert (levels[1].rule.limits is None) == ("momentum" not in spec), spec
     # The base each mode runs, and how the level above stores each value below (stored, reference): only step sizes
-    # and AdamW's weight decay are stored as their log; the weight decay is the only change of the fifth round.
+    # and AdamW's weight decay are stored as their log; the weight decay is the only change of the fifth round. SGD
+    # with momentum runs the averaged buffer of the sixth round; plain SGD keeps StableSGDRule.
     log, half = (EXP, IDENTITY), (HALF_TANH, HALF_TANH)
     for spec, base, pairs in [
         ("sgd(0.1)/sgd(1e-5)", StableSGDRule, [log]),
-        ("sgd(0.1, momentum=0.9)/sgd(1e-5)", StableSGDRule, [log, (HALF_TANH, IDENTITY)]),
+        ("sgd(0.1, momentum=0.9)/sgd(1e-5)", StableMomentumRule, [log, (HALF_TANH, IDENTITY)]),
         ("adagrad(0.1)/sgd(1e-5)", AdaGradRule, [log]),
         ("rmsprop(0.01)/sgd(1e-5)", RMSPropRule, [(EXP, SQUARE), half]),
         ("adam(0.001)/sgd(1e-5)", StableAdamRule, [log, half, half]),

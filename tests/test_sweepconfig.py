@@ -141,3 +141,27 @@ def test_the_launcher_gives_hydra_the_derived_loader_and_it_survives_pickling(tm
         assert isinstance(copy.load_sweep_config, SweepConfigs) and copy.load_sweep_config.loader is copy
         _same(copy.load_sweep_config(master, job), first)
         _same(first, type(loader).load_sweep_config(loader, master, job))
+
+
+def test_the_launcher_takes_the_config_the_sweepers_check_made_once_and_a_fresh_one_after(tmp_path):
+    # The sweeper composes each job to check the batch and throws the config away; the launcher then takes that same
+    # config instead of deriving it again. Taken twice, the second is a new config: changing the first (as the
+    # launcher does, setting the job's number) reaches no other job.
+    from bench.sweepconfig import use
+
+    with _loader() as loader:
+        use(loader)
+        configs = loader.load_sweep_config
+        master = _master(loader, [f"hydra.sweep.dir={tmp_path}"])
+        job = ["optimizer.lr=0.5", "seed=3"]
+        checked = configs(master_config=master, sweep_overrides=list(job))  # as Sweeper.validate_batch_is_legal
+        taken = configs.take(master, list(job))
+        assert taken is checked
+        OmegaConf.set_readonly(taken, False)
+        taken.seed = 4
+        again = configs.take(master, list(job))
+        assert again is not taken and again.seed == 3
+        _same(again, type(loader).load_sweep_config(loader, master, job))
+        other = _master(loader, [f"hydra.sweep.dir={tmp_path / 'other'}"])  # another sweep's config: its own jobs
+        configs(master, list(job))
+        assert configs.take(other, list(job)).hydra.sweep.dir == str(tmp_path / "other")

@@ -57,6 +57,43 @@ def test_temporary_files_of_a_killed_write_are_removed_at_the_next_start(tmp_pat
         live.wait()
 
 
+def test_files_synced_together_appear_whole_in_the_order_written_when_the_block_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A population lands its jobs' files inside `synced_together` (their fsyncs overlap): no reader may see one
+    # before its contents are on disk, nor a metrics.json before the history.csv written ahead of it.
+    import os
+
+    from bench.io import atomic_write, atomic_write_csv, atomic_write_json, synced_together
+
+    moved: list[Path] = []
+    replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (replace(src, dst), moved.append(Path(dst))))
+    jobs = [tmp_path / str(i) for i in range(20)]
+    with synced_together():
+        for i, out in enumerate(jobs):
+            atomic_write_csv(out / "history.csv", [{"epoch": 1, "loss": i}])
+            with synced_together():  # an inner block joins the outer one
+                atomic_write_json(out / "metrics.json", {"job": i})
+            assert not (out / "history.csv").exists() and not (out / "metrics.json").exists()
+    assert moved == [out / name for out in jobs for name in ("history.csv", "metrics.json")]
+    for i, out in enumerate(jobs):
+        assert json.loads((out / "metrics.json").read_text()) == {"job": i}
+        assert (out / "history.csv").read_text() == f"epoch,loss\n1,{i}\n"
+
+    # An error inside the block: what was written before it lands, the failed write leaves nothing behind.
+    def broken(f) -> None:
+        f.write("{")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"), synced_together():
+        atomic_write_json(tmp_path / "first.json", {"a": 1})
+        atomic_write(tmp_path / "broken.json", broken)
+    assert json.loads((tmp_path / "first.json").read_text()) == {"a": 1}
+    assert not (tmp_path / "broken.json").exists()
+    assert not list(tmp_path.rglob(".*.tmp"))
+
+
 def test_a_run_checkpoints_by_time_by_default(tmp_path: Path) -> None:
     cfg = compose_config([*QUICK, "dataset=synthetic", "model=mlp"])
     assert cfg.trainer.checkpoint_minutes and cfg.trainer.checkpoint_minutes <= 10 and cfg.trainer.resume
