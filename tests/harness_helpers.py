@@ -116,10 +116,19 @@ def signal_once_started(
     argv: list[str], env: dict[str, str], started: Path, settle: float, signum: int, cwd: Path | None = None
 ) -> subprocess.CompletedProcess:
     """Start a program, wait until ``started`` exists (at most 120 s), let it run ``settle`` more seconds (into its
-    training loop), send it ``signum`` and read it to its end, as a user stopping a run with Ctrl-C or `kill` does."""
+    training loop), send it ``signum`` and read it to its end, as a user stopping a run with Ctrl-C or `kill` does.
+
+    The program starts with ``signum``'s default action, as in a user's terminal: a test runner started in the
+    background by a shell without job control ignores SIGINT, its children inherit that, and the harness rightly
+    leaves an ignored signal ignored."""
+    import signal
     import time
 
-    proc = subprocess.Popen(argv, cwd=cwd or REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    def default_action() -> None:
+        signal.signal(signum, signal.SIG_DFL)
+
+    proc = subprocess.Popen(argv, cwd=cwd or REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_action)  # fmt: skip
     deadline = time.monotonic() + 120
     while not started.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
