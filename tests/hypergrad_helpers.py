@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pytest
 import torch
 from torch import Tensor, nn
 
+import hypergrad
 from hypergrad import core
 from hypergrad.rules import HP, Rule
 
@@ -129,3 +130,21 @@ def check_hypergradients_by_finite_differences(
             checked += 1
     assert checked == sum(len(n) for n in plan.learned)
     return checked
+
+
+def overflow_at_the_second_step(
+    spec: str, each_step: Callable[[Any], None] = lambda opt: None
+) -> tuple[hypergrad.NonFiniteHyperparameterError, Tensor, Tensor]:
+    """Train ``spec`` (level 1 starting at step size 1e35) on three weights with a constant gradient of 1e3 until its
+    level-1 step size overflows float32 (the second step's hypergradient is -3e6). Returns the error, the weights
+    before the failing step and the weights after it; ``each_step(optimizer)`` runs after every completed step."""
+    w = nn.Parameter(torch.ones(3))
+    opt = hypergrad.tower(spec, [w])
+    with pytest.raises(hypergrad.NonFiniteHyperparameterError, match=r"hyperparameter 'lr' of level 1 became") as e:
+        for _ in range(2):
+            snapshot = w.detach().clone()
+            (1e3 * w).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            each_step(opt)
+    return e.value, snapshot, w.detach()
