@@ -17,7 +17,10 @@ tower each step is computed in float64 from the stored float32 values and rounde
 slightly *more* accurate than the float32 tensor path and equal to it only to float32 round-off (the tests against
 the reference package hold at 1e-6 either way). What is kept between steps is what was stored, rounded: a restored
 checkpoint continues bit for bit. Where Python floats raise (1 / 0, sqrt(-1), exp(1000)) the step is
-computed again in numpy float64, which gives IEEE's inf and nan as torch does.
+computed again in numpy float64, which gives IEEE's inf and nan as torch does. An Adam level above the second
+(:func:`_generated`) runs as two functions written out once per shape, a line per operation of ``_update`` and
+``_vjp`` in their order on the same operands, so with the same results bit for bit and without their loops, lists and
+dictionary look-ups (tested against them, Python floats and numpy float64 alike).
 
 One case is exact instead: a tall tower of plain SGD levels on one number each (``sgd/sgd/.../sgd``, see
 :func:`_plain_sgd`). Its step is products, differences and negations of scalars, each one IEEE operation rounded once
@@ -311,6 +314,7 @@ class _Level(NamedTuple):
     learned: tuple[str, ...]
     transforms: tuple[str, ...]
     fixed: dict[str, float]  # every hyperparameter's initial value (the learned ones are overwritten each step)
+    gen: tuple[Any, Any] | None = None  # a level k >= 2's generated (update, vjp) (see _generated), if it has them
 
 
 _STATIC: dict[int, tuple[Any, list[_Level]]] = {}
@@ -330,10 +334,128 @@ def _static(plan: Plan) -> list[_Level]:
         )
         for k in range(plan.height + 1)
     ]
+    for k in range(2, plan.height + 1):  # levels updating one vector: that of the level below's learned values
+        levels[k] = levels[k]._replace(gen=_generated(levels[k], len(levels[k - 1].learned)))
     if len(_STATIC) > 64:  # plans of optimizers long gone
         _STATIC.clear()
     _STATIC[id(plan)] = (plan, levels)
     return levels
+
+
+# -- Adam levels above the first as generated straight-line functions ------------------------------------------------
+# A level k >= 2 updates one short vector (the values level k - 1 learns), and _update / _vjp spend most of their time
+# on their own loops, lists and dictionary look-ups rather than on its few flops. For an Adam level learning some of
+# lr, beta1, beta2 the two are written out once per shape (learned names, their transforms, the vector's length), from
+# the templates below and nothing else (no user text reaches the source: the names index fixed tables), as one
+# function each with a line per operation of _update / _vjp, in their order and with the same operands: the same
+# IEEE operations on the same numbers, so the results are theirs bit for bit (float or numpy float64 alike; a step that
+# raises is computed again in numpy float64 by ieee(), as theirs is).
+_VALUE = {  # the natural value of raw x: forward()'s expressions
+    "identity": "{x}",
+    "square": "{x} * {x}",
+    "half_tanh": "(tanh({x}) + 1.0) / 2.0",
+    "exp": "exp({x})",
+}
+_SLOPE = {  # _value_slope()'s: lines that set the value {v} and the derivative {d} (None for the identity)
+    "identity": ["{v} = {x}", "{d} = None"],
+    "square": ["{v} = {x} * {x}", "{d} = 2.0 * {x}"],
+    "half_tanh": ["th = tanh({x})", "{v} = (th + 1.0) / 2.0", "{d} = (1.0 - th**2) / 2.0"],
+    "exp": ["{v} = exp({x})", "{d} = {v}"],
+}
+_ADAM_NAMES = ("lr", "beta1", "beta2")
+_ADAM_LOCAL = {"lr": "lr", "beta1": "b1", "beta2": "b2"}
+_GENERATED: dict[tuple, tuple[Any, Any]] = {}
+
+
+def _generated(level: _Level, width: int) -> tuple[Any, Any] | None:
+    """The generated ``(update, vjp)`` of an Adam level updating one vector of ``width`` values; None for another
+    level (which runs through _update and _vjp)."""
+    rule, learned, tnames = level.rule, level.learned, level.transforms
+    if type(rule) is not AdamRule or not set(learned) <= set(_ADAM_NAMES) or width < 1:
+        return None
+    key = (learned, tnames, width)
+    if key not in _GENERATED:
+        _GENERATED[key] = _make_adam(learned, tnames, width)
+    return _GENERATED[key]
+
+
+def _make_adam(learned: tuple[str, ...], tnames: tuple[str, ...], width: int) -> tuple[Any, Any]:
+    k1, k2 = "beta1" in learned, "beta2" in learned
+    ix = range(width)
+    # update(r, g, st, below, fixed, step, ops) -> (values, new raw vector of the level below, new state's fields):
+    # _chain's body for one level and _update's Adam branch, with delta[i] subtracted from below[i] as _chain does.
+    up = [
+        "def update(r, g, st, below, fixed, step, ops):",
+        "    vals = fixed.copy() if ops is _PY else {n: ops.num(v) for n, v in fixed.items()}",
+        "    tanh, exp, sqrt = ops.tanh, ops.exp, ops.sqrt",
+    ]
+    up += [f"    vals[{n!r}] = " + _VALUE[tnames[i]].format(x=f"r[{i}]") for i, n in enumerate(learned)]
+    up += [
+        '    b1, b2, lr, eps, t = vals["beta1"], vals["beta2"], vals["lr"], vals["eps"], float(step)',
+        "    c1, c2, a1, a2 = 1.0 - b1**t, 1.0 - b2**t, 1.0 - b1, 1.0 - b2",
+        "    m0, v0 = st[0], st[1]",
+    ]
+    for i in ix:
+        up += [
+            f"    x1_{i}, x2_{i} = a1 * g[{i}], a2 * g[{i}] * g[{i}]",
+            f"    m_{i}, v_{i} = b1 * m0[{i}] + x1_{i}, b2 * v0[{i}] + x2_{i}",
+            f"    n_{i} = below[{i}] - lr * ((m_{i} / c1) / (sqrt(v_{i} / c2) + eps))",
+        ]
+
+    def vec(name: str) -> str:
+        return "[" + ", ".join(f"{name}_{i}" for i in ix) + "]"
+
+    up.append(
+        f"    return vals, {vec('n')}, [{vec('m')}, {vec('v')}, {'m0' if k1 else 'None'}, {'v0' if k2 else 'None'}, "
+        f"{vec('x1') if k1 else 'None'}, {vec('x2') if k2 else 'None'}]"
+    )
+    # vjp(r, u, after, fixed, step, ops) -> the hypergradients of the level below's raw values: _hyper_chain's body
+    # for one level and _vjp's Adam branch (each dot product summed from -0.0 in _vjp's order).
+    vj = [
+        "def vjp(r, u, after, fixed, step, ops):",
+        "    tanh, exp, sqrt, num = ops.tanh, ops.exp, ops.sqrt, ops.num",
+        '    lr, b1, b2, eps = num(fixed["lr"]), num(fixed["beta1"]), num(fixed["beta2"]), num(fixed["eps"])',
+        "    t = float(step)",
+    ]
+    for i, n in enumerate(learned):
+        vj += ["    " + line.format(v=_ADAM_LOCAL[n], d=f"d_{i}", x=f"r[{i}]") for line in _SLOPE[tnames[i]]]
+    vj += [
+        "    c1, c2 = 1.0 - b1**t, 1.0 - b2**t",
+        "    m, v, pm, pv, g1, g2 = after",
+        "    q_m0 = q_g1 = q_m = w_v0 = w_g2 = -0.0",
+    ]
+    for i in ix:
+        vj += [f"    s = sqrt(v[{i}] / c2)", "    d = s + eps", f"    q = u[{i}] / d"]
+        if k1:
+            vj += [f"    q_m0 = q_m0 + q * pm[{i}]", f"    q_g1 = q_g1 + q * g1[{i}]"]
+        else:
+            vj.append(f"    q_m = q_m + q * m[{i}]")
+        if k2:
+            vj += [f"    w = q * m[{i}] / (d * s)", f"    w_v0 = w_v0 + w * pv[{i}]", f"    w_g2 = w_g2 + w * g2[{i}]"]
+    sums = {}
+    if k1:
+        vj += [
+            "    dc1 = t * b1 ** (t - 1.0)",
+            "    q_m = b1 * q_m0 + q_g1",
+            "    s_beta1 = lr * ((q_m0 - q_g1 / (1.0 - b1)) / c1 + q_m * dc1 / (c1 * c1))",
+        ]
+        sums["beta1"] = "s_beta1"
+    if "lr" in learned:
+        vj.append("    s_lr = q_m / c1")
+        sums["lr"] = "s_lr"
+    if k2:
+        vj += [
+            "    dc2 = t * b2 ** (t - 1.0)",
+            "    w_v = b2 * w_v0 + w_g2",
+            "    s_beta2 = -0.5 * lr / c1 * ((w_v0 - w_g2 / (1.0 - b2)) / c2 + w_v * dc2 / (c2 * c2))",
+        ]
+        sums["beta2"] = "s_beta2"
+    # What level k updated moved by -delta, so d loss / d value = -(upstream . d delta / d value).
+    cols = [f"-{sums[n]}" if tnames[i] == "identity" else f"-{sums[n]} * d_{i}" for i, n in enumerate(learned)]
+    vj.append("    return [" + ", ".join(cols) + "]")
+    scope: dict[str, Any] = {"_PY": _PY}
+    exec(compile("\n".join(up) + "\n\n" + "\n".join(vj) + "\n", "<hypergrad._scalar: Adam level>", "exec"), scope)
+    return scope["update"], scope["vjp"]
 
 
 class Floats(NamedTuple):
@@ -488,7 +610,13 @@ def _chain(static: list[_Level], raw: list, states: list, hyper: list, step: int
     new_states: list[Any] = [None] * (top + 1)
     num = ops.num
     for k in range(top, 0, -1):
-        rule, learned, tnames, fixed = static[k]
+        rule, learned, tnames, fixed, gen = static[k]
+        if gen is not None:  # one vector, by the level's generated function
+            vals, below, st = gen[0](
+                new_raw[k][0] if learned else None, hyper[k - 1][0], states[k][0], raw[k - 1][0], fixed, step, ops
+            )
+            values[k], new_raw[k - 1], new_states[k] = vals, [below], [st]
+            continue
         vals = fixed.copy() if ops is _PY else {n: num(v) for n, v in fixed.items()}
         if learned:
             r = new_raw[k][0]
@@ -689,8 +817,12 @@ def _hyper_chain(static: list[_Level], raw: list, after: list, upstream: list[Ve
     out: list[Vec] = []
     ups = upstream
     for k in range(1, top):
-        rule, learned, tnames, fixed = static[k]
+        rule, learned, tnames, fixed, gen = static[k]
         r = raw[k]
+        if gen is not None and len(ups) == 1:  # one vector, by the level's generated function
+            ups = [gen[1](r, ups[0], after[k][0], fixed, step, ops)]
+            out.append(ups[0])
+            continue
         vals = fixed.copy() if ops is _PY else {n: ops.num(v) for n, v in fixed.items()}
         slopes = []
         for i, name in enumerate(learned):

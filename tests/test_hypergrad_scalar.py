@@ -5,6 +5,7 @@ throughout; see the module docstring for float32)."""
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 
 import hypergrad
 from hypergrad import _scalar, core
+from hypergrad.rules import AdamRule
 from tests.hypergrad_helpers import overflow_at_the_second_step
 
 SPECS = [
@@ -333,3 +335,66 @@ def test_a_lazy_state_sees_a_write_in_place_into_level_0() -> None:
     _, b = core.update(plan, full, grads)
     assert lazy.floats is not None
     assert_bitwise(*([t for t in leaves(x) if isinstance(t, torch.Tensor)] for x in (a, b)))
+
+
+def _bits(x) -> list:
+    """Every number in a nested structure of lists, tuples and dicts, as its exact bits (nan as one value)."""
+    if x is None:
+        return [None]
+    if isinstance(x, dict):
+        return [b for k in sorted(x) for b in [k, *_bits(x[k])]]
+    if isinstance(x, list | tuple):
+        return [b for v in x for b in _bits(v)]
+    return ["nan" if math.isnan(x) else float(x).hex()]
+
+
+@pytest.mark.parametrize(
+    "learned", [("lr",), ("beta2",), ("lr", "beta1"), ("beta1", "beta2"), ("lr", "beta1", "beta2")]
+)
+@pytest.mark.parametrize("transform", ["identity", "square", "half_tanh", "exp"])
+def test_generated_adam_levels_compute_the_loops_numbers_bit_for_bit(learned, transform) -> None:
+    """Adam levels above the first run as generated straight-line functions; the levels' values, new raw values,
+    states and hypergradients are those of the loops they replace (_update, _vjp), bit for bit, including steps where
+    Python floats raise and the chain is computed again in numpy float64 (lr or beta above 1: sqrt of a negative)."""
+    rng = random.Random(0)
+    names = ("lr", "beta1", "beta2")
+    widths = [3, len(learned), len(learned), 0]  # level k's learned values; the top level (3) learns none
+    fixed = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
+    static = [
+        _scalar._Level(AdamRule(), names, ("identity", "half_tanh", "half_tanh"), fixed),
+        *(_scalar._Level(AdamRule(), learned, (transform,) * len(learned), fixed) for _ in range(2)),
+        _scalar._Level(AdamRule(), (), (), fixed),
+    ]
+    fast = [s._replace(gen=_scalar._generated(s, widths[k - 1])) if k >= 2 else s for k, s in enumerate(static)]
+    assert all(s.gen is not None for s in fast[2:])
+    raised = 0
+    for trial in range(40):
+        # every fourth draw: a negative second moment, whose square root raises in Python floats (nan in numpy)
+        lo_v, hi_v = (-1.0, -0.1) if trial % 4 == 3 else (1e-3, 1.0)
+
+        def vec(n: int, lo: float = 0.1, hi: float = 1.0) -> list[float]:
+            return [rng.uniform(lo, hi) for _ in range(n)]
+
+        raw = [[vec(w, 0.2, 0.9)] for w in widths[:3]]
+        states = [
+            None,
+            *(
+                [[vec(w, -1.0), vec(w, lo_v, hi_v), vec(w, -1.0), vec(w, lo_v, hi_v), vec(w), vec(w)]]
+                for w in widths[:3]
+            ),
+        ]
+        hyper = [[vec(w, -1.0)] for w in widths[:3]]
+        step = rng.choice([1, 2, 7])
+        try:
+            _scalar._chain(static, raw, states, hyper, step, _scalar._PY)
+        except _scalar._RAISES:
+            raised += 1
+        assert _bits(_scalar.ieee(_scalar._chain, fast, raw, states, hyper, step)) == _bits(
+            _scalar.ieee(_scalar._chain, static, raw, states, hyper, step)
+        )
+        r = [None, raw[1][0], raw[2][0]]
+        ups = [vec(3, -1.0)]
+        assert _bits(_scalar.ieee(_scalar._hyper_chain, fast, r, states[:3], ups, step)) == _bits(
+            _scalar.ieee(_scalar._hyper_chain, static, r, states[:3], ups, step)
+        )
+    assert raised  # the numpy float64 path was compared too
