@@ -583,15 +583,21 @@ class _Slots(list):
     """A structure of slots of a :class:`_Reader` (ints, as ``add`` returned), to fill once it has read."""
 
 
-def _round(vectors: list[Vec], dtype: torch.dtype) -> list[tuple[float, ...]]:
-    """The vectors as the dtype stores them (float32: each value rounded once to nearest, as ``torch.tensor`` does):
+def _rounded(flat: list[float], dtype: torch.dtype) -> list[float]:
+    """The numbers as the dtype stores them (float32: each value rounded once to nearest, as ``torch.tensor`` does):
     what the next step reads must be what a checkpoint of this state holds."""
     if dtype == torch.float64:
-        return [tuple(v) for v in vectors]
-    flat = list(chain.from_iterable(vectors))
+        return flat
     # float32: C's double-to-float conversion, as numpy's cast and torch.tensor; numpy would warn where a value
     # overflows to inf, which the finiteness check reports instead
-    flat = array("f", flat).tolist() if dtype == torch.float32 else torch.tensor(flat, dtype=dtype).tolist()
+    return array("f", flat).tolist() if dtype == torch.float32 else torch.tensor(flat, dtype=dtype).tolist()
+
+
+def _round(vectors: list[Vec], dtype: torch.dtype) -> list[tuple[float, ...]]:
+    """The vectors as the dtype stores them (:func:`_rounded`)."""
+    if dtype == torch.float64:
+        return [tuple(v) for v in vectors]
+    flat = _rounded(list(chain.from_iterable(vectors)), dtype)
     # Split again, a run of vectors of one length at a time (the tuples built by zip, without a slice each).
     out: list[tuple[float, ...]] = []
     values = iter(flat)
@@ -699,27 +705,56 @@ def update(plan: Plan, state: TowerState, hypergrads: Sequence[Sequence[Tensor]]
     # Everything stored, rounded to the dtype in one pass, in this order: the raw vectors, the rule states' fields,
     # the learned values each level used (the traces' values). A field that is a tuple was stored already (what the
     # state or a hypergradient held, in the dtype: Adam's previous moments, a kept gradient) and stays as it is; the
-    # chain computes lists.
+    # chain computes lists. One flat list, rounded, then cut into the same vectors again, in the same order.
     like = state.levels[0].hp[0]
-    vectors: list[Vec] = [v for k in range(top) for v in new_raw[k]]
-    vectors += [f for k in range(1, top + 1) for fields in new_states[k] for f in fields if type(f) is list]
-    vectors += [[values[k][n] for n in static[k].learned] for k in range(1, top)]
-    stored = iter(_round(vectors, like.dtype))
-    raw_out = tuple(tuple(islice(stored, len(new_raw[k]))) for k in range(top))
+    flat: list[float] = []
+    add = flat.extend
+    for k in range(top):
+        for v in new_raw[k]:
+            add(v)
+    for k in range(1, top + 1):
+        for fields in new_states[k]:
+            for f in fields:
+                if type(f) is list:
+                    add(f)
+    for k in range(1, top):
+        vals = values[k]
+        add([vals[n] for n in static[k].learned])
+    stored = _rounded(flat, like.dtype)
+    i = 0  # where the next vector starts in stored
+    raw_out: list[Any] = []
+    for k in range(top):
+        level = []
+        for v in new_raw[k]:
+            j = i + len(v)
+            level.append(tuple(stored[i:j]))
+            i = j
+        raw_out.append(tuple(level))
     states_out: list[Any] = [None]
     for k in range(1, top + 1):
-        states_out.append(
-            tuple([tuple([next(stored) if type(f) is list else f for f in fields]) for fields in new_states[k]])
-        )
+        per_tensor = []
+        for fields in new_states[k]:
+            out = []
+            for f in fields:
+                if type(f) is list:
+                    j = i + len(f)
+                    out.append(tuple(stored[i:j]))
+                    i = j
+                else:
+                    out.append(f)
+            per_tensor.append(tuple(out))
+        states_out.append(tuple(per_tensor))
     kept_values: list[Any] = [None]
     for k in range(1, top):  # values[k] is _chain's own dict: the stored learned values replace the computed ones
         vals = values[k]
-        vals.update(zip(static[k].learned, next(stored), strict=True))
+        for n in static[k].learned:
+            vals[n] = stored[i]
+            i += 1
         kept_values.append(vals)
     base = torch.tensor([x for v in raw_out[0] for x in v], dtype=like.dtype, device=like.device)
     hp0 = list(base.split([len(v) for v in raw_out[0]]))
     floats = Floats(
-        plan, like.dtype, like.device, hp0, base, base._version, raw_out, tuple(states_out), tuple(kept_values)
+        plan, like.dtype, like.device, hp0, base, base._version, tuple(raw_out), tuple(states_out), tuple(kept_values)
     )
     return hp0, None, None, floats
 
