@@ -42,6 +42,7 @@ from hypergrad.rules import (
     SumState,
     _one_minus,
     _power_corrections,
+    _power_slopes,
 )
 
 __all__ = ["BUILTIN", "applies", "update", "vjp"]
@@ -121,15 +122,17 @@ def _run(fn: Any, compiled: bool, *args: Any) -> Any:
 # -- what Adam's next vjp would compute again -----------------------------------------------------------------------
 # Adam's vjp at step t + 1 starts from sqrt(v_hat) and sqrt(v_hat) + eps of the states step t wrote: the operations
 # the update of step t ran, on the same values. The eager update keeps them for that one vjp (three passes over the
-# weights fewer; two weight-sized tensors held between steps). An entry is used once, only for the very states it
-# was made with (identity, unchanged in place: version counters) and the same values and step, else the vjp
-# computes them itself. A derived value, not state: a checkpoint or another caller never sees it.
+# weights fewer; two weight-sized tensors held between steps), and with them the scalars it computed from the same
+# values and step that the vjp reads again: c1, c2, 1 - beta1, 1 - beta2 (six 0-dim operations fewer). An entry is
+# used once, only for the very states it was made with (identity, unchanged in place: version counters) and the same
+# values and step, else the vjp computes them itself. A derived value, not state: a checkpoint or another caller
+# never sees it.
 class _Den(NamedTuple):
     refs: list[Any]  # weak references to the exp_avg_sq tensors written
     versions: list[int]
     hp: Mapping[str, Any]  # the values dict the update read (the core's trace keeps this very dict for the vjp)
     step: int
-    den: tuple[list[Tensor], list[Tensor]]
+    den: tuple[list[Tensor], list[Tensor], Any, Any, Any, Any]  # sqrt(v_hat), + eps; c1, c2, 1 - b1, 1 - b2
 
 
 _DENS: dict[int, _Den] = {}
@@ -188,6 +191,8 @@ def _update(
     if kind in (AdamRule, AdamWRule):
         c1, c2, _, _ = corrections
         delta, fields, den = _adam(grads, states, hp, c1, c2, keep)
+        if den is not None:
+            den = (*den[:2], c1, c2, *den[2:])
         if kind is AdamRule:
             return delta, [AdamState(*f) for f in zip(*fields, strict=True)], den
         params = [s.param for s in states]
@@ -255,8 +260,9 @@ def _adam(
     # The operations of rules.adam_step in its order; products and sums of two terms commute bitwise.
     beta1, beta2 = hp["beta1"], hp["beta2"]
     m0, v0 = [s.exp_avg for s in states], [s.exp_avg_sq for s in states]
-    g1 = torch._foreach_mul(grads, _one_minus(beta1))
-    g2 = torch._foreach_mul(grads, _one_minus(beta2))  # ((1 - b2) * g) * g
+    a1, a2 = _one_minus(beta1), _one_minus(beta2)
+    g1 = torch._foreach_mul(grads, a1)
+    g2 = torch._foreach_mul(grads, a2)  # ((1 - b2) * g) * g
     torch._foreach_mul_(g2, grads)
     m = torch._foreach_mul(m0, beta1)
     torch._foreach_add_(m, g1)
@@ -276,7 +282,7 @@ def _adam(
     keep1, keep2 = _learned(hp, "beta1"), _learned(hp, "beta2")
     fields = [list(m), list(v), m0 if keep1 else none, v0 if keep2 else none]
     fields += [list(g1) if keep1 else none, list(g2) if keep2 else none]
-    return list(delta), fields, (list(sq), list(den)) if keep else None
+    return list(delta), fields, (list(sq), list(den), a1, a2) if keep else None
 
 
 # -- closed-form vector-Jacobian products -----------------------------------------------------------------------
@@ -304,9 +310,12 @@ def vjp(
     grads_next = list(grads_next)
     if type(rule) not in BUILTIN or not applies(rule, grads_next, hp):
         return None
-    corrections = _corrections(rule, hp, step, grads_next[0], compiled)
     afters = list(afters)
     den = None if compiled or type(rule) not in (AdamRule, AdamWRule) else _recall_den(afters, hp, step)
+    if den is None:
+        corrections = _corrections(rule, hp, step, grads_next[0], compiled)
+    else:  # c1 and c2 as the update computed them; their slopes, which it did not compute
+        corrections = (den[2], den[3], *_power_slopes(hp, step))
     return _run(_vjp, compiled, rule, grads_next, afters, hp, corrections, den)
 
 
@@ -357,15 +366,17 @@ def _vjp(
 
 def _adam_vjp(grads_next, afters, hp, c1, c2, dc1, dc2, kept=None) -> dict[str, Tensor]:
     # The formulas of rules.adam_vjp with the dots summed over the group before the scalar factors. ``kept``: the
-    # update's sqrt(v_hat) and sqrt(v_hat) + eps for these states, the very values the next three lines compute.
+    # update's sqrt(v_hat) and sqrt(v_hat) + eps for these states, the very values the next three lines compute, and
+    # its 1 - beta1, 1 - beta2 (see _Den).
     lr, b1, b2 = hp["lr"], hp["beta1"], hp["beta2"]
     m_after = [a.exp_avg for a in afters]
     if kept is None:
         sqrt_v_hat = torch._foreach_div([a.exp_avg_sq for a in afters], c2)
         torch._foreach_sqrt_(sqrt_v_hat)
         den = torch._foreach_add(sqrt_v_hat, hp["eps"])
+        a1 = a2 = None
     else:
-        sqrt_v_hat, den = kept
+        sqrt_v_hat, den, _, _, a1, a2 = kept
     q = torch._foreach_div(grads_next, den)
     out: dict[str, Tensor] = {}
     if _learned(hp, "beta1"):
@@ -373,7 +384,7 @@ def _adam_vjp(grads_next, afters, hp, c1, c2, dc1, dc2, kept=None) -> dict[str, 
         q_m0 = _dots(qf, [a.previous_exp_avg for a in afters], flat=True)
         q_g1 = _dots(qf, [a.grad_term for a in afters], flat=True)
         q_m = b1 * q_m0 + q_g1
-        out["beta1"] = lr * ((q_m0 - q_g1 / _one_minus(b1)) / c1 + q_m * dc1 / (c1 * c1))
+        out["beta1"] = lr * ((q_m0 - q_g1 / (_one_minus(b1) if a1 is None else a1)) / c1 + q_m * dc1 / (c1 * c1))
     else:
         q_m = _dots(q, m_after)
     if _learned(hp, "lr"):
@@ -387,5 +398,7 @@ def _adam_vjp(grads_next, afters, hp, c1, c2, dc1, dc2, kept=None) -> dict[str, 
         w_g2 = _dots(wf, [a.grad_sq_term for a in afters], flat=True)
         w_v = b2 * w_v0 + w_g2
         # -0.5 lr / c1 (...), with the division last: lr and c1 may be floats, and 1.0 / 0.0 raises in Python.
-        out["beta2"] = -0.5 * lr * ((w_v0 - w_g2 / _one_minus(b2)) / c2 + w_v * dc2 / (c2 * c2)) / c1
+        out["beta2"] = (
+            -0.5 * lr * ((w_v0 - w_g2 / (_one_minus(b2) if a2 is None else a2)) / c2 + w_v * dc2 / (c2 * c2)) / c1
+        )
     return out

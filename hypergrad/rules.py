@@ -215,12 +215,19 @@ class AdamRule(Rule):
 
 
 def _power_corrections(hp: HP, step: int, slopes: bool = True) -> tuple[Any, Any, Any, Any]:
-    # c = 1 - beta^t, and -dc / d beta = t beta^(t - 1), computed only where beta is learned (and, with slopes=False,
-    # not at all: an update reads c alone)
+    # c = 1 - beta^t, and -dc / d beta = t beta^(t - 1) (_power_slopes; with slopes=False not at all: an update reads
+    # c alone)
     b1, b2, t = hp["beta1"], hp["beta2"], float(step)
-    dc1 = t * _pow(b1, t - 1.0) if slopes and _learned(hp, "beta1") else None
-    dc2 = t * _pow(b2, t - 1.0) if slopes and _learned(hp, "beta2") else None
+    dc1, dc2 = _power_slopes(hp, step) if slopes else (None, None)
     return _one_minus(_pow(b1, t)), _one_minus(_pow(b2, t)), dc1, dc2
+
+
+def _power_slopes(hp: HP, step: int) -> tuple[Any, Any]:
+    # -dc / d beta = t beta^(t - 1) for c = 1 - beta^t, computed only where beta is learned
+    t = float(step)
+    dc1 = t * _pow(hp["beta1"], t - 1.0) if _learned(hp, "beta1") else None
+    dc2 = t * _pow(hp["beta2"], t - 1.0) if _learned(hp, "beta2") else None
+    return dc1, dc2
 
 
 # ``1.0 - x`` and ``x ** t`` of a learned (tensor) value are the same torch.rsub and pow as these, but reach them
