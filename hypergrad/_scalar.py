@@ -17,10 +17,11 @@ tower each step is computed in float64 from the stored float32 values and rounde
 slightly *more* accurate than the float32 tensor path and equal to it only to float32 round-off (the tests against
 the reference package hold at 1e-6 either way). What is kept between steps is what was stored, rounded: a restored
 checkpoint continues bit for bit. Where Python floats raise (1 / 0, sqrt(-1), exp(1000)) the step is
-computed again in numpy float64, which gives IEEE's inf and nan as torch does. An Adam level above the second
-(:func:`_generated`) runs as two functions written out once per shape, a line per operation of ``_update`` and
-``_vjp`` in their order on the same operands, so with the same results bit for bit and without their loops, lists and
-dictionary look-ups (tested against them, Python floats and numpy float64 alike).
+computed again in numpy float64, which gives IEEE's inf and nan as torch does. An Adam level that updates one vector
+(every level k >= 2, and level 1 of one param group; :func:`_generated`) runs as two functions written out once per
+shape, a line per operation of ``_update`` and ``_vjp`` in their order on the same operands, so with the same results
+bit for bit and without their loops, lists and dictionary look-ups (tested against them, Python floats and numpy float64
+alike).
 
 One case is exact instead: a tall tower of plain SGD levels on one number each (``sgd/sgd/.../sgd``, see
 :func:`_plain_sgd`). Its step is products, differences and negations of scalars, each one IEEE operation rounded once
@@ -314,7 +315,7 @@ class _Level(NamedTuple):
     learned: tuple[str, ...]
     transforms: tuple[str, ...]
     fixed: dict[str, float]  # every hyperparameter's initial value (the learned ones are overwritten each step)
-    gen: tuple[Any, Any] | None = None  # a level k >= 2's generated (update, vjp) (see _generated), if it has them
+    gen: tuple[Any, Any] | None = None  # a level k >= 1's generated (update, vjp) (see _generated), if it has them
 
 
 _STATIC: dict[int, tuple[Any, list[_Level]]] = {}
@@ -334,7 +335,7 @@ def _static(plan: Plan) -> list[_Level]:
         )
         for k in range(plan.height + 1)
     ]
-    for k in range(2, plan.height + 1):  # levels updating one vector: that of the level below's learned values
+    for k in range(1, plan.height + 1):  # for one vector of the level below's learned values (level 1: per group)
         levels[k] = levels[k]._replace(gen=_generated(levels[k], len(levels[k - 1].learned)))
     if len(_STATIC) > 64:  # plans of optimizers long gone
         _STATIC.clear()
@@ -343,13 +344,13 @@ def _static(plan: Plan) -> list[_Level]:
 
 
 # -- Adam levels above the first as generated straight-line functions ------------------------------------------------
-# A level k >= 2 updates one short vector (the values level k - 1 learns), and _update / _vjp spend most of their time
-# on their own loops, lists and dictionary look-ups rather than on its few flops. For an Adam level learning some of
-# lr, beta1, beta2 the two are written out once per shape (learned names, their transforms, the vector's length), from
-# the templates below and nothing else (no user text reaches the source: the names index fixed tables), as one
-# function each with a line per operation of _update / _vjp, in their order and with the same operands: the same
-# IEEE operations on the same numbers, so the results are theirs bit for bit (float or numpy float64 alike; a step that
-# raises is computed again in numpy float64 by ieee(), as theirs is).
+# A level k >= 2 updates one short vector (the values level k - 1 learns; level 1, one per param group), and _update /
+# _vjp spend most of their time on their own loops, lists and dictionary look-ups rather than on its few flops. For an
+# Adam level learning some of lr, beta1, beta2 the two are written out once per shape (learned names, their
+# transforms, the vector's length), from the templates below and nothing else (no user text reaches the source: the
+# names index fixed tables), as one function each with a line per operation of _update / _vjp, in their order and with
+# the same operands: the same IEEE operations on the same numbers, so the results are theirs bit for bit (float or
+# numpy float64 alike; a step that raises is computed again in numpy float64 by ieee(), as theirs is).
 _VALUE = {  # the natural value of raw x: forward()'s expressions
     "identity": "{x}",
     "square": "{x} * {x}",
@@ -617,7 +618,7 @@ def _chain(static: list[_Level], raw: list, states: list, hyper: list, step: int
     num = ops.num
     for k in range(top, 0, -1):
         rule, learned, tnames, fixed, gen = static[k]
-        if gen is not None:  # one vector, by the level's generated function
+        if gen is not None and len(hyper[k - 1]) == 1:  # one vector, by the level's generated function
             vals, below, st = gen[0](
                 new_raw[k][0] if learned else None, hyper[k - 1][0], states[k][0], raw[k - 1][0], fixed, step, ops
             )
