@@ -398,3 +398,7 @@ def test_generated_adam_levels_compute_the_loops_numbers_bit_for_bit(learned, tr
             _scalar.ieee(_scalar._hyper_chain, static, r, states[:3], ups, step)
         )
     assert raised  # the numpy float64 path was compared too
+    # and a tower of such levels runs them (levels 1..top of one param group)
+    spec = "adam(0.01)" + f"/adam[{','.join(learned)}](1e-7)" * 2 + "/adam(1e-7)"
+    opt = hypergrad.tower(spec, [torch.zeros(2, requires_grad=True)])
+    assert all(level.gen is not None for level in _scalar._static(opt._plan)[1:])
