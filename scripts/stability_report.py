@@ -10,7 +10,7 @@ RESULTS are JSON-lines files or folders; a folder stands for every `*.jsonl` in 
 different results for the same run are refused (only their names would order them); identical copies are one run.
 stability.md lists, per base, mode and height, the files its rows came from and how many earlier rows with a
 different result were replaced, so a rerun that covered only part of a grid is visible. One report is one dataset:
-results that hold several need `--dataset`.
+results that hold several need `--dataset`, and `--tuned` must be a study on the report's dataset and model.
 
 Writes OUT_DIR/stability.png (test error against the initial step size, one line per height; one column per top
 hyper-step; one row per base and mode, a base's reference row above its stable row; the mean over seeds) and
@@ -43,6 +43,7 @@ TOP = 30.0  # the figure's y range in %: the goal is about a few points near the
 
 
 DEFAULT_DATASET = "mnist5k"  # the stability preset's dataset: its runs carry no `dataset=` override
+DEFAULT_MODEL = "mlp"  # the stability preset's model: its runs carry no `model=` override
 
 
 def inputs(paths: Sequence[Path]) -> list[tuple[Path, int]]:
@@ -63,6 +64,10 @@ def inputs(paths: Sequence[Path]) -> list[tuple[Path, int]]:
 
 def _dataset(extra: list[str]) -> str:
     return next((e.split("=", 1)[1] for e in extra if e.startswith("dataset=")), DEFAULT_DATASET)
+
+
+def _model(extra: list[str]) -> str:
+    return next((e.split("=", 1)[1] for e in extra if e.startswith("model=")), DEFAULT_MODEL)
 
 
 # What a run measured; its wall time is not part of it (the same run twice takes different times).
@@ -438,6 +443,16 @@ def main(argv: list[str] | None = None) -> None:
         df = load(args.results, args.dataset, args.bases.split(",") if args.bases else None)
     except ValueError as e:
         p.error(str(e))
+    if args.tuned is not None:
+        # The tuned baseline is compared with the towers' runs: a study on another dataset or model would be read
+        # as if it were on theirs.
+        study = json.loads(args.tuned.read_text())
+        runs = sorted({(_dataset(e), _model(e)) for e in df["extra"]})
+        if [(study.get("dataset"), study.get("model"))] != runs:
+            p.error(
+                f"--tuned must be a study on the report's dataset and model {runs[0] if len(runs) == 1 else runs}, "
+                f"but {str(args.tuned)!r} is on {(study.get('dataset'), study.get('model'))}"
+            )
     if not (df["height"] > 0).any():
         p.error(
             f"the results must hold tower runs (height >= 1) to report, but bases {sorted(set(df['base']))} have none"

@@ -165,3 +165,38 @@ def test_results_on_two_datasets_are_refused_with_one_line_unless_one_is_chosen(
     with pytest.raises(SystemExit):
         report.main([str(d), str(tmp_path / "out2"), "--dataset", "cifar10"])
     assert "--dataset must be one of ['digits', 'mnist5k']" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def study(dataset: str, model: str) -> dict:
+    """A study_summary.json as bench.tune writes it, reduced to what the report reads."""
+    reruns = [dict(seed=s, test_error=e, steps=180, wall_time_s=2.0) for s, e in [(1, 0.010), (2, 0.012), (3, 0.014)]]
+    return dict(dataset=dataset, model=model, n_trials=20, reruns=reruns, total_epochs=360, total_steps=3600,
+                total_wall_time_s=90.0)  # fmt: skip
+
+
+def test_the_tuned_baseline_must_be_a_study_on_the_reports_dataset_and_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    digits = ("dataset=digits", "model=cnn")
+    results = write(tmp_path / "digits.jsonl", fixed_rows(digits) + [row(3, lr, "1e-4", 0.065, extra=digits)
+                                                                     for lr in TOWER_LRS])  # fmt: skip
+    for name, (dataset, model) in {"mnist5k": ("mnist5k", "mlp"), "digits_mlp": ("digits", "mlp")}.items():
+        wrong = tmp_path / f"{name}_study_summary.json"
+        wrong.write_text(json.dumps(study(dataset, model)))
+        with pytest.raises(SystemExit):
+            report.main([str(results), str(tmp_path / "out"), "--tuned", str(wrong)])
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert (
+            f"--tuned must be a study on the report's dataset and model ('digits', 'cnn'), but {str(wrong)!r} " in last
+        )
+        assert last.endswith(f"is on ('{dataset}', '{model}')")
+        assert not (tmp_path / "out").exists()  # refused before writing anything
+    right = tmp_path / "digits_study_summary.json"
+    right.write_text(json.dumps(study("digits", "cnn")))
+    report.main([str(results), str(tmp_path / "out"), "--tuned", str(right)])
+    text = (tmp_path / "out" / "stability.md").read_text()
+    # The tuned study's rerun mean (1.2%) and one tower run's share of its steps (480 of 3600) are in the table.
+    tuned = next(line for line in text.splitlines() if "adam, Optuna-tuned" in line)
+    assert "0.012" in tuned and "20 trials + 3 reruns, 360 epochs in all" in tuned
+    tower = next(line for line in text.splitlines() if "stable adam/sgd(0.0001)x3" in line)
+    assert "0.1333" in tower  # of_tuned_steps = 480 / 3600
