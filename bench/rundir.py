@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -79,14 +81,41 @@ def mask_log_handlers() -> None:
     logging.setLogRecordFactory(_masked_record)
 
 
+def refuse_unmakeable_dir(config: DictConfig, key: str) -> None:
+    """Exit with one line when the run (or sweep) directory cannot be made: under a file, or in a read-only place.
+
+    Hydra creates the directory itself before the task starts, so bench.__main__'s OSError handler never sees that
+    failure and the user would get Hydra's traceback. Only the nearest existing ancestor is checked here (nothing is
+    created): `${now:}` in the path resolves again when Hydra makes it.
+    """
+    try:
+        path = Path(str(OmegaConf.select(config, key))).expanduser().absolute()
+    except Exception:  # an unresolvable path: Hydra reports it in its own words
+        return
+    ancestor = path
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        why = f"`{ancestor}` is not a directory"
+    elif not os.access(ancestor, os.W_OK | os.X_OK):
+        why = f"`{ancestor}` is not writable"
+    else:
+        return
+    print(f"error: cannot create `{path}`: {why}; pick another directory ({key}=... or paths.log_dir=...)",
+          file=sys.stderr)  # fmt: skip
+    sys.exit(1)
+
+
 class RunDirRecord(Callback):
     """Hydra callback: write `.hydra/{config,hydra,overrides}.yaml` once per run directory, with secrets masked."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         mask_log_handlers()
+        refuse_unmakeable_dir(config, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         mask_log_handlers()
+        refuse_unmakeable_dir(config, "hydra.sweep.dir")
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         mask_log_handlers()  # the job's own log file handler is configured just before this

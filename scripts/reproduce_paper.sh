@@ -7,7 +7,7 @@
 #   mnist_table               Table 1: 18 towers x 3 seeds, 30 epochs, then the 14 re-run rows (each tower's
 #                             base optimizer fixed at the values it learned, bench.rerun); dataset=mnist by
 #                             default; offline: scripts/reproduce_paper.sh mnist_table -- dataset=mnist5k
-#   tower_height_sensitivity  SGD towers of height 0-3 x initial step sizes 1e-8..1 (needs the MNIST files)
+#   tower_height_sensitivity  SGD towers of height 0-3 x initial step sizes 1e-8..100 (needs the MNIST files)
 #   sensitivity_mnist5k       the same question on the embedded MNIST subset: runs offline on CPU
 #   cifar_resnet20            ResNet-20 on CIFAR-10: learned momentum and step size, the fixed baseline on the
 #                             same grid, and He et al.'s step decay (needs the CIFAR-10 files and a GPU)

@@ -96,6 +96,21 @@ def test_a_bad_value_exits_2_with_one_line_and_no_metrics(tmp_path: Path, overri
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
+@pytest.mark.parametrize("mode", ["run", "sweep"])
+def test_a_run_directory_under_a_file_exits_with_one_line_naming_it(tmp_path: Path, mode: str) -> None:
+    # Hydra makes the directory before the task starts; without the check the user got Hydra's traceback.
+    blocker = tmp_path / "results"
+    blocker.write_text("not a directory")
+    key = f"hydra.{mode}.dir"
+    proc = run_bench([*(["-m", "seed=0,1"] if mode == "sweep" else []), f"{key}={blocker / 'x'}"], tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"error: cannot create `{blocker / 'x'}`: `{blocker}` is not a directory; "
+        f"pick another directory ({key}=... or paths.log_dir=...)"
+    ]
+    assert blocker.read_text() == "not a directory"
+
+
 def test_an_unknown_group_option_lists_the_available_ones(tmp_path: Path) -> None:
     proc = run_bench(["dataset=imagenet", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     assert proc.returncode != 0

@@ -159,3 +159,29 @@ def test_the_answer_counts_held_and_failed_claims_in_words() -> None:
     assert text.startswith("On `mnist5k` (30 epochs, 3 seeds per row), the untuned base optimizers end at 8.00%-8.00%")
     assert "Of the paper's 3 claims tested below, 1 holds, 1 fails (b), and the rest" in text
     assert "our rows are +1.00 to +3.00 percentage points off (2 rows with a published value)" in text
+
+
+def test_the_answer_of_a_one_epoch_one_seed_report_reads_as_english() -> None:
+    # What reproduce_paper.sh --smoke prints: "1 epoch", "1 seed", never "1 epochs, 1 seeds".
+    from bench.report.claims import answer
+
+    summary = pd.DataFrame(
+        [dict.fromkeys(SUMMARY_COLUMNS) | {"family": "tower", "height": 0, "rerun_of": None, "test_error_mean": 0.5}]
+    )
+    table = pd.DataFrame({"claim": ["a"], "verdict": ["holds"]})
+    assert answer(summary, table, "mnist5k", 1, "1").startswith("On `mnist5k` (1 epoch, 1 seed per row)")
+    assert answer(summary, table, "mnist5k", 1, "1-3").startswith("On `mnist5k` (1 epoch, 1-3 seeds per row)")
+
+
+def test_a_one_epoch_figure_title_says_one_epoch() -> None:
+    # The figures' title line names the task; a smoke run's reads "1 epoch", a sweep's several values "epochs".
+    from bench.report.load import Runs
+    from bench.report.pipeline import _context
+
+    def title(planned: list[float]) -> str:
+        rows = [{"dataset": "mnist5k", "model": "mlp", "family": "tower", "optimizer": "sgd(0.1)/sgd(1e-05)"}]
+        return _context(Runs(pd.DataFrame([r | {"planned_epochs": e} for r in rows for e in planned])))
+
+    assert title([1]) == "mnist5k, mlp; 1 epoch; hyper levels sgd(1e-05)"
+    assert title([5]) == "mnist5k, mlp; 5 epochs; hyper levels sgd(1e-05)"
+    assert title([1, 5]) == "mnist5k, mlp; 1, 5 epochs; hyper levels sgd(1e-05)"

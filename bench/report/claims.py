@@ -293,7 +293,8 @@ def answer(summary: pd.DataFrame, claims_table: pd.DataFrame, dataset: str, epoc
     failed = [c for c, v in verdicts.items() if v == "fails"]
     towers = summary[(summary["family"] == "tower") & (summary["height"] >= 1) & summary["rerun_of"].isna()]
     bases = summary[(summary["family"] == "tower") & (summary["height"] == 0) & summary["rerun_of"].isna()]
-    parts = [f"On `{dataset}` ({epochs:g} epochs, {n_seeds} seeds per row)"]
+    # One epoch or seed is a smoke run's (reproduce_paper.sh --smoke): "1 epoch", not "1 epochs".
+    parts = [f"On `{dataset}` ({epochs:g} epoch{'s' * (epochs != 1)}, {n_seeds} seed{'s' * (n_seeds != '1')} per row)"]
     if len(towers) and len(bases):
         parts.append(
             f", the untuned base optimizers end at {_pct(bases['test_error_mean'].min())}-"

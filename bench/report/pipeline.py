@@ -246,7 +246,8 @@ def _context(runs: Runs) -> str:
             hyper.add(level.strip())
     parts = [f"{table['dataset'].iloc[0]}, {table['model'].iloc[0]}"]
     if len(epochs):
-        parts.append(f"{', '.join(f'{float(e):g}' for e in sorted(epochs))} epochs")
+        plural = "s" * (len(epochs) > 1 or float(epochs[0]) != 1)
+        parts.append(f"{', '.join(f'{float(e):g}' for e in sorted(epochs))} epoch{plural}")
     if hyper:
         shown = sorted(hyper)
         parts.append("hyper levels " + ", ".join(shown[:4]) + (f" (+{len(shown) - 4} more)" if len(shown) > 4 else ""))
