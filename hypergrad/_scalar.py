@@ -661,6 +661,10 @@ def _make_tower(shape: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...], widt
     # below's hypergradients: U for level 1, else the locals the level below just computed)
     vj = ["def vjp(F, U, C, step, ops):", "    tanh, exp, sqrt = ops.tanh, ops.exp, ops.sqrt", "    t = float(step)"]
     hyper = []
+
+    def add(name: str, expr: str, group: int) -> str:  # a group's sum, added to those of the groups before it
+        return f"    s_{name} = {expr}" if group == 0 else f"    s_{name} = s_{name} + ({expr})"
+
     for k in range(1, top):
         learned, tnames = shape[k - 1]
         w = widths[k - 1]
@@ -673,7 +677,6 @@ def _make_tower(shape: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...], widt
             vj += ["    " + line.format(v=local[n], d=f"d_{i}", x=f"F[{r0 + i}]") for line in _SLOPE[tnames[i]]]
         k1, k2 = "beta1" in learned, "beta2" in learned
         vj.append("    c1, c2 = 1.0 - b1**t, 1.0 - b2**t")
-        sums: dict[str, list[str]] = {n: [] for n in learned}
         for g, (m, v, pm, pv, g1, g2) in enumerate(fields[k - 1]):
             vj.append("    q_m0 = q_g1 = q_m = w_v0 = w_g2 = -0.0")
             for i in range(w):
@@ -693,23 +696,18 @@ def _make_tower(shape: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...], widt
                 vj += [
                     "    dc1 = t * b1 ** (t - 1.0)",
                     "    q_m = b1 * q_m0 + q_g1",
-                    f"    s_beta1_{g} = lr * ((q_m0 - q_g1 / (1.0 - b1)) / c1 + q_m * dc1 / (c1 * c1))",
+                    add("beta1", "lr * ((q_m0 - q_g1 / (1.0 - b1)) / c1 + q_m * dc1 / (c1 * c1))", g),
                 ]
-                sums["beta1"].append(f"s_beta1_{g}")
             if "lr" in learned:
-                vj.append(f"    s_lr_{g} = q_m / c1")
-                sums["lr"].append(f"s_lr_{g}")
+                vj.append(add("lr", "q_m / c1", g))
             if k2:
                 vj += [
                     "    dc2 = t * b2 ** (t - 1.0)",
                     "    w_v = b2 * w_v0 + w_g2",
-                    f"    s_beta2_{g} = -0.5 * lr / c1 * ((w_v0 - w_g2 / (1.0 - b2)) / c2 + w_v * dc2 / (c2 * c2))",
+                    add("beta2", "-0.5 * lr / c1 * ((w_v0 - w_g2 / (1.0 - b2)) / c2 + w_v * dc2 / (c2 * c2))", g),
                 ]
-                sums["beta2"].append(f"s_beta2_{g}")
         for i, n in enumerate(learned):
-            total = " + ".join(sums[n])  # summed over the groups in their order, from the left
-            total = total if len(sums[n]) == 1 else f"({total})"
-            vj.append(f"    h{k}_{i} = -{total}" + ("" if tnames[i] == "identity" else f" * d_{i}"))
+            vj.append(f"    h{k}_{i} = -s_{n}" + ("" if tnames[i] == "identity" else f" * d_{i}"))
             hyper.append(f"h{k}_{i}")
     vj.append("    return [" + ", ".join(hyper) + "]")
     scope: dict[str, Any] = {}
