@@ -21,7 +21,13 @@ computed again in numpy float64, which gives IEEE's inf and nan as torch does. A
 (every level k >= 2, and level 1 of one param group; :func:`_generated`) runs as two functions written out once per
 shape, a line per operation of ``_update`` and ``_vjp`` in their order on the same operands, so with the same results
 bit for bit and without their loops, lists and dictionary look-ups (tested against them, Python floats and numpy float64
-alike).
+alike). Where every level 1..top is such an Adam level (:func:`_tower`; level 1 repeats its lines per param group and
+adds its vjp's sums over the groups in their order, as the loops do), the whole chain runs as one generated update and
+one generated vjp that concatenate those lines level after level, and the state is kept as :class:`AdamFloats`: one
+flat tuple of exactly the numbers :class:`Floats` would hold, rounded once to the dtype. The same operations on the
+same operands give the same numbers; rounding a value that is already of the dtype (a kept previous moment) returns it
+unchanged; and the tensors, checkpoints and hyperparameters built from the flat tuple are those built from Floats,
+field for field, so the layout cannot be observed.
 
 One case is exact instead: a tall tower of plain SGD levels on one number each (``sgd/sgd/.../sgd``, see
 :func:`_plain_sgd`). Its step is products, differences and negations of scalars, each one IEEE operation rounded once
@@ -532,6 +538,265 @@ class SgdFloats(NamedTuple):
         return tuple(out)
 
 
+# -- a tower of such Adam levels, kept as one flat tuple --------------------------------------------------------------
+# Where every level 1..top is an Adam level with generated functions, the state's floats are a fixed number of
+# numbers in a fixed order (_Tower's layout). The step keeps them as one flat tuple (AdamFloats), and the whole chain
+# runs as two functions written out once per tower shape, the lines of _make_adam's update and vjp for every level in
+# turn, reading the numbers at fixed indices of the flat tuple and returning the next one as a single list: the same
+# operations on the same operands as the per-level functions (hence as _update and _vjp), with no vector, tuple or
+# dictionary built per level and one rounding for the whole state. Level 1 updates one vector per param group: its
+# lines are repeated per group, and its vjp's sums are added over the groups in their order, as _hyper_chain adds
+# _vjp's. Floats' fields are built from the flat tuple where read (:func:`tensors`).
+class _Tower(NamedTuple):
+    update: Any  # update(F, H, C, step, ops) -> the next flat state, unrounded (a list)
+    vjp: Any  # vjp(F, U, C, step, ops) -> the hypergradients of levels 1..top-1, one list, unrounded
+    consts: tuple[float, ...]  # every level's fixed values that it does not learn, as the functions index them
+    size: int  # how many numbers the flat state holds
+    groups: int  # level 0's param groups: level 1 updates one vector per group
+    raw: tuple[tuple[int, int], ...]  # per level 0..top-1: where its raw values lie in the flat state (start, end)
+    fields: tuple[Any, ...]  # per level 1..top, per vector it updates: each AdamState field's (start, end), or None
+    values: tuple[tuple[int, int], ...]  # per level 1..top-1: where the natural values it used lie
+    read: tuple[int, ...]  # the indices that the next update reads: raw values, moments (the rest it writes anew)
+
+
+_TOWERS: dict[int, tuple[Plan, _Tower | None]] = {}
+_TOWER_CODE: dict[tuple, _Tower] = {}
+
+
+def _tower(plan: Plan) -> _Tower | None:
+    """The flat form of ``plan``'s levels 1..top, where it has one (see above); None for another plan."""
+    hit = _TOWERS.get(id(plan))
+    if hit is not None and hit[0] is plan:
+        return hit[1]
+    out = None
+    static = _static(plan)
+    if _kind(plan) == "floats" and all(s.gen is not None for s in static[1:]):
+        shape = tuple((s.learned, s.transforms) for s in static[1:])
+        widths = (len(static[0].learned), *(len(s.learned) for s in static[1:-1]))
+        key = (shape, widths, len(plan.initial[0]))
+        if key not in _TOWER_CODE:
+            _TOWER_CODE[key] = _make_tower(*key)
+        code = _TOWER_CODE[key]
+        consts = tuple(static[k].fixed[n] for k in range(1, plan.height + 1) for n in (*_ADAM_NAMES, "eps"))
+        out = code._replace(consts=consts)
+    _keep(_TOWERS, plan, (plan, out))
+    return out
+
+
+def _make_tower(shape: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...], widths: tuple[int, ...], groups: int):
+    top = len(shape)
+    # The layout, level by level: the raw values of the level below (per group, at level 1), the AdamState fields the
+    # level keeps (per vector it updates), the natural values it used (below the top).
+    size = 0
+    raw: list[tuple[int, int]] = []
+    fields: list[Any] = []
+    values: list[tuple[int, int]] = []
+
+    def place(n: int) -> tuple[int, int]:
+        nonlocal size
+        size += n
+        return size - n, size
+
+    for k in range(1, top + 1):
+        learned, w = shape[k - 1][0], widths[k - 1]
+        k1, k2 = "beta1" in learned, "beta2" in learned
+        raw.append(place(w * (groups if k == 1 else 1)))
+        per = []
+        for _ in range(groups if k == 1 else 1):
+            m, v = place(w), place(w)
+            pm, pv = place(w) if k1 else None, place(w) if k2 else None
+            g1, g2 = place(w) if k1 else None, place(w) if k2 else None
+            per.append((m, v, pm, pv, g1, g2))
+        fields.append(tuple(per))
+        if k < top:
+            values.append(place(len(learned)))
+    read = tuple(
+        i for k in range(top) for part in (raw[k], *(f for vec in fields[k] for f in vec[:2])) for i in range(*part)
+    )
+
+    def const(k: int, name: str) -> str:  # level k's fixed value of name, in consts
+        return f"C[{4 * (k - 1) + (*_ADAM_NAMES, 'eps').index(name)}]"
+
+    local = {"lr": "lr", "beta1": "b1", "beta2": "b2", "eps": "eps"}
+    # update: levels top..1, as _make_adam's update for each vector (its g[i] is H[...], its st and below index F)
+    up = ["def update(F, H, C, step, ops):", "    tanh, exp, sqrt = ops.tanh, ops.exp, ops.sqrt", "    t = float(step)"]
+    hstart = [0]
+    for k in range(1, top):
+        hstart.append(hstart[-1] + raw[k - 1][1] - raw[k - 1][0])
+    out: dict[int, list[str]] = {}
+    for k in range(top, 0, -1):
+        learned, tnames = shape[k - 1]
+        w = widths[k - 1]
+        up.append(f"    # level {k}")
+        for n in (*_ADAM_NAMES, "eps"):
+            if n in learned:
+                i = learned.index(n)
+                up.append(f"    {local[n]} = " + _VALUE[tnames[i]].format(x=f"n{k + 1}_0_{i}"))
+                up.append(f"    val{k}_{i} = {local[n]}")
+            else:
+                up.append(f"    {local[n]} = {const(k, n)}")
+        up.append("    c1, c2, a1, a2 = 1.0 - b1**t, 1.0 - b2**t, 1.0 - b1, 1.0 - b2")
+        k1, k2 = "beta1" in learned, "beta2" in learned
+        news, kept = [], []
+        for g, vec in enumerate(fields[k - 1]):
+            r0, m0, v0 = raw[k - 1][0] + g * w, vec[0][0], vec[1][0]
+            h0 = hstart[k - 1] + g * w
+            for i in range(w):
+                j = f"{k}_{g}_{i}"
+                up += [
+                    f"    x1_{j}, x2_{j} = a1 * H[{h0 + i}], a2 * H[{h0 + i}] * H[{h0 + i}]",
+                    f"    m{j}, v{j} = b1 * F[{m0 + i}] + x1_{j}, b2 * F[{v0 + i}] + x2_{j}",
+                    f"    n{j} = F[{r0 + i}] - lr * ((m{j} / c1) / (sqrt(v{j} / c2) + eps))",
+                ]
+            ix = range(w)
+            news += [f"n{k}_{g}_{i}" for i in ix]
+            kept += [f"m{k}_{g}_{i}" for i in ix] + [f"v{k}_{g}_{i}" for i in ix]
+            kept += [f"F[{m0 + i}]" for i in ix] if k1 else []
+            kept += [f"F[{v0 + i}]" for i in ix] if k2 else []
+            kept += [f"x1_{k}_{g}_{i}" for i in ix] if k1 else []
+            kept += [f"x2_{k}_{g}_{i}" for i in ix] if k2 else []
+        out[k] = news + kept + ([f"val{k}_{i}" for i in range(len(learned))] if k < top else [])
+    up.append("    return [" + ", ".join(x for k in range(1, top + 1) for x in out[k]) + "]")
+    # vjp: levels 1..top-1, as _make_adam's vjp for each vector (its r is level k + 1's raw vector, its u the level
+    # below's hypergradients: U for level 1, else the locals the level below just computed)
+    vj = ["def vjp(F, U, C, step, ops):", "    tanh, exp, sqrt = ops.tanh, ops.exp, ops.sqrt", "    t = float(step)"]
+    hyper = []
+
+    def add(name: str, expr: str, group: int) -> str:  # a group's sum, added to those of the groups before it
+        return f"    s_{name} = {expr}" if group == 0 else f"    s_{name} = s_{name} + ({expr})"
+
+    for k in range(1, top):
+        learned, tnames = shape[k - 1]
+        w = widths[k - 1]
+        r0 = raw[k][0]
+        vj.append(f"    # level {k}")
+        for n in (*_ADAM_NAMES, "eps"):
+            if n not in learned:
+                vj.append(f"    {local[n]} = {const(k, n)}")
+        for i, n in enumerate(learned):
+            vj += ["    " + line.format(v=local[n], d=f"d_{i}", x=f"F[{r0 + i}]") for line in _SLOPE[tnames[i]]]
+        k1, k2 = "beta1" in learned, "beta2" in learned
+        vj.append("    c1, c2 = 1.0 - b1**t, 1.0 - b2**t")
+        for g, (m, v, pm, pv, g1, g2) in enumerate(fields[k - 1]):
+            vj.append("    q_m0 = q_g1 = q_m = w_v0 = w_g2 = -0.0")
+            for i in range(w):
+                u = f"U[{g * w + i}]" if k == 1 else f"h{k - 1}_{i}"
+                vj += [f"    s = sqrt(F[{v[0] + i}] / c2)", "    d = s + eps", f"    q = {u} / d"]
+                if k1:
+                    vj += [f"    q_m0 = q_m0 + q * F[{pm[0] + i}]", f"    q_g1 = q_g1 + q * F[{g1[0] + i}]"]
+                else:
+                    vj.append(f"    q_m = q_m + q * F[{m[0] + i}]")
+                if k2:
+                    vj += [
+                        f"    w = q * F[{m[0] + i}] / (d * s)",
+                        f"    w_v0 = w_v0 + w * F[{pv[0] + i}]",
+                        f"    w_g2 = w_g2 + w * F[{g2[0] + i}]",
+                    ]
+            if k1:
+                vj += [
+                    "    dc1 = t * b1 ** (t - 1.0)",
+                    "    q_m = b1 * q_m0 + q_g1",
+                    add("beta1", "lr * ((q_m0 - q_g1 / (1.0 - b1)) / c1 + q_m * dc1 / (c1 * c1))", g),
+                ]
+            if "lr" in learned:
+                vj.append(add("lr", "q_m / c1", g))
+            if k2:
+                vj += [
+                    "    dc2 = t * b2 ** (t - 1.0)",
+                    "    w_v = b2 * w_v0 + w_g2",
+                    add("beta2", "-0.5 * lr / c1 * ((w_v0 - w_g2 / (1.0 - b2)) / c2 + w_v * dc2 / (c2 * c2))", g),
+                ]
+        for i, n in enumerate(learned):
+            vj.append(f"    h{k}_{i} = -s_{n}" + ("" if tnames[i] == "identity" else f" * d_{i}"))
+            hyper.append(f"h{k}_{i}")
+    vj.append("    return [" + ", ".join(hyper) + "]")
+    scope: dict[str, Any] = {}
+    exec(compile("\n".join(up) + "\n\n" + "\n".join(vj) + "\n", "<hypergrad._scalar: Adam tower>", "exec"), scope)
+    return _Tower(scope["update"], scope["vjp"], (), size, groups, tuple(raw), tuple(fields), tuple(values), read)
+
+
+class AdamFloats(NamedTuple):
+    """:class:`Floats` of a tower of generated Adam levels (:func:`_tower`), held as one flat
+    tuple of the numbers Floats' fields hold, rounded to the dtype, in the tower's layout; ``raw``, ``states`` and
+    ``values`` build Floats' fields from it where read (:func:`tensors`), so that a step builds no tuple or dict per
+    level."""
+
+    plan: Plan
+    dtype: torch.dtype
+    device: torch.device
+    hp0: list[Tensor]
+    base: Tensor
+    version: int
+    flat: tuple[float, ...]
+
+    @property
+    def raw(self) -> tuple[tuple[tuple[float, ...], ...], ...]:
+        flat, tw = self.flat, _tower_of(self.plan)
+        (a, b), *above = tw.raw
+        w = (b - a) // tw.groups
+        return (tuple(flat[i : i + w] for i in range(a, b, w)), *((flat[a:b],) for a, b in above))
+
+    @property
+    def states(self) -> tuple[Any, ...]:
+        flat = self.flat
+        fields = _tower_of(self.plan).fields
+        return (None, *(tuple(tuple(None if f is None else flat[f[0] : f[1]] for f in v) for v in k) for k in fields))
+
+    @property
+    def values(self) -> tuple[Any, ...]:
+        out: list[Any] = [None]
+        static = _static(self.plan)
+        for k, (a, _) in enumerate(_tower_of(self.plan).values, start=1):
+            vals = static[k].fixed.copy()
+            for i, name in enumerate(static[k].learned):
+                vals[name] = self.flat[a + i]
+            out.append(vals)
+        return tuple(out)
+
+
+def _tower_of(plan: Plan) -> _Tower:
+    tw = _tower(plan)
+    if tw is None:
+        raise RuntimeError("hypergrad internal error: AdamFloats of a plan without a flat tower")
+    return tw
+
+
+def _tower_update(plan: Plan, state: TowerState, hypergrads: Sequence[Sequence[Tensor]] | Hyper, step: int, tw: _Tower):
+    """:func:`update` for a tower with a flat form: the new state as :class:`AdamFloats`."""
+    like = state.levels[0].hp[0]
+    fl = _floats(plan, state)
+    hp = state.levels[0].hp
+    w0 = tw.raw[0][1]  # level 0's values, all groups
+    if type(fl) is AdamFloats:
+        flat = fl.flat
+        if not _level0_kept(fl, state):  # level 0's values changed since: read them again
+            flat = (*torch.cat([h.reshape(-1) for h in hp]).tolist(), *flat[w0:])
+    else:  # the state's tensors (or Floats): the numbers the update reads, at their places; the rest it writes
+        reader = _Reader()
+        raw, states = _read_levels(state, reader, range(plan.height), range(1, plan.height + 1))
+        reader.read()
+        raw, states = reader.fill(raw), reader.fill(states)
+        values = [
+            x for k in range(plan.height) for part in (*raw[k], *(f for v in states[k] for f in v[:2])) for x in part
+        ]
+        filled = [0.0] * tw.size
+        for i, x in zip(tw.read, values, strict=True):
+            filled[i] = x
+        flat = tuple(filled)
+    if isinstance(hypergrads, Hyper):
+        hyper = (
+            hypergrads.flat
+            if hypergrads.flat is not None
+            else tuple(x for level in hypergrads.vectors for v in level for x in v)
+        )
+    else:
+        hyper = tuple(torch.cat([h.reshape(-1) for level in hypergrads for h in level]).tolist())
+    stored = tuple(_rounded(ieee(tw.update, flat, hyper, tw.consts, step), like.dtype))
+    base = torch.tensor(stored[:w0], dtype=like.dtype, device=like.device)
+    hp0 = list(base.split([len(h) for h in hp]))
+    return hp0, None, None, AdamFloats(plan, like.dtype, like.device, hp0, base, base._version, stored)
+
+
 class Hyper(NamedTuple):
     """The hypergradients of levels 0..top-1 as floats (what :func:`update` reads; see :func:`hyper_floats`)."""
 
@@ -688,6 +953,9 @@ def update(plan: Plan, state: TowerState, hypergrads: Sequence[Sequence[Tensor]]
         if num is not None:
             fl = _sgd_update(plan, state, hypergrads, num)
             return fl.hp0, None, None, fl
+    tw = _tower(plan)
+    if tw is not None:
+        return _tower_update(plan, state, hypergrads, step, tw)
     static = _static(plan)
     top = plan.height
     reader = _Reader()
@@ -802,6 +1070,8 @@ def finite(fl: Floats) -> bool:
     """Whether every raw hyperparameter ``fl`` holds is finite."""
     if type(fl) is SgdFloats:
         return all(math.isfinite(x) for x in fl.new)
+    if type(fl) is AdamFloats:
+        return all(math.isfinite(x) for a, b in _tower_of(fl.plan).raw for x in fl.flat[a:b])
     return all(math.isfinite(x) for level in fl.raw for v in level for x in v)
 
 
@@ -813,6 +1083,12 @@ def hyper_floats(plan: Plan, state: TowerState, level0: Sequence[Tensor]) -> Hyp
             ups, out = _sgd_hyper(plan, state, level0, num)  # numbers of the dtype, which _sgd_update reads as such
             return Hyper([], (*ups, *out), (len(level0), *(1 for _ in out)), list(level0))
     top = plan.height
+    tw = _tower(plan)
+    fl = _floats(plan, state)
+    if tw is not None and type(fl) is AdamFloats:  # one flat tuple in, one out
+        upstream = tuple(torch.cat([h.reshape(-1) for h in level0]).tolist())
+        out = ieee(tw.vjp, fl.flat, upstream, tw.consts, state.step)
+        return Hyper([], (*upstream, *_rounded(out, level0[0].dtype)))
     reader = _Reader()
     slots = _Slots(reader.add(h) for h in level0)
     if top < 2:
@@ -840,7 +1116,15 @@ def hypergradients(plan: Plan, state: TowerState, level0: Sequence[Tensor]) -> l
         num = _number(level0[0].dtype)
         if num is not None:
             return _sgd_hypergradients(plan, state, level0, num)
-    out = [v[0] for v in hyper_floats(plan, state, level0).vectors[1:]]
+    hyper = hyper_floats(plan, state, level0)
+    if hyper.flat is None:
+        out = [v[0] for v in hyper.vectors[1:]]
+    else:  # a flat tower's: level k's hypergradients as long as its raw vector, one level after another
+        out, i = [], 0
+        for a, b in _tower_of(plan).raw:
+            out.append(hyper.flat[i : i + b - a])
+            i += b - a
+        out = out[1:]
     if not out:
         return []
     like = level0[0]

@@ -402,3 +402,112 @@ def test_generated_adam_levels_compute_the_loops_numbers_bit_for_bit(learned, tr
     spec = "adam(0.01)" + f"/adam[{','.join(learned)}](1e-7)" * 2 + "/adam(1e-7)"
     opt = hypergrad.tower(spec, [torch.zeros(2, requires_grad=True)])
     assert all(level.gen is not None for level in _scalar._static(opt._plan)[1:])
+
+
+ADAM_TOWERS = [
+    "adam(0.01)" + "/adam(1e-7)" * 6,
+    "adam[beta1,beta2](0.01)/adam[lr,beta2](1e-4)/adam[beta1](1e-5)/adam(1e-5)",
+    "sgd(0.1, momentum=0.9)/adam(1e-4)/adam(1e-5)",  # level 0 of another rule: level 1's vectors are 2 long
+]
+
+
+def train_groups(spec: str, dtype, groups: int, parameterization: str, read_each_step: bool, steps: int = 6):
+    """Weights, learned values and every state tensor after ``steps`` steps of ``spec`` on one or two param groups,
+    with a scheduler's write, a write in place into a level above, a checkpoint reload and a write in place into level
+    0 between steps; with ``read_each_step`` the state is read (built as tensors) after every step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+    params = list(model.parameters())
+    split = params if groups == 1 else [{"params": params[:2]}, {"params": params[2:], "lr": 0.02}]
+    opt = hypergrad.tower(spec, split, parameterization=parameterization)
+    g = torch.Generator().manual_seed(0)
+    kinds = []
+    for step in range(steps):
+        x, y = torch.randn(16, 10, generator=g, dtype=dtype), torch.randint(0, 3, (16,), generator=g)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        kinds.append(type(opt._live.floats))
+        if read_each_step:
+            opt.state_dict()
+        if step == 1:
+            opt.param_groups[0]["lr"] *= 0.5
+        if step == 2:
+            with torch.no_grad():
+                opt._tower.levels[opt.height - 1].hp[0].mul_(0.5)  # the values the top level learns
+        if step == 3:
+            opt.load_state_dict(opt.state_dict())
+        if step == 4:
+            with torch.no_grad():
+                opt._tower.levels[0].hp[0].mul_(0.75)
+    learned = [torch.tensor(v, dtype=torch.float64) for level in opt.hyperparameters() for v in level.values()]
+    state = [t for t in leaves(opt.state_dict()["tower"]["state"]) if isinstance(t, torch.Tensor)]
+    return [p.detach().clone() for p in model.parameters()] + learned + state, kinds
+
+
+@pytest.mark.parametrize("spec", ADAM_TOWERS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("parameterization", ["reference", "log"])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_a_tower_of_adam_levels_kept_as_one_flat_tuple_trains_as_the_level_by_level_floats(
+    spec, dtype, parameterization, groups, monkeypatch
+) -> None:
+    """Adam levels keep their floats as one flat tuple and run as one generated function per direction: weights,
+    learned values and checkpointed state are those of the level-by-level floats, bit for bit, whether the state stays
+    floats between steps or is read after each, with writes between steps, on one param group or two."""
+    for read_each_step in (False, True):
+        fast, kinds = train_groups(spec, dtype, groups, parameterization, read_each_step)
+        assert kinds == [_scalar.AdamFloats] * len(kinds)  # the flat path ran at every step
+        with monkeypatch.context() as m:
+            m.setattr(_scalar, "_tower", lambda plan: None)
+            slow, kinds = train_groups(spec, dtype, groups, parameterization, read_each_step)
+        assert kinds == [_scalar.Floats] * len(kinds)
+        assert_bitwise(fast, slow)
+
+
+@pytest.mark.parametrize("spec", ADAM_TOWERS)
+@pytest.mark.parametrize("groups", [1, 2])
+def test_the_flat_adam_tower_computes_the_loops_numbers_bit_for_bit(spec, groups) -> None:
+    """The generated whole-tower functions give the numbers of the loops (_chain, _hyper_chain without generated
+    levels), on random states, including steps where Python floats raise and the numpy float64 path runs."""
+    opt = hypergrad.tower(spec, [{"params": [torch.zeros(3, requires_grad=True)]} for _ in range(groups)])
+    plan = opt._plan
+    tw = _scalar._tower(plan)
+    assert tw is not None
+    loops = [s._replace(gen=None) for s in _scalar._static(plan)]
+    top = plan.height
+    rng = random.Random(1)
+    raised = 0
+    for trial in range(40):
+        flat = [rng.uniform(-1.0, 1.0) for _ in range(tw.size)]
+        for level in tw.fields:  # second moments: positive, or every fourth draw negative (sqrt raises)
+            for f in (f for vector in level for f in (vector[1], vector[3])):
+                if f is not None:
+                    for i in range(*f):
+                        flat[i] = rng.uniform(-1.0, -0.1) if trial % 4 == 3 else rng.uniform(1e-3, 1.0)
+        fl = _scalar.AdamFloats(plan, torch.float64, torch.device("cpu"), [], torch.zeros(1), 0, tuple(flat))
+        hyper = [rng.uniform(-1.0, 1.0) for _ in range(sum(b - a for a, b in tw.raw))]  # levels 0..top-1
+        step = rng.choice([1, 2, 7])
+        raw, states = [list(r) for r in fl.raw], [None, *([list(s) for s in level] for level in fl.states[1:])]
+        vectors, i = [], 0  # the hypergradients shaped as the raw values (level 0's: one vector per group)
+        for level in fl.raw:
+            vectors.append([hyper[i + j * len(level[0]) : i + (j + 1) * len(level[0])] for j in range(len(level))])
+            i += len(level) * len(level[0])
+        try:
+            _scalar._chain(loops, raw, states, vectors, step, _scalar._PY)
+        except _scalar._RAISES:
+            raised += 1
+        values, new_states, new_raw = _scalar.ieee(_scalar._chain, loops, raw, states, vectors, step)
+        expected = []
+        for k in range(1, top + 1):
+            expected += [x for v in new_raw[k - 1] for x in v]
+            expected += [x for st in new_states[k] for f in st if f is not None for x in f]
+            expected += [values[k][n] for n in loops[k].learned] if k < top else []
+        assert _bits(_scalar.ieee(tw.update, fl.flat, tuple(hyper), tw.consts, step)) == _bits(expected)
+        upstream = vectors[0]
+        expected = _scalar.ieee(
+            _scalar._hyper_chain, loops, [None, *(r[0] for r in fl.raw[1:])], states, upstream, step
+        )
+        flat_upstream = tuple(x for v in upstream for x in v)
+        assert _bits(_scalar.ieee(tw.vjp, fl.flat, flat_upstream, tw.consts, step)) == _bits(expected)
+    assert raised  # the numpy float64 path was compared too
