@@ -148,3 +148,31 @@ def overflow_at_the_second_step(
             opt.zero_grad()
             each_step(opt)
     return e.value, snapshot, w.detach()
+
+
+def train_small_mlp(
+    spec: str,
+    steps: int,
+    dtype: torch.dtype,
+    *,
+    groups: int = 2,
+    after_step: Callable[[torch.optim.Optimizer, int], None] | None = None,
+    **tower: Any,
+) -> tuple[torch.optim.Optimizer, nn.Module, torch.Generator]:
+    """``steps`` steps of the canonical loop with ``hypergrad.tower(spec, ..., **tower)`` on a 10-8-3 tanh MLP (seed
+    0), random batches of 16: two param groups (the second with step size 0.02) or one; ``after_step(opt, step)`` may
+    check or change the optimizer between steps. Returns the optimizer, the model and the batch generator."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+    params = list(model.parameters())
+    split = params if groups == 1 else [{"params": params[:2]}, {"params": params[2:], "lr": 0.02}]
+    opt = hypergrad.tower(spec, split, **tower)
+    g = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        x, y = torch.randn(16, 10, generator=g, dtype=dtype), torch.randint(0, 3, (16,), generator=g)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        if after_step is not None:
+            after_step(opt, step)
+    return opt, model, g

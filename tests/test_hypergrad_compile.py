@@ -14,21 +14,16 @@ from torch import nn
 
 import hypergrad
 from hypergrad import _foreach
+from tests.hypergrad_helpers import train_small_mlp
 
 
 def _train(spec: str, compile: bool, steps: int, dtype: torch.dtype = torch.float64):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
-    groups = [{"params": list(model.parameters())[:2]}, {"params": list(model.parameters())[2:], "lr": 0.02}]
-    opt = hypergrad.tower(spec, groups, compile=compile)
-    g = torch.Generator().manual_seed(0)
-    graphs = []
-    for _ in range(steps):
-        x, y = torch.randn(16, 10, generator=g, dtype=dtype), torch.randint(0, 3, (16,), generator=g)
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
+    graphs: list[int] = []
+
+    def count_graphs(opt: torch.optim.Optimizer, step: int) -> None:
         graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+    opt, model, _ = train_small_mlp(spec, steps, dtype, after_step=count_graphs, compile=compile)
     return [p.detach().clone() for p in model.parameters()], opt.hyperparameters(), graphs
 
 

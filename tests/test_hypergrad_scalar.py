@@ -14,7 +14,7 @@ from torch import nn
 import hypergrad
 from hypergrad import _scalar, core
 from hypergrad.rules import AdamRule
-from tests.hypergrad_helpers import overflow_at_the_second_step
+from tests.hypergrad_helpers import overflow_at_the_second_step, train_small_mlp
 
 SPECS = [
     "sgd(0.1)/sgd(1e-3)/sgd(1e-3)",
@@ -28,27 +28,8 @@ SPECS = [
 ]
 
 
-def step_two_groups(spec: str, steps: int, dtype, parameterization: str = "reference", after_step=None):
-    """``steps`` seeded steps of ``spec`` on a small MLP with two param groups; ``after_step(opt, step)`` may check or
-    change the optimizer between steps. Returns the optimizer, the model and the batch generator."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
-    params = list(model.parameters())
-    groups = [{"params": params[:2]}, {"params": params[2:], "lr": 0.02}]
-    opt = hypergrad.tower(spec, groups, parameterization=parameterization)
-    g = torch.Generator().manual_seed(0)
-    for step in range(steps):
-        x, y = torch.randn(16, 10, generator=g, dtype=dtype), torch.randint(0, 3, (16,), generator=g)
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-        if after_step is not None:
-            after_step(opt, step)
-    return opt, model, g
-
-
 def trained(spec: str, steps: int, parameterization: str = "reference", dtype=torch.float64):
-    opt, model, g = step_two_groups(spec, steps, dtype, parameterization)
+    opt, model, g = train_small_mlp(spec, steps, dtype, parameterization=parameterization)
     x, y = torch.randn(16, 10, generator=g, dtype=dtype), torch.randint(0, 3, (16,), generator=g)
     nn.functional.cross_entropy(model(x), y).backward()
     return opt, model
@@ -194,7 +175,7 @@ TALL_SGD_ABOVE = ["adam(0.01)" + "/sgd(1e-3)" * 9, "sgd(0.1, momentum=0.9)" + "/
 def train_two_groups(spec: str, dtype, steps: int = 6, after_step=None) -> list[torch.Tensor]:
     """Weights, learned values and every state tensor after ``steps`` steps of ``spec`` on two param groups;
     ``after_step(opt, step)`` may check or change the optimizer between steps."""
-    opt, model, _ = step_two_groups(spec, steps, dtype, after_step=after_step)
+    opt, model, _ = train_small_mlp(spec, steps, dtype, after_step=after_step)
     params = list(model.parameters())
     learned = [torch.tensor(v, dtype=torch.float64) for level in opt.hyperparameters() for v in level.values()]
     state = [t for t in leaves(opt.state_dict()["tower"]["state"]) if isinstance(t, torch.Tensor)]
@@ -415,18 +396,9 @@ def train_groups(spec: str, dtype, groups: int, parameterization: str, read_each
     """Weights, learned values and every state tensor after ``steps`` steps of ``spec`` on one or two param groups,
     with a scheduler's write, a write in place into a level above, a checkpoint reload and a write in place into level
     0 between steps; with ``read_each_step`` the state is read (built as tensors) after every step."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
-    params = list(model.parameters())
-    split = params if groups == 1 else [{"params": params[:2]}, {"params": params[2:], "lr": 0.02}]
-    opt = hypergrad.tower(spec, split, parameterization=parameterization)
-    g = torch.Generator().manual_seed(0)
     kinds = []
-    for step in range(steps):
-        x, y = torch.randn(16, 10, generator=g, dtype=dtype), torch.randint(0, 3, (16,), generator=g)
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
+
+    def after_step(opt: torch.optim.Optimizer, step: int) -> None:
         kinds.append(type(opt._live.floats))
         if read_each_step:
             opt.state_dict()
@@ -440,6 +412,10 @@ def train_groups(spec: str, dtype, groups: int, parameterization: str, read_each
         if step == 4:
             with torch.no_grad():
                 opt._tower.levels[0].hp[0].mul_(0.75)
+
+    opt, model, _ = train_small_mlp(
+        spec, steps, dtype, groups=groups, after_step=after_step, parameterization=parameterization
+    )
     learned = [torch.tensor(v, dtype=torch.float64) for level in opt.hyperparameters() for v in level.values()]
     state = [t for t in leaves(opt.state_dict()["tower"]["state"]) if isinstance(t, torch.Tensor)]
     return [p.detach().clone() for p in model.parameters()] + learned + state, kinds
