@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import chain, groupby, islice
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -371,6 +371,75 @@ _SLOPE = {  # _value_slope()'s: lines that set the value {v} and the derivative 
 }
 _ADAM_NAMES = ("lr", "beta1", "beta2")
 _ADAM_LOCAL = {"lr": "lr", "beta1": "b1", "beta2": "b2"}
+# Adam's update and vjp lines, written in one place for both generators (_make_adam: one level; _make_tower: a chain
+# of them), so that a change to Adam's arithmetic is made once. The generators differ only in how operands are spelled
+# (a level's own vectors, or fixed indices of a flat tuple), passed as at(name, i): element i of the gradient "g", the
+# previous moments "m", "v" and the raw value below "r" in an update; of the upstream "u" and the kept fields "m",
+# "v", "pm", "pv", "g1", "g2" in a vjp. The lines read the level's b1, b2, lr, eps, t and the c1, c2 (update: and a1,
+# a2) that _ADAM_C / _ADAM_VJP_C set from them.
+_ADAM_C = "    c1, c2, a1, a2 = 1.0 - b1**t, 1.0 - b2**t, 1.0 - b1, 1.0 - b2"
+_ADAM_VJP_C = "    c1, c2 = 1.0 - b1**t, 1.0 - b2**t"
+
+
+def _adam_update_lines(width: int, at: Callable[[str, int], str], out: Callable[[str, int], str]) -> list[str]:
+    """_update's Adam branch for one vector, a line per operation; out(name, i) names the locals that hold element
+    i's "x1", "x2" (the kept g1, g2), "m", "v" (the new moments) and "n" (the new raw value below)."""
+    lines = []
+    for i in range(width):
+        g, x1, x2, m, v = at("g", i), out("x1", i), out("x2", i), out("m", i), out("v", i)
+        lines += [
+            f"    {x1}, {x2} = a1 * {g}, a2 * {g} * {g}",
+            f"    {m}, {v} = b1 * {at('m', i)} + {x1}, b2 * {at('v', i)} + {x2}",
+            f"    {out('n', i)} = {at('r', i)} - lr * (({m} / c1) / (sqrt({v} / c2) + eps))",
+        ]
+    return lines
+
+
+def _adam_vjp_lines(learned: tuple[str, ...], width: int, at: Callable[[str, int], str], group: int = 0) -> list[str]:
+    """_vjp's Adam branch for one vector: each dot product summed from -0.0 in _vjp's order, then the sums s_lr,
+    s_beta1, s_beta2 of the learned names; for group > 0 they are added to the groups' before it (s = s + (...)),
+    the same left fold as _hyper_chain's."""
+    k1, k2 = "beta1" in learned, "beta2" in learned
+    lines = ["    q_m0 = q_g1 = q_m = w_v0 = w_g2 = -0.0"]
+    for i in range(width):
+        lines += [f"    s = sqrt({at('v', i)} / c2)", "    d = s + eps", f"    q = {at('u', i)} / d"]
+        if k1:
+            lines += [f"    q_m0 = q_m0 + q * {at('pm', i)}", f"    q_g1 = q_g1 + q * {at('g1', i)}"]
+        else:
+            lines.append(f"    q_m = q_m + q * {at('m', i)}")
+        if k2:
+            lines += [
+                f"    w = q * {at('m', i)} / (d * s)",
+                f"    w_v0 = w_v0 + w * {at('pv', i)}",
+                f"    w_g2 = w_g2 + w * {at('g2', i)}",
+            ]
+
+    def add(name: str, expr: str) -> str:
+        return f"    s_{name} = {expr}" if group == 0 else f"    s_{name} = s_{name} + ({expr})"
+
+    if k1:
+        lines += [
+            "    dc1 = t * b1 ** (t - 1.0)",
+            "    q_m = b1 * q_m0 + q_g1",
+            add("beta1", "lr * ((q_m0 - q_g1 / (1.0 - b1)) / c1 + q_m * dc1 / (c1 * c1))"),
+        ]
+    if "lr" in learned:
+        lines.append(add("lr", "q_m / c1"))
+    if k2:
+        lines += [
+            "    dc2 = t * b2 ** (t - 1.0)",
+            "    w_v = b2 * w_v0 + w_g2",
+            add("beta2", "-0.5 * lr / c1 * ((w_v0 - w_g2 / (1.0 - b2)) / c2 + w_v * dc2 / (c2 * c2))"),
+        ]
+    return lines
+
+
+def _adam_hyper(learned: tuple[str, ...], tnames: tuple[str, ...]) -> list[str]:
+    """The hypergradient of each learned raw value: what the level updated moved by -delta, so d loss / d value =
+    -(upstream . d delta / d value), times the transform's derivative d_i (none for the identity)."""
+    return [f"-s_{n}" if tnames[i] == "identity" else f"-s_{n} * d_{i}" for i, n in enumerate(learned)]
+
+
 _GENERATED: dict[tuple, tuple[Any, Any]] = {}
 
 
@@ -389,6 +458,11 @@ def _generated(level: _Level, width: int) -> tuple[Any, Any] | None:
 def _make_adam(learned: tuple[str, ...], tnames: tuple[str, ...], width: int) -> tuple[Any, Any]:
     k1, k2 = "beta1" in learned, "beta2" in learned
     ix = range(width)
+    spelled = {"g": "g", "m": "m0", "v": "v0", "r": "below"}
+
+    def loc(name: str, i: int) -> str:  # element i's local of an update line
+        return f"{name}_{i}"
+
     # update(r, g, st, below, fixed, step, ops) -> (values, new raw vector of the level below, new state's fields):
     # _chain's body for one level and _update's Adam branch, with delta[i] subtracted from below[i] as _chain does.
     up = [
@@ -399,18 +473,13 @@ def _make_adam(learned: tuple[str, ...], tnames: tuple[str, ...], width: int) ->
     up += [f"    vals[{n!r}] = " + _VALUE[tnames[i]].format(x=f"r[{i}]") for i, n in enumerate(learned)]
     up += [
         '    b1, b2, lr, eps, t = vals["beta1"], vals["beta2"], vals["lr"], vals["eps"], float(step)',
-        "    c1, c2, a1, a2 = 1.0 - b1**t, 1.0 - b2**t, 1.0 - b1, 1.0 - b2",
+        _ADAM_C,
         "    m0, v0 = st[0], st[1]",
     ]
-    for i in ix:
-        up += [
-            f"    x1_{i}, x2_{i} = a1 * g[{i}], a2 * g[{i}] * g[{i}]",
-            f"    m_{i}, v_{i} = b1 * m0[{i}] + x1_{i}, b2 * v0[{i}] + x2_{i}",
-            f"    n_{i} = below[{i}] - lr * ((m_{i} / c1) / (sqrt(v_{i} / c2) + eps))",
-        ]
+    up += _adam_update_lines(width, lambda name, i: f"{spelled[name]}[{i}]", loc)
 
     def vec(name: str) -> str:
-        return "[" + ", ".join(f"{name}_{i}" for i in ix) + "]"
+        return "[" + ", ".join(loc(name, i) for i in ix) + "]"
 
     up.append(
         f"    return vals, {vec('n')}, [{vec('m')}, {vec('v')}, {'m0' if k1 else 'None'}, {'v0' if k2 else 'None'}, "
@@ -426,40 +495,9 @@ def _make_adam(learned: tuple[str, ...], tnames: tuple[str, ...], width: int) ->
     ]
     for i, n in enumerate(learned):
         vj += ["    " + line.format(v=_ADAM_LOCAL[n], d=f"d_{i}", x=f"r[{i}]") for line in _SLOPE[tnames[i]]]
-    vj += [
-        "    c1, c2 = 1.0 - b1**t, 1.0 - b2**t",
-        "    m, v, pm, pv, g1, g2 = after",
-        "    q_m0 = q_g1 = q_m = w_v0 = w_g2 = -0.0",
-    ]
-    for i in ix:
-        vj += [f"    s = sqrt(v[{i}] / c2)", "    d = s + eps", f"    q = u[{i}] / d"]
-        if k1:
-            vj += [f"    q_m0 = q_m0 + q * pm[{i}]", f"    q_g1 = q_g1 + q * g1[{i}]"]
-        else:
-            vj.append(f"    q_m = q_m + q * m[{i}]")
-        if k2:
-            vj += [f"    w = q * m[{i}] / (d * s)", f"    w_v0 = w_v0 + w * pv[{i}]", f"    w_g2 = w_g2 + w * g2[{i}]"]
-    sums = {}
-    if k1:
-        vj += [
-            "    dc1 = t * b1 ** (t - 1.0)",
-            "    q_m = b1 * q_m0 + q_g1",
-            "    s_beta1 = lr * ((q_m0 - q_g1 / (1.0 - b1)) / c1 + q_m * dc1 / (c1 * c1))",
-        ]
-        sums["beta1"] = "s_beta1"
-    if "lr" in learned:
-        vj.append("    s_lr = q_m / c1")
-        sums["lr"] = "s_lr"
-    if k2:
-        vj += [
-            "    dc2 = t * b2 ** (t - 1.0)",
-            "    w_v = b2 * w_v0 + w_g2",
-            "    s_beta2 = -0.5 * lr / c1 * ((w_v0 - w_g2 / (1.0 - b2)) / c2 + w_v * dc2 / (c2 * c2))",
-        ]
-        sums["beta2"] = "s_beta2"
-    # What level k updated moved by -delta, so d loss / d value = -(upstream . d delta / d value).
-    cols = [f"-{sums[n]}" if tnames[i] == "identity" else f"-{sums[n]} * d_{i}" for i, n in enumerate(learned)]
-    vj.append("    return [" + ", ".join(cols) + "]")
+    vj += [_ADAM_VJP_C, "    m, v, pm, pv, g1, g2 = after"]
+    vj += _adam_vjp_lines(learned, width, lambda name, i: f"{name}[{i}]")
+    vj.append("    return [" + ", ".join(_adam_hyper(learned, tnames)) + "]")
     scope: dict[str, Any] = {"_PY": _PY}
     exec(compile("\n".join(up) + "\n\n" + "\n".join(vj) + "\n", "<hypergrad._scalar: Adam level>", "exec"), scope)
     return scope["update"], scope["vjp"]
@@ -541,12 +579,12 @@ class SgdFloats(NamedTuple):
 # -- a tower of such Adam levels, kept as one flat tuple --------------------------------------------------------------
 # Where every level 1..top is an Adam level with generated functions, the state's floats are a fixed number of
 # numbers in a fixed order (_Tower's layout). The step keeps them as one flat tuple (AdamFloats), and the whole chain
-# runs as two functions written out once per tower shape, the lines of _make_adam's update and vjp for every level in
-# turn, reading the numbers at fixed indices of the flat tuple and returning the next one as a single list: the same
-# operations on the same operands as the per-level functions (hence as _update and _vjp), with no vector, tuple or
-# dictionary built per level and one rounding for the whole state. Level 1 updates one vector per param group: its
-# lines are repeated per group, and its vjp's sums are added over the groups in their order, as _hyper_chain adds
-# _vjp's. Floats' fields are built from the flat tuple where read (:func:`tensors`).
+# runs as two functions written out once per tower shape, the same Adam lines as _make_adam's (_adam_update_lines,
+# _adam_vjp_lines) for every level in turn, reading the numbers at fixed indices of the flat tuple and returning the
+# next one as a single list: the same operations on the same operands as the per-level functions (hence as _update
+# and _vjp), with no vector, tuple or dictionary built per level and one rounding for the whole state. Level 1 updates
+# one vector per param group: its lines are repeated per group, and its vjp's sums are added over the groups in their
+# order, as _hyper_chain adds _vjp's. Floats' fields are built from the flat tuple where read (:func:`tensors`).
 class _Tower(NamedTuple):
     update: Any  # update(F, H, C, step, ops) -> the next flat state, unrounded (a list)
     vjp: Any  # vjp(F, U, C, step, ops) -> the hypergradients of levels 1..top-1, one list, unrounded
@@ -618,6 +656,15 @@ def _make_tower(shape: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...], widt
         return f"C[{4 * (k - 1) + (*_ADAM_NAMES, 'eps').index(name)}]"
 
     local = {"lr": "lr", "beta1": "b1", "beta2": "b2", "eps": "eps"}
+
+    def name(k: int, g: int) -> Callable[[str, int], str]:  # level k's locals for group g's element i
+        # x1/x2 take an underscore before the level (x1_1_0_0), so that they cannot read as x11_...
+        return lambda p, i: f"{p}_{k}_{g}_{i}" if p[0] == "x" else f"{p}{k}_{g}_{i}"
+
+    def spelled(table: dict[str, tuple[str, int]]) -> Callable[[str, int], str]:
+        # operand op's element i: table[op] is its spelling with {} for an index, and element 0's index
+        return lambda op, i: table[op][0].format(table[op][1] + i)
+
     # update: levels top..1, as _make_adam's update for each vector (its g[i] is H[...], its st and below index F)
     up = ["def update(F, H, C, step, ops):", "    tanh, exp, sqrt = ops.tanh, ops.exp, ops.sqrt", "    t = float(step)"]
     hstart = [0]
@@ -631,40 +678,33 @@ def _make_tower(shape: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...], widt
         for n in (*_ADAM_NAMES, "eps"):
             if n in learned:
                 i = learned.index(n)
-                up.append(f"    {local[n]} = " + _VALUE[tnames[i]].format(x=f"n{k + 1}_0_{i}"))
+                up.append(f"    {local[n]} = " + _VALUE[tnames[i]].format(x=name(k + 1, 0)("n", i)))
                 up.append(f"    val{k}_{i} = {local[n]}")
             else:
                 up.append(f"    {local[n]} = {const(k, n)}")
-        up.append("    c1, c2, a1, a2 = 1.0 - b1**t, 1.0 - b2**t, 1.0 - b1, 1.0 - b2")
+        up.append(_ADAM_C)
         k1, k2 = "beta1" in learned, "beta2" in learned
         news, kept = [], []
         for g, vec in enumerate(fields[k - 1]):
             r0, m0, v0 = raw[k - 1][0] + g * w, vec[0][0], vec[1][0]
             h0 = hstart[k - 1] + g * w
-            for i in range(w):
-                j = f"{k}_{g}_{i}"
-                up += [
-                    f"    x1_{j}, x2_{j} = a1 * H[{h0 + i}], a2 * H[{h0 + i}] * H[{h0 + i}]",
-                    f"    m{j}, v{j} = b1 * F[{m0 + i}] + x1_{j}, b2 * F[{v0 + i}] + x2_{j}",
-                    f"    n{j} = F[{r0 + i}] - lr * ((m{j} / c1) / (sqrt(v{j} / c2) + eps))",
-                ]
+            loc = name(k, g)
+            up += _adam_update_lines(
+                w, spelled({"g": ("H[{}]", h0), "m": ("F[{}]", m0), "v": ("F[{}]", v0), "r": ("F[{}]", r0)}), loc
+            )
             ix = range(w)
-            news += [f"n{k}_{g}_{i}" for i in ix]
-            kept += [f"m{k}_{g}_{i}" for i in ix] + [f"v{k}_{g}_{i}" for i in ix]
+            news += [loc("n", i) for i in ix]
+            kept += [loc("m", i) for i in ix] + [loc("v", i) for i in ix]
             kept += [f"F[{m0 + i}]" for i in ix] if k1 else []
             kept += [f"F[{v0 + i}]" for i in ix] if k2 else []
-            kept += [f"x1_{k}_{g}_{i}" for i in ix] if k1 else []
-            kept += [f"x2_{k}_{g}_{i}" for i in ix] if k2 else []
+            kept += [loc("x1", i) for i in ix] if k1 else []
+            kept += [loc("x2", i) for i in ix] if k2 else []
         out[k] = news + kept + ([f"val{k}_{i}" for i in range(len(learned))] if k < top else [])
     up.append("    return [" + ", ".join(x for k in range(1, top + 1) for x in out[k]) + "]")
     # vjp: levels 1..top-1, as _make_adam's vjp for each vector (its r is level k + 1's raw vector, its u the level
     # below's hypergradients: U for level 1, else the locals the level below just computed)
     vj = ["def vjp(F, U, C, step, ops):", "    tanh, exp, sqrt = ops.tanh, ops.exp, ops.sqrt", "    t = float(step)"]
     hyper = []
-
-    def add(name: str, expr: str, group: int) -> str:  # a group's sum, added to those of the groups before it
-        return f"    s_{name} = {expr}" if group == 0 else f"    s_{name} = s_{name} + ({expr})"
-
     for k in range(1, top):
         learned, tnames = shape[k - 1]
         w = widths[k - 1]
@@ -675,39 +715,13 @@ def _make_tower(shape: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...], widt
                 vj.append(f"    {local[n]} = {const(k, n)}")
         for i, n in enumerate(learned):
             vj += ["    " + line.format(v=local[n], d=f"d_{i}", x=f"F[{r0 + i}]") for line in _SLOPE[tnames[i]]]
-        k1, k2 = "beta1" in learned, "beta2" in learned
-        vj.append("    c1, c2 = 1.0 - b1**t, 1.0 - b2**t")
-        for g, (m, v, pm, pv, g1, g2) in enumerate(fields[k - 1]):
-            vj.append("    q_m0 = q_g1 = q_m = w_v0 = w_g2 = -0.0")
-            for i in range(w):
-                u = f"U[{g * w + i}]" if k == 1 else f"h{k - 1}_{i}"
-                vj += [f"    s = sqrt(F[{v[0] + i}] / c2)", "    d = s + eps", f"    q = {u} / d"]
-                if k1:
-                    vj += [f"    q_m0 = q_m0 + q * F[{pm[0] + i}]", f"    q_g1 = q_g1 + q * F[{g1[0] + i}]"]
-                else:
-                    vj.append(f"    q_m = q_m + q * F[{m[0] + i}]")
-                if k2:
-                    vj += [
-                        f"    w = q * F[{m[0] + i}] / (d * s)",
-                        f"    w_v0 = w_v0 + w * F[{pv[0] + i}]",
-                        f"    w_g2 = w_g2 + w * F[{g2[0] + i}]",
-                    ]
-            if k1:
-                vj += [
-                    "    dc1 = t * b1 ** (t - 1.0)",
-                    "    q_m = b1 * q_m0 + q_g1",
-                    add("beta1", "lr * ((q_m0 - q_g1 / (1.0 - b1)) / c1 + q_m * dc1 / (c1 * c1))", g),
-                ]
-            if "lr" in learned:
-                vj.append(add("lr", "q_m / c1", g))
-            if k2:
-                vj += [
-                    "    dc2 = t * b2 ** (t - 1.0)",
-                    "    w_v = b2 * w_v0 + w_g2",
-                    add("beta2", "-0.5 * lr / c1 * ((w_v0 - w_g2 / (1.0 - b2)) / c2 + w_v * dc2 / (c2 * c2))", g),
-                ]
-        for i, n in enumerate(learned):
-            vj.append(f"    h{k}_{i} = -s_{n}" + ("" if tnames[i] == "identity" else f" * d_{i}"))
+        vj.append(_ADAM_VJP_C)
+        for g, vec in enumerate(fields[k - 1]):
+            table = {op: ("F[{}]", f[0]) for op, f in zip(("m", "v", "pm", "pv", "g1", "g2"), vec, strict=True) if f}
+            table["u"] = ("U[{}]", g * w) if k == 1 else (f"h{k - 1}_{{}}", 0)
+            vj += _adam_vjp_lines(learned, w, spelled(table), g)
+        for i, col in enumerate(_adam_hyper(learned, tnames)):
+            vj.append(f"    h{k}_{i} = {col}")
             hyper.append(f"h{k}_{i}")
     vj.append("    return [" + ", ".join(hyper) + "]")
     scope: dict[str, Any] = {}
