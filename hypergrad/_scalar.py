@@ -27,7 +27,8 @@ one generated vjp that concatenate those lines level after level, and the state 
 flat tuple of exactly the numbers :class:`Floats` would hold, rounded once to the dtype. The same operations on the
 same operands give the same numbers; rounding a value that is already of the dtype (a kept previous moment) returns it
 unchanged; and the tensors, checkpoints and hyperparameters built from the flat tuple are those built from Floats,
-field for field, so the layout cannot be observed.
+field for field, so the layout cannot be observed. The generated source comes only from this module's templates:
+the learned names are checked against Adam's, and every number is passed as an argument, never written as text.
 
 One case is exact instead: a tall tower of plain SGD levels on one number each (``sgd/sgd/.../sgd``, see
 :func:`_plain_sgd`). Its step is products, differences and negations of scalars, each one IEEE operation rounded once
