@@ -151,8 +151,9 @@ def environments_note(runs: pd.DataFrame) -> str | None:
     return (
         f"These runs come from {len(counts)} environments: {shown}. Round-off differs between them and training"
         " amplifies it far beyond round-off (the same Adam config on mnist5k, seed 0, 30 epochs: 5.40% val error on"
-        " 1 CPU thread, 6.40% on 2), so differences between runs of different environments are not all the method's;"
-        " for bitwise comparisons run every config with one torch version, device and `trainer.num_threads`."
+        " 1 CPU thread, 6.40% on 2), so a difference between runs of different environments may come from the"
+        " environment, not the method; for bitwise comparisons run every config with one torch version, device and"
+        " `trainer.num_threads`."
     )
 
 
