@@ -7,12 +7,15 @@ The one trainer (bench/train.py: single runs and populations alike), the report 
 from __future__ import annotations
 
 __all__ = [
+    "ENVIRONMENT_KEYS",
     "FINAL_KEYS",
     "HISTORY_COLUMNS",
     "IDENTITY_KEYS",
     "METRICS_KEYS",
     "NUMBER_KEYS",
+    "ROUNDOFF_KEYS",
     "TEXT_KEYS",
+    "environment_label",
     "hyperparameter_columns",
 ]
 
@@ -38,8 +41,18 @@ METRICS_KEYS = (
     "status",
     "config",
     "config_fingerprint",
+    "environment",
 )
 """Every key of a run's metrics.json (a population member's adds `population`; a failed run's adds `error`)."""
+
+ENVIRONMENT_KEYS = ("torch", "python", "hypergrad", "device", "num_threads")
+"""metrics.json's `environment` (bench.train.environment): where the run trained, which is not part of its identity
+(a run may resume on another machine) yet decides its round-off. A run resumed from a checkpoint written in another
+environment adds `resumed_from`: the checkpoint's environment."""
+
+ROUNDOFF_KEYS = ("torch", "device", "num_threads")
+"""The environment keys that change a run's numbers by round-off (which training amplifies): runs that agree on them
+give bitwise the same results for the same config."""
 
 NUMBER_KEYS = (*FINAL_KEYS, "wall_time_s", "epochs", "steps")
 """metrics.json keys that hold a number or null."""
@@ -55,3 +68,20 @@ def hyperparameter_columns(levels: list[dict[str, float]]) -> dict[str, float]:
     {'L1.lr': 0.01, 'L1.beta1': 0.9, 'L2.lr': 1e-05}
     """
     return {f"L{k}.{name}": value for k, level in enumerate(levels, start=1) for name, value in level.items()}
+
+
+def environment_label(environment: object) -> str:
+    """An environment in words, by the keys that decide round-off; "unknown" for a run that did not record one.
+
+    >>> environment_label({"torch": "2.5.1", "python": "3.11.7", "device": "cpu", "num_threads": 2})
+    'torch 2.5.1, cpu, 2 threads'
+    >>> environment_label(None)
+    'unknown'
+    """
+    if not isinstance(environment, dict):
+        return "unknown"
+    threads = environment.get("num_threads")
+    label = f"torch {environment.get('torch')}, {environment.get('device')}, {threads} thread{'s' * (threads != 1)}"
+    if "resumed_from" in environment:
+        label += f" (resumed from {environment_label(environment['resumed_from'])})"
+    return label

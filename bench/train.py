@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import math
+import platform
 import signal
 import threading
 import time
@@ -54,7 +55,7 @@ from bench.io import (
 from bench.logger import RunLogger, build_logger
 from bench.models import build_model
 from bench.optim import BuiltOptimizer, build_optimizer
-from bench.schema import FINAL_KEYS, hyperparameter_columns
+from bench.schema import FINAL_KEYS, ROUNDOFF_KEYS, environment_label, hyperparameter_columns
 
 __all__ = [
     "FINISHED",
@@ -64,6 +65,7 @@ __all__ = [
     "ModuleLearner",
     "RunDirError",
     "Trainer",
+    "environment",
     "fingerprint",
     "format_summary",
     "read_checkpoint",
@@ -125,6 +127,31 @@ _NOT_IDENTITY = {
     "dataset": {"data_dir", "download", "path", "verify_checksums"},
 }
 _IDENTITY_GROUPS = ("dataset", "model", "optimizer", "trainer")
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Where a run trains (metrics.json's `environment`, bench.schema.ENVIRONMENT_KEYS): read while it trains.
+
+    Not part of the run's identity (a run may resume on another machine), yet the torch version, the device and the
+    CPU thread count change its numbers by round-off, which training amplifies.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        hypergrad_version = version("hypergrad")
+    except PackageNotFoundError:  # imported from a source tree that was never installed
+        hypergrad_version = "unknown"
+    name = str(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        name = f"cuda:{index} {torch.cuda.get_device_name(index)}"
+    return {
+        "torch": str(torch.__version__),  # a TorchVersion, which a weights-only checkpoint load refuses
+        "python": platform.python_version(),
+        "hypergrad": hypergrad_version,
+        "device": name,
+        "num_threads": torch.get_num_threads(),
+    }
 
 
 class RunDirError(ConfigError):
@@ -647,6 +674,7 @@ class Trainer:
                 job.cfg.paths.output_dir = str(job.out)
         self.seeds = [int(c.seed) for c in cfgs]
         self.checkpoint, self.population = checkpoint, population
+        self.environment = environment(self.device)  # gains `resumed_from` when a checkpoint was written elsewhere
         # A population saves as a single run does: every `checkpoint_minutes` of training, every `checkpoint_every`
         # epochs when set, and on a stop request. (It used to save after every epoch as well: 132 MNIST MLPs spent
         # 2.5 s of a 22 s sweep writing checkpoints that a sweep of a few minutes never reads.)
@@ -678,6 +706,7 @@ class Trainer:
             "health": self.learner.health.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()},
             "config": self.identity(),
+            "environment": self.environment,
         }
         atomic_save_torch(self.checkpoint, state)
         self.saved_at = time.monotonic()
@@ -697,6 +726,24 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.resume_environment(state.get("environment"))
+
+    def resume_environment(self, written: dict[str, Any] | None) -> None:
+        """Record the environment the checkpoint was written in when it differs from this one (and say so once).
+
+        A checkpoint written before environments were recorded (`written` None) tells nothing, so nothing is said.
+        """
+        if not isinstance(written, dict):
+            return
+        if any(written.get(k) != self.environment[k] for k in ROUNDOFF_KEYS):
+            log.warning(
+                "%s was written in another environment (%s; now %s): this run will differ from an uninterrupted one "
+                "by round-off, which training amplifies",
+                self.checkpoint, environment_label(written), environment_label(self.environment),
+            )  # fmt: skip
+            self.environment = {**self.environment, "resumed_from": written}
+        elif "resumed_from" in written:  # resumed elsewhere before: the mixed history stays on record
+            self.environment = {**self.environment, "resumed_from": written["resumed_from"]}
 
     # -- training ------------------------------------------------------------------------------
 
@@ -880,6 +927,7 @@ class Trainer:
                 "status": "diverged" if reason is not None else job.status,
                 "config": identity,
                 "config_fingerprint": fingerprint(identity),
+                "environment": self.environment,
             }
             if self.population is not None:
                 metrics["population"] = {**self.population, "size": len(self.jobs), "index": i, "wall_time_s": wall}

@@ -13,10 +13,11 @@ from typing import Any
 import optuna
 import pandas as pd
 import pytest
+import torch
 
 from bench.config import compose_config
 from bench.schema import HISTORY_COLUMNS, METRICS_KEYS
-from bench.train import request_checkpoint, run
+from bench.train import read_checkpoint, request_checkpoint, run
 from tests.harness_helpers import QUICK
 
 METRIC_KEYS = set(METRICS_KEYS)
@@ -131,6 +132,49 @@ def test_resume_from_an_epoch_checkpoint_ends_with_the_uninterrupted_metrics(
     cut_history = pd.read_csv(tmp_path / "cut" / "history.csv").drop(columns="wall_time_s")
     whole_history = pd.read_csv(tmp_path / "whole" / "history.csv").drop(columns="wall_time_s")
     pd.testing.assert_frame_equal(cut_history, whole_history)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_metrics_record_the_environment_the_run_trained_in(tmp_path: Path, threads: int) -> None:
+    # Thread count and torch version change a run's numbers by round-off (not its identity): a user comparing two
+    # result folders must be able to see them.
+    before = torch.get_num_threads()
+    try:
+        metrics = run(compose_config([*QUICK, f"trainer.num_threads={threads}"]), tmp_path)
+    finally:
+        torch.set_num_threads(before)
+    environment = json.loads((tmp_path / "metrics.json").read_text())["environment"]
+    assert environment == metrics["environment"]
+    assert (environment["num_threads"], environment["torch"], environment["device"]) == (
+        threads,
+        torch.__version__,
+        "cpu",
+    )
+    assert set(environment) == {"torch", "python", "hypergrad", "device", "num_threads"}  # no `resumed_from`
+
+
+def test_resuming_a_checkpoint_from_another_environment_records_it_and_says_so_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    overrides = [*FAST, "trainer.epochs=2", "dataset.train_size=512", "trainer.checkpoint_every=1"]
+    with pytest.raises(KeyboardInterrupt):
+        run(compose_config(overrides), tmp_path, epoch_callback=_interrupt_at(1))
+    # The other machine is simulated: the checkpoint's recorded environment is rewritten to one with 64 threads and
+    # another torch version, as if it had been written there.
+    state = read_checkpoint(tmp_path / "checkpoint.pt")
+    other = {**state["environment"], "torch": "2.0.0+other", "num_threads": 64}
+    torch.save({**state, "environment": other}, tmp_path / "checkpoint.pt")
+
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="bench.train")
+    metrics = run(compose_config(overrides), tmp_path)
+    assert "resuming" in caplog.text  # it did resume, not start over
+    [line] = [r.getMessage() for r in caplog.records if "another environment" in r.getMessage()]
+    assert "torch 2.0.0+other, cpu, 64 threads" in line and f"torch {torch.__version__}, cpu, 1 thread" in line
+    assert "round-off" in line
+    assert metrics["environment"]["resumed_from"] == other
+    assert metrics["environment"]["num_threads"] == 1
+    assert json.loads((tmp_path / "metrics.json").read_text())["environment"] == metrics["environment"]
 
 
 def test_preemption_request_saves_mid_epoch_and_the_rerun_finishes_identically(

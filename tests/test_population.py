@@ -215,6 +215,19 @@ def test_one_trainer_gives_a_population_of_one_the_single_runs_results(tmp_path,
     pd.testing.assert_frame_equal(a, b, rtol=1e-10, atol=0)
 
 
+def test_every_population_member_records_the_environment_it_trained_in(tmp_path):
+    # Each member's metrics.json is a run's: it says where it trained, as a single run's does.
+    cfgs = _cfgs([("sgd(0.1)", 0), ("sgd(0.3)/sgd(0.01)", 1)], "float32", "trainer.epochs=1", "trainer.progress=false")
+    Trainer(cfgs, [tmp_path / str(i) for i in range(2)], stacked=True).fit()
+    for i in range(2):
+        environment = json.loads((tmp_path / str(i) / "metrics.json").read_text())["environment"]
+        assert (environment["torch"], environment["device"], environment["num_threads"]) == (
+            torch.__version__,
+            "cpu",
+            1,
+        )
+
+
 def test_members_sharing_a_seed_share_their_batches_with_the_results_of_their_own(tmp_path):
     # Members ordered by seed in runs of equal length (as bench.launcher orders a population) take one batch per
     # seed, and the first layer multiplies it with the run's weights side by side; in any other order every member

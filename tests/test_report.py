@@ -41,6 +41,7 @@ def write_run(
     model: str = "mlp",
     momentum: float | None = None,
     status: str | None = None,
+    environment: dict[str, Any] | None = None,
     drop: tuple[str, ...] = (),
 ) -> Path:
     """One run directory as the harness writes it; `drop` removes keys to make a broken one."""
@@ -71,6 +72,8 @@ def write_run(
         "dataset": dataset,
         "status": status or ("diverged" if diverged else "completed"),
     }
+    if environment is not None:
+        metrics["environment"] = environment
     for key in drop:
         metrics.pop(key)
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
@@ -372,6 +375,46 @@ def test_cli_merges_repeated_inputs_and_fails_cleanly_on_bad_input(tmp_path: Pat
         and "bad/lr=0.1_seed=0/metrics.json` must have" in bad.stderr
     )
     assert not (tmp_path / "badout").exists()  # nothing half-written
+
+
+def _environment(threads: int) -> dict[str, Any]:
+    return {"torch": "2.5.1", "python": "3.11.7", "hypergrad": "0.1.0", "device": "cpu", "num_threads": threads}
+
+
+def test_runs_from_two_environments_get_one_line_saying_so_and_one_environment_none(tmp_path: Path) -> None:
+    # The same configs on 1 and on 2 CPU threads differ by round-off that training amplifies: a reader comparing
+    # them must be told, in the console and in report.md; runs of one environment get no such line.
+    for lr in (0.01, 0.1):
+        for seed, threads in ((0, 1), (1, 2), (2, 2)):
+            write_run(tmp_path / "mixed" / f"lr{lr}_s{seed}", lr=lr, seed=seed, environment=_environment(threads))
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    cli = run_text(
+        [sys.executable, "-m", "bench.report", f"input={tmp_path / 'mixed'}", f"output_dir={tmp_path / 'out'}",
+         "progress=false", "hydra.run.dir=" + str(tmp_path / "hydra")],
+        REPO, env, timeout=300,
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stderr
+    [line] = [x for x in cli.stdout.splitlines() if "environments" in x]
+    assert "2 environments: torch 2.5.1, cpu, 1 thread (2 runs); torch 2.5.1, cpu, 2 threads (4 runs)" in line
+    assert "Round-off differs between them and training amplifies it" in line
+    assert line in (tmp_path / "out" / "report.md").read_text()
+
+    for lr in (0.01, 0.1):
+        write_run(tmp_path / "one" / f"lr{lr}", lr=lr, environment=_environment(1))
+    result = run(compose_report_config([f"input={tmp_path / 'one'}", "progress=false"]), tmp_path / "one_out")
+    assert result["environments"] is None
+    assert "environments" not in (tmp_path / "one_out" / "report.md").read_text().lower()
+
+
+def test_a_run_without_a_recorded_environment_counts_as_unknown(tmp_path: Path) -> None:
+    # Result folders written before metrics.json recorded the environment cannot be vouched for: "unknown".
+    write_run(tmp_path / "old", lr=0.01)
+    write_run(tmp_path / "new", lr=0.1, environment=_environment(1))
+    result = run(compose_report_config([f"input={tmp_path}", "progress=false"]), tmp_path / "out")
+    assert "2 environments:" in result["environments"]
+    assert (
+        "unknown (1 run)" in result["environments"] and "torch 2.5.1, cpu, 1 thread (1 run)" in result["environments"]
+    )
 
 
 def test_wandb_offline_run_holds_the_tables_and_figures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -40,6 +40,8 @@ def main(cfg: DictConfig) -> None:
     n_runs, n_diverged, out = result["n_runs"], result["n_diverged"], result["output_dir"]
     print(f"report: {n_runs} runs ({n_diverged} diverged, counted as misses) -> {out}")
     print(f"  {result['output_dir'] / 'report.md'}")
+    if result["environments"]:
+        print(result["environments"])
 
 
 def cli() -> None:

@@ -18,7 +18,7 @@ import pandas as pd
 import yaml
 from tqdm.auto import tqdm
 
-from bench.schema import NUMBER_KEYS, TEXT_KEYS
+from bench.schema import NUMBER_KEYS, TEXT_KEYS, environment_label
 
 __all__ = ["MISS_ERROR", "REQUIRED_KEYS", "ReportInputError", "Runs", "find_run_dirs", "load_runs"]
 
@@ -194,6 +194,8 @@ def _check_types(run_dir: Path, metrics: dict[str, Any]) -> None:
         raise bad("diverged", "true or false")
     if "init" in metrics and not isinstance(metrics["init"], dict):
         raise bad("init", "a mapping of hyperparameters")
+    if "environment" in metrics and not isinstance(metrics["environment"], dict):
+        raise bad("environment", "a mapping (torch, device, num_threads, ...)")
 
 
 def _check_history(run_dir: Path) -> None:
@@ -268,6 +270,7 @@ def _row(run_dir: Path | str, metrics: dict[str, Any], on_disk: bool = True) -> 
         "model": str(metrics["model"]),
         "start": _start(metrics, init),
         "has_history": on_disk and (run_dir / "history.csv").is_file(),
+        "environment": environment_label(metrics.get("environment")),
         **hydra,
     }
 
@@ -312,7 +315,9 @@ def load_runs(inputs: list[str | Path], progress: bool = True) -> Runs:
 
     Columns: run_dir, method, family, height, optimizer, lr and momentum (initial values; NaN when the
     method has none), seed, test_error (MISS_ERROR for a diverged run), test_error_raw, val_error, diverged,
-    miss, status, epochs, steps, wall_time_s, dataset, model, has_history, group, planned_epochs, experiment,
+    miss, status, epochs, steps, wall_time_s, dataset, model, has_history, environment (bench.schema.environment_label:
+    torch version, device and thread count, "unknown" for a run that did not record them), group, planned_epochs,
+    experiment,
     role ("run", "trial" or "rerun") and study (the study directory for trials and reruns).
     """
     if not inputs:

@@ -97,8 +97,9 @@ def _read_history(run_dir: str) -> pd.DataFrame:
 def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]:
     """Write summary.csv, sensitivity.png/.svg, tuning_curve.png, trajectories.png and report.md.
 
-    `output_dir` (or `cfg.output_dir`) defaults to Hydra's run directory. Returns the paths written and the
-    summary table. Raises ReportInputError (one line, naming the directory) on bad input, before writing.
+    `output_dir` (or `cfg.output_dir`) defaults to Hydra's run directory. Returns the paths written, the
+    summary table and `environments`: a note when the runs come from several environments (else None). Raises
+    ReportInputError (one line, naming the directory) on bad input, before writing.
     """
     validate(cfg)
     inputs = _inputs(cfg)
@@ -217,6 +218,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
         "robustness_profile": profile,
         "n_runs": len(runs.table),
         "n_diverged": n_miss,
+        "environments": write.environments_note(runs.table),
         "reference": None if reference is None or math.isnan(reference.error) else reference,
     }
 
