@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
                 "wall_time_s",
                 "hyperparameters",
                 "error",
+                "environment",  # torch, device, threads: they decide round-off (rows before the eleventh round lack it)
             )
             row = {"key": k, **c, "extra": extra, **{f: m.get(f) for f in fields}}
             row = {f: (None if isinstance(v, float) and not math.isfinite(v) else v) for f, v in row.items()}

@@ -39,3 +39,5 @@ def test_a_signal_stops_the_grid_without_recording_the_run_and_the_same_command_
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     assert sorted(r["lr"] for r in rows) == ["1e-1", "1e-3"] and {r["status"] for r in rows} == {"completed"}
     assert all(r["steps"] == 6 * 500 for r in rows)  # each trained to its end: 2,000 training examples / batch 4
+    # Each row says where it ran (the preset's one thread), which decides its round-off; the resumed run resumed here.
+    assert all(r["environment"]["num_threads"] == 1 and "resumed_from" not in r["environment"] for r in rows), rows
