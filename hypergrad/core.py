@@ -83,7 +83,7 @@ import torch
 from torch import Tensor
 
 from hypergrad import _foreach, _scalar
-from hypergrad.rules import Rule, SGDRule
+from hypergrad.rules import Rule, SGDRule, SGDState
 from hypergrad.spec import Tower, validate_value
 from hypergrad.transforms import EXP, Transform
 
@@ -150,6 +150,11 @@ class Plan:
     def fused(self) -> tuple[bool, ...]:
         """Per level: whether it runs as one multi-tensor call per group (see :func:`_fused`)."""
         return tuple(_fused(self, k) for k in range(len(self.rules)))
+
+    @functools.cached_property
+    def plain(self) -> tuple[bool, ...]:
+        """Per level: whether it is SGD without momentum (see :func:`_plain_sgd`)."""
+        return tuple(_plain_sgd(self, k) for k in range(len(self.rules)))
 
     @functools.cached_property
     def builtin(self) -> tuple[bool, ...]:
@@ -358,6 +363,18 @@ def apply_rule(
     deltas: list[Tensor | None] = []
     new_states = []
     batched = bool(plan.batch_shape)
+    if plan.plain[k] and not batched:
+        # SGDRule.update without momentum, inline: grad * lr, and the gradient kept where lr is learned (a tensor).
+        # This loop runs per tensor and level at every step; the call and its checks cost more than the product.
+        for grad, state, g in zip(grads, states, groups, strict=True):
+            if grad is None:
+                deltas.append(None)
+                new_states.append(state)
+            else:
+                lr = values[g]["lr"]
+                deltas.append(grad * lr)
+                new_states.append(SGDState(None, grad if isinstance(lr, Tensor) else None))
+        return deltas, new_states
     update = rule.update
     for grad, state, g in zip(grads, states, groups, strict=True):
         if grad is None:  # a parameter without a gradient is left alone, as in torch.optim
@@ -381,6 +398,15 @@ def rule_vjp(
         if fused is not None:
             return fused
     sums: list[dict[str, Tensor]] = [{} for _ in trace.values]
+    if plan.plain[k] and plan.learned[k] and not plan.batch_shape:
+        # SGDRule.vjp without momentum inline: upstream . grad per tensor, added in the tensors' order per group
+        for i, u in enumerate(upstream):
+            if u is None or (trace.moved is not None and not trace.moved[i]):
+                continue
+            acc = sums[groups[i]]
+            v = dot(u, after[i].grad)
+            acc["lr"] = v if "lr" not in acc else acc["lr"] + v
+        return sums
     kept = trace.grads is not None
     for i, u in enumerate(upstream):
         if u is None or (trace.moved is not None and not trace.moved[i]):
@@ -411,6 +437,16 @@ def _fused(plan: Plan, k: int) -> bool:
         and all(g.get("momentum", 0.0) == 0.0 for g in plan.initial[0])
     )
     return not plain_sgd
+
+
+def _plain_sgd(plan: Plan, k: int) -> bool:
+    """Whether level ``k`` is SGD without momentum: none learned (so ``lr`` alone, if anything), every group's a float
+    zero (the branch SGDRule.update takes)."""
+    return (
+        type(plan.rules[k]) is SGDRule
+        and "momentum" not in plan.learned[k]
+        and all(isinstance(m := g["momentum"], float) and m == 0.0 for g in plan.initial[k])
+    )
 
 
 def _by_group(groups: Sequence[int], keep: Sequence[bool], n: int) -> list[list[int]]:
