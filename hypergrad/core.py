@@ -41,8 +41,9 @@ overrides it with a closed form that reads only its own state (tests compare eve
 with finite differences). Nothing is recorded between steps: the state is plain tensors (or plain floats, below).
 
 **State.** Everything lives in :class:`TowerState`: the step count, each level's raw hyperparameters and rule states,
-and per learning level a :class:`Trace` of the last step (the values used, and the gradient and earlier state where
-the rule's vjp reads them). A checkpoint is the state; a restored state continues bit for bit. Where levels 1..top
+and per learning level a :class:`Trace` of the last step (the values used and their transforms' derivatives, and the
+gradient and earlier state where the rule's vjp reads them). A checkpoint is the state (without the derivatives, which
+a restored state computes again, by the same operations); a restored state continues bit for bit. Where levels 1..top
 run as Python floats (below), ``update(..., lazy=True)`` may leave them as floats: the state's ``levels`` and ``trace``
 then hold level 0's entries alone and ``floats`` holds the rest, rounded to the dtype, i.e. exactly the values their
 tensors would hold. :func:`materialize` builds those tensors (a checkpoint, a reader of the hyperparameters);
@@ -83,9 +84,9 @@ import torch
 from torch import Tensor
 
 from hypergrad import _foreach, _scalar
-from hypergrad.rules import Rule, SGDRule
+from hypergrad.rules import Rule, SGDRule, SGDState
 from hypergrad.spec import Tower, validate_value
-from hypergrad.transforms import EXP, Transform
+from hypergrad.transforms import EXP, Transform, value_and_slope
 
 __all__ = [
     "LevelState",
@@ -118,6 +119,10 @@ class Trace(NamedTuple):
     moved: list[bool] | None  # per tensor: whether it received a gradient (None: all did)
     grads: list[Tensor | None] | None  # per tensor: a copy of the gradient; None if the rule's vjp does not read it
     before: list[Any] | None  # per tensor: the rule state before the step; None if the rule's vjp does not read it
+    # Level 0's, per group, per learned value: the transform's derivative at hp (None for the identity), computed with
+    # the values from one tanh or exp; None where not kept (levels above, a restored checkpoint): the hypergradient
+    # computes it then, by the same operations.
+    slopes: list[list[Tensor | None]] | None = None
 
 
 class TowerState(NamedTuple):
@@ -150,6 +155,11 @@ class Plan:
     def fused(self) -> tuple[bool, ...]:
         """Per level: whether it runs as one multi-tensor call per group (see :func:`_fused`)."""
         return tuple(_fused(self, k) for k in range(len(self.rules)))
+
+    @functools.cached_property
+    def plain(self) -> tuple[bool, ...]:
+        """Per level: whether it is SGD without momentum (see :func:`_plain_sgd`)."""
+        return tuple(_plain_sgd(self, k) for k in range(len(self.rules)))
 
     @functools.cached_property
     def builtin(self) -> tuple[bool, ...]:
@@ -252,7 +262,9 @@ def update(
         hp, first = state.levels[top].hp, top
     with _no_grad():
         for k in range(first, -1, -1):
-            values = natural_values(plan, k, hp)
+            # Level 0's trace keeps its slopes; above, the float path (hypergrad._scalar) writes traces without them,
+            # and the tensor path must write the same state.
+            values, slopes = _values_slopes(plan, k, hp) if k == 0 < top else (natural_values(plan, k, hp), None)
             received = grads if k == 0 else hyper[k - 1]
             groups = plan.group_of if k == 0 else (0,) * len(received)
             before = state.levels[k].rule
@@ -268,7 +280,7 @@ def update(
                     kept_before = list(before)
                 # hypergradients are never None; a None gradient is recorded (None: every tensor moved)
                 moved = [g is not None for g in received] if k == 0 and any(g is None for g in received) else None
-                trace[k] = Trace(hp, values, moved, kept, kept_before)
+                trace[k] = Trace(hp, values, moved, kept, kept_before, slopes)
             if k > 0:
                 hp = [h - d for h, d in zip(state.levels[k - 1].hp, deltas, strict=True)]
     if first == 0:
@@ -314,7 +326,10 @@ def _hypergradients(plan: Plan, state: TowerState, grads: Sequence[Tensor | None
                         cols.append(torch.zeros_like(raw.select(-1, j)))
                         continue
                     # What level k updated moved by -delta, so d loss / d value = -(upstream . d delta / d value).
-                    cols.append(-s if t.derivative is None else -s * t.derivative(raw.select(-1, j)))
+                    if trace.slopes is not None:
+                        cols.append(-s if t.derivative is None else -s * trace.slopes[g][j])
+                    else:
+                        cols.append(-s if t.derivative is None else -s * t.derivative(raw.select(-1, j)))
                 # one value: the same (..., 1) tensor as a stack of it, as a view
                 level.append(cols[0].unsqueeze(-1) if len(cols) == 1 else torch.stack(cols, dim=-1))
             out.append(level)
@@ -339,6 +354,23 @@ def natural_values(plan: Plan, k: int, hp: Sequence[Tensor]) -> list[dict[str, V
     return out
 
 
+def _values_slopes(plan: Plan, k: int, hp: Sequence[Tensor]) -> tuple[list[dict[str, Value]], list[list[Any]]]:
+    """:func:`natural_values` and, per group, each learned value's transform derivative at its raw value (what the
+    next hypergradient multiplies by), from one tanh or exp each (:func:`hypergrad.transforms.value_and_slope`)."""
+    out, slopes = [], []
+    for g, initial in enumerate(plan.initial[k]):
+        values = dict(initial)
+        row = []
+        if hp:
+            raw = hp[g]
+            for i, (name, t) in enumerate(zip(plan.learned[k], plan.transforms[k], strict=True)):
+                values[name], d = value_and_slope(t, raw.select(-1, i))
+                row.append(d)
+        out.append(values)
+        slopes.append(row)
+    return out, slopes
+
+
 # -- the two places a rule is called, per level (what a fused multi-tensor kernel replaces) ------------------------
 def apply_rule(
     plan: Plan,
@@ -358,6 +390,18 @@ def apply_rule(
     deltas: list[Tensor | None] = []
     new_states = []
     batched = bool(plan.batch_shape)
+    if plan.plain[k] and not batched:
+        # SGDRule.update without momentum, inline: grad * lr, and the gradient kept where lr is learned (a tensor).
+        # This loop runs per tensor and level at every step; the call and its checks cost more than the product.
+        for grad, state, g in zip(grads, states, groups, strict=True):
+            if grad is None:
+                deltas.append(None)
+                new_states.append(state)
+            else:
+                lr = values[g]["lr"]
+                deltas.append(grad * lr)
+                new_states.append(SGDState(None, grad if isinstance(lr, Tensor) else None))
+        return deltas, new_states
     update = rule.update
     for grad, state, g in zip(grads, states, groups, strict=True):
         if grad is None:  # a parameter without a gradient is left alone, as in torch.optim
@@ -381,6 +425,15 @@ def rule_vjp(
         if fused is not None:
             return fused
     sums: list[dict[str, Tensor]] = [{} for _ in trace.values]
+    if plan.plain[k] and plan.learned[k] and not plan.batch_shape:
+        # SGDRule.vjp without momentum inline: upstream . grad per tensor, added in the tensors' order per group
+        for i, u in enumerate(upstream):
+            if u is None or (trace.moved is not None and not trace.moved[i]):
+                continue
+            acc = sums[groups[i]]
+            v = dot(u, after[i].grad)
+            acc["lr"] = v if "lr" not in acc else acc["lr"] + v
+        return sums
     kept = trace.grads is not None
     for i, u in enumerate(upstream):
         if u is None or (trace.moved is not None and not trace.moved[i]):
@@ -411,6 +464,16 @@ def _fused(plan: Plan, k: int) -> bool:
         and all(g.get("momentum", 0.0) == 0.0 for g in plan.initial[0])
     )
     return not plain_sgd
+
+
+def _plain_sgd(plan: Plan, k: int) -> bool:
+    """Whether level ``k`` is SGD without momentum: none learned (so ``lr`` alone, if anything), every group's a float
+    zero (the branch SGDRule.update takes)."""
+    return (
+        type(plan.rules[k]) is SGDRule
+        and "momentum" not in plan.learned[k]
+        and all(isinstance(m := g["momentum"], float) and m == 0.0 for g in plan.initial[k])
+    )
 
 
 def _by_group(groups: Sequence[int], keep: Sequence[bool], n: int) -> list[list[int]]:

@@ -268,12 +268,13 @@ class HyperOptimizer(torch.optim.Optimizer):
         """A value written into ``param_groups`` (by a scheduler or by hand) since the last step becomes the
         hyperparameter's current value; a learned one then goes on learning from there."""
         learned = self._plan.learned[0]
-        rebuild = False
+        rebuild = written = False
         for g, group in enumerate(self.param_groups):
             for name, old in self._published[g].items():
                 new = group[name]
                 if new is old or (isinstance(new, float) and new == old):
                     continue
+                written = True
                 new = group[name] = validate_value(name, new, f"param_groups[{g}][{name!r}]: ")
                 if name not in learned or self._live is None:
                     rebuild = True
@@ -292,7 +293,8 @@ class HyperOptimizer(torch.optim.Optimizer):
                 self._live = live._replace(levels=[live.levels[0]._replace(hp=hp), *live.levels[1:]])
         if rebuild:
             self._plan = self._make_plan()
-        self._published = [self._group_values(g) for g in self.param_groups]
+        if written:  # else every published value is still the group's
+            self._published = [self._group_values(g) for g in self.param_groups]
 
     def _raise_if_not_finite(self, live: core.TowerState, grads: list[Tensor | None]) -> None:
         if live.floats is not None and not _scalar.finite(live.floats):

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["EXP", "HALF_TANH", "IDENTITY", "SQUARE", "Transform"]
+__all__ = ["EXP", "HALF_TANH", "IDENTITY", "SQUARE", "Transform", "value_and_slope"]
 
 
 class Transform(NamedTuple):
@@ -45,3 +45,15 @@ SQUARE = Transform("square", torch.square, torch.sqrt, lambda x: 2.0 * x)  # ref
 # Reference betas and gamma live in (0, 1).
 HALF_TANH = Transform("half_tanh", _half_tanh, _half_tanh_inverse, _half_tanh_derivative)
 EXP = Transform("exp", torch.exp, torch.log, torch.exp)  # opt-in: a step size stored as its log stays positive
+
+
+def value_and_slope(t: Transform, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``(t.forward(x), t.derivative(x))`` (None for the identity) by the same operations, a shared ``tanh`` or
+    ``exp`` computed once: the same numbers as calling both."""
+    if t is HALF_TANH:
+        th = x.tanh()
+        return (th + 1.0) / 2.0, torch.rsub(th.square(), 1.0) / 2.0
+    if t is EXP:
+        e = torch.exp(x)
+        return e, e
+    return t.forward(x), None if t.derivative is None else t.derivative(x)

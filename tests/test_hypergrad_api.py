@@ -17,7 +17,7 @@ from torch import nn
 import hypergrad
 from hypergrad import SGD, Adam, core, parse_spec
 from hypergrad.rules import EmptyState, Rule
-from hypergrad.transforms import EXP, HALF_TANH, IDENTITY, SQUARE
+from hypergrad.transforms import EXP, HALF_TANH, IDENTITY, SQUARE, value_and_slope
 from tests.hypergrad_helpers import overflow_at_the_second_step
 
 
@@ -118,6 +118,20 @@ def test_transform_derivative_equals_autograd(transform) -> None:
     (expected,) = torch.autograd.grad(transform.forward(raw).sum(), raw)
     got = torch.ones_like(raw) if transform.derivative is None else transform.derivative(raw.detach())
     torch.testing.assert_close(got, expected, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("transform", [IDENTITY, SQUARE, HALF_TANH, EXP], ids=lambda t: t.name)
+def test_value_and_slope_are_forward_and_derivative_bit_for_bit(transform, dtype) -> None:
+    # The core keeps the slope from the step that computed the value; a restored checkpoint calls derivative instead.
+    raw = torch.tensor([-2.0, -0.3, -0.0, 0.0, 0.7, 3.0, 40.0], dtype=dtype)
+    bits = {torch.float32: torch.int32, torch.float64: torch.int64}[dtype]  # compared as bit patterns
+    value, slope = value_and_slope(transform, raw)
+    assert torch.equal(value.view(bits), transform.forward(raw).view(bits))
+    if transform.derivative is None:
+        assert slope is None
+    else:
+        assert torch.equal(slope.view(bits), transform.derivative(raw).view(bits))
 
 
 # -- conformance: every optimizer ---------------------------------------------------------------------------------
