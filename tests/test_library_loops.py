@@ -155,6 +155,10 @@ def _ddp_worker(rank: int, port: int, out: str, spec: str) -> None:
         opt.step()
         opt.zero_grad(set_to_none=False)  # with bucket views, DDP zeroes in place whatever is asked
     torch.save({"hp": opt.hyperparameters(), "w": [p.detach() for p in model.parameters()]}, f"{out}.{rank}")
+    # Both ranks done before either tears gloo down: a rank that closes its sockets while the other still talks makes
+    # gloo's background thread abort the other process ("terminate called without an active exception", seen in CI).
+    dist.barrier()
+    del model
     dist.destroy_process_group()
 
 
