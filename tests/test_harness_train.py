@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from bench.config import compose_config
-from bench.schema import HISTORY_COLUMNS, METRICS_KEYS
+from bench.schema import ENVIRONMENT_KEYS, HISTORY_COLUMNS, METRICS_KEYS
 from bench.train import read_checkpoint, request_checkpoint, run
 from tests.harness_helpers import QUICK
 
@@ -150,7 +150,8 @@ def test_metrics_record_the_environment_the_run_trained_in(tmp_path: Path, threa
         torch.__version__,
         "cpu",
     )
-    assert set(environment) == {"torch", "python", "hypergrad", "device", "num_threads"}  # no `resumed_from`
+    # exactly the keys the schema documents (what report readers rely on), and no `resumed_from` on a fresh run
+    assert set(environment) == set(ENVIRONMENT_KEYS) == {"torch", "python", "hypergrad", "device", "num_threads"}
 
 
 def test_resuming_a_checkpoint_from_another_environment_records_it_and_says_so_once(
