@@ -8,8 +8,9 @@ RESULTS are JSON-lines files or folders; a folder stands for every `*.jsonl` in 
 (dataset, overrides, base, height, mode, initial step size, top hyper-step, seed) from an earlier one:
 `docs/data/stability docs/data/stability/NEW.jsonl` reads NEW last, so its rows win. Two files of one folder with
 different results for the same run are refused (only their names would order them); identical copies are one run.
-stability.md lists, per base, mode and height, the files its rows came from and how many earlier rows with a
-different result were replaced, so a rerun that covered only part of a grid is visible. One report is one dataset:
+stability.md lists, per base, mode and height, the files its rows came from, how many earlier rows with a
+different result were replaced, and the environments (torch version, device, threads) its rows ran in, so a rerun
+that covered only part of a grid is visible. One report is one dataset:
 results that hold several need `--dataset`, and `--tuned` must be a study on the report's dataset and model.
 
 Writes OUT_DIR/stability.png (test error against the initial step size, one line per height; one column per top
@@ -35,6 +36,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
+
+from bench.schema import environment_label
 
 TOLERANCE = 1e-3  # how far above the initial training loss a run may end before it counts as failed
 POINT = 0.01  # the goal's "within 1 point" of test error
@@ -117,6 +120,9 @@ def load(paths: Sequence[Path], dataset: str | None = None, bases: Sequence[str]
     df["lr"] = pd.to_numeric(df["lr"], errors="coerce")
     df["hyper_lr"] = pd.to_numeric(df["hyper_lr"], errors="coerce")
     df["mode"] = df["stable"].map({True: "stable", False: "reference"})
+    # rows written before the grid recorded its environment (during the eleventh round) have none
+    recorded = df["environment"] if "environment" in df else pd.Series([None] * len(df), index=df.index)
+    df["environment"] = recorded.map(lambda e: environment_label(e) if isinstance(e, dict) else "not recorded")
     df["test_error"] = pd.to_numeric(df["test_error"], errors="coerce")
     loss = pd.to_numeric(df["train_loss"], errors="coerce")
     towers = df["height"].notna()
@@ -270,9 +276,25 @@ def sources(df: pd.DataFrame) -> pd.DataFrame:
                 runs=len(g),
                 files=", ".join(f"{f} ({n})" for f, n in counts.sort_index().items()),
                 replaced=int(g["replaced"].notna().sum()),
+                environments=", ".join(f"{e} ({n})" for e, n in g["environment"].value_counts().sort_index().items()),
             )
         )
     return pd.DataFrame(rows)
+
+
+def environments_note(df: pd.DataFrame) -> str | None:
+    """One paragraph when the rows come from more than one environment (torch version, device, thread count, or
+    none recorded); None when they share one. Their results then differ by round-off that 30 epochs amplify."""
+    counts = df["environment"].value_counts().sort_index()
+    if len(counts) < 2:
+        return None
+    shown = "; ".join(f"{e} ({n} run{'s' * (n != 1)})" for e, n in counts.items())
+    return (
+        f"These rows come from {len(counts)} environments: {shown}. Training amplifies their different round-off "
+        "far beyond it (a rerun's test error can move by a few test examples, and a decade count near its threshold "
+        "by a cell), so compare cells of one environment where a conclusion rests on a small difference; the "
+        "`environments` column above says which rows each cell has."
+    )
 
 
 def tables(df: pd.DataFrame, tuned: Path | None) -> str:
@@ -291,6 +313,7 @@ def tables(df: pd.DataFrame, tuned: Path | None) -> str:
         "",
         _block(sources(df).to_string(index=False)),
         "",
+        *([note, ""] if (note := environments_note(df)) else []),
         "## Failed runs (diverged, crashed, or final training loss above the initial one; diverged: of them, the "
         "trainer's own divergence stop), all seeds",
         "",

@@ -200,3 +200,26 @@ def test_the_tuned_baseline_must_be_a_study_on_the_reports_dataset_and_model(
     assert "0.012" in tuned and "20 trials + 3 reruns, 360 epochs in all" in tuned
     tower = next(line for line in text.splitlines() if "stable adam/sgd(0.0001)x3" in line)
     assert "0.1333" in tower  # of_tuned_steps = 480 / 3600
+
+
+def test_the_report_says_which_environments_each_cell_ran_in_and_warns_only_when_they_differ(tmp_path: Path) -> None:
+    # Torch version and thread count move a 30-epoch run's test error by more than round-off: a reader comparing two
+    # cells must see when they ran in different environments (rows from before the grid recorded one: "not recorded").
+    env = {"torch": "2.14.1+cu130", "python": "3.11.7", "hypergrad": "0.1.0", "device": "cpu", "num_threads": 1}
+    old = fixed_rows() + towers()
+    new = [{**r, "environment": env} for r in old[:5]]  # five fixed runs rerun in a recorded environment
+    one = report.load([write(tmp_path / "one.jsonl", [{**r, "environment": env} for r in old])])
+    assert report.environments_note(one) is None
+    assert set(report.sources(one)["environments"]) == {
+        "torch 2.14.1+cu130, cpu, 1 thread (" + f"{n})" for n in (13, 35)
+    }
+    assert "environments:" not in report.tables(one, None)
+    two = report.load([write(tmp_path / "old.jsonl", old), write(tmp_path / "new.jsonl", new)])
+    src = report.sources(two).set_index(["mode", "height"])
+    assert src.loc[("reference", "0"), "environments"] == "not recorded (8), torch 2.14.1+cu130, cpu, 1 thread (5)"
+    assert src.loc[("stable", "3"), "environments"] == "not recorded (35)"
+    note = report.environments_note(two)
+    assert note.startswith(
+        "These rows come from 2 environments: not recorded (43 runs); torch 2.14.1+cu130, cpu, 1 thr"
+    )
+    assert note in report.tables(two, None)
