@@ -134,7 +134,7 @@ class _Den(NamedTuple):
     hp: Mapping[str, Any]  # the values dict the update read (the core's trace keeps this very dict for the vjp)
     step: int
     den: tuple[list[Tensor], list[Tensor], Any, Any, Any, Any]  # sqrt(v_hat), + eps; c1, c2, 1 - b1, 1 - b2
-    nums: _Nums | None = None  # the update's scalars as numbers (see adam_values); then c1 ... 1 - b2 are floats
+    nums: _Nums | None = None  # the update's scalars as numbers, where adam_values made them
 
 
 _DENS: dict[int, _Den] = {}
@@ -159,9 +159,7 @@ def _den_entry(afters: list[Any], hp: Mapping[str, Any], step: int, pop: bool = 
 
 def _recall_den(afters: list[Any], hp: Mapping[str, Any], step: int) -> Any:
     entry = _den_entry(afters, hp, step)
-    # An entry of the numbers path holds its scalars as floats, which the tensor formulas must not meet (a float op a
-    # float is float64 arithmetic): that vjp computes them again instead.
-    return None if entry is None or entry.nums is not None else entry.den
+    return None if entry is None else entry.den
 
 
 # -- updates --------------------------------------------------------------------------------------------------------
@@ -182,7 +180,7 @@ def update(
     if nums is None:
         corrections = _corrections(rule, hp, step, grads[0], compiled, slopes=False)  # the update reads c1, c2 alone
     else:
-        corrections = (float(nums.c1), float(nums.c2), None, None)
+        corrections = (nums.held[2], nums.held[3], None, None)  # c1, c2 as 0-dim tensors
     # Eager Adam with a learned value keeps what the next step's vjp recomputes (see _Den); compiled, it is fused.
     keep = not compiled and type(rule) in (AdamRule, AdamWRule) and any(isinstance(v, Tensor) for v in hp.values())
     out = _run(_update, compiled, rule, grads, list(states), hp, corrections, keep, nums)
@@ -284,15 +282,11 @@ def _adam(
     keep: bool = False,
     nums: _Nums | None = None,
 ) -> tuple[list[Tensor], list[list[Any]], Any]:
-    # The operations of rules.adam_step in its order; products and sums of two terms commute bitwise. With ``nums``
-    # the scalar operands are those numbers as Python floats, each a number of the dtype, which a multi-tensor
-    # operation reads exactly as it reads the 0-dim tensor holding it.
+    # The operations of rules.adam_step in its order; products and sums of two terms commute bitwise. ``nums``: 1 -
+    # beta1 and 1 - beta2 as adam_values made them.
     m0, v0 = [s.exp_avg for s in states], [s.exp_avg_sq for s in states]
-    if nums is None:
-        beta1, beta2, lr = hp["beta1"], hp["beta2"], hp["lr"]
-        a1, a2 = _one_minus(beta1), _one_minus(beta2)
-    else:
-        beta1, beta2, lr, a1, a2 = float(nums.b1), float(nums.b2), float(nums.lr), float(nums.a1), float(nums.a2)
+    beta1, beta2 = hp["beta1"], hp["beta2"]
+    a1, a2 = (_one_minus(beta1), _one_minus(beta2)) if nums is None else nums.held[:2]
     g1 = torch._foreach_mul(grads, a1)
     g2 = torch._foreach_mul(grads, a2)  # ((1 - b2) * g) * g
     torch._foreach_mul_(g2, grads)
@@ -309,7 +303,7 @@ def _adam(
         torch._foreach_add_(sq, hp["eps"])
         den = sq
     torch._foreach_div_(delta, den)
-    torch._foreach_mul_(delta, lr)
+    torch._foreach_mul_(delta, hp["lr"])
     none = [None] * len(grads)
     keep1, keep2 = _learned(hp, "beta1"), _learned(hp, "beta2")
     fields = [list(m), list(v), m0 if keep1 else none, v0 if keep2 else none]
@@ -456,15 +450,15 @@ def _adam_sums(names, q_m0, q_g1, q_m, w_v0, w_g2, lr, b1, b2, c1, c2, dc1, dc2,
 
 # -- Adam's scalars as numbers of the dtype -------------------------------------------------------------------------
 # Level 0's Adam learning lr, beta1 and beta2 (the reference's transforms) spends some fifty 0-dim tensor operations
-# a step on scalars: the natural values and their slopes, the bias corrections, the factors of the update and the
-# scalar part of the vjp. Each is one IEEE operation of the dtype (a sum, difference, product, quotient or negation,
-# rounded once), and numpy's float32 and float64 scalars compute exactly those: adam_values and adam_hypergradient do
-# them as numbers, in the same order on the same operands, so that every result is the tensor path's bit for bit.
-# Only tanh and pow, whose results depend on the library that computes them, stay torch's, batched: one tanh over the
-# group's raw vector and one pow per exponent over its values, elementwise operations that give each element what
-# the 0-dim operation gives it. A scalar meets the weights' tensors as a Python float holding the number (exact), which
-# a multi-tensor operation reads as it reads a 0-dim tensor of the dtype. CPU only (on CUDA a CPU scalar divisor is
-# turned into a product with its reciprocal), eager only (the compiled path takes 0-dim tensors).
+# a step on scalars: the natural values and their slopes, the bias corrections and 1 - beta that the update reads, and
+# the scalar part of the vjp. Each is one IEEE operation of the dtype (a sum, difference, product, quotient or
+# negation, rounded once), and numpy's float32 and float64 scalars compute exactly those: adam_values and
+# adam_hypergradient do them as numbers, in the same order on the same operands, so that every result is the tensor
+# path's bit for bit. Only tanh and pow, whose results depend on the library that computes them, stay torch's, over a
+# group's few values at once (elementwise: each element gets what the 0-dim operation gives it). What the state holds
+# and the multi-tensor operations read stays 0-dim tensors, made from the numbers with one torch.tensor each (a Python
+# float scalar costs a multi-tensor operation more than the 0-dim tensor: it is wrapped once per tensor). CPU only
+# (numbers read from a GPU tensor would wait for it), eager only (the compiled path takes its own 0-dim tensors).
 _NUMBER = {torch.float32: np.float32, torch.float64: np.float64}
 _ADAM = ("lr", "beta1", "beta2")
 
@@ -484,9 +478,10 @@ class _Nums(NamedTuple):
     dc2: Any
     d1: Any
     d2: Any
-    # The tensors of the same values that the state holds (lr's a view of the raw hyperparameters, both betas', a
-    # slope's), with their version counters then: after a write in place into one, the tensor path reads the value
-    # written, and so the hypergradient takes that path (see adam_numbers_ready).
+    held: tuple[Tensor, ...] = ()  # a1, a2, c1, c2 as 0-dim tensors, for the update
+    # The tensors of the values that the state holds (lr's a view of the raw hyperparameters; the betas' and the
+    # slopes' views of one tensor), with their version counters then: after a write in place into one, the tensor path
+    # reads the value written, and so the hypergradient takes that path (see adam_numbers_ready).
     tensors: tuple[Tensor, ...] = ()
     versions: tuple[int, ...] = ()
 
@@ -511,25 +506,27 @@ def adam_values(
     """Level 0's natural values and slopes per group, as ``hypergrad.core._values_slopes`` computes them, with the
     scalars the group's update and next vjp read kept as numbers for them; None off the CPU or in another dtype."""
     first = raws[0]
-    num = _NUMBER.get(first.dtype)
+    dtype, num = first.dtype, _NUMBER.get(first.dtype)
     if num is None or first.device.type != "cpu" or any(r.shape != (3,) for r in raws):
         return None
     one, two, t = num(1.0), num(2.0), float(step)
     values, slopes = [], []
     for initial_g, raw in zip(initial, raws, strict=True):
-        th = torch.tanh(raw)  # lr's element is not read
-        b = (th + 1.0) / 2.0  # (tanh(x) + 1) / 2 of either beta, as HALF_TANH
-        lr_t, b1_t, b2_t = raw.unbind()[0], *b.unbind()[1:]
-        lr, b1, b2 = (num(x) for x in (raw.tolist()[0], *b.tolist()[1:]))
-        p1, p2 = (num(x) for x in b.pow(t).tolist()[1:])  # beta^t; beta^(t - 1) for the slopes of c
-        q1, q2 = (num(x) for x in b.pow(t - 1.0).tolist()[1:])
-        th1, th2 = (num(x) for x in th.tolist()[1:])
+        lr = num(raw.tolist()[0])
+        _, th1, th2 = (num(x) for x in torch.tanh(raw).tolist())  # lr's tanh is not read
         with np.errstate(all="ignore"):  # inf and nan, as torch gives them, without a warning
-            d1, d2 = (one - th1 * th1) / two, (one - th2 * th2) / two  # rsub(square(th), 1) / 2
-            nums = _Nums(lr, b1, b2, one - b1, one - b2, one - p1, one - p2, num(t) * q1, num(t) * q2, d1, d2)
-        d1_t, d2_t = torch.tensor([float(d1), float(d2)], dtype=first.dtype).unbind()
-        kept = (lr_t, b1_t, d1_t)  # one of each tensor whose views the values and slopes are
-        nums = nums._replace(tensors=kept, versions=tuple(x._version for x in kept))
+            b1, b2 = (th1 + one) / two, (th2 + one) / two  # HALF_TANH: (tanh(x) + 1) / 2
+            d1, d2 = (one - th1 * th1) / two, (one - th2 * th2) / two  # its slope: rsub(square(tanh(x)), 1) / 2
+        held = torch.tensor([float(b1), float(b2), float(d1), float(d2)], dtype=dtype)
+        p1, p2, _, _ = (num(x) for x in held.pow(t).tolist())  # beta^t (the slopes' powers are not read)
+        q1, q2, _, _ = (num(x) for x in held.pow(t - 1.0).tolist())
+        with np.errstate(all="ignore"):
+            a1, a2, c1, c2 = one - b1, one - b2, one - p1, one - p2
+            nums = _Nums(lr, b1, b2, a1, a2, c1, c2, num(t) * q1, num(t) * q2, d1, d2)
+        scalars = torch.tensor([float(a1), float(a2), float(c1), float(c2)], dtype=dtype).unbind()
+        lr_t = raw.unbind()[0]  # the natural value of the identity is the raw value, a view, as natural_values'
+        b1_t, b2_t, d1_t, d2_t = held.unbind()
+        nums = nums._replace(held=scalars, tensors=(lr_t, b1_t), versions=(lr_t._version, b1_t._version))
         group = dict(initial_g)
         group.update(lr=lr_t, beta1=b1_t, beta2=b2_t)
         values.append(group)
