@@ -26,6 +26,7 @@ import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -133,25 +134,32 @@ class _Den(NamedTuple):
     hp: Mapping[str, Any]  # the values dict the update read (the core's trace keeps this very dict for the vjp)
     step: int
     den: tuple[list[Tensor], list[Tensor], Any, Any, Any, Any]  # sqrt(v_hat), + eps; c1, c2, 1 - b1, 1 - b2
+    nums: _Nums | None = None  # the update's scalars as numbers, where adam_values made them
 
 
 _DENS: dict[int, _Den] = {}
 
 
-def _remember_den(vs: list[Tensor], hp: Mapping[str, Any], step: int, den: Any) -> None:
+def _remember_den(vs: list[Tensor], hp: Mapping[str, Any], step: int, den: Any, nums: _Nums | None = None) -> None:
     for key in [k for k, e in _DENS.items() if e.refs[0]() is None] + list(_DENS)[:-3]:  # dead, or beyond 4 entries
         _DENS.pop(key, None)
-    _DENS[id(vs[0])] = _Den([weakref.ref(v) for v in vs], [v._version for v in vs], hp, step, den)
+    _DENS[id(vs[0])] = _Den([weakref.ref(v) for v in vs], [v._version for v in vs], hp, step, den, nums)
 
 
-def _recall_den(afters: list[Any], hp: Mapping[str, Any], step: int) -> Any:
+def _den_entry(afters: list[Any], hp: Mapping[str, Any], step: int, pop: bool = True) -> _Den | None:
+    """The entry the update made for exactly these states, values and step (``pop``: used once), else None."""
     vs = [a.exp_avg_sq for a in afters]
-    entry = _DENS.pop(id(vs[0]), None)
+    entry = _DENS.pop(id(vs[0]), None) if pop else _DENS.get(id(vs[0]))
     if entry is None or entry.hp is not hp or entry.step != step or len(entry.refs) != len(vs):
         return None
     if any(r() is not v or v._version != n for r, v, n in zip(entry.refs, vs, entry.versions, strict=True)):
         return None
-    return entry.den
+    return entry
+
+
+def _recall_den(afters: list[Any], hp: Mapping[str, Any], step: int) -> Any:
+    entry = _den_entry(afters, hp, step)
+    return None if entry is None else entry.den
 
 
 # -- updates --------------------------------------------------------------------------------------------------------
@@ -168,29 +176,40 @@ def update(
     grads = list(grads)
     if not applies(rule, grads, hp):
         return None
-    corrections = _corrections(rule, hp, step, grads[0], compiled, slopes=False)  # the update reads c1, c2 alone
+    nums = _take_nums(hp) if not compiled and type(rule) is AdamRule else None
+    if nums is None:
+        corrections = _corrections(rule, hp, step, grads[0], compiled, slopes=False)  # the update reads c1, c2 alone
+    else:
+        corrections = (nums.held[2], nums.held[3], None, None)  # c1, c2 as 0-dim tensors
     # Eager Adam with a learned value keeps what the next step's vjp recomputes (see _Den); compiled, it is fused.
     keep = not compiled and type(rule) in (AdamRule, AdamWRule) and any(isinstance(v, Tensor) for v in hp.values())
-    out = _run(_update, compiled, rule, grads, list(states), hp, corrections, keep)
+    out = _run(_update, compiled, rule, grads, list(states), hp, corrections, keep, nums)
     if out is None:
         return None
     deltas, states_out, den = out
     if den is not None:
         _DENS.pop(id(states[0].exp_avg_sq), None)  # the last step's entry, which no vjp will ask for now
-        _remember_den([s.exp_avg_sq for s in states_out], hp, step, den)
+        _remember_den([s.exp_avg_sq for s in states_out], hp, step, den, nums)
     return deltas, states_out
 
 
 def _update(
-    rule: Rule, grads: list[Tensor], states: list[Any], hp: Mapping[str, Any], corrections: Any, keep: bool = False
+    rule: Rule,
+    grads: list[Tensor],
+    states: list[Any],
+    hp: Mapping[str, Any],
+    corrections: Any,
+    keep: bool = False,
+    nums: _Nums | None = None,
 ):
-    """The deltas, the new states, and (``keep``: Adam only) the ``sqrt(v_hat)`` and ``sqrt(v_hat) + eps`` used."""
+    """The deltas, the new states, and (``keep``: Adam only) the ``sqrt(v_hat)`` and ``sqrt(v_hat) + eps`` used.
+    ``nums``: Adam's scalars as numbers (see adam_values)."""
     kind = type(rule)
     if kind is SGDRule:
         return (*_sgd(grads, states, hp), None)
     if kind in (AdamRule, AdamWRule):
         c1, c2, _, _ = corrections
-        delta, fields, den = _adam(grads, states, hp, c1, c2, keep)
+        delta, fields, den = _adam(grads, states, hp, c1, c2, keep, nums)
         if den is not None:
             den = (*den[:2], c1, c2, *den[2:])
         if kind is AdamRule:
@@ -255,12 +274,19 @@ def _sgd(grads: list[Tensor], states: Sequence[Any], hp: Mapping[str, Any]) -> t
 
 
 def _adam(
-    grads: list[Tensor], states: Sequence[Any], hp: Mapping[str, Any], c1: Any, c2: Any, keep: bool = False
+    grads: list[Tensor],
+    states: Sequence[Any],
+    hp: Mapping[str, Any],
+    c1: Any,
+    c2: Any,
+    keep: bool = False,
+    nums: _Nums | None = None,
 ) -> tuple[list[Tensor], list[list[Any]], Any]:
-    # The operations of rules.adam_step in its order; products and sums of two terms commute bitwise.
-    beta1, beta2 = hp["beta1"], hp["beta2"]
+    # The operations of rules.adam_step in its order; products and sums of two terms commute bitwise. ``nums``: 1 -
+    # beta1 and 1 - beta2 as adam_values made them.
     m0, v0 = [s.exp_avg for s in states], [s.exp_avg_sq for s in states]
-    a1, a2 = _one_minus(beta1), _one_minus(beta2)
+    beta1, beta2 = hp["beta1"], hp["beta2"]
+    a1, a2 = (_one_minus(beta1), _one_minus(beta2)) if nums is None else nums.held[:2]
     g1 = torch._foreach_mul(grads, a1)
     g2 = torch._foreach_mul(grads, a2)  # ((1 - b2) * g) * g
     torch._foreach_mul_(g2, grads)
@@ -368,27 +394,33 @@ def _adam_vjp(grads_next, afters, hp, c1, c2, dc1, dc2, kept=None) -> dict[str, 
     # The formulas of rules.adam_vjp with the dots summed over the group before the scalar factors. ``kept``: the
     # update's sqrt(v_hat) and sqrt(v_hat) + eps for these states, the very values the next three lines compute, and
     # its 1 - beta1, 1 - beta2 (see _Den).
-    lr, b1, b2 = hp["lr"], hp["beta1"], hp["beta2"]
+    q_m0, q_g1, q_m, w_v0, w_g2 = _adam_dots(grads_next, afters, hp, c2, kept)
+    a1, a2 = (None, None) if kept is None else kept[4:6]
+    b1, b2 = hp["beta1"], hp["beta2"]
+    a1 = _one_minus(b1) if a1 is None and _learned(hp, "beta1") else a1
+    a2 = _one_minus(b2) if a2 is None and _learned(hp, "beta2") else a2
+    names = tuple(n for n in ("lr", "beta1", "beta2") if _learned(hp, n))
+    return _adam_sums(names, q_m0, q_g1, q_m, w_v0, w_g2, hp["lr"], b1, b2, c1, c2, dc1, dc2, a1, a2)
+
+
+def _adam_dots(grads_next, afters, hp, c2, kept=None) -> tuple[Any, Any, Any, Any, Any]:
+    """The dot products of Adam's vjp summed over the group: q . m0, q . g1 (beta1 learned) or q . m (not), and
+    w . v0, w . g2 (beta2 learned); None where not computed."""
     m_after = [a.exp_avg for a in afters]
     if kept is None:
         sqrt_v_hat = torch._foreach_div([a.exp_avg_sq for a in afters], c2)
         torch._foreach_sqrt_(sqrt_v_hat)
         den = torch._foreach_add(sqrt_v_hat, hp["eps"])
-        a1 = a2 = None
     else:
-        sqrt_v_hat, den, _, _, a1, a2 = kept
+        sqrt_v_hat, den = kept[0], kept[1]
     q = torch._foreach_div(grads_next, den)
-    out: dict[str, Tensor] = {}
+    q_m0 = q_g1 = q_m = w_v0 = w_g2 = None
     if _learned(hp, "beta1"):
         qf = [_flat(x) for x in q]  # flattened once for both dots
         q_m0 = _dots(qf, [a.previous_exp_avg for a in afters], flat=True)
         q_g1 = _dots(qf, [a.grad_term for a in afters], flat=True)
-        q_m = b1 * q_m0 + q_g1
-        out["beta1"] = lr * ((q_m0 - q_g1 / (_one_minus(b1) if a1 is None else a1)) / c1 + q_m * dc1 / (c1 * c1))
     else:
         q_m = _dots(q, m_after)
-    if _learned(hp, "lr"):
-        out["lr"] = q_m / c1
     if _learned(hp, "beta2"):
         w = torch._foreach_mul(q, m_after)  # q * m / (den * sqrt(v_hat))
         torch._foreach_mul_(den, sqrt_v_hat)
@@ -396,9 +428,140 @@ def _adam_vjp(grads_next, afters, hp, c1, c2, dc1, dc2, kept=None) -> dict[str, 
         wf = [_flat(x) for x in w]
         w_v0 = _dots(wf, [a.previous_exp_avg_sq for a in afters], flat=True)
         w_g2 = _dots(wf, [a.grad_sq_term for a in afters], flat=True)
+    return q_m0, q_g1, q_m, w_v0, w_g2
+
+
+def _adam_sums(names, q_m0, q_g1, q_m, w_v0, w_g2, lr, b1, b2, c1, c2, dc1, dc2, a1, a2) -> dict[str, Any]:
+    """The scalar part of Adam's vjp for the learned ``names``, from the summed dots: written once for 0-dim tensors
+    (and floats where a value is fixed) and for numbers of the dtype (see adam_values), the same operations in the
+    same order either way."""
+    out = {}
+    if "beta1" in names:
+        q_m = b1 * q_m0 + q_g1
+        out["beta1"] = lr * ((q_m0 - q_g1 / a1) / c1 + q_m * dc1 / (c1 * c1))
+    if "lr" in names:
+        out["lr"] = q_m / c1
+    if "beta2" in names:
         w_v = b2 * w_v0 + w_g2
         # -0.5 lr / c1 (...), with the division last: lr and c1 may be floats, and 1.0 / 0.0 raises in Python.
-        out["beta2"] = (
-            -0.5 * lr * ((w_v0 - w_g2 / (_one_minus(b2) if a2 is None else a2)) / c2 + w_v * dc2 / (c2 * c2)) / c1
-        )
+        out["beta2"] = -0.5 * lr * ((w_v0 - w_g2 / a2) / c2 + w_v * dc2 / (c2 * c2)) / c1
     return out
+
+
+# -- Adam's scalars as numbers of the dtype -------------------------------------------------------------------------
+# Level 0's Adam learning lr, beta1 and beta2 (the reference's transforms) spends some fifty 0-dim tensor operations
+# a step on scalars: the natural values and their slopes, the bias corrections and 1 - beta that the update reads, and
+# the scalar part of the vjp. Each is one IEEE operation of the dtype (a sum, difference, product, quotient or
+# negation, rounded once), and numpy's float32 and float64 scalars compute exactly those: adam_values and
+# adam_hypergradient do them as numbers, in the same order on the same operands, so that every result is the tensor
+# path's bit for bit. Only tanh and pow, whose results depend on the library that computes them, stay torch's, over a
+# group's few values at once (elementwise: each element gets what the 0-dim operation gives it). What the state holds
+# and the multi-tensor operations read stays 0-dim tensors, made from the numbers with one torch.tensor each (a Python
+# float scalar costs a multi-tensor operation more than the 0-dim tensor: it is wrapped once per tensor). CPU only
+# (numbers read from a GPU tensor would wait for it), eager only (the compiled path takes its own 0-dim tensors).
+_NUMBER = {torch.float32: np.float32, torch.float64: np.float64}
+_ADAM = ("lr", "beta1", "beta2")
+
+
+class _Nums(NamedTuple):
+    """One group's Adam scalars at one step, numbers of the dtype: the natural values, 1 - beta, the bias corrections
+    c = 1 - beta^t and dc = t beta^(t - 1), and the half_tanh slopes of the betas."""
+
+    lr: Any
+    b1: Any
+    b2: Any
+    a1: Any
+    a2: Any
+    c1: Any
+    c2: Any
+    dc1: Any
+    dc2: Any
+    d1: Any
+    d2: Any
+    held: tuple[Tensor, ...] = ()  # a1, a2, c1, c2 as 0-dim tensors, for the update
+    # The tensors of the values that the state holds (lr's a view of the raw hyperparameters; the betas' and the
+    # slopes' views of one tensor), with their version counters then: after a write in place into one, the tensor path
+    # reads the value written, and so the hypergradient takes that path (see adam_numbers_ready).
+    tensors: tuple[Tensor, ...] = ()
+    versions: tuple[int, ...] = ()
+
+
+def numbers_apply(rule: Rule, learned: Sequence[str], transforms: Sequence[str], batched: bool, compiled: bool) -> bool:
+    """Whether level 0 (``rule``, its learned names and their transforms' names) takes the numbers path."""
+    return (
+        type(rule) is AdamRule
+        and tuple(learned) == _ADAM
+        and tuple(transforms) == ("identity", "half_tanh", "half_tanh")
+        and not batched
+        and not compiled
+    )
+
+
+_NUMS: dict[int, tuple[Mapping[str, Any], _Nums]] = {}
+
+
+def adam_values(
+    initial: Sequence[Mapping[str, Any]], raws: Sequence[Tensor], step: int
+) -> tuple[list[dict[str, Any]], list[list[Any]]] | None:
+    """Level 0's natural values and slopes per group, as ``hypergrad.core._values_slopes`` computes them, with the
+    scalars the group's update and next vjp read kept as numbers for them; None off the CPU or in another dtype."""
+    first = raws[0]
+    dtype, num = first.dtype, _NUMBER.get(first.dtype)
+    if num is None or first.device.type != "cpu" or any(r.shape != (3,) for r in raws):
+        return None
+    one, two, t = num(1.0), num(2.0), float(step)
+    values, slopes = [], []
+    for initial_g, raw in zip(initial, raws, strict=True):
+        lr = num(raw.tolist()[0])
+        _, th1, th2 = (num(x) for x in torch.tanh(raw).tolist())  # lr's tanh is not read
+        with np.errstate(all="ignore"):  # inf and nan, as torch gives them, without a warning
+            b1, b2 = (th1 + one) / two, (th2 + one) / two  # HALF_TANH: (tanh(x) + 1) / 2
+            d1, d2 = (one - th1 * th1) / two, (one - th2 * th2) / two  # its slope: rsub(square(tanh(x)), 1) / 2
+        held = torch.tensor([float(b1), float(b2), float(d1), float(d2)], dtype=dtype)
+        p1, p2, _, _ = (num(x) for x in held.pow(t).tolist())  # beta^t (the slopes' powers are not read)
+        q1, q2, _, _ = (num(x) for x in held.pow(t - 1.0).tolist())
+        with np.errstate(all="ignore"):
+            a1, a2, c1, c2 = one - b1, one - b2, one - p1, one - p2
+            nums = _Nums(lr, b1, b2, a1, a2, c1, c2, num(t) * q1, num(t) * q2, d1, d2)
+        scalars = torch.tensor([float(a1), float(a2), float(c1), float(c2)], dtype=dtype).unbind()
+        lr_t = raw.unbind()[0]  # the natural value of the identity is the raw value, a view, as natural_values'
+        b1_t, b2_t, d1_t, d2_t = held.unbind()
+        nums = nums._replace(held=scalars, tensors=(lr_t, b1_t), versions=(lr_t._version, b1_t._version))
+        group = dict(initial_g)
+        group.update(lr=lr_t, beta1=b1_t, beta2=b2_t)
+        values.append(group)
+        slopes.append([None, d1_t, d2_t])
+        for key in list(_NUMS)[: -2 * len(raws)]:  # values no update read (a group without gradients)
+            del _NUMS[key]
+        _NUMS[id(group)] = (group, nums)
+    return values, slopes
+
+
+def _take_nums(hp: Mapping[str, Any]) -> _Nums | None:
+    """The numbers adam_values kept for this very values dict (once), else None."""
+    entry = _NUMS.pop(id(hp), None)
+    return None if entry is None or entry[0] is not hp else entry[1]
+
+
+def adam_numbers_ready(afters: Sequence[Any], hp: Mapping[str, Any], step: int) -> bool:
+    """Whether :func:`adam_hypergradient` can run: the update of these very states left its numbers."""
+    entry = _den_entry(list(afters), hp, step, pop=False)
+    if entry is None or entry.nums is None:
+        return False
+    return all(x._version == n for x, n in zip(entry.nums.tensors, entry.nums.versions, strict=True))
+
+
+def adam_hypergradient(grads_next: Sequence[Tensor], afters: Sequence[Any], hp: Mapping[str, Any], step: int) -> Tensor:
+    """``d loss / d raw (lr, beta1, beta2)`` of one group, as ``hypergrad.core.hypergradients`` computes it from
+    :func:`vjp` (bit for bit), where :func:`adam_numbers_ready`."""
+    entry = _den_entry(list(afters), hp, step)
+    assert entry is not None and entry.nums is not None
+    n = entry.nums
+    sums = _adam_dots(list(grads_next), list(afters), hp, None, entry.den)
+    num = type(n.lr)
+    q_m0, q_g1, w_v0, w_g2 = (num(x) for x in torch.stack([sums[0], sums[1], sums[3], sums[4]]).tolist())
+    with np.errstate(all="ignore"):
+        out = _adam_sums(_ADAM, q_m0, q_g1, None, w_v0, w_g2, n.lr, n.b1, n.b2, n.c1, n.c2, n.dc1, n.dc2, n.a1, n.a2)
+        # what level 0 updated moved by -delta: -(upstream . d delta / d value) times the transform's slope
+        cols = [-out["lr"], -out["beta1"] * n.d1, -out["beta2"] * n.d2]
+    return torch.tensor([float(c) for c in cols], dtype=grads_next[0].dtype)

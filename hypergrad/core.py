@@ -68,7 +68,10 @@ more and one of them is more than plain SGD (to round-off), or when they are man
 each (bit for bit). Both write exactly this module's state (or its floats, with ``lazy=True``); anything else takes
 the per-tensor path below. ``make_plan(..., compile=True)``
 (opt-in) runs level 0's multi-tensor update and vjp through ``torch.compile`` (to round-off; :mod:`hypergrad._foreach`
-says why no step compiles again once the state has settled).
+says why no step compiles again once the state has settled). On the CPU, eagerly, a level 0 of Adam learning ``lr``,
+``beta1`` and ``beta2`` computes its scalars (values, bias corrections, the hypergradient's scalar part) as numpy
+numbers of the dtype: the 0-dim tensor operations' IEEE operations, bit for bit (``Plan.numbers``,
+:func:`hypergrad._foreach.adam_values`).
 """
 
 from __future__ import annotations
@@ -160,6 +163,16 @@ class Plan:
     def plain(self) -> tuple[bool, ...]:
         """Per level: whether it is SGD without momentum (see :func:`_plain_sgd`)."""
         return tuple(_plain_sgd(self, k) for k in range(len(self.rules)))
+
+    @functools.cached_property
+    def numbers(self) -> bool:
+        """Whether level 0's Adam scalars run as numbers of the dtype (hypergrad._foreach.adam_values)."""
+        names = tuple(t.name for t in self.transforms[0])
+        return (
+            self.height > 0
+            and self.fused[0]
+            and _foreach.numbers_apply(self.rules[0], self.learned[0], names, bool(self.batch_shape), self.compile)
+        )
 
     @functools.cached_property
     def builtin(self) -> tuple[bool, ...]:
@@ -264,7 +277,11 @@ def update(
         for k in range(first, -1, -1):
             # Level 0's trace keeps its slopes; above, the float path (hypergrad._scalar) writes traces without them,
             # and the tensor path must write the same state.
-            values, slopes = _values_slopes(plan, k, hp) if k == 0 < top else (natural_values(plan, k, hp), None)
+            if k == 0 < top:
+                fast = _foreach.adam_values(plan.initial[0], hp, step) if plan.numbers else None
+                values, slopes = _values_slopes(plan, k, hp) if fast is None else fast
+            else:
+                values, slopes = natural_values(plan, k, hp), None
             received = grads if k == 0 else hyper[k - 1]
             groups = plan.group_of if k == 0 else (0,) * len(received)
             before = state.levels[k].rule
@@ -316,22 +333,9 @@ def _hypergradients(plan: Plan, state: TowerState, grads: Sequence[Tensor | None
     out = []
     with _no_grad():
         for k, trace in enumerate(state.trace):
-            sums = rule_vjp(plan, k, upstream, trace, state.levels[k].rule, state.step)
-            level = []
-            for g, raw in enumerate(trace.hp):
-                cols = []
-                for j, (name, t) in enumerate(zip(plan.learned[k], plan.transforms[k], strict=True)):
-                    s = sums[g].get(name)
-                    if s is None:  # this hyperparameter has not acted yet (e.g. momentum at the first step)
-                        cols.append(torch.zeros_like(raw.select(-1, j)))
-                        continue
-                    # What level k updated moved by -delta, so d loss / d value = -(upstream . d delta / d value).
-                    if trace.slopes is not None:
-                        cols.append(-s if t.derivative is None else -s * trace.slopes[g][j])
-                    else:
-                        cols.append(-s if t.derivative is None else -s * t.derivative(raw.select(-1, j)))
-                # one value: the same (..., 1) tensor as a stack of it, as a view
-                level.append(cols[0].unsqueeze(-1) if len(cols) == 1 else torch.stack(cols, dim=-1))
+            level = _numbers_hypergradients(plan, upstream, trace, state.levels[0].rule, state.step) if k == 0 else None
+            if level is None:
+                level = _level_hypergradients(plan, k, upstream, trace, state.levels[k].rule, state.step)
             out.append(level)
             upstream = level
             if k == 0 and _scalar.applies(plan):
@@ -339,6 +343,48 @@ def _hypergradients(plan: Plan, state: TowerState, grads: Sequence[Tensor | None
                     return _scalar.hyper_floats(plan, state, level)
                 return out + _scalar.hypergradients(plan, state, level)
     return out
+
+
+def _level_hypergradients(
+    plan: Plan, k: int, upstream: Sequence[Tensor | None], trace: Trace, after: Sequence[Any], step: int
+) -> list[Tensor]:
+    """Level ``k``'s hypergradients, one tensor per group, from the vjps of its rule."""
+    sums = rule_vjp(plan, k, upstream, trace, after, step)
+    level = []
+    for g, raw in enumerate(trace.hp):
+        cols = []
+        for j, (name, t) in enumerate(zip(plan.learned[k], plan.transforms[k], strict=True)):
+            s = sums[g].get(name)
+            if s is None:  # this hyperparameter has not acted yet (e.g. momentum at the first step)
+                cols.append(torch.zeros_like(raw.select(-1, j)))
+                continue
+            # What level k updated moved by -delta, so d loss / d value = -(upstream . d delta / d value).
+            if trace.slopes is not None:
+                cols.append(-s if t.derivative is None else -s * trace.slopes[g][j])
+            else:
+                cols.append(-s if t.derivative is None else -s * t.derivative(raw.select(-1, j)))
+        # one value: the same (..., 1) tensor as a stack of it, as a view
+        level.append(cols[0].unsqueeze(-1) if len(cols) == 1 else torch.stack(cols, dim=-1))
+    return level
+
+
+def _numbers_hypergradients(
+    plan: Plan, upstream: Sequence[Tensor | None], trace: Trace, after: Sequence[Any], step: int
+) -> list[Tensor] | None:
+    """Level 0's hypergradients per group by hypergrad._foreach.adam_hypergradient (bit for bit those of the loop in
+    :func:`_hypergradients`), where its update left the numbers for every group; else None."""
+    if not plan.numbers:
+        return None
+    keep = [u is not None and (trace.moved is None or trace.moved[i]) for i, u in enumerate(upstream)]
+    parts = []
+    for g, idx in enumerate(_by_group(plan.group_of, keep, len(trace.values))):
+        afters = [after[i] for i in idx]
+        if not idx or not _foreach.adam_numbers_ready(afters, trace.values[g], step):
+            return None
+        parts.append(([upstream[i] for i in idx], afters))
+    return [
+        _foreach.adam_hypergradient(grads, afters, trace.values[g], step) for g, (grads, afters) in enumerate(parts)
+    ]
 
 
 def natural_values(plan: Plan, k: int, hp: Sequence[Tensor]) -> list[dict[str, Value]]:

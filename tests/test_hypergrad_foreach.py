@@ -4,7 +4,9 @@ vjps to round-off (they sum the dot products over tensors before the scalar fact
 from __future__ import annotations
 
 import logging
+import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -183,3 +185,140 @@ def test_adam_vjp_on_the_updates_kept_values_is_bitwise_the_vjp_that_computes_th
     monkeypatch.setattr(_foreach, "_adam_vjp", lambda *a: calls.append(a[-1]) or real(*a))
     _foreach.vjp(rule, grads[3], after, hp, 3)
     assert calls == [None]  # computed from the state as it is now, not taken from the update
+
+
+# -- Adam's scalars as numbers of the dtype (_foreach.adam_values, adam_hypergradient) -------------------------------
+def _state_tensors(opt) -> list[torch.Tensor]:
+    """Every tensor of the optimizer's tower state, levels and traces, in order."""
+    from hypergrad import core
+
+    state = core.materialize(opt._live)
+
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            yield x
+        elif isinstance(x, dict):
+            for k in sorted(x):
+                yield from walk(x[k])
+        elif isinstance(x, list | tuple):
+            for v in x:
+                yield from walk(v)
+
+    return [t.clone() for t in walk([state.levels, state.trace])]
+
+
+def _train_recording(spec: str, dtype: torch.dtype, how: str, steps: int = 10) -> list[torch.Tensor]:
+    """Weights and the whole state after every step; ``how="peek"``: and the hypergradients, read by
+    core.hypergradients before each step (which takes the update's numbers and leaves the step to compute its own
+    from tensors); ``how="write"``: level 0's raw values of a group halved in place after every third step (which
+    the next hypergradient reads, through the views of them that the trace's values are)."""
+    import hypergrad
+    from hypergrad import core
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(dtype)
+    params = list(model.parameters())
+    opt = hypergrad.tower(spec, [{"params": params[:2]}, {"params": params[2:], "lr": 0.02}])
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(steps):
+        x, y = torch.randn(16, 10, generator=g, dtype=dtype), torch.randint(0, 3, (16,), generator=g)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        if how == "peek" and opt._live is not None:
+            out += [h.clone() for level in core.hypergradients(opt._plan, opt._live, [p.grad for p in params])
+                    for h in level]  # fmt: skip
+        opt.step()
+        opt.zero_grad()
+        out += [p.detach().clone() for p in params] + _state_tensors(opt)
+        if how == "write" and opt._live.step % 3 == 0:
+            with torch.no_grad():
+                opt._live.levels[0].hp[1].mul_(0.5)
+    return out
+
+
+@pytest.mark.parametrize(
+    "spec", ["adam(0.01)/sgd(1e-3)", "adam(0.01)" + "/adam(1e-3)" * 3, "adam(0.01)" + "/sgd(1e-3)" * 3]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("how", ["step", "peek", "write"])
+def test_adam_scalars_as_numbers_give_the_tensor_paths_results_bitwise(spec, dtype, how, monkeypatch) -> None:
+    """adam/...: level 0's scalars (values, bias corrections, the vjp's scalar part) as numbers of the dtype give the
+    very weights, hyperparameters, hypergradients and state, bit for bit, that the 0-dim tensor operations give."""
+    calls = []
+    real = _foreach.adam_hypergradient
+    monkeypatch.setattr(_foreach, "adam_hypergradient", lambda *a: calls.append(1) or real(*a))
+    fast = _train_recording(spec, dtype, how)
+    # every step after the first took the numbers path, both param groups, except after a write
+    assert len(calls) == 2 * (9 if how != "write" else 6)
+    monkeypatch.setattr(_foreach, "numbers_apply", lambda *a: False)
+    slow = _train_recording(spec, dtype, how)
+    assert len(fast) == len(slow)
+    for a, b in zip(fast, slow, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+def test_the_numbers_path_is_taken_only_where_it_applies() -> None:
+    import hypergrad
+
+    def numbers(spec, **kw) -> bool:
+        return hypergrad.tower(spec, [torch.zeros(2)], **kw)._plan.numbers
+
+    assert numbers("adam(0.01)/sgd(1e-3)") and numbers("adam(0.01)/adam(1e-3)/adam(1e-3)")
+    assert not numbers("adam(0.01)")  # nothing learned
+    assert not numbers("adam[lr](0.01)/sgd(1e-3)")  # a subset learned: fixed values meet the scalars as floats
+    assert not numbers("adam(0.01)/sgd(1e-3)", parameterization="log")  # exp stays torch's
+    assert not numbers("adamw(0.01)/sgd(1e-3)") and not numbers("sgd(0.1, momentum=0.9)/sgd(1e-3)")
+
+
+RAWS = [  # level 0's raw (lr, beta1, beta2): ordinary, saturated tanh (beta = 1: c = 0), negative, huge, inf, nan
+    (0.01, 1.47, 3.45),
+    (-0.3, 0.1, -0.2),
+    (1e-3, 30.0, 40.0),
+    (2.0, -30.0, 9.0),
+    (1e30, 1e30, -1e30),
+    (0.0, float("inf"), float("-inf")),
+    (float("nan"), 0.5, float("nan")),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("step", [1, 2, 3, 4, 7, 1000])
+def test_adam_numbers_are_the_0dim_tensor_operations_bitwise(dtype, step) -> None:
+    """adam_values' numbers and _adam_sums on numbers equal the 0-dim tensor operations of the tensor path, bit for
+    bit, also where they give 0, inf or nan (a bias correction of a saturated beta, an overflowing product)."""
+    from hypergrad.rules import _power_corrections
+    from hypergrad.transforms import HALF_TANH, value_and_slope
+
+    def same(x, tensor) -> bool:
+        return torch.equal(torch.tensor(float(x), dtype=dtype).view(1), tensor.view(1).to(dtype)) or (
+            math.isnan(float(x)) and bool(tensor.isnan())
+        )
+
+    g = torch.Generator().manual_seed(step)
+    for raw in RAWS:
+        raw = torch.tensor(raw, dtype=dtype)
+        _foreach._NUMS.clear()
+        ((values,), ((_, d1_ours, d2_ours),)) = _foreach.adam_values([{"eps": 1e-8}], [raw], step)
+        ((_, n),) = _foreach._NUMS.values()
+        lr = raw.select(-1, 0)  # the tensor path's values: core._values_slopes
+        (b1, d1), (b2, d2) = (
+            value_and_slope(HALF_TANH, raw.select(-1, 1)),
+            value_and_slope(HALF_TANH, raw.select(-1, 2)),
+        )
+        hp = {"lr": lr, "beta1": b1, "beta2": b2}
+        c1, c2, dc1, dc2 = _power_corrections(hp, step)
+        a1, a2 = torch.rsub(b1, 1.0), torch.rsub(b2, 1.0)
+        for x, t in zip(n[:11], (lr, b1, b2, a1, a2, c1, c2, dc1, dc2, d1, d2), strict=True):
+            assert same(x, t)
+        assert all(same(x, values[k]) for x, k in zip(n, ("lr", "beta1", "beta2"), strict=False))
+        assert same(n.d1, d1_ours) and same(n.d2, d2_ours)  # the slopes the trace keeps
+        for _ in range(5):
+            dots = torch.randn(4, generator=g, dtype=dtype) * 10.0 ** torch.randint(-30, 30, (4,), generator=g)
+            theirs = _foreach._adam_sums(_foreach._ADAM, dots[0], dots[1], None, dots[2], dots[3], lr, b1, b2, c1,
+                                         c2, dc1, dc2, a1, a2)  # fmt: skip
+            num = type(n.lr)
+            with np.errstate(all="ignore"):
+                ours = _foreach._adam_sums(_foreach._ADAM, *(num(x) for x in dots[:2].tolist()), None,
+                                           *(num(x) for x in dots[2:].tolist()), n.lr, n.b1, n.b2, n.c1, n.c2,
+                                           n.dc1, n.dc2, n.a1, n.a2)  # fmt: skip
+            assert all(same(ours[k], theirs[k]) for k in theirs)
