@@ -329,6 +329,10 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
         opt.step()
         opt.zero_grad()
     torch.save({"hp": opt.hyperparameters(), "w": [p.detach() for p in model.parameters()]}, f"{out}.{rank}")
+    # Both ranks done before either tears gloo down (as in test_library_loops): a rank that closes its sockets while
+    # the other still talks makes gloo abort the other process ("terminate called without an active exception", CI).
+    dist.barrier()
+    del model
     dist.destroy_process_group()
 
 
