@@ -6,6 +6,9 @@ The one trainer (bench/train.py: single runs and populations alike), the report 
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable
+
 __all__ = [
     "ENVIRONMENT_KEYS",
     "FINAL_KEYS",
@@ -16,6 +19,7 @@ __all__ = [
     "ROUNDOFF_KEYS",
     "TEXT_KEYS",
     "environment_label",
+    "environments_counted",
     "hyperparameter_columns",
 ]
 
@@ -85,3 +89,18 @@ def environment_label(environment: object) -> str:
     if "resumed_from" in environment:
         label += f" (resumed from {environment_label(environment['resumed_from'])})"
     return label
+
+
+def environments_counted(labels: Iterable[str]) -> tuple[int, str] | None:
+    """How many environments the runs' labels name, and each label (sorted) with its count of runs; None when they all
+    share one (the reports then say nothing about environments).
+
+    >>> environments_counted(["torch 2.5.1, cpu, 1 thread", "unknown", "torch 2.5.1, cpu, 1 thread"])
+    (2, 'torch 2.5.1, cpu, 1 thread (2 runs); unknown (1 run)')
+    >>> environments_counted(["unknown", "unknown"]) is None
+    True
+    """
+    counts = Counter(labels)
+    if len(counts) < 2:
+        return None
+    return len(counts), "; ".join(f"{label} ({n} run{'s' * (n != 1)})" for label, n in sorted(counts.items()))

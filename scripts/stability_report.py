@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.schema import environment_label
+from bench.schema import environment_label, environments_counted
 
 TOLERANCE = 1e-3  # how far above the initial training loss a run may end before it counts as failed
 POINT = 0.01  # the goal's "within 1 point" of test error
@@ -285,12 +285,10 @@ def sources(df: pd.DataFrame) -> pd.DataFrame:
 def environments_note(df: pd.DataFrame) -> str | None:
     """One paragraph when the rows come from more than one environment (torch version, device, thread count, or
     none recorded); None when they share one. Their results then differ by round-off that 30 epochs amplify."""
-    counts = df["environment"].value_counts().sort_index()
-    if len(counts) < 2:
+    if (counted := environments_counted(df["environment"])) is None:
         return None
-    shown = "; ".join(f"{e} ({n} run{'s' * (n != 1)})" for e, n in counts.items())
     return (
-        f"These rows come from {len(counts)} environments: {shown}. Training amplifies their different round-off "
+        f"These rows come from {counted[0]} environments: {counted[1]}. Training amplifies their different round-off "
         "far beyond it (a rerun's test error can move by a few test examples, and a decade count near its threshold "
         "by a cell), so compare cells of one environment where a conclusion rests on a small difference; the "
         "`environments` column above says which rows each cell has."

@@ -177,6 +177,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
             written[fig_path.name] = fig_path
     write.write_summary_csv(summary, out / "summary.csv")
     written["summary.csv"] = out / "summary.csv"
+    environments = write.environments_note(runs.table)
     report = write.render_report(
         inputs=inputs,
         runs=runs.table,
@@ -198,6 +199,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
         claims_detail=claims_detail,
         unusable=runs.unusable,
         interval=str(cfg.get("interval", "t")),
+        environments=environments,
     )
     write.write_text(out / "report.md", report)
     written["report.md"] = out / "report.md"
@@ -218,7 +220,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
         "robustness_profile": profile,
         "n_runs": len(runs.table),
         "n_diverged": n_miss,
-        "environments": write.environments_note(runs.table),
+        "environments": environments,
         "reference": None if reference is None or math.isnan(reference.error) else reference,
     }
 

@@ -11,6 +11,7 @@ import pandas as pd
 
 from bench.io import atomic_write
 from bench.report.tables import Reference
+from bench.schema import environments_counted
 
 __all__ = ["markdown_table", "render_report", "write_summary_csv", "write_text"]
 
@@ -144,12 +145,10 @@ def _presets_note(runs: pd.DataFrame, experiment: str | None) -> str:
 def environments_note(runs: pd.DataFrame) -> str | None:
     """One paragraph when the runs come from more than one environment (torch version, device, thread count); None
     when they share one. Their numbers then differ by round-off, which training amplifies."""
-    counts = runs["environment"].value_counts(sort=False) if "environment" in runs else pd.Series(dtype=int)
-    if len(counts) < 2:
+    if "environment" not in runs or (counted := environments_counted(runs["environment"])) is None:
         return None
-    shown = "; ".join(f"{label} ({n} run{'s' * (n != 1)})" for label, n in counts.items())
     return (
-        f"These runs come from {len(counts)} environments: {shown}. Round-off differs between them and training"
+        f"These runs come from {counted[0]} environments: {counted[1]}. Round-off differs between them and training"
         " amplifies it far beyond round-off (the same Adam config on mnist5k, seed 0, 30 epochs: 5.40% val error on"
         " 1 CPU thread, 6.40% on 2), so a difference between runs of different environments may come from the"
         " environment, not the method; for bitwise comparisons run every config with one torch version, device and"
@@ -179,8 +178,10 @@ def render_report(
     unusable: Sequence[dict[str, Any]] = (),
     interval: str = "t",
     profile: pd.DataFrame | None = None,
+    environments: str | None = None,
 ) -> str:
-    """The report as markdown: what was read, the tables, the figures, and how to read them."""
+    """The report as markdown: what was read, the tables, the figures, and how to read them. ``environments``: the
+    note of :func:`environments_note` on ``runs``, when they come from more than one environment."""
     finals = runs[runs["role"].isin(["run", "rerun"])]
     out = ["# Sensitivity and tuning-cost report", ""]
     if answer:
@@ -210,7 +211,7 @@ def render_report(
         + _presets_note(runs, experiment),
         f"- Runs read: {len(runs)} ({len(finals)} final runs, {int((runs['role'] == 'trial').sum())} tuning trials);"
         f" diverged: {int(runs['diverged'].sum())}, counted as misses (test error 100%), never dropped.",
-        *([f"- Environments: {note}"] if (note := environments_note(runs)) else []),
+        *([f"- Environments: {environments}"] if environments else []),
         (
             f"- Confidence intervals: {100 * confidence:g}% Student-t interval of the mean over seeds"
             " (mean +- t(n-1) x sd / sqrt(n), n = seeds, printed per row); std is the sample standard deviation"
