@@ -49,11 +49,11 @@ class HyperOptimizer(torch.optim.Optimizer):
     - ``stable`` (default False): the opt-in mode of docs/stable.md (log step sizes, hyper-updates bounded per
       step); False follows the paper's reference exactly.
     - ``compile`` (default False): run the weights' update and its hypergradient (the work the size of the weights)
-      through ``torch.compile``, which fuses their passes over memory. Opt-in because the first step compiles for
-      tens of seconds (about 30-40 s on a CPU) and the results equal the eager ones only to float round-off (the
-      compiler reorders arithmetic); later steps do not compile again. Plain SGD (no momentum) stays eager: two
-      operations per tensor, less than the compiled call's own overhead. Where ``torch.compile`` cannot run, one
-      warning is logged (logger ``hypergrad``) and the steps run eagerly.
+      through ``torch.compile``, which fuses their passes over memory. Opt-in because the first steps compile (about ten
+      seconds on a CPU with an empty inductor cache, two with a warm one) and the results equal the eager ones only to
+      float round-off (the compiler reorders arithmetic); later steps do not compile again. Plain SGD (no momentum)
+      stays eager: two operations per tensor, less than the compiled call's own overhead. Where ``torch.compile`` cannot
+      run, one warning is logged (logger ``hypergrad``) and the steps run eagerly.
 
     **param_groups and schedulers.** After every step, ``param_groups[i][key]`` holds the current learned value of
     every level-1 hyperparameter (what LR monitors log). A write to it, by a ``torch.optim.lr_scheduler`` or by hand,

@@ -17,10 +17,17 @@ few steps (forward, backward, optimizer step). The model's saved activations are
 so the CPU figure is mostly the optimizer's temporaries and state; compare it to the plain optimizer's, never
 across devices. With ``--reference``, the paper's reference package (``gradient-descent-the-ultimate-optimizer``)
 is timed on the MLP rows too. With ``--compile``, each MLP tower is timed again with ``compile=True`` (impl
-``compiled``; level 0's update and hypergradient through torch.compile, compiled during the warm-up steps).
+``compiled``; level 0's update and hypergradient through torch.compile, compiled during the warm-up steps). With
+``--step-alone``, the MLP towers' optimizer step is also timed by itself (``opt.step()`` between two timer reads, the
+forward and backward pass outside them), next to the plain optimizer's and, with ``--compile``, the compiled tower's
+and the seconds its warm-up steps took (the compile, in the rows that compile code no earlier row of this process
+compiled); this table comes first. The step is what a tower
+changes, and the whole-step ratio hides it behind the model's work. Plain SGD levels stay eager under
+``compile=True`` (see ``hypergrad/_foreach.py``), so an SGD base's two columns time the same code.
 
     python scripts/bench_overhead.py [--steps 200] [--rounds 5] [--threads 1] [--device cpu|cuda|all]
         [--heights 0,1,3,50] [--model-steps 3] [--model-rounds 3] [--no-models] [--reference] [--compile]
+        [--step-alone]
 """
 
 from __future__ import annotations
@@ -118,16 +125,20 @@ def build(model: str, device: str) -> tuple[nn.Module, Callable[[], tuple[torch.
     return net, data, loss
 
 
+def make_optimizer(kind: str, row: Row, net: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer of ``kind`` in plain | ours | compiled for ``row``."""
+    if kind == "plain":
+        cls = torch.optim.SGD if row.base == "sgd" else torch.optim.Adam
+        return cls(net.parameters(), lr=0.01 if row.base == "sgd" else 0.001)
+    # Random data can drive tall towers to NaN; the cost, not the result, is measured here.
+    return hypergrad.tower(row.spec, net.parameters(), check_finite=False, compile=kind == "compiled")
+
+
 def make_loop(kind: str, model: str, row: Row, device: str) -> Callable[[], None]:
     """One training step closure for ``kind`` in plain | ours | compiled | reference."""
     net, data, loss_fn = build(model, device)
     if kind in ("plain", "ours", "compiled"):
-        if kind == "plain":
-            cls = torch.optim.SGD if row.base == "sgd" else torch.optim.Adam
-            opt: torch.optim.Optimizer = cls(net.parameters(), lr=0.01 if row.base == "sgd" else 0.001)
-        else:
-            # Random data can drive tall towers to NaN; the cost, not the result, is measured here.
-            opt = hypergrad.tower(row.spec, net.parameters(), check_finite=False, compile=kind == "compiled")
+        opt = make_optimizer(kind, row, net)
 
         def step() -> None:
             x, y = data()
@@ -253,6 +264,63 @@ def measure(model: str, row: Row, kind: str, device: str, steps: int, rounds: in
     return statistics.median(t_ours), statistics.median(t_plain), statistics.median(ratios)
 
 
+def make_step_timer(kind: str, row: Row, device: str) -> Callable[[int], float]:
+    """A closure timing ``n`` optimizer steps alone (ms/step): the forward and backward pass between them, untimed."""
+    net, data, loss_fn = build("mlp", device)
+    opt = make_optimizer(kind, row, net)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def timed(n: int) -> float:
+        total = 0.0
+        for _ in range(n):
+            x, y = data()
+            loss_fn(net(x), y).backward()
+            sync()
+            t0 = time.perf_counter()
+            opt.step()
+            sync()
+            total += time.perf_counter() - t0
+            opt.zero_grad()
+        return total / n * 1e3
+
+    return timed
+
+
+def measure_step_alone(
+    row: Row, kinds: list[str], device: str, steps: int, rounds: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median ms of the optimizer step alone per kind (plain first), the kinds timed interleaved in rounds, and the
+    seconds each kind's warm-up steps took (compile=True compiles there)."""
+    timers = {k: make_step_timer(k, row, device) for k in ["plain", *kinds]}
+    warm = {}
+    for k, t in timers.items():
+        t0 = time.perf_counter()
+        t(max(5, steps // 20))
+        warm[k] = time.perf_counter() - t0
+    times: dict[str, list[float]] = {k: [] for k in timers}
+    for _ in range(rounds):
+        for k, t in timers.items():
+            times[k].append(t(steps))
+    return {k: statistics.median(v) for k, v in times.items()}, warm
+
+
+def print_step_alone(devices: list[str], heights: set[int], kinds: list[str], steps: int, rounds: int) -> None:
+    """The MLP rows' optimizer step alone, in ms and in microseconds over the plain step."""
+    kinds = [k for k in kinds if k in ("ours", "compiled")]
+    print(f"optimizer step alone (ms; the forward and backward pass untimed), MLP, {steps} steps x {rounds} rounds:")
+    print(f"{'device':6} {'tower':40} {'plain':>8} " + " ".join(f"{k:>9}" for k in kinds), end="")
+    print(f" {'warm-up s':>10}" if "compiled" in kinds else "")
+    for device in devices:
+        for row in mlp_rows():
+            if row.height in heights and row.height > 0:
+                ms, warm = measure_step_alone(row, kinds, device, steps, rounds)
+                cells = " ".join(f"{ms[k]:9.3f}" for k in kinds)
+                # The compiled tower's warm-up steps: its compile time with this machine's inductor cache (cold or
+                # warm), where no earlier row of this process compiled the same code.
+                extra = f" {warm['compiled']:10.1f}" if "compiled" in kinds else ""
+                print(f"{device:6} {row.label:40} {ms['plain']:8.3f} {cells}{extra}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=200, help="steps per round on the MLP")
@@ -266,6 +334,7 @@ def main() -> None:
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory column")
     ap.add_argument("--reference", action="store_true", help="time the paper's reference package on the MLP too")
     ap.add_argument("--compile", action="store_true", help="time the MLP towers with compile=True too")
+    ap.add_argument("--step-alone", action="store_true", help="also time the MLP towers' optimizer step alone")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
@@ -273,6 +342,9 @@ def main() -> None:
     kinds = ["ours"] + (["compiled"] if args.compile else []) + (["reference"] if args.reference else [])
     heights = {int(h) for h in args.heights.split(",")}
     print(f"torch {torch.__version__}, {args.threads} CPU thread(s); MLP {args.steps} steps x {args.rounds} rounds")
+    if args.step_alone:  # first, so that its warm-up column is this process's first compile
+        print_step_alone(devices, heights, kinds, args.steps, args.rounds)
+        print()
     header = (
         f"{'device':6} {'tower':40} {'impl':9} {'ms/step':>8} {'plain':>8} {'ratio':>6} {'goal':>5} {'paper':>6}"
         f" {'peak MiB':>9} {'plain':>7}"
