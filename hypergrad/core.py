@@ -500,7 +500,8 @@ def _fused(plan: Plan, k: int) -> bool:
     updates one small vector per group, where grouping costs more than it saves. Not plain SGD either (two operations
     per tensor): there the multi-tensor call costs more than it saves (measured on the MNIST MLP, CPU, one thread:
     460 against 432 us per ``sgd/sgd`` step; with momentum, AdaGrad or Adam it is as fast or faster), nor compiled
-    (``plan.compile``: 888 against 633 us per optimizer step, the compiled call's own overhead)."""
+    (``plan.compile``: its update and hypergradient over the MLP's four tensors took 61-65 against 36-40 us eager,
+    the compiled call's own overhead)."""
     rule = plan.rules[k]
     if k or plan.batch_shape or type(rule) not in _foreach.BUILTIN:
         return False

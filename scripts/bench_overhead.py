@@ -18,12 +18,12 @@ so the CPU figure is mostly the optimizer's temporaries and state; compare it to
 across devices. With ``--reference``, the paper's reference package (``gradient-descent-the-ultimate-optimizer``)
 is timed on the MLP rows too. With ``--compile``, each MLP tower is timed again with ``compile=True`` (impl
 ``compiled``; level 0's update and hypergradient through torch.compile, compiled during the warm-up steps). With
-``--step-alone``, the MLP towers' optimizer step is also timed by itself (``opt.step()`` between two timer reads, the
-forward and backward pass outside them), next to the plain optimizer's and, with ``--compile``, the compiled tower's
-and the seconds its warm-up steps took (the compile, in the rows that compile code no earlier row of this process
-compiled); this table comes first. The step is what a tower
-changes, and the whole-step ratio hides it behind the model's work. Plain SGD levels stay eager under
-``compile=True`` (see ``hypergrad/_foreach.py``), so an SGD base's two columns time the same code.
+``--step-alone``, a first table times the MLP towers' optimizer step by itself (``opt.step()`` between two timer
+reads, the forward and backward pass outside them), next to the plain optimizer's and, with ``--compile``, the
+compiled tower's, with the seconds its warm-up steps took (the compile, in the rows that compile code no earlier row
+of this process compiled). The step is what a tower changes; the whole-step ratio hides it behind the model's work.
+A plain SGD base stays eager under ``compile=True`` (see ``hypergrad.core._fused``), so its two columns time
+the same code.
 
     python scripts/bench_overhead.py [--steps 200] [--rounds 5] [--threads 1] [--device cpu|cuda|all]
         [--heights 0,1,3,50] [--model-steps 3] [--model-rounds 3] [--no-models] [--reference] [--compile]
@@ -305,7 +305,7 @@ def measure_step_alone(
 
 
 def print_step_alone(devices: list[str], heights: set[int], kinds: list[str], steps: int, rounds: int) -> None:
-    """The MLP rows' optimizer step alone, in ms and in microseconds over the plain step."""
+    """The MLP rows' optimizer step alone (ms) per implementation, beside the plain optimizer's."""
     kinds = [k for k in kinds if k in ("ours", "compiled")]
     print(f"optimizer step alone (ms; the forward and backward pass untimed), MLP, {steps} steps x {rounds} rounds:")
     print(f"{'device':6} {'tower':40} {'plain':>8} " + " ".join(f"{k:>9}" for k in kinds), end="")
