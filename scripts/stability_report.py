@@ -1,10 +1,14 @@
-"""Issue 14's report from a stability grid (scripts/stability_grid.py's JSON lines): the figure and the tables.
+"""Issue 14's report from a stability grid (scripts/stability_grid.py's JSON lines or a sweep of the preset).
 
     python scripts/stability_report.py RESULTS [RESULTS ...] OUT_DIR [--dataset NAME] [--bases B,B]
         [--tuned STUDY_SUMMARY.json] [--title TEXT]
 
-RESULTS are JSON-lines files or folders; a folder stands for every `*.jsonl` in it. Files are read in the order given
-(a file named twice is read at its last place), and a run's row in a later file replaces the row with the same key
+RESULTS are JSON-lines files, folders of them, or Hydra sweep directories of the `experiment=stability` preset
+(`python -m bench -m experiment=stability ...`, any launcher: a folder holding `multirun.yaml`). A folder of JSON lines
+stands for every `*.jsonl` in it; a sweep stands for its jobs, each read from its `metrics.json` and
+`.hydra/overrides.yaml` into the grid's row and key (a job of the preset and the same run of scripts/stability_grid.py
+are one run here), and a sweep with a job that has not finished is refused in one line. Files are read in the order
+given (a file named twice is read at its last place), and a run's row in a later file replaces the row with the same key
 (dataset, overrides, base, height, mode, initial step size, top hyper-step, seed) from an earlier one:
 `docs/data/stability docs/data/stability/NEW.jsonl` reads NEW last, so its rows win. Two files of one folder with
 different results for the same run are refused (only their names would order them); identical copies are one run.
@@ -36,6 +40,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from bench.schema import environment_label, environments_counted
 
@@ -55,9 +60,13 @@ def inputs(paths: Sequence[Path]) -> list[tuple[Path, int]]:
     reads NEW last, at a place of its own)."""
     files: list[tuple[Path, int]] = []
     for place, path in enumerate(paths):
-        found = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+        sweep = path.is_dir() and (path / "multirun.yaml").is_file()
+        found = [path] if sweep else sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
         if path.is_dir() and not found:
-            raise ValueError(f"results {str(path)!r} must hold *.jsonl files, but it holds none")
+            raise ValueError(
+                f"results {str(path)!r} must hold *.jsonl files or be a Hydra sweep directory (with multirun.yaml), "
+                "but it is neither"
+            )
         if not path.is_dir() and not path.is_file():
             raise ValueError(f"results must be existing files or folders, but got {str(path)!r}")
         for f in found:
@@ -76,6 +85,67 @@ def _model(extra: list[str]) -> str:
 # What a run measured; its wall time is not part of it (the same run twice takes different times).
 RESULT = ("status", "diverged", "test_error", "train_loss", "steps", "hyperparameters", "error")
 
+# The overrides scripts/stability_grid.py sets for every run (its `overrides`); the others a run was given are its
+# `extra`, part of its key.
+GRID_KEYS = frozenset(
+    ("experiment", "optimizer.base", "optimizer.height", "optimizer.lr", "optimizer.hyper_lr", "optimizer.stable",
+     "optimizer.momentum", "seed", "trainer.progress")
+)  # fmt: skip
+MOMENTUM = 0.9  # the grid's `momentum` base: sgd with optimizer.momentum=0.9
+
+
+def _grid_key(c: dict, extra: list[str]) -> str:
+    """A run's key as scripts/stability_grid.py's `key` names a tower run (tested to agree)."""
+    mode = "stable" if c["stable"] else "ref"
+    name = f"{c['base']}_h{c['height']}_lr{c['lr']}_k{c['hyper_lr']}_{mode}_seed{c['seed']}"
+    return "_".join([name, *(e.replace("/", "-") for e in extra)])
+
+
+def sweep_rows(sweep: Path) -> list[dict]:
+    """The grid's rows for the jobs of a Hydra sweep of the `experiment=stability` preset (see the module docstring).
+    Refused in one line (ValueError): a job without metrics.json, a job that did not run the preset, one whose
+    optimizer is not a tower, or an SGD momentum other than the grid's 0.9."""
+    jobs = sorted(p.parent.parent for p in sweep.glob("**/.hydra/overrides.yaml"))
+    unfinished = [j for j in jobs if not (j / "metrics.json").is_file()]
+    if not jobs or unfinished:
+        raise ValueError(
+            f"sweep {str(sweep)!r}: {len(unfinished)} of {len(jobs)} jobs have no metrics.json"
+            + (f" (first: {str(unfinished[0])!r})" if unfinished else "")
+            + ": a job still running or stopped before its end has no result yet; run the sweep again (finished "
+            "runs are skipped) and report it when every job has finished"
+        )
+    rows = []
+    for job in jobs:
+        overrides = [str(o) for o in yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []]
+        if "experiment=stability" not in {o.lstrip("+") for o in overrides}:
+            raise ValueError(
+                f"sweep job {str(job)!r} must have run experiment=stability (the grid's settings), but its overrides "
+                f"are {overrides}"
+            )
+        m = json.loads((job / "metrics.json").read_text())
+        cfg = m.get("config") or {}
+        if cfg.get("optimizer.name") != "tower":
+            raise ValueError(
+                f"sweep job {str(job)!r}: optimizer must be the preset's tower, but got {cfg.get('optimizer.name')!r} "
+                "(the baselines: scripts/stability_grid.py --part baselines)"
+            )
+        base, momentum = cfg["optimizer.base"], cfg.get("optimizer.momentum") or 0.0
+        if base == "sgd" and momentum:
+            if momentum != MOMENTUM:
+                raise ValueError(
+                    f"sweep job {str(job)!r}: optimizer.momentum must be {MOMENTUM} (the grid's momentum base) or "
+                    f"0, but got {momentum!r}"
+                )
+            base = "momentum"
+        c = dict(base=base, height=int(cfg["optimizer.height"]), lr=_k(float(cfg["optimizer.lr"])),
+                 hyper_lr=_k(float(cfg["optimizer.hyper_lr"])), stable=bool(cfg["optimizer.stable"]),
+                 seed=int(cfg["seed"]))  # fmt: skip
+        extra = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in GRID_KEYS]
+        result = {f: m.get(f) for f in ("status", "diverged", "test_error", "train_loss", "steps", "wall_time_s",
+                                        "hyperparameters", "error", "environment")}  # fmt: skip
+        rows.append({"key": _grid_key(c, extra), **c, "extra": extra, **result})
+    return rows
+
 
 def load(paths: Sequence[Path], dataset: str | None = None, bases: Sequence[str] | None = None) -> pd.DataFrame:
     """Every run of ``paths`` (see `inputs`), a later file's row replacing an earlier one's with the same key; the
@@ -85,10 +155,8 @@ def load(paths: Sequence[Path], dataset: str | None = None, bases: Sequence[str]
     rows: dict[str, dict] = {}
     found: set[str] = set()
     for f, place in inputs(paths):
-        for line in f.read_text().splitlines():
-            if not line.strip():
-                continue
-            r = json.loads(line)
+        lines = sweep_rows(f) if f.is_dir() else [json.loads(t) for t in f.read_text().splitlines() if t.strip()]
+        for r in lines:
             found.add(_dataset(r["extra"]))
             if dataset is not None and _dataset(r["extra"]) != dataset:
                 continue  # another dataset's runs neither count nor conflict
@@ -399,7 +467,11 @@ def figure(df: pd.DataFrame, path: Path, title: str) -> None:
         if ((towers["base"] == base) & (towers["mode"] == mode)).any()
     ]
     fig, axes = plt.subplots(
-        len(rows), len(ks), figsize=(2.2 * len(ks) + 1.0, 2.0 * len(rows) + 0.9), squeeze=False, layout="constrained"
+        len(rows),
+        len(ks),
+        figsize=(max(2.2 * len(ks) + 1.0, 8.0), 2.0 * len(rows) + 0.9),  # the title beside the legend: >= 8 in
+        squeeze=False,
+        layout="constrained",
     )
     for r, (base, mode) in enumerate(rows):
         fixed = c[(c["base"] == base) & (c["height"] == 0) & (c["mode"] == "reference")].sort_values("lr")
@@ -451,7 +523,9 @@ def figure(df: pd.DataFrame, path: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("results", type=Path, nargs="+", help="JSON-lines files or folders of them; later files win")
+    p.add_argument(
+        "results", type=Path, nargs="+", help="JSON-lines files, folders of them or sweeps of the preset; later win"
+    )
     p.add_argument("out", type=Path)
     p.add_argument("--dataset", default=None, help="the dataset to report (needed when the results hold several)")
     p.add_argument("--bases", default=None, help="comma-separated bases to report (default: all in the results)")

@@ -1,17 +1,20 @@
 """scripts/stability_report.py: the goal's "decades of top hyper-step" counts only measured decades. A grid that ran
 top hyper-steps 1e-10, 1e-7, 1e-4 and 1e-1 cannot show 4 decades, however well each of them does; hyper-steps one
 decade apart can, and one that misses (or a failed run inside it) breaks the run. The report reads several results
-files, a later file's run replacing an earlier one's with the same key, and says where each row came from."""
+files, a later file's run replacing an earlier one's with the same key, and says where each row came from; a Hydra sweep
+of the `experiment=stability` preset is read as the grid's runs."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.harness_helpers import REPO
+from tests.harness_helpers import REPO, bench_env, run_bench, run_text
 
 spec = importlib.util.spec_from_file_location("stability_report", REPO / "scripts" / "stability_report.py")
 report = importlib.util.module_from_spec(spec)
@@ -223,3 +226,84 @@ def test_the_report_says_which_environments_each_cell_ran_in_and_warns_only_when
         "These rows come from 2 environments: not recorded (43 runs); torch 2.14.1+cu130, cpu, 1 thr"
     )
     assert note in report.tables(two, None)
+
+
+# -- the report reads a Hydra sweep of the preset -------------------------------------------------------------------
+SWEEP_EXTRA = ["dataset=digits", "model=cnn", "trainer.epochs=1"]  # what the sweep adds to the preset, as the grid does
+
+
+@pytest.fixture(scope="module")
+def preset_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real `python -m bench -m experiment=stability ...` sweep (the basic launcher): the momentum base at heights 0
+    and 1, two initial step sizes, one top hyper-step, both modes: 8 jobs of one epoch on the digits CNN."""
+    tmp = tmp_path_factory.mktemp("preset_sweep")
+    sweep = tmp / "sweep"
+    args = ["-m", "experiment=stability", *SWEEP_EXTRA, "optimizer.base=sgd", "optimizer.momentum=0.9",
+            "optimizer.height=0,1", "optimizer.lr=1e-3,1e-1", "optimizer.hyper_lr=1e-4", "optimizer.stable=false,true",
+            f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    proc = run_bench(args, tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return sweep
+
+
+def test_a_sweep_of_the_preset_is_read_as_the_grids_runs_with_the_grids_keys_and_numbers(
+    preset_sweep: Path, tmp_path: Path
+) -> None:
+    # A user who ran the preset through Hydra reports it as it is: each job is the grid's row for the same run, its
+    # numbers those of its metrics.json; and a run of scripts/stability_grid.py with the same cell is the same run (the
+    # same key, the same result), so the two sources can be read together without counting a run twice.
+    df = report.load([preset_sweep]).set_index("key")
+    assert len(df) == 8 and set(df["base"]) == {"momentum"} and df["dataset"].eq("digits").all()
+    spec_grid = importlib.util.spec_from_file_location("stability_grid", REPO / "scripts" / "stability_grid.py")
+    grid = importlib.util.module_from_spec(spec_grid)
+    spec_grid.loader.exec_module(grid)
+    for job in sorted(p for p in preset_sweep.iterdir() if (p / "metrics.json").is_file()):
+        m = json.loads((job / "metrics.json").read_text())
+        cfg = m["config"]
+        cell = dict(base="momentum", height=cfg["optimizer.height"], lr={0.001: "1e-3", 0.1: "1e-1"}[cfg["optimizer.lr"]],
+                    hyper_lr="1e-4", stable=cfg["optimizer.stable"], seed=0)  # fmt: skip
+        r = df.loc[grid.key(cell, SWEEP_EXTRA)]
+        assert (r["test_error"], r["train_loss"], r["status"], r["steps"]) == (
+            m["test_error"], m["train_loss"], m["status"], m["steps"],
+        )  # fmt: skip
+    results = tmp_path / "grid.jsonl"
+    argv = [sys.executable, str(REPO / "scripts" / "stability_grid.py"), str(results), str(tmp_path / "runs"),
+            "--bases", "momentum", "--heights", "1", "--tower-lrs", "1e-1", "--hyper-lrs", "1e-4", "--modes", "stable",
+            *SWEEP_EXTRA]  # fmt: skip
+    proc = run_text(argv, REPO, bench_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    both = report.load([preset_sweep, results])
+    assert len(both) == 8  # the grid's run is the sweep's job, not a ninth run
+    src = report.sources(both).set_index(["mode", "height"]).loc[("stable", "1")]
+    assert (src["files"], src["replaced"]) == ("grid.jsonl (1), sweep (1)", 0)  # same key, same result
+
+
+def test_a_sweep_with_an_unfinished_job_is_refused_in_one_line(
+    preset_sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A job killed before its end leaves no metrics.json: reporting the sweep without it would drop a run silently
+    # (a failed one, perhaps), so the report refuses until every job has finished.
+    sweep = tmp_path / "sweep"
+    shutil.copytree(preset_sweep, sweep)
+    (sweep / "3" / "metrics.json").unlink()
+    with pytest.raises(SystemExit) as e:
+        report.main([str(sweep), str(tmp_path / "out")])
+    assert e.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "1 of 8 jobs have no metrics.json" in last and "run the sweep again" in last
+    assert not (tmp_path / "out" / "stability.md").exists()
+
+
+def test_a_sweep_that_did_not_run_the_preset_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A tower sweep with the default trainer settings is not the grid (other epochs, batch size, threads): its runs
+    # would be read as grid cells they are not.
+    sweep = tmp_path / "sweep"
+    args = ["-m", "optimizer=tower", "optimizer.height=0,1", *SWEEP_EXTRA, f"hydra.sweep.dir={sweep}"]
+    proc = run_bench(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with pytest.raises(SystemExit):
+        report.main([str(sweep), str(tmp_path / "out")])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "must have run experiment=stability (the grid's settings)" in last
