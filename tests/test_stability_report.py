@@ -307,3 +307,18 @@ def test_a_sweep_that_did_not_run_the_preset_is_refused_in_one_line(
         report.main([str(sweep), str(tmp_path / "out")])
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "must have run experiment=stability (the grid's settings)" in last
+
+
+def test_a_sweep_with_another_momentum_than_the_grids_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The grid's `momentum` base is SGD with momentum 0.9; a run at 0.5 named `momentum` would sit in its cells.
+    sweep = tmp_path / "sweep"
+    args = ["-m", "experiment=stability", *SWEEP_EXTRA, "optimizer.base=sgd", "optimizer.momentum=0.5",
+            "optimizer.height=1", "optimizer.lr=1e-1", "optimizer.hyper_lr=1e-4", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    proc = run_bench(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with pytest.raises(SystemExit):
+        report.main([str(sweep), str(tmp_path / "out")])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "optimizer.momentum must be 0.9 (the grid's momentum base) or 0, but got 0.5" in last
