@@ -92,6 +92,8 @@ GRID_KEYS = frozenset(
      "optimizer.momentum", "seed", "trainer.progress")
 )  # fmt: skip
 MOMENTUM = 0.9  # the grid's `momentum` base: sgd with optimizer.momentum=0.9
+# What a sweep job's metrics.json config must give for its grid cell.
+CELL_KEYS = ("optimizer.base", "optimizer.height", "optimizer.lr", "optimizer.hyper_lr", "optimizer.stable", "seed")
 
 
 def _grid_key(c: dict, extra: list[str]) -> str:
@@ -124,6 +126,9 @@ def sweep_rows(sweep: Path) -> list[dict]:
             )
         m = json.loads((job / "metrics.json").read_text())
         cfg = m.get("config") or {}
+        missing = [k for k in ("optimizer.name", *CELL_KEYS) if k not in cfg]
+        if missing:
+            raise ValueError(f"sweep job {str(job)!r}: its metrics.json's config must name {missing}, but it does not")
         if cfg.get("optimizer.name") != "tower":
             raise ValueError(
                 f"sweep job {str(job)!r}: optimizer must be the preset's tower, but got {cfg.get('optimizer.name')!r} "
