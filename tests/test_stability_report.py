@@ -294,18 +294,22 @@ def test_a_sweep_with_an_unfinished_job_is_refused_in_one_line(
     assert not (tmp_path / "out" / "stability.md").exists()
 
 
+def refusal_of_sweep(args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """Run a real sweep (`python -m bench -m args`), report it, and return the report's one refusal line."""
+    sweep = tmp_path / "sweep"
+    proc = run_bench(["-m", *args, *SWEEP_EXTRA, f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with pytest.raises(SystemExit):
+        report.main([str(sweep), str(tmp_path / "out")])
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def test_a_sweep_that_did_not_run_the_preset_is_refused_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # A tower sweep with the default trainer settings is not the grid (other epochs, batch size, threads): its runs
     # would be read as grid cells they are not.
-    sweep = tmp_path / "sweep"
-    args = ["-m", "optimizer=tower", "optimizer.height=0,1", *SWEEP_EXTRA, f"hydra.sweep.dir={sweep}"]
-    proc = run_bench(args, tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with pytest.raises(SystemExit):
-        report.main([str(sweep), str(tmp_path / "out")])
-    last = capsys.readouterr().err.strip().splitlines()[-1]
+    last = refusal_of_sweep(["optimizer=tower", "optimizer.height=0,1"], tmp_path, capsys)
     assert "must have run experiment=stability (the grid's settings)" in last
 
 
@@ -313,12 +317,7 @@ def test_a_sweep_with_another_momentum_than_the_grids_is_refused_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # The grid's `momentum` base is SGD with momentum 0.9; a run at 0.5 named `momentum` would sit in its cells.
-    sweep = tmp_path / "sweep"
-    args = ["-m", "experiment=stability", *SWEEP_EXTRA, "optimizer.base=sgd", "optimizer.momentum=0.5",
-            "optimizer.height=1", "optimizer.lr=1e-1", "optimizer.hyper_lr=1e-4", f"hydra.sweep.dir={sweep}"]  # fmt: skip
-    proc = run_bench(args, tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with pytest.raises(SystemExit):
-        report.main([str(sweep), str(tmp_path / "out")])
-    last = capsys.readouterr().err.strip().splitlines()[-1]
+    args = ["experiment=stability", "optimizer.base=sgd", "optimizer.momentum=0.5", "optimizer.height=1",
+            "optimizer.lr=1e-1", "optimizer.hyper_lr=1e-4"]  # fmt: skip
+    last = refusal_of_sweep(args, tmp_path, capsys)
     assert "optimizer.momentum must be 0.9 (the grid's momentum base) or 0, but got 0.5" in last
