@@ -1,4 +1,5 @@
-"""What a run directory holds, stated once: the keys of metrics.json and the columns of history.csv.
+"""What a run directory holds, stated once: the keys of metrics.json and the columns of history.csv (and the key
+that names a run of issue 14's stability grid).
 
 The one trainer (bench/train.py: single runs and populations alike), the report loader
 (bench/report/load.py) and the tests all read these names from here.
@@ -21,6 +22,7 @@ __all__ = [
     "environment_label",
     "environments_counted",
     "hyperparameter_columns",
+    "stability_key",
 ]
 
 FINAL_KEYS = ("test_error", "test_loss", "val_error", "val_loss", "train_loss")
@@ -104,3 +106,20 @@ def environments_counted(labels: Iterable[str]) -> tuple[int, str] | None:
     if len(counts) < 2:
         return None
     return len(counts), "; ".join(f"{label} ({n} run{'s' * (n != 1)})" for label, n in sorted(counts.items()))
+
+
+def stability_key(cell: dict[str, object], extra: list[str]) -> str:
+    """A run's key in issue 14's stability grid: scripts/stability_grid.py writes it into each row, and
+    scripts/stability_report.py gives a sweep job of the `experiment=stability` preset the key of the same run, so
+    the two sources name one run alike. ``cell``: base, height (None for a baseline), lr, hyper_lr (as the grid names
+    them: "1e-4"), stable, seed; ``extra``: the run's other overrides.
+
+    >>> stability_key(dict(base="adam", height=3, lr="1e-3", hyper_lr="1e-4", stable=True, seed=0), ["dataset=digits"])
+    'adam_h3_lr1e-3_k1e-4_stable_seed0_dataset=digits'
+    """
+    if cell["height"] is None:
+        name = f"{cell['base']}_seed{cell['seed']}"
+    else:
+        mode = "stable" if cell["stable"] else "ref"
+        name = f"{cell['base']}_h{cell['height']}_lr{cell['lr']}_k{cell['hyper_lr']}_{mode}_seed{cell['seed']}"
+    return "_".join([name, *(e.replace("/", "-") for e in extra)])

@@ -24,6 +24,8 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
+from bench.schema import stability_key
+
 CONF = Path(__file__).resolve().parents[1] / "bench" / "conf"
 BASES = ["sgd", "momentum", "adam", "adagrad", "rmsprop", "adamw"]  # momentum: sgd with optimizer.momentum=0.9
 # Twelve decades: the goal's eight must fit inside wherever a base's good step sizes lie (SGD's best fixed step
@@ -49,15 +51,6 @@ def grid(args: argparse.Namespace) -> list[dict[str, object]]:
     modes = [m == "stable" for m in args.modes]
     cells = itertools.product(seeds, [int(h) for h in args.heights], args.hyper_lrs, modes, args.bases, args.tower_lrs)
     return [dict(base=b, height=h, lr=lr, hyper_lr=k, stable=st, seed=s) for s, h, k, st, b, lr in cells]
-
-
-def key(c: dict[str, object], extra: list[str]) -> str:
-    if c["height"] is None:
-        name = f"{c['base']}_seed{c['seed']}"
-    else:
-        mode = "stable" if c["stable"] else "ref"
-        name = f"{c['base']}_h{c['height']}_lr{c['lr']}_k{c['hyper_lr']}_{mode}_seed{c['seed']}"
-    return "_".join([name, *(e.replace("/", "-") for e in extra)])
 
 
 def overrides(c: dict[str, object]) -> list[str]:
@@ -92,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with initialize_config_dir(str(CONF), version_base=None):
         for c in grid(args):
-            k = key(c, extra)
+            k = stability_key(c, extra)
             # Re-read before every run: other processes may append to the same file.
             if args.results.is_file() and any(
                 json.loads(line)["key"] == k for line in args.results.read_text().splitlines() if line.strip()

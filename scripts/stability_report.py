@@ -42,7 +42,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from bench.schema import environment_label, environments_counted
+from bench.schema import environment_label, environments_counted, stability_key
 
 TOLERANCE = 1e-3  # how far above the initial training loss a run may end before it counts as failed
 POINT = 0.01  # the goal's "within 1 point" of test error
@@ -96,13 +96,6 @@ MOMENTUM = 0.9  # the grid's `momentum` base: sgd with optimizer.momentum=0.9
 CELL_KEYS = ("optimizer.base", "optimizer.height", "optimizer.lr", "optimizer.hyper_lr", "optimizer.stable", "seed")
 
 
-def _grid_key(c: dict, extra: list[str]) -> str:
-    """A run's key as scripts/stability_grid.py's `key` names a tower run (tested to agree)."""
-    mode = "stable" if c["stable"] else "ref"
-    name = f"{c['base']}_h{c['height']}_lr{c['lr']}_k{c['hyper_lr']}_{mode}_seed{c['seed']}"
-    return "_".join([name, *(e.replace("/", "-") for e in extra)])
-
-
 def sweep_rows(sweep: Path) -> list[dict]:
     """The grid's rows for the jobs of a Hydra sweep of the `experiment=stability` preset (see the module docstring).
     Refused in one line (ValueError): a job without metrics.json, a job that did not run the preset, one whose
@@ -148,7 +141,7 @@ def sweep_rows(sweep: Path) -> list[dict]:
         extra = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in GRID_KEYS]
         result = {f: m.get(f) for f in ("status", "diverged", "test_error", "train_loss", "steps", "wall_time_s",
                                         "hyperparameters", "error", "environment")}  # fmt: skip
-        rows.append({"key": _grid_key(c, extra), **c, "extra": extra, **result})
+        rows.append({"key": stability_key(c, extra), **c, "extra": extra, **result})
     return rows
 
 
