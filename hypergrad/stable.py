@@ -13,7 +13,8 @@ Changes to the paper's method, all outside the functional core:
    its initial norm, so a step size far too large (Adam at 10) cannot ruin the network before the tower reacts; and,
    for every base but Adam and AdamW, a step-size hypergradient over a horizon of ~1/(1 - HORIZON) steps (SGD with
    momentum and RMSProp: the "adaptive" trail, forgotten as fast as the step size falls).
-4. **Hyperparameters kept in their domain:** a learned SGD momentum is stored as ``(tanh(x)+1)/2`` and limited to
+4. **Hyperparameters kept in their domain:** a learned step size stays in ``[e^-MAX_LOG_LR, e^MAX_LOG_LR]`` (where
+   float32 represents it), a learned SGD momentum is stored as ``(tanh(x)+1)/2`` and limited to
    ``[1 - MAX_MOMENTUM, MAX_MOMENTUM]``, an Adam or AdamW base bias-corrects with the product of the betas it used,
    and a learned AdamW weight decay is stored as its logarithm, like a step size, so it stays > 0 (a zero one is
    not learned) (:class:`StableSGDRule`, :class:`StableAdamRule`, :class:`StableAdamWRule`).
@@ -93,6 +94,11 @@ MOMENTUM_HORIZON = 0.97
 #: is clamped to |x| <= atanh(2 MAX_MOMENTUM - 1). Unclamped, a run of "larger" took x past 9, where tanh is 1 in
 #: float32: momentum exactly 1 (the buffer a plain sum of every gradient) with a zero hypergradient, for good.
 MAX_MOMENTUM = 0.99
+#: A learned step size stays in [e^-MAX_LOG_LR, e^MAX_LOG_LR] (about [2e-35, 6e34]), where float32 represents it as a
+#: normal number: its stored log is clamped to |x| <= MAX_LOG_LR. Unclamped, a tower trained long past convergence
+#: (digits CNN, 60 epochs) kept lowering its step size on a vanishing "smaller", by up to a factor e per step, to a
+#: denormal ~1e-41, where the hypergradient became NaN and the run stopped (5 of 210 towers; docs/stable.md).
+MAX_LOG_LR = 80.0
 #: What the horizon's trail sums: "steps" (the steps taken, ``delta_t``) or "directions" (the steps per unit step
 #: size, ``delta_t / lr_t``).
 TRAILS = ("steps", "directions", "adaptive")
@@ -637,10 +643,8 @@ def stabilize(
             names = below.learned_names()
             # Step sizes are stored as their log (the "log" parameterization), and so is an AdamW weight decay.
             pairs = tuple((EXP if n == "lr" else stored[n], _reference_transform(below.rule, n)) for n in names)
-            limits = None
-            if "momentum" in names:
-                raw = math.atanh(2.0 * MAX_MOMENTUM - 1.0)
-                limits = tuple(raw if n == "momentum" else math.inf for n in names)
+            bounds = {"lr": MAX_LOG_LR, "momentum": math.atanh(2.0 * MAX_MOMENTUM - 1.0)}
+            limits = tuple(bounds.get(n, math.inf) for n in names) if set(bounds) & set(names) else None
             rule = TrustRegionRule(level.rule, pairs, limits=limits, **kw)
         levels.append(Level(rule, dict(level.values), level.learned))
     return Tower(tuple(levels))

@@ -18,6 +18,7 @@ from hypergrad.rules import AdaGradRule, AdamRule, AdamWRule, RMSPropRule, SGDRu
 from hypergrad.stable import (
     GROW,
     HORIZON,
+    MAX_LOG_LR,
     MAX_MOMENTUM,
     MAX_RADIUS,
     MOMENTUM_HORIZON,
@@ -174,7 +175,7 @@ def test_stable_hypergradients_equal_central_finite_differences(spec: str, metho
     tower = stabilize(hypergrad.parse_spec(spec), method, horizon=0.0)
     assert isinstance(tower.levels[0].rule, GuardedRule)
     if "momentum" in spec and method == "trust":  # the momentum's limit is part of what is checked (not binding here)
-        assert tower.levels[1].rule.limits == (math.inf, math.atanh(2 * MAX_MOMENTUM - 1))
+        assert tower.levels[1].rule.limits == (MAX_LOG_LR, math.atanh(2 * MAX_MOMENTUM - 1))
     model = make_mlp(dtype=torch.float64)
     n = len(list(model.parameters()))
     plan = core.make_plan(tower, [{}], [n], parameterization="log")
@@ -242,11 +243,27 @@ def test_a_learned_momentum_stops_at_its_limit_and_still_comes_back() -> None:
         _, state = rule.update(torch.tensor([0.0, -1e3]), state, hp, 1)
     momentum = HALF_TANH.forward(state.raw[1]).item()
     assert momentum == pytest.approx(MAX_MOMENTUM, rel=1e-6)
-    assert state.raw[0].item() == pytest.approx(math.log(0.1))  # the step size's column is not limited
+    assert state.raw[0].item() == pytest.approx(math.log(0.1))  # the step size's column, far inside its limit
     _, state = rule.update(torch.tensor([0.0, 1e-3]), state, hp, 1)  # "smaller" moves it back at once
     assert HALF_TANH.forward(state.raw[1]).item() < momentum
     with pytest.raises(ValueError, match=re.escape("limits must be one number > 0 (or inf) per value below")):
         TrustRegionRule(SGDRule(), ((EXP, IDENTITY),), limits=(1.0, 2.0))
+
+
+def test_a_learned_step_size_stops_where_float32_still_represents_it_and_still_comes_back() -> None:
+    # Long past convergence, a "smaller" that vanishes with the loss and that the gain compensates lowered a step size
+    # by up to a factor e per step to a denormal float32 (~1e-41), where the hypergradient turned NaN and the run
+    # stopped (digits CNN, 60 epochs, 5 of 210 towers; docs/stable.md). The stored log step size stops at -MAX_LOG_LR.
+    rule = stabilize(hypergrad.parse_spec("sgd(0.1)/sgd(1e-2)")).levels[1].rule
+    hp = {"lr": 1e-2, "momentum": 0.0}
+    state = rule.init(torch.tensor([math.log(0.1)]), hp)
+    for _ in range(300):  # d loss / d log step size > 0: "smaller", every step, at a size the region binds
+        _, state = rule.update(torch.tensor([1e3]), state, hp, 1)
+    assert state.raw.item() == -MAX_LOG_LR
+    lr = torch.exp(state.raw).item()  # what the base multiplies by: a normal float32, not a denormal or 0
+    assert torch.finfo(torch.float32).tiny < lr < 1e-34
+    _, state = rule.update(torch.tensor([-1e-3]), state, hp, 1)  # "larger" moves it back up at once
+    assert state.raw.item() > -MAX_LOG_LR
 
 
 def test_the_guard_bounds_a_step_by_rho_times_the_initial_norm_and_leaves_smaller_steps_alone() -> None:
@@ -394,7 +411,9 @@ def test_stabilize_keeps_the_spelling_and_wraps_the_base_in_the_guard() -> None:
     ]:
         levels = stabilize(hypergrad.parse_spec(spec)).levels
         assert (levels[0].rule.horizon, levels[0].rule.trail) == (horizon, trail), spec
-        assert (levels[1].rule.limits is None) == ("momentum" not in spec), spec
+        limits = levels[1].rule.limits  # the step size where float32 represents it; a momentum in [0.01, 0.99]
+        momentum = (math.atanh(2 * MAX_MOMENTUM - 1),) if "momentum" in spec else (math.inf,) * (len(limits) - 1)
+        assert limits == (MAX_LOG_LR, *momentum), spec
     # The base each mode runs, and how the level above stores each value below (stored, reference): only step sizes
     # and AdamW's weight decay are stored as their log; the weight decay is the only change of the fifth round. SGD
     # with momentum runs the averaged buffer of the sixth round; plain SGD keeps StableSGDRule.
