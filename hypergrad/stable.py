@@ -526,6 +526,14 @@ class TrustRegionRule(_HyperLevel):
         self.below, self.grow, self.shrink = below, grow, shrink
         self.max_radius, self.min_radius, self.max_gain = max_radius, min_radius, max_gain
         self.limits = limits
+        self._limits: dict[tuple[torch.dtype, torch.device], Tensor] = {}  # limits as a tensor, per dtype and device
+
+    def _limit(self, like: Tensor) -> Tensor:
+        """``limits`` as a tensor like ``like``, made once per dtype and device (this runs every step)."""
+        key = (like.dtype, like.device)
+        if key not in self._limits:
+            self._limits[key] = torch.tensor(self.limits, dtype=like.dtype, device=like.device)
+        return self._limits[key]
 
     def init(self, param: Tensor, hp: HP) -> TrustState:
         raw = param.detach().clone()
@@ -561,7 +569,7 @@ class TrustRegionRule(_HyperLevel):
             last = torch.where(flip, torch.zeros_like(sign), sign)
         delta = trust(gain * u, radius)
         if self.limits is not None:  # a stored value past its limit stops there (no hypergradient through the stop)
-            limit = torch.tensor(self.limits, dtype=state.raw.dtype, device=state.raw.device)
+            limit = self._limit(state.raw)
             moved = state.raw - delta.detach()
             stop = moved.clamp(-limit, limit)
             delta = torch.where(stop != moved, state.raw - stop, delta)
