@@ -18,11 +18,15 @@ __all__ = [
     "METRICS_KEYS",
     "NUMBER_KEYS",
     "ROUNDOFF_KEYS",
+    "STABILITY_GRID_KEYS",
+    "STABILITY_MOMENTUM",
+    "STABILITY_ROW_FIELDS",
     "TEXT_KEYS",
     "environment_label",
     "environments_counted",
     "hyperparameter_columns",
     "stability_key",
+    "stability_overrides",
 ]
 
 FINAL_KEYS = ("test_error", "test_loss", "val_error", "val_loss", "train_loss")
@@ -123,3 +127,50 @@ def stability_key(cell: dict[str, object], extra: list[str]) -> str:
         mode = "stable" if cell["stable"] else "ref"
         name = f"{cell['base']}_h{cell['height']}_lr{cell['lr']}_k{cell['hyper_lr']}_{mode}_seed{cell['seed']}"
     return "_".join([name, *(e.replace("/", "-") for e in extra)])
+
+
+STABILITY_MOMENTUM = 0.9
+"""The stability grid's ``momentum`` base: SGD with ``optimizer.momentum=0.9``."""
+
+STABILITY_ROW_FIELDS = (
+    "status",
+    "diverged",
+    "test_error",
+    "train_loss",
+    "steps",
+    "wall_time_s",
+    "hyperparameters",
+    "error",
+    "environment",  # torch, device, threads: they decide round-off (rows before the eleventh round lack it)
+)
+"""What a row of the stability grid keeps of a run's metrics.json, next to its key, cell and ``extra``."""
+
+
+def stability_overrides(cell: dict[str, object]) -> list[str]:
+    """The Hydra overrides that run one cell of issue 14's stability grid (``cell`` as in :func:`stability_key`),
+    before its ``seed`` and the run's other overrides.
+
+    >>> stability_overrides(dict(base="momentum", height=3, lr="1e-3", hyper_lr="1e-4", stable=True, seed=0))[1:]
+    ['optimizer.base=sgd', 'optimizer.height=3', 'optimizer.lr=1e-3', 'optimizer.hyper_lr=1e-4', \
+'optimizer.stable=true', 'optimizer.momentum=0.9']
+    """
+    if cell["height"] is None:
+        # The preset's optimizer keys belong to the tower: a baseline takes the preset's trainer settings only.
+        return [f"optimizer={cell['base']}", "trainer.epochs=30", "trainer.batch_size=256", "trainer.num_threads=1"]
+    return [
+        "experiment=stability",
+        f"optimizer.base={'sgd' if cell['base'] == 'momentum' else cell['base']}",
+        f"optimizer.height={cell['height']}",
+        f"optimizer.lr={cell['lr']}",
+        *([f"optimizer.hyper_lr={cell['hyper_lr']}"] if cell["hyper_lr"] is not None else []),
+        f"optimizer.stable={str(cell['stable']).lower()}",
+        *([f"optimizer.momentum={STABILITY_MOMENTUM}"] if cell["base"] == "momentum" else []),
+    ]
+
+
+STABILITY_GRID_KEYS = frozenset(
+    o.split("=", 1)[0]
+    for o in stability_overrides(dict(base="momentum", height=1, lr="1", hyper_lr="1", stable=True, seed=0))
+) | {"seed", "trainer.progress"}
+"""The keys the grid sets for every tower run (:func:`stability_overrides`, its seed, no progress bar): a run's other
+overrides are its ``extra``, part of its key."""

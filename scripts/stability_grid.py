@@ -24,10 +24,10 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from bench.schema import stability_key
+from bench.schema import STABILITY_ROW_FIELDS, stability_key, stability_overrides
 
 CONF = Path(__file__).resolve().parents[1] / "bench" / "conf"
-BASES = ["sgd", "momentum", "adam", "adagrad", "rmsprop", "adamw"]  # momentum: sgd with optimizer.momentum=0.9
+BASES = ["sgd", "momentum", "adam", "adagrad", "rmsprop", "adamw"]  # momentum: bench.schema.STABILITY_MOMENTUM
 # Twelve decades: the goal's eight must fit inside wherever a base's good step sizes lie (SGD's best fixed step
 # size on the MNIST MLP is about 1, Adam's 1e-3).
 LRS = ["1e-11", "1e-10", "1e-9", "1e-8", "1e-7", "1e-6", "1e-5", "1e-4", "1e-3", "1e-2", "1e-1", "1e0", "1e1"]
@@ -53,21 +53,6 @@ def grid(args: argparse.Namespace) -> list[dict[str, object]]:
     return [dict(base=b, height=h, lr=lr, hyper_lr=k, stable=st, seed=s) for s, h, k, st, b, lr in cells]
 
 
-def overrides(c: dict[str, object]) -> list[str]:
-    if c["height"] is None:
-        # The preset's optimizer keys belong to the tower: a baseline takes the preset's trainer settings only.
-        return [f"optimizer={c['base']}", "trainer.epochs=30", "trainer.batch_size=256", "trainer.num_threads=1"]
-    return [
-        "experiment=stability",
-        f"optimizer.base={'sgd' if c['base'] == 'momentum' else c['base']}",
-        f"optimizer.height={c['height']}",
-        f"optimizer.lr={c['lr']}",
-        *([f"optimizer.hyper_lr={c['hyper_lr']}"] if c["hyper_lr"] is not None else []),
-        f"optimizer.stable={str(c['stable']).lower()}",
-        *(["optimizer.momentum=0.9"] if c["base"] == "momentum" else []),
-    ]
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("results", type=Path)
@@ -91,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
                 json.loads(line)["key"] == k for line in args.results.read_text().splitlines() if line.strip()
             ):
                 continue
-            ov = [*overrides(c), f"seed={c['seed']}", "trainer.progress=false", *extra]
+            ov = [*stability_overrides(c), f"seed={c['seed']}", "trainer.progress=false", *extra]
             try:
                 m = run(compose("config", overrides=ov), args.out_dir / k)
             except Interrupted as e:  # a stop asked from outside is not a result of the run
@@ -106,18 +91,7 @@ def main(argv: list[str] | None = None) -> None:
                 sys.exit(130)
             except Exception as e:  # a crashed run is a result of the grid, not the end of it
                 m = {"status": "crashed", "error": f"{type(e).__name__}: {e}"}
-            fields = (
-                "status",
-                "diverged",
-                "test_error",
-                "train_loss",
-                "steps",
-                "wall_time_s",
-                "hyperparameters",
-                "error",
-                "environment",  # torch, device, threads: they decide round-off (rows before the eleventh round lack it)
-            )
-            row = {"key": k, **c, "extra": extra, **{f: m.get(f) for f in fields}}
+            row = {"key": k, **c, "extra": extra, **{f: m.get(f) for f in STABILITY_ROW_FIELDS}}
             row = {f: (None if isinstance(v, float) and not math.isfinite(v) else v) for f, v in row.items()}
             with args.results.open("a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -42,7 +42,14 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from bench.schema import environment_label, environments_counted, stability_key
+from bench.schema import (
+    STABILITY_GRID_KEYS,
+    STABILITY_MOMENTUM,
+    STABILITY_ROW_FIELDS,
+    environment_label,
+    environments_counted,
+    stability_key,
+)
 
 TOLERANCE = 1e-3  # how far above the initial training loss a run may end before it counts as failed
 POINT = 0.01  # the goal's "within 1 point" of test error
@@ -85,13 +92,6 @@ def _model(extra: list[str]) -> str:
 # What a run measured; its wall time is not part of it (the same run twice takes different times).
 RESULT = ("status", "diverged", "test_error", "train_loss", "steps", "hyperparameters", "error")
 
-# The overrides scripts/stability_grid.py sets for every run (its `overrides`); the others a run was given are its
-# `extra`, part of its key.
-GRID_KEYS = frozenset(
-    ("experiment", "optimizer.base", "optimizer.height", "optimizer.lr", "optimizer.hyper_lr", "optimizer.stable",
-     "optimizer.momentum", "seed", "trainer.progress")
-)  # fmt: skip
-MOMENTUM = 0.9  # the grid's `momentum` base: sgd with optimizer.momentum=0.9
 # What a sweep job's metrics.json config must give for its grid cell.
 CELL_KEYS = ("optimizer.base", "optimizer.height", "optimizer.lr", "optimizer.hyper_lr", "optimizer.stable", "seed")
 
@@ -129,18 +129,17 @@ def sweep_rows(sweep: Path) -> list[dict]:
             )
         base, momentum = cfg["optimizer.base"], cfg.get("optimizer.momentum") or 0.0
         if base == "sgd" and momentum:
-            if momentum != MOMENTUM:
+            if momentum != STABILITY_MOMENTUM:
                 raise ValueError(
-                    f"sweep job {str(job)!r}: optimizer.momentum must be {MOMENTUM} (the grid's momentum base) or "
-                    f"0, but got {momentum!r}"
+                    f"sweep job {str(job)!r}: optimizer.momentum must be {STABILITY_MOMENTUM} (the grid's momentum "
+                    f"base) or 0, but got {momentum!r}"
                 )
             base = "momentum"
         c = dict(base=base, height=int(cfg["optimizer.height"]), lr=_k(float(cfg["optimizer.lr"])),
                  hyper_lr=_k(float(cfg["optimizer.hyper_lr"])), stable=bool(cfg["optimizer.stable"]),
                  seed=int(cfg["seed"]))  # fmt: skip
-        extra = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in GRID_KEYS]
-        result = {f: m.get(f) for f in ("status", "diverged", "test_error", "train_loss", "steps", "wall_time_s",
-                                        "hyperparameters", "error", "environment")}  # fmt: skip
+        extra = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in STABILITY_GRID_KEYS]
+        result = {f: m.get(f) for f in STABILITY_ROW_FIELDS}
         rows.append({"key": stability_key(c, extra), **c, "extra": extra, **result})
     return rows
 
