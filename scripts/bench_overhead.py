@@ -134,19 +134,31 @@ def make_optimizer(kind: str, row: Row, net: nn.Module) -> torch.optim.Optimizer
     return hypergrad.tower(row.spec, net.parameters(), check_finite=False, compile=kind == "compiled")
 
 
+def make_halves(kind: str, model: str, row: Row, device: str) -> tuple[Callable[[], None], Callable[[], object]]:
+    """A torch.optim-style training step for ``kind`` in plain | ours | compiled, in two closures: zero_grad and the
+    forward and backward pass on a fresh batch, then the optimizer's step."""
+    net, data, loss_fn = build(model, device)
+    opt = make_optimizer(kind, row, net)
+
+    def backward() -> None:
+        opt.zero_grad()
+        x, y = data()
+        loss_fn(net(x), y).backward()
+
+    return backward, opt.step
+
+
 def make_loop(kind: str, model: str, row: Row, device: str) -> Callable[[], None]:
     """One training step closure for ``kind`` in plain | ours | compiled | reference."""
-    net, data, loss_fn = build(model, device)
     if kind in ("plain", "ours", "compiled"):
-        opt = make_optimizer(kind, row, net)
+        backward, update = make_halves(kind, model, row, device)
 
         def step() -> None:
-            x, y = data()
-            loss_fn(net(x), y).backward()
-            opt.step()
-            opt.zero_grad()
+            backward()
+            update()
 
         return step
+    net, data, loss_fn = build(model, device)
     from gradient_descent_the_ultimate_optimizer import gdtuo
 
     levels = hypergrad.parse_spec(row.spec).levels
@@ -266,21 +278,18 @@ def measure(model: str, row: Row, kind: str, device: str, steps: int, rounds: in
 
 def make_step_timer(kind: str, row: Row, device: str) -> Callable[[int], float]:
     """A closure timing ``n`` optimizer steps alone (ms/step): the forward and backward pass between them, untimed."""
-    net, data, loss_fn = build("mlp", device)
-    opt = make_optimizer(kind, row, net)
+    backward, update = make_halves(kind, "mlp", row, device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def timed(n: int) -> float:
         total = 0.0
         for _ in range(n):
-            x, y = data()
-            loss_fn(net(x), y).backward()
+            backward()
             sync()
             t0 = time.perf_counter()
-            opt.step()
+            update()
             sync()
             total += time.perf_counter() - t0
-            opt.zero_grad()
         return total / n * 1e3
 
     return timed
