@@ -38,7 +38,8 @@ class HyperOptimizer(torch.optim.Optimizer):
     - ``spec``: the tower, a string in the paper's notation (grammar in :func:`tower`), a :class:`Tower` or a
       :class:`Level` (``hypergrad.Adam(1e-3) / hypergrad.SGD(1e-5)``).
     - ``params``: tensors or param groups, as for any ``torch.optim`` optimizer. A group may override level 1's
-      initial values (``{"params": ..., "lr": 0.1}``) and then learns its own. Floating-point tensors only.
+      initial values (``{"params": ..., "lr": 0.1}``) and then learns its own. Floating-point tensors only, with
+      dense gradients (a sparse one, from ``nn.Embedding(sparse=True)``, is refused at the step that meets it).
     - ``parameterization``: ``"reference"`` (default) stores learned values as the paper's reference does;
       ``"log"`` stores step sizes as their logarithm so that they can never turn negative.
     - ``check_finite`` (default True): a step whose new hyperparameters are not finite raises
@@ -375,11 +376,19 @@ class HyperOptimizer(torch.optim.Optimizer):
         self._published = [self._group_values(g) for g in self.param_groups]
 
 
+_STRIDED = torch.strided
+
+
 def _grad(p: Tensor, dtype: torch.dtype) -> Tensor | None:
     """``p.grad`` outside any graph, in ``dtype``; a dispatch only where something changes."""
     g = p.grad
     if g is None:
         return None
+    if g.layout is not _STRIDED:
+        raise ValueError(
+            f"a parameter of shape {tuple(p.shape)} has a {g.layout} gradient (as nn.Embedding(sparse=True) makes), "
+            "but a tower needs dense gradients (torch.strided): build the module with sparse=False"
+        )
     if g.requires_grad:  # a gradient from backward(create_graph=True)
         g = g.detach()
     return g if g.dtype == dtype else g.to(dtype)

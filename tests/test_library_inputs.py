@@ -127,6 +127,20 @@ def test_bad_input_is_refused_at_construction_with_one_clear_error(make, error, 
         make(make_model())
 
 
+@pytest.mark.parametrize("spec", ["sgd/sgd(1e-3)", "adam/sgd(1e-3)"])
+def test_a_sparse_gradient_is_refused_at_the_first_step_before_any_weight_moves(spec: str) -> None:
+    # torch.optim.SGD takes sparse gradients; a tower's hypergradients and bases are dense arithmetic. The first step
+    # of a plain SGD base once went through and the second failed inside torch (reshape of a sparse tensor).
+    torch.manual_seed(0)
+    emb = nn.Embedding(10, 3, sparse=True)
+    before = emb.weight.detach().clone()
+    opt = hypergrad.tower(spec, emb.parameters())
+    emb(torch.tensor([1, 2])).pow(2).sum().backward()
+    with pytest.raises(ValueError, match=r"shape \(10, 3\) has a torch.sparse_coo gradient .* build the module with "):
+        opt.step()
+    assert torch.equal(emb.weight, before)
+
+
 def test_hyperparameters_before_the_first_step_do_not_block_add_param_group() -> None:
     model = make_model()
     opt = hypergrad.tower("sgd/sgd(1e-3)", list(model.parameters())[:2])
