@@ -139,6 +139,13 @@ class HyperOptimizer(torch.optim.Optimizer):
                     f"params[{i}] must be a floating-point tensor (float16, bfloat16, float32 or float64), "
                     f"but got dtype {p.dtype}"
                 )
+        seen: dict[int, int] = {}
+        for i, p in enumerate(params):
+            if seen.setdefault(id(p), i) != i:
+                # torch.optim only warns; a tower would apply the step, and count the hypergradient, twice
+                raise ValueError(
+                    f"params[{i}] is params[{seen[id(p)]}] again: each tensor must appear once in a param group"
+                )
         param_group["params"] = params
         super().add_param_group(param_group)
         if hasattr(self, "_plan"):

@@ -116,6 +116,11 @@ BAD = [
     (lambda m: hypergrad.tower("sgd(nan)", m.parameters()), ValueError, r"the step size must be a finite number"),
     (lambda m: hypergrad.tower("adam[lr,lr]/sgd", m.parameters()), ValueError, r"'lr' is named twice"),
     (lambda m: hypergrad.tower("sgd(\uff11)", m.parameters()), ValueError, r"expected a number or key=value"),
+    (
+        lambda m: hypergrad.tower("sgd/sgd", [m[0].weight, m[2].bias, m[0].weight]),
+        ValueError,
+        r"params\[2\] is params\[0\] again: each tensor must appear once",
+    ),
     (lambda m: hypergrad.Adam(learn="lr"), TypeError, r"learn must be a list of hyperparameter names"),
     (lambda m: hypergrad.Adam(m.parameters(), lr=1e-3), TypeError, r"builds one level of a tower, not an optimizer"),
 ]
