@@ -18,6 +18,8 @@ so the CPU figure is mostly the optimizer's temporaries and state; compare it to
 across devices. With ``--reference``, the paper's reference package (``gradient-descent-the-ultimate-optimizer``)
 is timed on the MLP rows too. With ``--compile``, each MLP tower is timed again with ``compile=True`` (impl
 ``compiled``; level 0's update and hypergradient through torch.compile, compiled during the warm-up steps). With
+``--stable``, each MLP tower is timed again with ``stable=True`` (impl ``stable``: issue 14's opt-in mode, whose hyper
+levels run as small tensors, not floats, and whose base is guarded; docs/stable.md, "What it costs"). With
 ``--step-alone``, a first table times the MLP towers' optimizer step by itself (``opt.step()`` between two timer
 reads, the forward and backward pass outside them), next to the plain optimizer's and, with ``--compile``, the
 compiled tower's, with the seconds its warm-up steps took (the compile, in the rows that compile code no earlier row
@@ -27,7 +29,7 @@ the same code.
 
     python scripts/bench_overhead.py [--steps 200] [--rounds 5] [--threads 1] [--device cpu|cuda|all]
         [--heights 0,1,3,50] [--model-steps 3] [--model-rounds 3] [--no-models] [--reference] [--compile]
-        [--step-alone]
+        [--stable] [--step-alone]
 """
 
 from __future__ import annotations
@@ -126,17 +128,19 @@ def build(model: str, device: str) -> tuple[nn.Module, Callable[[], tuple[torch.
 
 
 def make_optimizer(kind: str, row: Row, net: nn.Module) -> torch.optim.Optimizer:
-    """The optimizer of ``kind`` in plain | ours | compiled for ``row``."""
+    """The optimizer of ``kind`` in plain | ours | compiled | stable for ``row``."""
     if kind == "plain":
         cls = torch.optim.SGD if row.base == "sgd" else torch.optim.Adam
         return cls(net.parameters(), lr=0.01 if row.base == "sgd" else 0.001)
     # Random data can drive tall towers to NaN; the cost, not the result, is measured here.
-    return hypergrad.tower(row.spec, net.parameters(), check_finite=False, compile=kind == "compiled")
+    return hypergrad.tower(
+        row.spec, net.parameters(), check_finite=False, compile=kind == "compiled", stable=kind == "stable"
+    )
 
 
 def make_halves(kind: str, model: str, row: Row, device: str) -> tuple[Callable[[], None], Callable[[], object]]:
-    """A torch.optim-style training step for ``kind`` in plain | ours | compiled, in two closures: zero_grad and the
-    forward and backward pass on a fresh batch, then the optimizer's step."""
+    """A torch.optim-style training step for ``kind`` in plain | ours | compiled | stable, in two closures: zero_grad
+    and the forward and backward pass on a fresh batch, then the optimizer's step."""
     net, data, loss_fn = build(model, device)
     opt = make_optimizer(kind, row, net)
 
@@ -149,8 +153,8 @@ def make_halves(kind: str, model: str, row: Row, device: str) -> tuple[Callable[
 
 
 def make_loop(kind: str, model: str, row: Row, device: str) -> Callable[[], None]:
-    """One training step closure for ``kind`` in plain | ours | compiled | reference."""
-    if kind in ("plain", "ours", "compiled"):
+    """One training step closure for ``kind`` in plain | ours | compiled | stable | reference."""
+    if kind in ("plain", "ours", "compiled", "stable"):
         backward, update = make_halves(kind, model, row, device)
 
         def step() -> None:
@@ -315,7 +319,7 @@ def measure_step_alone(
 
 def print_step_alone(devices: list[str], heights: set[int], kinds: list[str], steps: int, rounds: int) -> None:
     """The MLP rows' optimizer step alone (ms) per implementation, beside the plain optimizer's."""
-    kinds = [k for k in kinds if k in ("ours", "compiled")]
+    kinds = [k for k in kinds if k in ("ours", "compiled", "stable")]
     print(f"optimizer step alone (ms; the forward and backward pass untimed), MLP, {steps} steps x {rounds} rounds:")
     print(f"{'device':6} {'tower':40} {'plain':>8} " + " ".join(f"{k:>9}" for k in kinds), end="")
     print(f" {'warm-up s':>10}" if "compiled" in kinds else "")
@@ -343,12 +347,14 @@ def main() -> None:
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory column")
     ap.add_argument("--reference", action="store_true", help="time the paper's reference package on the MLP too")
     ap.add_argument("--compile", action="store_true", help="time the MLP towers with compile=True too")
+    ap.add_argument("--stable", action="store_true", help="time the MLP towers with stable=True too")
     ap.add_argument("--step-alone", action="store_true", help="also time the MLP towers' optimizer step alone")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
-    kinds = ["ours"] + (["compiled"] if args.compile else []) + (["reference"] if args.reference else [])
+    kinds = ["ours"] + (["compiled"] if args.compile else []) + (["stable"] if args.stable else [])
+    kinds += ["reference"] if args.reference else []
     heights = {int(h) for h in args.heights.split(",")}
     print(f"torch {torch.__version__}, {args.threads} CPU thread(s); MLP {args.steps} steps x {args.rounds} rounds")
     if args.step_alone:  # first, so that its warm-up column is this process's first compile
@@ -367,7 +373,9 @@ def main() -> None:
         plain_mem: dict[tuple[str, str], float] = {}
         for model, row, steps, rounds in work:
             for kind in kinds:
-                if kind in ("reference", "compiled") and (model != "mlp" or (kind == "compiled" and not row.height)):
+                if kind in ("reference", "compiled", "stable") and (
+                    model != "mlp" or (kind == "compiled" and not row.height)
+                ):
                     continue
                 t_ours, t_plain, ratio = measure(model, row, kind, device, steps, rounds)
                 mem = base = float("nan")
