@@ -30,6 +30,7 @@ reference (``stable=False``) is left untouched.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Mapping
 from typing import Any, ClassVar, NamedTuple
 
@@ -456,6 +457,47 @@ class GuardedRule(Rule):
         return hash((GuardedRule, self.inner, self.rho, self.horizon, self.trail))
 
 
+# -- a stable hyper level's graph, kept for its one vjp -------------------------------------------------------------
+# Rule.vjp (the default, for a rule without a closed form) differentiates update() by running it again under autograd
+# at the next step: for a stable hyper level, some 40 operations on a few numbers each, so the level's update ran
+# twice per step. A TrustRegionRule whose values are learned (tensors, one per value: not a population's) instead runs
+# its update under autograd once, at the step itself, and keeps the graph for the next step's vjp: the same operations
+# on the same values, so bitwise the same hypergradients (tested). An entry is used once, and only for the very state
+# it made (the stored values' tensor, unchanged in place) with the same values dict and step; otherwise the vjp runs the
+# update again as before (a restored checkpoint, a replayed or copied state). Keyed by that tensor's identity, held
+# weakly: an entry goes when its state does.
+class _Graph(NamedTuple):
+    ref: weakref.ref  # the stored values (TrustState.raw) the step made
+    version: int  # their version counter then
+    hp: HP  # the values dict the step read (the core's trace keeps this very dict for the vjp)
+    step: int
+    delta: Tensor  # the step, attached to the graph
+    leaves: dict[str, Tensor]  # the learned values the graph starts from, in hp's order
+
+
+_GRAPHS: dict[int, _Graph] = {}
+
+
+def _keep_graph(raw: Tensor, hp: HP, step: int, delta: Tensor, leaves: dict[str, Tensor]) -> None:
+    key = id(raw)
+
+    def forget(ref: weakref.ref, key: int = key) -> None:  # raw is gone, so is its entry (unless a newer one's)
+        entry = _GRAPHS.get(key)
+        if entry is not None and entry.ref is ref:
+            del _GRAPHS[key]
+
+    _GRAPHS[key] = _Graph(weakref.ref(raw, forget), raw._version, hp, step, delta, leaves)
+
+
+def _detached(x: Any) -> Any:
+    """``x`` (a tensor or a rule state of tensors) detached from any graph: what a state keeps between steps."""
+    if isinstance(x, Tensor):
+        return x.detach() if x.requires_grad else x
+    if isinstance(x, tuple) and hasattr(x, "_fields"):
+        return type(x)(*[_detached(f) for f in x])
+    return x
+
+
 class TrustState(NamedTuple):
     inner: Any  # the wrapped rule's state
     raw: Tensor  # the stored (raw) values of the hyperparameters this level updates: it is their only updater
@@ -552,6 +594,36 @@ class TrustRegionRule(_HyperLevel):
         return torch.stack(cols, dim=-1)
 
     def update(self, grad: Tensor, state: TrustState, hp: HP, step: int) -> tuple[Tensor, TrustState]:
+        names = [n for n, v in hp.items() if isinstance(v, Tensor)]
+        if not names or torch.is_grad_enabled() or any(hp[n].dim() for n in names):
+            return self._update(grad, state, hp, step)
+        # Learned by the level above: the step runs under autograd once, here, and keeps its graph for the next
+        # step's vjp (see _Graph), instead of running again there.
+        with torch.enable_grad():
+            leaves = {n: hp[n].detach().requires_grad_() for n in names}
+            delta, after = self._update(grad, state, {**hp, **leaves}, step)
+        after = after._replace(inner=_detached(after.inner))
+        if delta.requires_grad:
+            _keep_graph(after.raw, hp, step, delta, leaves)
+        return delta.detach(), after
+
+    def vjp(
+        self, grad_next: Tensor, grad: Tensor | None, before: Any, after: Any, hp: HP, step: int, dot: Any
+    ) -> dict[str, Tensor]:
+        graph = _GRAPHS.pop(id(after.raw), None)
+        if (
+            graph is None
+            or graph.ref() is not after.raw
+            or graph.version != after.raw._version
+            or graph.hp is not hp
+            or graph.step != step
+        ):
+            return super().vjp(grad_next, grad, before, after, hp, step, dot)
+        with torch.enable_grad():  # Rule.vjp's autograd.grad, on the graph it would have built again
+            found = torch.autograd.grad(graph.delta, list(graph.leaves.values()), grad_next, allow_unused=True)
+        return {n: f for n, f in zip(graph.leaves, found, strict=True) if f is not None}
+
+    def _update(self, grad: Tensor, state: TrustState, hp: HP, step: int) -> tuple[Tensor, TrustState]:
         with torch.no_grad():
             dz_dx = self._ratio(state.raw).clamp_min(1e-300 if state.raw.dtype == torch.float64 else 1e-37)
             g_ref = grad / dz_dx

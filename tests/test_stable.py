@@ -3,6 +3,7 @@ stable parameterization's hypergradients are exact, and the harness key reaches 
 
 from __future__ import annotations
 
+import gc
 import itertools
 import math
 import re
@@ -351,6 +352,49 @@ def test_a_stable_optimizer_survives_a_checkpoint_round_trip(spec: str) -> None:
         opt.zero_grad()
         losses.append(loss.item())
     assert losses == pytest.approx(straight, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "sgd(0.1)/sgd(1e-2)/sgd(1e-2)/sgd(1e-2)",
+        "adam(0.01)/adam(1e-3)/adam(1e-3)",
+        "adam(0.01)/sgd(1e-2)/sgd(1e-2)/sgd(1e-2)",
+        "sgd(0.1, momentum=0.9)/sgd(1e-2)/sgd(1e-2)",
+        "rmsprop(0.01)/sgd(1e-2)/sgd(1e-2)",
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_hyper_level_that_keeps_its_step_graph_computes_the_same_bits_as_one_that_runs_the_step_again(
+    spec: str, dtype: torch.dtype
+) -> None:
+    # A learned stable hyper level keeps the autograd graph of its step for the next step's vjp instead of running the
+    # step again there (hypergrad.stable._Graph). Without the kept graph (a checkpoint restored, ...) the vjp runs it
+    # again: both must give the same bits at every step, and the graphs must not outlive their optimizer.
+    from hypergrad import stable
+
+    def run(keep: bool) -> tuple[list[torch.Tensor], list[float], set[int]]:
+        model = make_mlp(dtype=dtype)
+        opt = hypergrad.tower(spec, model.parameters(), stable=True)
+        kept: set[int] = set()
+        for x, y in batches(15, dtype):
+            if not keep:
+                stable._GRAPHS.clear()
+            nn.functional.cross_entropy(model(x), y).backward()
+            before = set(stable._GRAPHS)
+            opt.step()
+            opt.zero_grad()
+            kept |= set(stable._GRAPHS) - before
+        values = [v for level in opt.hyperparameters() for v in level.values()]
+        return [p.detach().clone() for p in model.parameters()], values, kept
+
+    weights_kept, values_kept, made = run(keep=True)
+    weights_again, values_again, _ = run(keep=False)
+    assert made, "no hyper level kept a graph: the test no longer tests the kept graph"
+    assert all(torch.equal(a, b) for a, b in zip(weights_kept, weights_again, strict=True))
+    assert values_kept == values_again
+    gc.collect()
+    assert not made & set(stable._GRAPHS), "a kept graph outlived its optimizer"
 
 
 @pytest.mark.parametrize("stable", [False, True])
