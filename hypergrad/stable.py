@@ -588,10 +588,12 @@ class TrustRegionRule(_HyperLevel):
         for i, (stored, ref) in enumerate(self.below):
             xi = x[..., i]
             s = torch.ones_like(xi) if stored.derivative is None else stored.derivative(xi)
+            if ref.derivative is None:  # R' = 1: s / 1 is s, bit for bit
+                cols.append(s)
+                continue
             z = ref.inverse(stored.forward(xi))
-            r = torch.ones_like(xi) if ref.derivative is None else ref.derivative(z)
-            cols.append(s / r)
-        return torch.stack(cols, dim=-1)
+            cols.append(s / ref.derivative(z))
+        return cols[0].unsqueeze(-1) if len(cols) == 1 else torch.stack(cols, dim=-1)
 
     def update(self, grad: Tensor, state: TrustState, hp: HP, step: int) -> tuple[Tensor, TrustState]:
         names = [n for n, v in hp.items() if isinstance(v, Tensor)]
@@ -631,11 +633,13 @@ class TrustRegionRule(_HyperLevel):
         u = u_ref / dz_dx
         with torch.no_grad():
             sign = torch.sign(u)
-            agree, flip = sign * state.last > 0, sign * state.last < 0
+            signs = sign * state.last
+            agree, flip = signs > 0, signs < 0
             binds = (state.gain * u).abs() > state.radius
             # Consistent steps grow the gain while the region is loose, the radius once it binds; a flip shrinks both.
-            radius = state.radius * torch.where(agree & binds, self.grow, torch.where(flip, self.shrink, 1.0))
-            gain = state.gain * torch.where(agree & ~binds, self.grow, torch.where(flip, self.shrink, 1.0))
+            shrunk = torch.where(flip, self.shrink, 1.0)
+            radius = state.radius * torch.where(agree & binds, self.grow, shrunk)
+            gain = state.gain * torch.where(agree & ~binds, self.grow, shrunk)
             radius = radius.clamp(self.min_radius, self.max_radius)
             gain = gain.clamp(1.0, self.max_gain)
             last = torch.where(flip, torch.zeros_like(sign), sign)
