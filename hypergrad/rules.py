@@ -205,7 +205,7 @@ class AdamRule(Rule):
 
     def update(self, grad: Tensor, state: AdamState, hp: HP, step: int) -> tuple[Tensor, AdamState]:
         t = float(step)
-        delta, fields = adam_step(grad, state, hp, 1.0 - hp["beta1"] ** t, 1.0 - hp["beta2"] ** t)
+        delta, fields = adam_step(grad, state, hp, _one_minus(_pow(hp["beta1"], t)), _one_minus(_pow(hp["beta2"], t)))
         return delta, AdamState(*fields)
 
     vjp_needs_inputs = False
@@ -231,7 +231,8 @@ def _power_slopes(hp: HP, step: int) -> tuple[Any, Any]:
 
 
 # ``1.0 - x`` and ``x ** t`` of a learned (tensor) value are the same torch.rsub and pow as these, but reach them
-# through Tensor.__rsub__ and __pow__, Python wrappers that cost more than the 0-dim operation itself.
+# through Tensor.__rsub__ and __pow__, Python wrappers that cost more than the 0-dim operation itself (and ``x ** 0.5``
+# of a weight-sized tensor is ``x.pow(0.5)`` for the same reason).
 def _one_minus(x: Any) -> Any:
     return torch.rsub(x, 1.0) if isinstance(x, Tensor) else 1.0 - x
 
@@ -244,8 +245,8 @@ def adam_step(grad: Tensor, state: Any, hp: HP, c1: Any, c2: Any) -> tuple[Tenso
     """Adam's delta with bias corrections ``c1, c2``, and the six leading fields of :class:`AdamState` (the moments,
     and what :func:`adam_vjp` reads)."""
     beta1, beta2 = hp["beta1"], hp["beta2"]
-    g1 = (1.0 - beta1) * grad
-    g2 = (1.0 - beta2) * grad * grad
+    g1 = _one_minus(beta1) * grad
+    g2 = _one_minus(beta2) * grad * grad
     m = beta1 * state.exp_avg + g1
     v = beta2 * state.exp_avg_sq + g2
     m_hat = m / c1
@@ -257,7 +258,7 @@ def adam_step(grad: Tensor, state: Any, hp: HP, c1: Any, c2: Any) -> tuple[Tenso
         g1 if keep1 else None,
         g2 if keep2 else None,
     )
-    return hp["lr"] * (m_hat / (v_hat**0.5 + hp["eps"])), (m, v, *kept)
+    return hp["lr"] * (m_hat / (v_hat.pow(0.5) + hp["eps"])), (m, v, *kept)
 
 
 def adam_vjp(
@@ -267,7 +268,7 @@ def adam_vjp(
     # delta = lr * m_hat / den, den = sqrt(v_hat) + eps, m_hat = m / c1, v_hat = v / c2,
     # m = b1 m0 + (1 - b1) g, v = b2 v0 + (1 - b2) g^2. Scalar factors stay outside the dots (fewer passes).
     lr, b1, b2 = hp["lr"], hp["beta1"], hp["beta2"]
-    sqrt_v_hat = (after.exp_avg_sq / c2) ** 0.5
+    sqrt_v_hat = (after.exp_avg_sq / c2).pow(0.5)
     den = sqrt_v_hat + hp["eps"]
     q = grad_next / den
     out = {}
@@ -275,7 +276,7 @@ def adam_vjp(
         # (1 - b1) g is kept, not g: the dot with g is recovered by one scalar division, and no gradient is copied.
         q_m0, q_g1 = dot(q, after.previous_exp_avg), dot(q, after.grad_term)
         q_m = b1 * q_m0 + q_g1
-        out["beta1"] = lr * ((q_m0 - q_g1 / (1.0 - b1)) / c1 + q_m * dc1 / (c1 * c1))
+        out["beta1"] = lr * ((q_m0 - q_g1 / _one_minus(b1)) / c1 + q_m * dc1 / (c1 * c1))
     else:
         q_m = dot(q, after.exp_avg)
     if _learned(hp, "lr"):
@@ -285,7 +286,7 @@ def adam_vjp(
         w = q * after.exp_avg / (den * sqrt_v_hat)
         w_v0, w_g2 = dot(w, after.previous_exp_avg_sq), dot(w, after.grad_sq_term)
         w_v = b2 * w_v0 + w_g2
-        out["beta2"] = -0.5 * lr / c1 * ((w_v0 - w_g2 / (1.0 - b2)) / c2 + w_v * dc2 / (c2 * c2))
+        out["beta2"] = -0.5 * lr / c1 * ((w_v0 - w_g2 / _one_minus(b2)) / c2 + w_v * dc2 / (c2 * c2))
     return out
 
 
@@ -319,7 +320,9 @@ class AdamWRule(AdamRule):
 
     def update(self, grad: Tensor, state: AdamWState, hp: HP, step: int) -> tuple[Tensor, AdamWState]:
         t = float(step)
-        delta, (m, v, *kept) = adam_step(grad, state, hp, 1.0 - hp["beta1"] ** t, 1.0 - hp["beta2"] ** t)
+        delta, (m, v, *kept) = adam_step(
+            grad, state, hp, _one_minus(_pow(hp["beta1"], t)), _one_minus(_pow(hp["beta2"], t))
+        )
         delta = delta + hp["lr"] * hp["weight_decay"] * state.param
         decay_learned = _learned(hp, "lr") or _learned(hp, "weight_decay")
         return delta, AdamWState(m, v, state.param - delta, *kept, state.param if decay_learned else None)
@@ -375,7 +378,7 @@ class RMSPropRule(Rule):
 
     def update(self, grad: Tensor, state: SumState, hp: HP, step: int) -> tuple[Tensor, SumState]:
         gamma = hp["gamma"]
-        s = gamma * state.sum + (1.0 - gamma) * torch.square(grad)
+        s = gamma * state.sum + _one_minus(gamma) * torch.square(grad)
         keep = _learned(hp, "lr") or _learned(hp, "gamma")
         new = SumState(s, grad if keep else None, state.sum if _learned(hp, "gamma") else None)
         return hp["lr"] * grad / torch.sqrt(s + hp["eps"]), new

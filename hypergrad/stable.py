@@ -45,6 +45,7 @@ from hypergrad.rules import (
     Rule,
     SGDRule,
     _learned,
+    _one_minus,
     adam_step,
     adam_vjp,
     adamw_decay_vjp,
@@ -249,7 +250,7 @@ class StableMomentumRule(SGDRule):
 
     def update(self, grad: Tensor, state: StableMomentumState, hp: HP, step: int) -> tuple[Tensor, StableMomentumState]:
         momentum = hp["momentum"]
-        average = state.average * momentum + grad * (1.0 - momentum)
+        average = state.average * momentum + grad * _one_minus(momentum)
         keep = _learned(hp, "momentum")  # what the closed-form vjp reads
         kept = (grad, state.average) if keep else (None, None)
         return average * (hp["lr"] * state.scale), StableMomentumState(average, state.scale, *kept)
@@ -294,14 +295,14 @@ class StableAdamRule(AdamRule):
 
     def update(self, grad: Tensor, state: StableAdamState, hp: HP, step: int) -> tuple[Tensor, StableAdamState]:
         prod1, prod2 = state.prod1 * hp["beta1"], state.prod2 * hp["beta2"]
-        delta, fields = adam_step(grad, state, hp, 1.0 - prod1, 1.0 - prod2)
+        delta, fields = adam_step(grad, state, hp, _one_minus(prod1), _one_minus(prod2))
         # The products are kept without history: the next step differentiates only its own betas' factor.
         prods = (torch.as_tensor(prod1).detach(), torch.as_tensor(prod2).detach())
         return delta, StableAdamState(*fields[:2], *prods, *fields[2:], state.prod1, state.prod2)
 
     def vjp(self, grad_next, grad, before, after, hp, step, dot):
         # c_i = 1 - prod_i(before) * beta_i, so -d c_i / d beta_i = prod_i(before)
-        c1, c2 = 1.0 - after.prod1, 1.0 - after.prod2
+        c1, c2 = _one_minus(after.prod1), _one_minus(after.prod2)
         return adam_vjp(grad_next, after, hp, c1, c2, after.previous_prod1, after.previous_prod2, dot)
 
 
@@ -347,14 +348,14 @@ class StableAdamWRule(AdamWRule):
 
     def update(self, grad: Tensor, state: StableAdamWState, hp: HP, step: int) -> tuple[Tensor, StableAdamWState]:
         prod1, prod2 = state.prod1 * hp["beta1"], state.prod2 * hp["beta2"]
-        delta, (m, v, *kept) = adam_step(grad, state, hp, 1.0 - prod1, 1.0 - prod2)
+        delta, (m, v, *kept) = adam_step(grad, state, hp, _one_minus(prod1), _one_minus(prod2))
         delta = delta + hp["lr"] * hp["weight_decay"] * state.param
         decayed = state.param if isinstance(hp["lr"], Tensor) or isinstance(hp["weight_decay"], Tensor) else None
         prods = (torch.as_tensor(prod1).detach(), torch.as_tensor(prod2).detach())
         return delta, StableAdamWState(m, v, state.param - delta, *prods, *kept, decayed, state.prod1, state.prod2)
 
     def vjp(self, grad_next, grad, before, after, hp, step, dot):
-        c1, c2 = 1.0 - after.prod1, 1.0 - after.prod2
+        c1, c2 = _one_minus(after.prod1), _one_minus(after.prod2)
         out = adam_vjp(grad_next, after, hp, c1, c2, after.previous_prod1, after.previous_prod2, dot)
         return adamw_decay_vjp(out, grad_next, after, hp, dot)
 
