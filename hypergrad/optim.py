@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -14,6 +15,8 @@ from hypergrad.errors import NonFiniteGradientError, NonFiniteHyperparameterErro
 from hypergrad.rules import AdaGradRule, AdamRule, AdamWRule, RMSPropRule, SGDRule
 from hypergrad.spec import Level, Tower, format_spec, parse_spec, validate_value
 from hypergrad.stable import stabilize
+
+_log = logging.getLogger("hypergrad")
 
 __all__ = ["SGD", "AdaGrad", "Adam", "AdamW", "HyperOptimizer", "RMSProp", "tower"]
 
@@ -53,8 +56,10 @@ class HyperOptimizer(torch.optim.Optimizer):
       through ``torch.compile``, which fuses their passes over memory. Opt-in because the first steps compile (about ten
       seconds on a CPU with an empty inductor cache, two with a warm one) and the results equal the eager ones only to
       float round-off (the compiler reorders arithmetic); later steps do not compile again. Plain SGD (no momentum)
-      stays eager: two operations per tensor, less than the compiled call's own overhead. Where ``torch.compile`` cannot
-      run, one warning is logged (logger ``hypergrad``) and the steps run eagerly.
+      stays eager: two operations per tensor, less than the compiled call's own overhead; so does a stable tower (its
+      guarded base has no multi-tensor path) and a rule that is not built in: for these, one warning at construction
+      says that nothing is compiled. Where ``torch.compile`` cannot run, one warning is logged (logger ``hypergrad``)
+      and the steps run eagerly.
 
     **param_groups and schedulers.** After every step, ``param_groups[i][key]`` holds the current learned value of
     every level-1 hyperparameter (what LR monitors log). A write to it, by a ``torch.optim.lr_scheduler`` or by hand,
@@ -113,6 +118,14 @@ class HyperOptimizer(torch.optim.Optimizer):
         self._plan = self._make_plan()  # validates every group's values now, not at the first step
         self._published = [self._group_values(g) for g in self.param_groups]
         self._compute_dtype = self._dtype()
+        if compile and not any(self._plan.fused):
+            _log.warning(
+                "hypergrad: compile=True compiles nothing for %r (%s); its steps run eagerly",
+                str(self),
+                "a stable tower's guarded base has no multi-tensor path"
+                if self.stable
+                else "only a built-in base other than plain SGD has a compiled path",
+            )
 
     # -- torch.optim plumbing -------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:

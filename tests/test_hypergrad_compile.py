@@ -61,6 +61,24 @@ def test_where_torch_compile_cannot_run_one_warning_and_the_eager_results(monkey
     assert all(torch.equal(a, b) for a, b in zip(fallen, eager, strict=True))
 
 
+@pytest.mark.parametrize(
+    ("spec", "stable", "why"),
+    [
+        ("adam(0.01)/sgd(1e-3)", True, "a stable tower's guarded base has no multi-tensor path"),
+        ("sgd(0.1)/sgd(1e-3)", False, "only a built-in base other than plain SGD has a compiled path"),
+    ],
+)
+def test_compile_that_compiles_nothing_says_so_in_one_warning(spec: str, stable: bool, why: str, caplog) -> None:
+    # compile=True is a request: where it cannot apply, the eager steps are right, but the user is told so.
+    params = nn.Linear(3, 2).parameters()
+    with caplog.at_level(logging.WARNING, logger="hypergrad"):
+        hypergrad.tower(spec, params, stable=stable, compile=True)
+        hypergrad.tower("adam(0.01)/sgd(1e-3)", nn.Linear(3, 2).parameters(), compile=True)  # compiles: no warning
+        hypergrad.tower(spec, nn.Linear(3, 2).parameters(), stable=stable)  # not asked: no warning
+    lines = [r.getMessage() for r in caplog.records if r.name == "hypergrad"]
+    assert len(lines) == 1 and "compile=True compiles nothing for" in lines[0] and why in lines[0], lines
+
+
 def test_compile_must_be_a_bool() -> None:
     with pytest.raises(TypeError, match="compile must be True or False, but got 'yes'"):
         hypergrad.tower("sgd(0.1)/sgd(1e-3)", [torch.zeros(2, requires_grad=True)], compile="yes")
