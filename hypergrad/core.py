@@ -253,6 +253,9 @@ def update(
     caller hands ``grads`` over and never changes them afterwards: the state keeps them without a copy (see
     **Ownership**; a population's fresh gradients from ``torch.autograd.grad`` are weight-sized, and so is a copy).
     """
+    if torch.is_inference_mode_enabled():  # the new state outlives the mode (see HyperOptimizer.step)
+        with torch.inference_mode(False), torch.no_grad():  # leaving inference_mode turns grad mode back on
+            return update(plan, state, grads, hypergrads, lazy=lazy, donate=donate)
     if not _scalar.readable(plan, state):
         state = materialize(state)
     floats_path = _scalar.applies(plan) and _scalar.readable(plan, state)
@@ -319,6 +322,9 @@ def hypergradients(plan: Plan, state: TowerState, grads: Sequence[Tensor | None]
     """``d loss / d raw hyperparameters`` of every learned level (level 0 first, one tensor per group), where the
     loss's gradients with respect to the weights are ``grads``: zero before the first step, when no hyperparameter
     has acted on the loss yet."""
+    if torch.is_inference_mode_enabled():  # autograd (a rule without a closed form) records nothing under it
+        with torch.inference_mode(False), torch.no_grad():
+            return hypergradients(plan, state, grads)
     if not _scalar.readable(plan, state):
         state = materialize(state)
     return _hypergradients(plan, state, grads, floats=False)

@@ -135,6 +135,8 @@ class Rule:
         with finite differences.
         """
         names = [n for n, v in hp.items() if isinstance(v, Tensor)]
+        if names:
+            refuse_inference_mode(self)
         with torch.enable_grad():
             leaves = {n: hp[n].detach().requires_grad_() for n in names}
             delta, _ = self.update(grad, before, {**hp, **leaves}, step)  # type: ignore[arg-type]
@@ -152,6 +154,16 @@ class Rule:
 
     def __hash__(self) -> int:
         return hash(type(self))
+
+
+def refuse_inference_mode(rule: Rule) -> None:
+    """Raise where autograd cannot differentiate ``rule``'s step: under ``torch.inference_mode()`` it records nothing,
+    even inside ``torch.enable_grad()``, and the hypergradients would silently be zero."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"the hypergradients of a {type(rule).__name__} level ({rule.name}) come from autograd, which "
+            "torch.inference_mode() turns off: call step() outside inference_mode (torch.no_grad() is fine)"
+        )
 
 
 def _learned(hp: HP, name: str) -> bool:

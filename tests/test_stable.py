@@ -398,6 +398,47 @@ def test_a_hyper_level_that_keeps_its_step_graph_computes_the_same_bits_as_one_t
 
 
 @pytest.mark.parametrize("stable", [False, True])
+def test_a_step_under_inference_mode_gives_the_same_bits_as_outside_it(stable: bool) -> None:
+    # Under torch.inference_mode() a stable hyper level's hypergradient (autograd) was silently zero, even inside
+    # torch.enable_grad(), and the reference mode's Adam base failed inside torch ("Inference tensors do not track
+    # version counter"); a step now runs outside the mode whoever calls it.
+    def steps(inference: bool, closure: bool) -> tuple[list[torch.Tensor], list]:
+        model = make_mlp()
+        opt = hypergrad.tower("adam(0.01)/sgd(1e-2)/sgd(1e-2)", model.parameters(), stable=stable)
+        for x, y in batches(8):
+
+            def loss(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+                opt.zero_grad()
+                out = nn.functional.cross_entropy(model(x), y)
+                out.backward()
+                return out
+
+            if not closure:
+                loss()
+            with torch.inference_mode(inference):
+                opt.step(loss if closure else None)
+        return [p.detach().clone() for p in model.parameters()], opt.hyperparameters()
+
+    plain = steps(False, False)
+    assert plain[1][1]["lr"] != 1e-2  # the second level learns: its hypergradient is not zero
+    for closure in (False, True):
+        weights, values = steps(True, closure)
+        assert all(torch.equal(a, b) for a, b in zip(weights, plain[0], strict=True))
+        assert values == plain[1]
+
+
+def test_a_rule_differentiated_by_autograd_refuses_inference_mode_in_one_line() -> None:
+    # Called directly (not through a step, which leaves the mode), the default vjp would find no graph and return
+    # zero hypergradients: it refuses instead.
+    rule = StableRule(SGDRule())  # no closed-form vjp: Rule.vjp's autograd
+    hp = {"lr": torch.tensor(0.1), "momentum": 0.0}
+    state = rule.init(torch.zeros(1), hp)
+    delta, after = rule.update(torch.ones(1), state, hp, 1)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"come from autograd, which torch.inference_mode"):
+        rule.vjp(torch.ones(1), torch.ones(1), state, after, hp, 1, torch.dot)
+
+
+@pytest.mark.parametrize("stable", [False, True])
 def test_the_harness_key_reaches_the_library(stable: bool) -> None:
     from bench.config import compose_config, validate
     from bench.optim import build_optimizer
