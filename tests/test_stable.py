@@ -351,7 +351,9 @@ def test_a_stable_optimizer_survives_a_checkpoint_round_trip(spec: str) -> None:
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
-    assert losses == pytest.approx(straight, rel=1e-6)
+    # Bit for bit: a checkpoint holds no kept graph (hypergrad.stable._Graph), so the first step after loading runs
+    # the hyper levels' steps again, with the same results.
+    assert losses == straight
 
 
 @pytest.mark.parametrize(
