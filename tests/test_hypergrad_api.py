@@ -11,14 +11,13 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import hypergrad
 from hypergrad import SGD, Adam, core, parse_spec
 from hypergrad.rules import EmptyState, Rule
 from hypergrad.transforms import EXP, HALF_TANH, IDENTITY, SQUARE, value_and_slope
-from tests.hypergrad_helpers import overflow_at_the_second_step
+from tests.hypergrad_helpers import overflow_at_the_second_step, spawn_two_gloo_ranks
 
 
 def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -332,6 +331,7 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
     # Both ranks done before either tears gloo down (as in test_library_loops): a rank that closes its sockets while
     # the other still talks makes gloo abort the other process ("terminate called without an active exception", CI).
     dist.barrier()
+    open(f"{out}.done.{rank}", "w").close()  # see spawn_two_gloo_ranks
     del model
     dist.destroy_process_group()
 
@@ -340,7 +340,7 @@ def test_ddp_two_ranks_end_with_identical_hyperparameters(tmp_path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(port, str(tmp_path / "out")), nprocs=2, join=True)
+    spawn_two_gloo_ranks(_ddp_worker, (port, str(tmp_path / "out")), str(tmp_path / "out.done"))
     r0, r1 = (torch.load(tmp_path / f"out.{r}", weights_only=True) for r in (0, 1))
     assert r0["hp"] == r1["hp"]
     assert r0["hp"][0]["lr"] != pytest.approx(0.01)  # they agree on something that was learned

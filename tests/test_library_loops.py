@@ -10,10 +10,10 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import hypergrad
+from tests.hypergrad_helpers import spawn_two_gloo_ranks
 
 SPECS = ["sgd(0.1)/sgd(0.01)", "sgd(0.1, momentum=0.9)", "sgd(0.1, momentum=0.9)/sgd(1e-3)", "adam/sgd(1e-4)"]
 
@@ -158,6 +158,7 @@ def _ddp_worker(rank: int, port: int, out: str, spec: str) -> None:
     # Both ranks done before either tears gloo down: a rank that closes its sockets while the other still talks makes
     # gloo's background thread abort the other process ("terminate called without an active exception", seen in CI).
     dist.barrier()
+    open(f"{out}.done.{rank}", "w").close()  # see spawn_two_gloo_ranks
     del model
     dist.destroy_process_group()
 
@@ -167,11 +168,45 @@ def test_ddp_with_gradients_as_bucket_views_equals_one_process(tmp_path, spec: s
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(port, str(tmp_path / "out"), spec), nprocs=2, join=True)
+    spawn_two_gloo_ranks(_ddp_worker, (port, str(tmp_path / "out"), spec), str(tmp_path / "out.done"))
     alone = canonical(spec)[-1]
     for r in (0, 1):
         got = torch.load(tmp_path / f"out.{r}", weights_only=True)
         assert_same([(got["w"], got["hp"])], [alone])
+
+
+def _exit_worker(rank: int, port: int, out: str, when: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    if when == "abort before the barrier" and rank == 0:
+        os.abort()
+    dist.barrier()
+    open(f"{out}.done.{rank}", "w").close()
+    if when == "abort after the barrier" and rank == 0:
+        os.abort()  # what gloo's teardown does now and then
+    if when == "raise after the barrier" and rank == 1:
+        raise ValueError("a failure of the test's own code")
+    dist.destroy_process_group()
+
+
+def test_the_ddp_tests_forgive_only_an_abort_after_their_work_is_done(tmp_path) -> None:
+    # spawn_two_gloo_ranks must not hide a real failure behind its allowance for gloo's teardown abort.
+    outcomes = {}
+    for when in ("abort after the barrier", "abort before the barrier", "raise after the barrier"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        out = str(tmp_path / when.replace(" ", "_"))
+        try:
+            spawn_two_gloo_ranks(_exit_worker, (port, out, when), f"{out}.done")
+            outcomes[when] = "passed"
+        except Exception as e:
+            outcomes[when] = type(e).__name__
+    assert outcomes == {
+        "abort after the barrier": "passed",
+        "abort before the barrier": "ProcessExitedException",
+        "raise after the barrier": "ProcessRaisedException",
+    }
 
 
 # -- the functional core owns what it keeps --------------------------------------------------------------------------
