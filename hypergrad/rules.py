@@ -136,7 +136,7 @@ class Rule:
         """
         names = [n for n, v in hp.items() if isinstance(v, Tensor)]
         if names:
-            refuse_inference_mode(self)
+            _refuse_inference_mode(self)
         with torch.enable_grad():
             leaves = {n: hp[n].detach().requires_grad_() for n in names}
             delta, _ = self.update(grad, before, {**hp, **leaves}, step)  # type: ignore[arg-type]
@@ -156,7 +156,7 @@ class Rule:
         return hash(type(self))
 
 
-def refuse_inference_mode(rule: Rule) -> None:
+def _refuse_inference_mode(rule: Rule) -> None:
     """Raise where autograd cannot differentiate ``rule``'s step: under ``torch.inference_mode()`` it records nothing,
     even inside ``torch.enable_grad()``, and the hypergradients would silently be zero."""
     if torch.is_inference_mode_enabled():

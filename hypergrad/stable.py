@@ -49,7 +49,6 @@ from hypergrad.rules import (
     adam_step,
     adam_vjp,
     adamw_decay_vjp,
-    refuse_inference_mode,
 )
 from hypergrad.spec import Level, Tower
 from hypergrad.transforms import EXP, HALF_TANH, IDENTITY, Transform
@@ -614,8 +613,6 @@ class TrustRegionRule(_HyperLevel):
     def vjp(
         self, grad_next: Tensor, grad: Tensor | None, before: Any, after: Any, hp: HP, step: int, dot: Any
     ) -> dict[str, Tensor]:
-        if any(isinstance(v, Tensor) for v in hp.values()):
-            refuse_inference_mode(self)  # a kept graph would serve this step, but the next would have none
         graph = _GRAPHS.pop(id(after.raw), None)
         if (
             graph is None
