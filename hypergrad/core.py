@@ -237,6 +237,22 @@ def init(plan: Plan, params: Sequence[Tensor]) -> TowerState:
     return TowerState(0, levels)
 
 
+def outside_inference_mode(fn: Any) -> Any:
+    """``fn`` run outside ``torch.inference_mode()`` (and in no-grad mode) whoever calls it: a step's state outlives
+    the call, and tensors made under the mode can be neither updated in place nor differentiated once it ends, while
+    autograd (the vjp of a rule without a closed form) records nothing under it. The results are those outside it."""
+
+    @functools.wraps(fn)
+    def outside(*args: Any, **kwargs: Any) -> Any:
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False), torch.no_grad():  # leaving inference_mode turns grad mode back on
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return outside
+
+
+@outside_inference_mode
 def update(
     plan: Plan,
     state: TowerState,
@@ -253,9 +269,6 @@ def update(
     caller hands ``grads`` over and never changes them afterwards: the state keeps them without a copy (see
     **Ownership**; a population's fresh gradients from ``torch.autograd.grad`` are weight-sized, and so is a copy).
     """
-    if torch.is_inference_mode_enabled():  # the new state outlives the mode (see HyperOptimizer.step)
-        with torch.inference_mode(False), torch.no_grad():  # leaving inference_mode turns grad mode back on
-            return update(plan, state, grads, hypergrads, lazy=lazy, donate=donate)
     if not _scalar.readable(plan, state):
         state = materialize(state)
     floats_path = _scalar.applies(plan) and _scalar.readable(plan, state)
@@ -318,13 +331,11 @@ def materialize(state: TowerState) -> TowerState:
     return TowerState(state.step, [state.levels[0], *levels], [state.trace[0], *traces])
 
 
+@outside_inference_mode
 def hypergradients(plan: Plan, state: TowerState, grads: Sequence[Tensor | None]) -> list[list[Tensor]]:
     """``d loss / d raw hyperparameters`` of every learned level (level 0 first, one tensor per group), where the
     loss's gradients with respect to the weights are ``grads``: zero before the first step, when no hyperparameter
     has acted on the loss yet."""
-    if torch.is_inference_mode_enabled():  # autograd (a rule without a closed form) records nothing under it
-        with torch.inference_mode(False), torch.no_grad():
-            return hypergradients(plan, state, grads)
     if not _scalar.readable(plan, state):
         state = materialize(state)
     return _hypergradients(plan, state, grads, floats=False)

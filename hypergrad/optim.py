@@ -249,15 +249,8 @@ class HyperOptimizer(torch.optim.Optimizer):
 
     # -- the step ---------------------------------------------------------------------------------------------
     @torch.no_grad()
+    @core.outside_inference_mode
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
-        if torch.is_inference_mode_enabled():
-            # Tensors made under inference_mode cannot be updated in place or differentiated once it ends, and the
-            # tower's state outlives the step: the step runs outside it, with the same results.
-            with torch.inference_mode(False), torch.no_grad():  # leaving inference_mode turns grad mode back on
-                return self._step(closure)
-        return self._step(closure)
-
-    def _step(self, closure: Callable[[], Tensor] | None) -> Tensor | None:
         loss = None
         if closure is not None:
             with torch.enable_grad():

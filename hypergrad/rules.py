@@ -216,8 +216,8 @@ class AdamRule(Rule):
         return AdamState(torch.zeros_like(param), torch.zeros_like(param) + hp["eps"])
 
     def update(self, grad: Tensor, state: AdamState, hp: HP, step: int) -> tuple[Tensor, AdamState]:
-        t = float(step)
-        delta, fields = adam_step(grad, state, hp, _one_minus(_pow(hp["beta1"], t)), _one_minus(_pow(hp["beta2"], t)))
+        c1, c2, _, _ = _power_corrections(hp, step, slopes=False)
+        delta, fields = adam_step(grad, state, hp, c1, c2)
         return delta, AdamState(*fields)
 
     vjp_needs_inputs = False
@@ -331,10 +331,8 @@ class AdamWRule(AdamRule):
         return AdamWState(torch.zeros_like(param), torch.zeros_like(param) + hp["eps"], param.detach().clone())
 
     def update(self, grad: Tensor, state: AdamWState, hp: HP, step: int) -> tuple[Tensor, AdamWState]:
-        t = float(step)
-        delta, (m, v, *kept) = adam_step(
-            grad, state, hp, _one_minus(_pow(hp["beta1"], t)), _one_minus(_pow(hp["beta2"], t))
-        )
+        c1, c2, _, _ = _power_corrections(hp, step, slopes=False)
+        delta, (m, v, *kept) = adam_step(grad, state, hp, c1, c2)
         delta = delta + hp["lr"] * hp["weight_decay"] * state.param
         decay_learned = _learned(hp, "lr") or _learned(hp, "weight_decay")
         return delta, AdamWState(m, v, state.param - delta, *kept, state.param if decay_learned else None)
